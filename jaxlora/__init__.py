@@ -1,0 +1,43 @@
+"""jaxlora: LoRA (Hu et al., 2021) for JAX/Flax as pure functions over parameter pytrees."""
+
+from jaxlora.config import LoraConfig as LoraConfig
+from jaxlora.core import combine as combine
+from jaxlora.core import delta as delta
+from jaxlora.core import merge as merge
+from jaxlora.core import split as split
+from jaxlora.core import unmerge as unmerge
+from jaxlora.count import ParamCount as ParamCount
+from jaxlora.count import count as count
+from jaxlora.layouts import infer_layouts as infer_layouts
+from jaxlora.optim import freeze as freeze
+from jaxlora.optim import partition as partition
+from jaxlora.optim import trainable_labels as trainable_labels
+from jaxlora.optim import trainable_mask as trainable_mask
+from jaxlora.targets import Target as Target
+from jaxlora.targets import find_targets as find_targets
+from jaxlora.targets import module_paths as module_paths
+from jaxlora.types import LoraTree as LoraTree
+from jaxlora.types import Params as Params
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LoraConfig",
+    "LoraTree",
+    "ParamCount",
+    "Params",
+    "Target",
+    "combine",
+    "count",
+    "delta",
+    "find_targets",
+    "freeze",
+    "infer_layouts",
+    "merge",
+    "module_paths",
+    "partition",
+    "split",
+    "trainable_labels",
+    "trainable_mask",
+    "unmerge",
+]

@@ -1,0 +1,233 @@
+"""``split``, ``merge`` and ``unmerge``: LoRA as pure functions over parameter pytrees.
+
+``split`` leaves the base params untouched (they are the frozen tree) and builds the adapter Θ, a
+nested dict mirroring the params nesting that holds only what trains: ``lora_a`` / ``lora_b`` beside
+each adapted kernel, plus copies of trainable biases and ``modules_to_save``. ``merge`` folds Θ into
+the base, ``W + s·A·B``, and returns params of the original structure, shapes and dtypes.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxlora import paths
+from jaxlora.config import LoraConfig
+from jaxlora.targets import EMBEDDING, KERNEL, Target, find_targets, find_trainable_leaves
+from jaxlora.types import LORA_A, LORA_B, LoraTree, Params, PRNGKey
+
+_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def _path_key(key: PRNGKey, path: str) -> PRNGKey:
+    # Keyed by path, so adding a target elsewhere never changes another target's initial values.
+    return jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
+
+
+def init_factors(target: Target, config: LoraConfig, key: PRNGKey) -> tuple[jax.Array, jax.Array]:
+    """Initial ``(a, b)`` for one target, following PEFT's ``init_lora_weights`` modes.
+
+    Dense and conv: A ~ U(±1/sqrt(fan_in)) (kaiming-uniform, a=sqrt(5)) or, for ``"gaussian"``,
+    N(0, 1/r²); B = 0. Embeddings, as in PEFT: A = 0, B ~ N(0, 1). With ``init_lora_weights=False``
+    neither factor is zero, so the adapter changes the model (for debugging).
+    """
+    dtype = jnp.dtype(config.dtype)
+    key_a, key_b = jax.random.split(_path_key(key, target.path))
+    a_shape, b_shape = target.a_shape, target.b_shape
+    mode = config.init_lora_weights
+    if target.kind == "embed":
+        b = jax.random.normal(key_b, b_shape, dtype)
+        a = jax.random.normal(key_a, a_shape, dtype) if mode is False else jnp.zeros(a_shape, dtype)
+        return a, b
+    if mode == "gaussian":
+        a = jax.random.normal(key_a, a_shape, dtype) / target.rank
+    else:
+        bound = 1.0 / target.fan_in**0.5
+        a = jax.random.uniform(key_a, a_shape, dtype, -bound, bound)
+    if mode is False:
+        bound_b = 1.0 / target.rank**0.5
+        b = jax.random.uniform(key_b, b_shape, dtype, -bound_b, bound_b)
+    else:
+        b = jnp.zeros(b_shape, dtype)
+    return a, b
+
+
+def split(params: Params, config: LoraConfig, key: PRNGKey) -> tuple[Params, LoraTree]:
+    """Splits ``params`` into the frozen base and a fresh adapter Θ.
+
+    Args:
+        params: a params pytree (linen ``params`` dict, ``nnx.State``, nested dicts).
+        config: which modules to adapt and how.
+        key: PRNG key for the adapter's initial values.
+
+    Returns:
+        ``(frozen, lora)``: ``frozen`` is ``params`` itself (never modified); ``lora`` is a nested
+        dict with ``lora_a`` / ``lora_b`` under each adapted module and copies of trainable leaves.
+        Works under ``jax.jit`` and ``jax.eval_shape`` (with ``ShapeDtypeStruct`` params).
+
+    Raises:
+        ValueError: when the config matches nothing or is ambiguous for ``params``.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, jaxlora
+        >>> params = {"query": {"kernel": jnp.ones((4, 6)), "bias": jnp.zeros(6)}}
+        >>> config = jaxlora.LoraConfig(r=2, target_modules=["query"])
+        >>> frozen, lora = jaxlora.split(params, config, jax.random.key(0))
+        >>> jax.tree.map(jnp.shape, lora)
+        {'query': {'lora_a': (4, 2), 'lora_b': (2, 6)}}
+    """
+    targets = find_targets(params, config)
+    trainable = find_trainable_leaves(params, config, targets)
+    lora: LoraTree = {}
+    for target in targets:
+        a, b = init_factors(target, config, key)
+        paths.set_in(lora, target.keys + (LORA_A,), a)
+        paths.set_in(lora, target.keys + (LORA_B,), b)
+    leaves = {keys: leaf for keys, _, leaf in paths.flatten(params)}
+    for keys, _ in trainable:
+        # A copy, so donating Θ to a jitted step never invalidates the frozen tree's buffers.
+        paths.set_in(lora, keys, jnp.array(leaves[keys], copy=True))
+    return params, lora
+
+
+def delta(a: jax.Array, b: jax.Array, n_stack: int = 0) -> jax.Array:
+    """ΔW = A·B contracted over the rank axis, in float32, for stacked or plain factors.
+
+    ``a`` has shape ``stack + input + (r,)`` and ``b`` ``stack + (r,) + output``; the result has
+    shape ``stack + input + output``.
+    """
+    n_in = a.ndim - 1 - n_stack
+    n_out = b.ndim - 1 - n_stack
+    stack, rest = _LETTERS[:n_stack], _LETTERS[n_stack + 1 :]
+    ins, outs = rest[:n_in], rest[n_in : n_in + n_out]
+    spec = f"{stack}{ins}{_LETTERS[n_stack]},{stack}{_LETTERS[n_stack]}{outs}->{stack}{ins}{outs}"
+    return jnp.einsum(
+        spec,
+        a.astype(jnp.float32),
+        b.astype(jnp.float32),
+        precision=jax.lax.Precision.HIGHEST,
+    )
+
+
+def _module_factors(lora: LoraTree, keys: tuple[Any, ...]) -> tuple[Any, Any] | None:
+    module = paths.get_in(lora, keys)
+    if isinstance(module, Mapping) and LORA_A in module:
+        return module[LORA_A], module.get(LORA_B)
+    return None
+
+
+def _apply_delta(keys, names, weight, a, b, config: LoraConfig, sign: float) -> jax.Array:
+    path = paths.join(names[:-1])
+    if b is None:
+        raise ValueError(f"`lora` has `{LORA_A}` but no `{LORA_B}` at `{path}`")
+    n_stack = a.ndim + b.ndim - 2 - weight.ndim
+    ok = (
+        n_stack >= 0
+        and a.shape[-1] == b.shape[n_stack]
+        and a.shape[:-1] == tuple(weight.shape[: a.ndim - 1])
+        and b.shape[:n_stack] == tuple(weight.shape[:n_stack])
+        and b.shape[n_stack + 1 :] == tuple(weight.shape[a.ndim - 1 :])
+    )
+    if not ok:
+        raise ValueError(
+            f"`lora` factors at `{path}` do not fit the {names[-1]} {tuple(weight.shape)}: got "
+            f"{LORA_A} {tuple(a.shape)} and {LORA_B} {tuple(b.shape)}, expected {LORA_A} of shape "
+            "stack + input + (r,) and "
+            f"{LORA_B} stack + (r,) + output; was the adapter made for another model?"
+        )
+    scale = config.scale_for(path, int(a.shape[-1]))
+    update = sign * scale * delta(a, b, n_stack)
+    return (weight.astype(jnp.float32) + update).astype(weight.dtype)
+
+
+def _fold(params: Params, lora: LoraTree, config: LoraConfig, sign: float, what: str) -> Params:
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"`config` must be a jaxlora.LoraConfig, got {type(config).__name__}")
+    used: set[tuple[Any, ...]] = set()
+
+    def fold_leaf(keys, names, leaf):
+        if names and names[-1] in (KERNEL, EMBEDDING):
+            factors = _module_factors(lora, keys[:-1])
+            if factors is not None:
+                used.update({keys[:-1] + (LORA_A,), keys[:-1] + (LORA_B,)})
+                return _apply_delta(keys, names, leaf, *factors, config, sign)
+        replacement = paths.get_in(lora, keys)
+        if replacement is not None and not isinstance(replacement, Mapping):
+            used.add(keys)
+            if sign > 0:
+                if tuple(replacement.shape) != tuple(leaf.shape):
+                    raise ValueError(
+                        f"`lora` leaf `{paths.join(names)}` has shape {tuple(replacement.shape)} "
+                        f"but the base leaf has {tuple(leaf.shape)}"
+                    )
+                return replacement.astype(leaf.dtype)
+        return leaf
+
+    out = paths.map_with_keys(fold_leaf, params)
+    unused = [paths.join(map(str, k)) for k, _, _ in paths.flatten(lora) if k not in used]
+    if unused:
+        raise ValueError(
+            f"`lora` leaves {paths.preview(unused)} have no counterpart in the params given to "
+            f"`{what}`; was the adapter made for another model?"
+        )
+    return out
+
+
+def merge(frozen: Params, lora: LoraTree, config: LoraConfig) -> Params:
+    """Folds the adapter into the base: each adapted kernel becomes ``W + s·A·B``.
+
+    The update is computed in float32 and cast to W's dtype; trainable copies (biases,
+    ``modules_to_save``) replace their base leaves. The result has the structure, shapes and dtypes
+    of ``frozen`` and runs with the model's ordinary apply at no added cost.
+
+    Raises:
+        ValueError: when a leaf of ``lora`` has no counterpart in ``frozen`` or does not fit it.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, jaxlora
+        >>> params = {"dense": {"kernel": jnp.ones((3, 3))}}
+        >>> config = jaxlora.LoraConfig(r=1, target_modules=["dense"])
+        >>> frozen, lora = jaxlora.split(params, config, jax.random.key(0))
+        >>> bool((jaxlora.merge(frozen, lora, config)["dense"]["kernel"] == 1).all())
+        True
+    """
+    return _fold(frozen, lora, config, 1.0, "merge")
+
+
+def unmerge(params: Params, lora: LoraTree, config: LoraConfig) -> Params:
+    """The inverse of :func:`merge` for the factors: each adapted kernel becomes ``W - s·A·B``.
+
+    Trainable copies (biases, ``modules_to_save``) stay as they are in ``params``: the adapter
+    holds only their trained values, not the originals.
+    """
+    return _fold(params, lora, config, -1.0, "unmerge")
+
+
+def combine(frozen: Params, lora: LoraTree) -> dict[Any, Any]:
+    """One nested dict holding both trees: Θ's factors beside their kernels, Θ's copies replacing
+    their base leaves. This is the tree a linen ``apply`` sees on the factored path, and the single
+    tree for users who train with one params dict and :func:`jaxlora.freeze`.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> combine({"d": {"kernel": 1, "bias": 2}}, {"d": {"lora_a": 3, "bias": 4}})
+        {'d': {'kernel': 1, 'bias': 4, 'lora_a': 3}}
+    """
+    if not isinstance(frozen, Mapping):
+        raise TypeError(
+            f"`frozen` must be a (nested) dict of params to combine, got {type(frozen).__name__}"
+        )
+    out = {
+        key: (combine(value, {}) if isinstance(value, Mapping) else value)
+        for key, value in frozen.items()
+    }
+    for key, value in lora.items():
+        if isinstance(value, Mapping):
+            out[key] = combine(out.get(key, {}), value)
+        else:
+            out[key] = value
+    return out

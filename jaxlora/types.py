@@ -1,0 +1,25 @@
+"""Type aliases shared by the jaxlora modules."""
+
+from __future__ import annotations
+
+from typing import Any, TypeAlias
+
+import jax
+
+#: A parameter pytree: a linen ``params`` dict, an ``nnx.State``, or any pytree whose leaves are
+#: arrays or :class:`jax.ShapeDtypeStruct`.
+Params: TypeAlias = Any
+
+#: The adapter Θ: nested dicts mirroring the nesting of :data:`Params`, holding only the adapted
+#: modules (``lora_a`` / ``lora_b``) and any trainable copies (biases, ``modules_to_save``).
+LoraTree: TypeAlias = dict[Any, Any]
+
+#: A JAX PRNG key (new-style ``jax.random.key`` or legacy ``uint32[2]``).
+PRNGKey: TypeAlias = jax.Array
+
+#: A module path: the keys from the root of the params tree down to a module, as strings.
+ModulePath: TypeAlias = tuple[str, ...]
+
+#: Names of the two adapter factors inside an adapted module of :data:`LoraTree`.
+LORA_A = "lora_a"
+LORA_B = "lora_b"
