@@ -42,7 +42,7 @@ def leaf_keys(keypath: tuple[Any, ...]) -> tuple[Any, ...]:
 
 
 def leaf_path(keypath: tuple[Any, ...]) -> ModulePath:
-    """The string form of a key path: ``[DictKey('d'), DictKey('kernel')]`` -> ``('d', 'kernel')``."""
+    """String form of a key path: ``[DictKey('d'), DictKey('k')]`` -> ``('d', 'k')``."""
     names = (_key_name(entry) for entry in keypath)
     return tuple(name[1] for name in names if name is not None)
 
