@@ -1,0 +1,157 @@
+"""The factored LoRA forward for linen: ``y = layer(x) + s·((dropout(x)·A)·B)``, never forming ΔW.
+
+An interceptor (:func:`lora_interceptor`, used through ``flax.linen.intercept_methods``) watches
+every ``Dense``, ``DenseGeneral``, ``Einsum``, ``Conv`` and ``Embed`` call. A layer whose
+``params`` hold ``lora_a`` / ``lora_b`` beside its kernel (the tree :func:`jaxlora.combine` builds)
+runs unchanged and then adds the low-rank term, contracted over the axes the layer itself
+contracts; every other layer runs untouched. Inside ``nn.scan`` the factors are sliced per layer
+with the kernel, and the module path equals the params path, so the scale is
+``config.scale_for(path, rank)`` everywhere.
+
+Numerics, as in PEFT: the low-rank term runs in the adapter's dtype (``LoraConfig.dtype``) with the
+layer's ``precision``, and is cast to the layer's output dtype before the add. LoRA dropout draws
+from the ``"dropout"`` rng stream (the one a scanned model already splits per layer), acts on the
+LoRA input only, and is off when ``deterministic``. Embedding lookups take no dropout (their input is
+token ids), as in PEFT.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxlora import lowrank
+from jaxlora.config import LoraConfig
+from jaxlora.types import LORA_A, LORA_B
+
+#: The rng stream LoRA dropout draws from.
+DROPOUT_RNG = "dropout"
+
+_LAYERS = (nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Conv, nn.Embed)
+
+
+def _as_tuple(value: Any) -> tuple[Any, ...]:
+    return tuple(value) if isinstance(value, tuple | list) else (value,)
+
+
+def _normalize(axes: tuple[int, ...], ndim: int) -> tuple[int, ...]:
+    return tuple(ax % ndim for ax in axes)
+
+
+def _dense_general(module: nn.DenseGeneral, x: jax.Array, a, b, scale, where: str) -> jax.Array:
+    axis = _normalize(_as_tuple(module.axis), x.ndim)
+    batch = _normalize(_as_tuple(module.batch_dims), x.ndim)
+    layout = "s" * len(batch) + "i" * len(axis) + "o" * len(_as_tuple(module.features))
+    kernel = module.get_variable("params", "kernel")
+    lowrank.check_factors(where, layout, kernel.shape, a, b)
+    return lowrank.dot(x, a, b, scale, axis, batch, getattr(module, "precision", None))
+
+
+def _einsum(module: nn.Einsum, x: jax.Array, a, b, scale, where: str, einsum_str) -> jax.Array:
+    spec = (einsum_str or module.einsum_str).replace(" ", "")
+    kernel = module.get_variable("params", "kernel")
+    return lowrank.einsum(
+        where, spec, kernel.shape, x, a, b, scale, module.precision, module.preferred_element_type
+    )
+
+
+def _conv(module: nn.Conv, x: jax.Array, a, b, scale, where: str) -> jax.Array:
+    if module.feature_group_count != 1 or module.mask is not None:
+        raise ValueError(
+            f"the factored path cannot adapt the Conv at `{where}`: it has "
+            f"`feature_group_count`={module.feature_group_count} and "
+            f"`mask`={'set' if module.mask is not None else None}; only plain convolutions "
+            "(groups 1, no mask) are supported; use `mode='merged'` for this model"
+        )
+    kernel = module.get_variable("params", "kernel")
+    layout = "w" * (kernel.ndim - 2) + "io"
+    lowrank.check_factors(where, layout, kernel.shape, a, b)
+    # The layer's own padding, strides and dilation, with A as a kernel of `r` output channels.
+    down = module.clone(parent=None, features=a.shape[-1], use_bias=False, dtype=a.dtype)
+    h = down.apply({"params": {"kernel": a}}, x)
+    return lowrank.project(h * scale, b, 0, getattr(module, "precision", None))
+
+
+def _low_rank_term(module, method: str, args, kwargs, a, b, scale, where: str, drop) -> jax.Array:
+    """The low-rank term ``s·(drop(x)·A)·B`` of one call, in the adapter's dtype."""
+    x = args[0] if args else kwargs["inputs"] if "inputs" in kwargs else kwargs["query"]
+    if isinstance(module, nn.Embed):
+        if method == "attend":
+            return lowrank.attend(x.astype(a.dtype), a, b, scale, getattr(module, "precision", None))
+        return lowrank.embed(x, a, b, scale, getattr(module, "precision", None))
+    x = drop(jnp.asarray(x).astype(a.dtype))
+    if isinstance(module, nn.Dense):
+        kernel = module.get_variable("params", "kernel")
+        lowrank.check_factors(where, "io", kernel.shape, a, b)
+        return lowrank.dot(x, a, b, scale, (x.ndim - 1,), (), getattr(module, "precision", None))
+    if isinstance(module, nn.DenseGeneral):
+        return _dense_general(module, x, a, b, scale, where)
+    if isinstance(module, nn.Einsum):
+        einsum_str = args[1] if len(args) > 1 else kwargs.get("einsum_str")
+        return _einsum(module, x, a, b, scale, where, einsum_str)
+    return _conv(module, x, a, b, scale, where)
+
+
+def lora_interceptor(config: LoraConfig, deterministic: bool = True) -> Callable[..., Any]:
+    """A ``flax.linen.intercept_methods`` interceptor that runs adapted layers factored.
+
+    Args:
+        config: the config the adapter was made with (it gives each module's scale).
+        deterministic: when False and ``config.lora_dropout > 0``, LoRA dropout is applied, drawing
+            from the ``"dropout"`` rng stream of the surrounding ``apply``.
+
+    Returns:
+        The interceptor. Use it around an ``apply`` of the combined tree; :func:`jaxlora.apply`
+        does this for you.
+
+    Example:
+        >>> import flax.linen as nn, jax, jax.numpy as jnp, jaxlora
+        >>> model = nn.Dense(3)
+        >>> params = model.init(jax.random.key(0), jnp.ones((1, 4)))["params"]
+        >>> config = jaxlora.LoraConfig(r=2, target_modules=".*", init_lora_weights=False)
+        >>> frozen, lora = jaxlora.split(params, config, jax.random.key(1))
+        >>> with nn.intercept_methods(lora_interceptor(config)):
+        ...     y = model.apply({"params": jaxlora.combine(frozen, lora)}, jnp.ones((1, 4)))
+        >>> merged = model.apply({"params": jaxlora.merge(frozen, lora, config)}, jnp.ones((1, 4)))
+        >>> bool(jnp.allclose(y, merged, atol=1e-5))
+        True
+    """
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"`config` must be a jaxlora.LoraConfig, got {type(config).__name__}")
+    use_dropout = config.lora_dropout > 0 and not deterministic
+
+    def intercept(next_fun, args, kwargs, context):
+        module = context.module
+        method = context.method_name
+        if (
+            not isinstance(module, _LAYERS)
+            or method not in ("__call__", "attend")
+            or (method == "attend" and not isinstance(module, nn.Embed))
+            or not module.has_variable("params", LORA_A)
+        ):
+            return next_fun(*args, **kwargs)
+        where = "/".join(module.path)
+        a = module.get_variable("params", LORA_A)
+        b = module.get_variable("params", LORA_B)
+        if b is None:
+            raise ValueError(f"the params at `{where}` hold `{LORA_A}` but no `{LORA_B}`")
+        drop = lambda x: x  # noqa: E731
+        if use_dropout:
+            if not module.has_rng(DROPOUT_RNG):
+                raise ValueError(
+                    f"LoRA dropout ({config.lora_dropout}) is on but the apply at `{where}` has no "
+                    f"`{DROPOUT_RNG}` rng; pass `rngs={{'{DROPOUT_RNG}': key}}` or run "
+                    "deterministic"
+                )
+            key = module.make_rng(DROPOUT_RNG)
+            drop = lambda x: lowrank.dropout(x, config.lora_dropout, key)  # noqa: E731
+        y = next_fun(*args, **kwargs)
+        scale = config.scale_for(where, int(a.shape[-1]))
+        term = _low_rank_term(module, method, args, kwargs, a, b, scale, where, drop)
+        return y + term.astype(y.dtype)
+
+    return intercept

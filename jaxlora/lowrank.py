@@ -1,0 +1,141 @@
+"""Array-level low-rank terms ``s·(x·A)·B`` for each layer kind, shared by the linen and NNX paths.
+
+Each function takes the layer input and the (per-layer, unstacked) factors and returns the term to
+add to the layer's output, never forming ΔW: the rank-r intermediate is scaled (it is the smallest
+tensor) and then projected by B.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+_LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def check_factors(where: str, layout: str, kernel_shape: tuple[int, ...], a: Any, b: Any) -> None:
+    """Checks that ``a`` / ``b`` fit a kernel whose axes the layer itself describes by ``layout``.
+
+    Raises:
+        ValueError: naming the module, the shapes expected from the layer and those found.
+    """
+    n_out = layout.count("o")
+    n_stack = layout.count("s")
+    rank = a.shape[-1] if a.ndim else None
+    split = len(kernel_shape) - n_out
+    a_want = tuple(kernel_shape[:split]) + (rank,)
+    b_want = tuple(kernel_shape[:n_stack]) + (rank,) + tuple(kernel_shape[split:])
+    if tuple(a.shape) != a_want or tuple(b.shape) != b_want:
+        raise ValueError(
+            f"the factors at `{where}` do not fit the layer: its kernel {tuple(kernel_shape)} has "
+            f"axes {layout!r}, so `lora_a` should be {a_want} and `lora_b` {b_want}, got "
+            f"{tuple(a.shape)} and {tuple(b.shape)}; was the adapter split with another "
+            "`LoraConfig.layouts`?"
+        )
+
+
+def project(h: jax.Array, b: jax.Array, n_batch: int, precision: Any) -> jax.Array:
+    """``h·B``: contracts the last (rank) axis of ``h`` with ``b``'s rank axis.
+
+    The first ``n_batch`` axes of both are batch axes; the result is
+    ``batch + h's other axes + B's output axes``.
+    """
+    batch = tuple(range(n_batch))
+    return lax.dot_general(h, b, (((h.ndim - 1,), (n_batch,)), (batch, batch)), precision=precision)
+
+
+def dot(
+    x: jax.Array,
+    a: jax.Array,
+    b: jax.Array,
+    scale: float,
+    contract: tuple[int, ...],
+    batch: tuple[int, ...],
+    precision: Any,
+) -> jax.Array:
+    """``s·(x·A)·B`` for a ``DenseGeneral`` contracting ``contract`` with batch axes ``batch``.
+
+    ``a`` has shape ``batch + contracted + (r,)``, ``b`` ``batch + (r,) + features``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> x, a, b = jnp.ones((2, 4)), jnp.ones((4, 1)), jnp.ones((1, 3))
+        >>> dot(x, a, b, 0.5, (1,), (), None)
+        Array([[2., 2., 2.],
+               [2., 2., 2.]], dtype=float32)
+    """
+    n_batch, n_in = len(batch), len(contract)
+    a_contract = tuple(range(n_batch, n_batch + n_in))
+    a_batch = tuple(range(n_batch))
+    h = lax.dot_general(x, a, ((contract, a_contract), (batch, a_batch)), precision=precision)
+    return project(h * scale, b, n_batch, precision)
+
+
+def einsum(
+    where: str,
+    spec: str,
+    kernel_shape: tuple[int, ...],
+    x: jax.Array,
+    a: jax.Array,
+    b: jax.Array,
+    scale: float,
+    precision: Any,
+    preferred_element_type: Any = None,
+) -> jax.Array:
+    """``s·(x·A)·B`` for ``einsum(spec, x, kernel)``; the kernel's letters must be ordered
+    batch (in x and output), contracted (in x only), output (in output only).
+
+    Raises:
+        ValueError: when the kernel's axes are not in that order, or the factors do not fit.
+    """
+    inputs, out = spec.split("->")
+    x_spec, k_spec = inputs.split(",")
+    layout = "".join(
+        ("s" if c in out else "i") if c in x_spec else ("o" if c in out else "?") for c in k_spec
+    )
+    n_out = layout.count("o")
+    if layout != "s" * layout.count("s") + "i" * layout.count("i") + "o" * n_out or "i" not in layout:
+        raise ValueError(
+            f"the factored path cannot split the Einsum kernel at `{where}`: `einsum_str`={spec!r} "
+            f"gives kernel axes {layout!r}, but it needs them ordered batch ('s'), contracted "
+            "('i'), output ('o'); use `mode='merged'` for this layer"
+        )
+    check_factors(where, layout, kernel_shape, a, b)
+    rank = next(c for c in _LETTERS if c not in spec)
+    batch_letters = k_spec[: layout.count("s")]
+    a_spec = k_spec[: len(k_spec) - n_out] + rank
+    b_spec = batch_letters + rank + k_spec[len(k_spec) - n_out :]
+    h_spec = "".join(c for c in x_spec if c == "." or c in out) + rank
+    h = jnp.einsum(f"{x_spec},{a_spec}->{h_spec}", x, a, precision=precision)
+    return jnp.einsum(
+        f"{h_spec},{b_spec}->{out}",
+        h * scale,
+        b,
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+    )
+
+
+def embed(ids: jax.Array, a: jax.Array, b: jax.Array, scale: float, precision: Any) -> jax.Array:
+    """``s·A[ids]·B``: the rows of A for the token ids, projected by B."""
+    h = jnp.take(a, ids, axis=0)
+    return project(h * scale, b, 0, precision)
+
+
+def attend(
+    query: jax.Array, a: jax.Array, b: jax.Array, scale: float, precision: Any
+) -> jax.Array:
+    """``s·(q·Bᵀ)·Aᵀ``, the low-rank part of ``q·(E + s·A·B)ᵀ`` (a tied output head)."""
+    h = lax.dot_general(query, b, (((query.ndim - 1,), (1,)), ((), ())), precision=precision)
+    return lax.dot_general(h * scale, a, (((h.ndim - 1,), (1,)), ((), ())), precision=precision)
+
+
+def dropout(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
+    """Inverted dropout: zero each entry with probability ``rate``, scale the rest by
+    ``1 / (1 - rate)``."""
+    keep = 1.0 - rate
+    mask = jax.random.bernoulli(key, keep, x.shape)
+    return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros((), x.dtype))
