@@ -48,10 +48,10 @@ def test_fresh_embedding_and_conv_adapters_are_no_ops(init):
     )
 
 
-def low_rank_update(params, config, key=jax.random.key(3)):
+def low_rank_update(params, config, seed=3):
     """An adapter whose factors are both random, so its update is not zero."""
     noisy = LoraConfig(**{**config.to_dict(), "init_lora_weights": False})
-    frozen, lora = jaxlora.split(params, noisy, key)
+    frozen, lora = jaxlora.split(params, noisy, jax.random.key(seed))
     return frozen, lora
 
 
