@@ -1,0 +1,34 @@
+"""The README's quickstart runs as written and does what it says."""
+
+import pathlib
+import re
+
+import pytest
+
+README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+
+
+def block(marker):
+    text = README.read_text()
+    match = re.search(rf"<!-- {marker} -->\s*```\w*\n(.*?)```", text, re.S)
+    assert match, f"README has no {marker} block"
+    return match.group(1)
+
+
+@pytest.mark.standard_dtypes
+def test_quickstart_runs_and_trains(capsys):
+    code = block("quickstart")
+    assert len(code.splitlines()) <= 40
+    namespace = {}
+    exec(compile(code, str(README), "exec"), namespace)
+    out = capsys.readouterr().out
+    assert "trainable params: 548 || all params: 1,189" in out
+    first, final = map(float, re.search(r"loss ([0-9.]+) -> ([0-9.]+) after", out).groups())
+    assert final < 0.5 * first
+    assert namespace["deployed"]["up"]["kernel"].shape == (8, 64)
+
+
+def test_ci_runs_the_readme_test_command():
+    ci = (README.parent / ".ci" / "run").read_text()
+    assert "test-command" in ci
+    assert "python -m pytest" in block("test-command")
