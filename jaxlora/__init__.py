@@ -1,5 +1,7 @@
 """jaxlora: LoRA (Hu et al., 2021) for JAX/Flax as pure functions over parameter pytrees."""
 
+from jaxlora import analysis as analysis
+
 from jaxlora.config import LoraConfig as LoraConfig
 from jaxlora.core import combine as combine
 from jaxlora.core import delta as delta
@@ -22,6 +24,7 @@ from jaxlora.types import Params as Params
 __version__ = "0.1.0"
 
 __all__ = [
+    "analysis",
     "LoraConfig",
     "LoraTree",
     "ParamCount",
