@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "W_q, W_v) do not follow its own formula |Θ| = 2·L̂·d_model·r (section 4.2 / Table 5 "
         "note), which gives 393,216 for GPT-2 medium (24 layers, d 1024) and 737,280 for GPT-2 "
         "large (36 layers, d 1280): one is 12% above the printed figure, the other 4% below. Every "
-        "other row agrees with the paper to the printed precision (Table 5's '18M' truncates 18.9M).\n"
+        "other row agrees with the paper to the printed precision (Table 5's '18M' truncates "
+        "18.9M).\n"
     )
     table = "\n".join(lines) + "\n" + note
     print(table)

@@ -1,4 +1,4 @@
-"""The paper's parameter tables, reproduced on abstract shapes (experiments/paper_param_tables.py)."""
+"""The paper's parameter tables, reproduced on abstract shapes."""
 
 import json
 
