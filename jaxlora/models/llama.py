@@ -57,9 +57,7 @@ class LlamaConfig:
             raise ValueError(f"`head_dim` must be even for RoPE, got {self.head_dim}")
 
 
-def apply_rope(
-    x: jax.Array, positions: jax.Array, theta: float, interleaved: bool
-) -> jax.Array:
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float, interleaved: bool) -> jax.Array:
     """Rotates ``x[batch, length, heads, head_dim]`` by its positions (rotary embedding).
 
     Pair k (frequency ``theta ** (-2k / head_dim)``) is dimensions (2k, 2k+1) if ``interleaved``,
@@ -67,7 +65,7 @@ def apply_rope(
     """
     half = x.shape[-1] // 2
     inv_freq = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) * 2.0 / x.shape[-1]))
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # (batch, length, half)
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq[None, None, :]  # (b, len, half)
     cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
     if interleaved:
         first, second = x[..., 0::2], x[..., 1::2]
@@ -95,10 +93,12 @@ class LlamaAttention(nn.Module):
             y = nn.Dense(heads * cfg.head_dim, use_bias=False, name=name)(x)
             return y.reshape(batch, length, heads, cfg.head_dim)
 
-        q = apply_rope(project("q_proj", cfg.num_heads), positions, cfg.rope_theta,
-                       cfg.rope_interleaved)
-        k = apply_rope(project("k_proj", cfg.num_kv_heads), positions, cfg.rope_theta,
-                       cfg.rope_interleaved)
+        q = apply_rope(
+            project("q_proj", cfg.num_heads), positions, cfg.rope_theta, cfg.rope_interleaved
+        )
+        k = apply_rope(
+            project("k_proj", cfg.num_kv_heads), positions, cfg.rope_theta, cfg.rope_interleaved
+        )
         v = project("v_proj", cfg.num_kv_heads)
         # Query head h reads key/value head h // groups, as Hugging Face's repeat_kv does.
         q = q.reshape(batch, length, cfg.num_kv_heads, groups, cfg.head_dim)
@@ -145,7 +145,7 @@ class LlamaForCausalLM(nn.Module):
         >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=2,
         ...                   num_heads=4, num_kv_heads=2, head_dim=4)
         >>> ids = jnp.ones((1, 6), jnp.int32)
-        >>> params = LlamaForCausalLM(cfg).init(jax.random.key(0), ids)["params"]
+        >>> params = jax.jit(LlamaForCausalLM(cfg).init)(jax.random.key(0), ids)["params"]
         >>> LlamaForCausalLM(cfg).apply({"params": params}, ids).shape
         (1, 6, 32)
     """
@@ -241,6 +241,10 @@ def generate(
 ) -> jax.Array:
     """Greedy decoding (jitted; recompiles per prompt length and ``max_new_tokens``).
 
+    There is no KV cache: each step re-runs the model over the fixed-size token buffer, which is
+    fine for a few dozen tokens. For SmolLM2-Instruct prompts see
+    :mod:`jaxlora.models.llama_weights` (e.g. :func:`~jaxlora.models.llama_weights.chat_prompt`).
+
     Args:
         params: ``LlamaForCausalLM(config)`` params.
         config: The model's config.
@@ -257,8 +261,9 @@ def generate(
     """
     prompt = jnp.asarray(prompt_ids, dtype=jnp.int32)
     if prompt.ndim not in (1, 2) or prompt.shape[-1] == 0:
-        raise ValueError(f"`prompt_ids` must be non-empty (length,) or (batch, length), "
-                         f"got shape {prompt.shape}")
+        raise ValueError(
+            f"`prompt_ids` must be non-empty (length,) or (batch, length), got shape {prompt.shape}"
+        )
     if max_new_tokens < 1:
         raise ValueError(f"`max_new_tokens` must be at least 1, got {max_new_tokens}")
     eos = config.eos_token_id if eos_id is None else eos_id

