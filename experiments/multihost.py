@@ -1,0 +1,204 @@
+"""Multi-process LoRA training: FSDP + data parallel over 2 processes x 4 CPU devices.
+
+One command launches the whole run on this machine (2 local processes, gloo CPU collectives,
+coordinator on 127.0.0.1 at a free port) and checks it against a single-device run:
+
+    python experiments/multihost.py --out experiments/results/multihost
+
+Each worker (``--process-id I --port P``) joins with ``jax.distributed.initialize``, builds the
+global (data=2, fsdp=4) mesh, initialises the base and the adapter directly into their shardings,
+loads only its own rows of every batch (``jax.make_array_from_process_local_data``), trains, writes
+the adapter checkpoint collectively with orbax (Θ plus the config JSON), restores it and compares.
+Process 0 then retrains on one of its devices for the reference. On a real cluster, start one
+worker per host with ``jax.distributed.initialize()`` left to detect the cluster (see the README).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+DEVICES_PER_PROCESS = 4
+TIMEOUT_S = 300
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(out, num_processes=2, steps=4, timeout=TIMEOUT_S, xla_flags=""):
+    """Starts the workers, waits at most ``timeout`` seconds, kills them all on any failure."""
+    os.makedirs(out, exist_ok=True)
+    port = free_port()
+    env = {
+        **os.environ,
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS} {xla_flags}",
+    }
+    env.pop("JAX_PLATFORMS", None)
+    procs = []
+    logs = []
+    try:
+        for i in range(num_processes):
+            log = open(os.path.join(out, f"worker_{i}.log"), "w")
+            logs.append(log)
+            cmd = [sys.executable, __file__, "--process-id", str(i), "--port", str(port)]
+            cmd += ["--num-processes", str(num_processes), "--steps", str(steps), "--out", out]
+            procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
+        deadline = time.monotonic() + timeout
+        while any(p.poll() is None for p in procs):
+            if time.monotonic() > deadline or any(p.poll() not in (None, 0) for p in procs):
+                break
+            time.sleep(0.2)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+        for log in logs:
+            log.close()
+    return [p.returncode for p in procs]
+
+
+def worker(args):
+    import jax
+
+    jax.config.update("jax_platforms", "cpu")  # this demo simulates hosts with CPU devices
+    if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        jax.config.update("jax_num_cpu_devices", DEVICES_PER_PROCESS)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=f"127.0.0.1:{args.port}",
+        num_processes=args.num_processes,
+        process_id=args.process_id,
+        initialization_timeout=120,
+    )
+    # Only now may anything touch a JAX backend.
+    import jax.numpy as jnp
+    import numpy as np
+    import orbax.checkpoint as ocp
+    from jax.experimental import multihost_utils
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import train_parallel as tp
+
+    import jaxlora
+    from jaxlora.sharding import init_sharded, lora_shardings
+
+    mode = "fsdp"
+    mesh = tp.make_mesh(mode)  # (data=2, fsdp=4) over all 8 devices of both processes
+    base_sh = tp.base_shardings(mode, mesh)
+    frozen = tp.init_base(base_sh)
+    lora_sh = lora_shardings(tp.abstract_params(), tp.CONFIG, mesh=mesh, rules=tp.RULES[mode])
+    promised = jax.tree.map(lambda s: s.spec, lora_sh)
+    lora = init_sharded(frozen, tp.CONFIG, jax.random.key(1), base_sh)
+    replicated = NamedSharding(mesh, P())
+    opt_sh = tp.opt_shardings(lora_sh, replicated)
+    opt_state = jax.jit(tp.OPTIMIZER.init, out_shardings=opt_sh)(lora)
+    step = tp.jit_step(lora_sh, opt_sh, replicated)
+
+    batch_sh = NamedSharding(mesh, P(tp.BATCH_AXES[mode]))
+    global_shape = (tp.BATCH, tp.SEQ)
+    # This process's devices hold one contiguous block of rows of every global batch.
+    indices = batch_sh.addressable_devices_indices_map(global_shape).values()
+    rows = sorted(idx[0].indices(tp.BATCH)[:2] for idx in indices)
+    start, stop = rows[0][0], rows[-1][1]
+    data = tp.batches(args.steps)  # stands in for a loader that reads only rows start:stop
+    losses = []
+    for tokens in data:
+        local = tokens[start:stop]
+        batch = jax.make_array_from_process_local_data(batch_sh, local, global_shape)
+        lora, opt_state, loss = step(lora, opt_state, frozen, batch)
+        losses.append(float(loss))
+    specs_ok = tp.spec_tree(lora) == promised
+
+    # Collective checkpoint: every process writes its shards, process 0 the config JSON.
+    ckpt_dir = os.path.abspath(os.path.join(args.out, "checkpoint"))
+    checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+    checkpointer.save(
+        ckpt_dir,
+        args=ocp.args.Composite(
+            lora=ocp.args.StandardSave(lora), config=ocp.args.JsonSave(tp.CONFIG.to_dict())
+        ),
+        force=True,
+    )
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), lora
+    )
+    restored = checkpointer.restore(
+        ckpt_dir,
+        args=ocp.args.Composite(
+            lora=ocp.args.StandardRestore(target), config=ocp.args.JsonRestore()
+        ),
+    )
+    same = jax.jit(
+        lambda a, b: jnp.all(jnp.stack([jnp.all(x == y) for x, y in zip(a, b, strict=True)])),
+        out_shardings=replicated,
+    )(jax.tree.leaves(restored["lora"]), jax.tree.leaves(lora))
+    restore_ok = (
+        bool(same)
+        and tp.spec_tree(restored["lora"]) == promised
+        and jaxlora.LoraConfig.from_dict(restored["config"]) == tp.CONFIG
+    )
+
+    adapter = multihost_utils.process_allgather(lora, tiled=True)
+    result = {
+        "process_index": jax.process_index(),
+        "process_count": jax.process_count(),
+        "devices": jax.device_count(),
+        "local_devices": jax.local_device_count(),
+        "rows": [start, stop],
+        "losses": losses,
+        "specs_ok": specs_ok,
+        "restore_ok": restore_ok,
+        "specs": tp.spec_strings(promised),
+    }
+    if jax.process_index() == 0:
+        ref_losses, ref_lora, _ = tp.train_single(data)
+        result["max_loss_diff"] = max(abs(a - b) for a, b in zip(losses, ref_losses, strict=True))
+        result["max_adapter_diff"] = tp.max_diff(adapter, ref_lora)
+    flat = jax.tree_util.tree_flatten_with_path(adapter)[0]
+    np.savez(
+        os.path.join(args.out, f"adapter_{jax.process_index()}.npz"),
+        **{"/".join(str(k.key) for k in path): np.asarray(x) for path, x in flat},
+    )
+    with open(os.path.join(args.out, f"result_{jax.process_index()}.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    multihost_utils.sync_global_devices("done")
+    jax.distributed.shutdown()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True, help="folder for logs, results and checkpoint")
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--num-processes", type=int, default=2)
+    parser.add_argument("--process-id", type=int, default=None, help="run one worker")
+    parser.add_argument("--port", type=int, default=None)
+    parser.add_argument("--timeout", type=int, default=TIMEOUT_S)
+    args = parser.parse_args(argv)
+    if args.process_id is not None:
+        worker(args)
+        return 0
+    codes = launch(args.out, args.num_processes, args.steps, args.timeout)
+    print(json.dumps({"return_codes": codes}))
+    if any(codes):
+        return 1
+    results = []
+    for i in range(args.num_processes):
+        with open(os.path.join(args.out, f"result_{i}.json")) as f:
+            results.append(json.load(f))
+    print(json.dumps({k: v for k, v in results[0].items() if k != "specs"}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""Every parallelism mode of experiments/train_parallel.py on 8 simulated CPU devices.
+
+The script runs once, in a subprocess (jax fixes its device count at first use, and this pytest
+process must keep its own), and trains a single-device reference plus each mode on the same batches.
+It asserts inside that the adapter's ``.sharding.spec`` equals ``jaxlora.lora_shardings`` before and
+after training; here we check its report against the single-device run and the rule by hand.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "experiments" / "train_parallel.py"
+TOLERANCE = 1e-5
+# Compiling dominates these runs; XLA's cheaper CPU pipeline halves it and keeps float32 numerics.
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("parallel")
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}"}
+    env.pop("JAX_PLATFORMS", None)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--mode", "all", "--steps", "4", "--out", str(out)],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    path = out / "parallel.json"
+    if not path.exists():
+        pytest.fail(f"train_parallel.py wrote no report (rc {proc.returncode}):\n{proc.stderr}")
+    return json.loads(path.read_text())
+
+
+@pytest.mark.parametrize("mode", ["dp", "fsdp", "tp", "pmap", "shard_map"])
+def test_matches_single_device(report, mode):
+    row = report[mode]
+    assert "error" not in row, row.get("error")
+    assert len(row["losses"]) == len(report["single"]["losses"]) == 4
+    assert row["max_loss_diff"] <= TOLERANCE
+    assert row["max_adapter_diff"] <= TOLERANCE
+    assert report["single"]["losses"][-1] < report["single"]["losses"][0]  # it does train
+
+
+# Axes: layers (stacked) first; q/k/v kernels (layers, embed, heads, kv), out (layers, heads, kv,
+# embed), up (layers, embed, mlp), down (layers, mlp, embed), embedding table (vocab, embed).
+FSDP = {
+    "layers/query/lora_a": "P(None, 'fsdp', None)",
+    "layers/query/lora_b": "P(None, None, None, None)",
+    "layers/out/lora_a": "P(None, None, None, None)",
+    "layers/out/lora_b": "P(None, None, 'fsdp')",
+    "layers/out/bias": "P(None, 'fsdp')",
+    "layers/down/lora_b": "P(None, None, 'fsdp')",
+    "embed/lora_a": "P(None, None)",
+    "embed/lora_b": "P(None, 'fsdp')",
+}
+TP = {
+    # Column parallel: the output (heads / mlp) axes are sharded, so b and the bias are.
+    "layers/query/lora_a": "P(None, None, None)",
+    "layers/query/lora_b": "P(None, None, 'model', None)",
+    "layers/query/bias": "P(None, 'model', None)",
+    "layers/up/lora_b": "P(None, None, 'model')",
+    # Row parallel: the input axes are sharded, so a is.
+    "layers/out/lora_a": "P(None, 'model', None, None)",
+    "layers/out/lora_b": "P(None, None, None)",
+    "layers/down/lora_a": "P(None, 'model', None)",
+    "embed/lora_a": "P('model', None)",
+}
+
+
+@pytest.mark.parametrize(
+    "mode, expected", [("fsdp", FSDP), ("shard_map", FSDP), ("tp", TP)], ids=["fsdp", "sm", "tp"]
+)
+def test_adapter_specs_follow_the_base(report, mode, expected):
+    specs = report[mode]["specs"]
+    assert {k: specs[k] for k in expected} == expected
+
+
+def test_data_parallel_adapter_is_replicated(report):
+    specs = report["dp"]["specs"]
+    assert len(specs) == 20
+    assert all(set(s[2:-1].split(", ")) == {"None"} for s in specs.values())
