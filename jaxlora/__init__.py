@@ -15,6 +15,8 @@ from jaxlora.optim import freeze as freeze
 from jaxlora.optim import partition as partition
 from jaxlora.optim import trainable_labels as trainable_labels
 from jaxlora.optim import trainable_mask as trainable_mask
+from jaxlora.sharding import init_sharded as init_sharded
+from jaxlora.sharding import lora_shardings as lora_shardings
 from jaxlora.targets import Target as Target
 from jaxlora.targets import find_targets as find_targets
 from jaxlora.targets import module_paths as module_paths
@@ -36,6 +38,8 @@ __all__ = [
     "find_targets",
     "freeze",
     "infer_layouts",
+    "init_sharded",
+    "lora_shardings",
     "merge",
     "module_paths",
     "partition",
