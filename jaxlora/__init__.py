@@ -1,7 +1,10 @@
 """jaxlora: LoRA (Hu et al., 2021) for JAX/Flax as pure functions over parameter pytrees."""
 
+from jaxlora import adapters as adapters
 from jaxlora import analysis as analysis
-
+from jaxlora import checkpoint as checkpoint
+from jaxlora import peft as peft
+from jaxlora.adapters import AdapterBank as AdapterBank
 from jaxlora.config import LoraConfig as LoraConfig
 from jaxlora.core import combine as combine
 from jaxlora.core import delta as delta
@@ -15,6 +18,8 @@ from jaxlora.optim import freeze as freeze
 from jaxlora.optim import partition as partition
 from jaxlora.optim import trainable_labels as trainable_labels
 from jaxlora.optim import trainable_mask as trainable_mask
+from jaxlora.peft import load_peft as load_peft
+from jaxlora.peft import save_peft as save_peft
 from jaxlora.sharding import init_sharded as init_sharded
 from jaxlora.sharding import lora_shardings as lora_shardings
 from jaxlora.targets import Target as Target
@@ -26,7 +31,13 @@ from jaxlora.types import Params as Params
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdapterBank",
+    "adapters",
     "analysis",
+    "checkpoint",
+    "peft",
+    "load_peft",
+    "save_peft",
     "LoraConfig",
     "LoraTree",
     "ParamCount",

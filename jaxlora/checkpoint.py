@@ -220,9 +220,8 @@ def restore(
         if step is None:
             raise ValueError(f"no adapter checkpoint in `{manager.directory}`")
     elif step not in manager.all_steps():
-        raise ValueError(
-            f"`step`={step} is not in `{manager.directory}`; steps there: {list(manager.all_steps())}"
-        )
+        steps = list(manager.all_steps())
+        raise ValueError(f"`step`={step} is not in `{manager.directory}`; steps there: {steps}")
     stored_json = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
     config = LoraConfig.from_dict(stored_json[CONFIG_ITEM])
     where = f"the adapter checkpoint at step {step} in `{manager.directory}`"
