@@ -11,8 +11,8 @@ with the kernel, and the module path equals the params path, so the scale is
 Numerics, as in PEFT: the low-rank term runs in the adapter's dtype (``LoraConfig.dtype``) with the
 layer's ``precision``, and is cast to the layer's output dtype before the add. LoRA dropout draws
 from the ``"dropout"`` rng stream (the one a scanned model already splits per layer), acts on the
-LoRA input only, and is off when ``deterministic``. Embedding lookups take no dropout (their input is
-token ids), as in PEFT.
+LoRA input only, and is off when ``deterministic``. Embedding lookups take no dropout (their input
+is token ids), as in PEFT.
 """
 
 from __future__ import annotations
@@ -43,12 +43,13 @@ def _normalize(axes: tuple[int, ...], ndim: int) -> tuple[int, ...]:
 
 
 def _dense_general(module: nn.DenseGeneral, x: jax.Array, a, b, scale, where: str) -> jax.Array:
+    precision = module.precision
     axis = _normalize(_as_tuple(module.axis), x.ndim)
     batch = _normalize(_as_tuple(module.batch_dims), x.ndim)
     layout = "s" * len(batch) + "i" * len(axis) + "o" * len(_as_tuple(module.features))
     kernel = module.get_variable("params", "kernel")
     lowrank.check_factors(where, layout, kernel.shape, a, b)
-    return lowrank.dot(x, a, b, scale, axis, batch, getattr(module, "precision", None))
+    return lowrank.dot(x, a, b, scale, axis, batch, precision)
 
 
 def _einsum(module: nn.Einsum, x: jax.Array, a, b, scale, where: str, einsum_str) -> jax.Array:
@@ -71,23 +72,25 @@ def _conv(module: nn.Conv, x: jax.Array, a, b, scale, where: str) -> jax.Array:
     layout = "w" * (kernel.ndim - 2) + "io"
     lowrank.check_factors(where, layout, kernel.shape, a, b)
     # The layer's own padding, strides and dilation, with A as a kernel of `r` output channels.
+    precision = module.precision
     down = module.clone(parent=None, features=a.shape[-1], use_bias=False, dtype=a.dtype)
     h = down.apply({"params": {"kernel": a}}, x)
-    return lowrank.project(h * scale, b, 0, getattr(module, "precision", None))
+    return lowrank.project(h * scale, b, 0, precision)
 
 
 def _low_rank_term(module, method: str, args, kwargs, a, b, scale, where: str, drop) -> jax.Array:
     """The low-rank term ``s·(drop(x)·A)·B`` of one call, in the adapter's dtype."""
     x = args[0] if args else kwargs["inputs"] if "inputs" in kwargs else kwargs["query"]
+    precision = getattr(module, "precision", None)
     if isinstance(module, nn.Embed):
         if method == "attend":
-            return lowrank.attend(x.astype(a.dtype), a, b, scale, getattr(module, "precision", None))
-        return lowrank.embed(x, a, b, scale, getattr(module, "precision", None))
+            return lowrank.attend(x.astype(a.dtype), a, b, scale, precision)
+        return lowrank.embed(x, a, b, scale, precision)
     x = drop(jnp.asarray(x).astype(a.dtype))
     if isinstance(module, nn.Dense):
         kernel = module.get_variable("params", "kernel")
         lowrank.check_factors(where, "io", kernel.shape, a, b)
-        return lowrank.dot(x, a, b, scale, (x.ndim - 1,), (), getattr(module, "precision", None))
+        return lowrank.dot(x, a, b, scale, (x.ndim - 1,), (), precision)
     if isinstance(module, nn.DenseGeneral):
         return _dense_general(module, x, a, b, scale, where)
     if isinstance(module, nn.Einsum):

@@ -97,7 +97,10 @@ def einsum(
         ("s" if c in out else "i") if c in x_spec else ("o" if c in out else "?") for c in k_spec
     )
     n_out = layout.count("o")
-    if layout != "s" * layout.count("s") + "i" * layout.count("i") + "o" * n_out or "i" not in layout:
+    if (
+        layout != "s" * layout.count("s") + "i" * layout.count("i") + "o" * n_out
+        or "i" not in layout
+    ):
         raise ValueError(
             f"the factored path cannot split the Einsum kernel at `{where}`: `einsum_str`={spec!r} "
             f"gives kernel axes {layout!r}, but it needs them ordered batch ('s'), contracted "
@@ -125,9 +128,7 @@ def embed(ids: jax.Array, a: jax.Array, b: jax.Array, scale: float, precision: A
     return project(h * scale, b, 0, precision)
 
 
-def attend(
-    query: jax.Array, a: jax.Array, b: jax.Array, scale: float, precision: Any
-) -> jax.Array:
+def attend(query: jax.Array, a: jax.Array, b: jax.Array, scale: float, precision: Any) -> jax.Array:
     """``s·(q·Bᵀ)·Aᵀ``, the low-rank part of ``q·(E + s·A·B)ᵀ`` (a tied output head)."""
     h = lax.dot_general(query, b, (((query.ndim - 1,), (1,)), ((), ())), precision=precision)
     return lax.dot_general(h * scale, a, (((h.ndim - 1,), (1,)), ((), ())), precision=precision)
