@@ -1,0 +1,381 @@
+"""Peak training memory: full fine-tuning vs LoRA on an fp32, bf16, int8 and NF4 frozen base.
+
+One AdamW training step of a parameter-dominated Llama-style decoder (``jaxlora.models.llama``,
+~303M parameters at the default size, batch 1 × 128 tokens) for each configuration, each in its
+own process. Two measures per configuration:
+
+* XLA's view: ``jax.jit(step).lower(...).compile().memory_analysis()``: arguments + outputs −
+  donated (aliased) buffers + temporaries: the bytes the step needs at its peak.
+* the process's peak RSS (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) over two training steps.
+  The params are built leaf by leaf in their stored form (never a full fp32 copy for the quantised
+  bases) and the step is compiled first; after each phase the allocator is trimmed
+  (``malloc_trim``) and the peak is reset (``/proc/self/clear_refs``), so ``peak_rss_mb`` is the
+  steps' own peak: live params, optimizer state, buffers of the step, plus the JAX runtime. The
+  build and compile peaks are recorded separately. The ``idle`` row is a process that imports
+  everything and runs a tiny jitted function.
+
+LoRA is r=8 on every linear kernel but the output head (``"all-linear"``, as QLoRA). Two forward
+paths: ``merged`` (``W + s·A·B`` folded inside the loss; a quantised base is dequantised as a whole
+tree first) and ``factored`` (``jaxlora.factored.lora_interceptor`` with
+``jaxlora.quant.interceptor``: each quantised kernel is dequantised inside its layer call and
+recomputed in the backward pass). Quantised bases keep the embedding table, norms and head in
+bfloat16.
+
+    python experiments/bench_memory.py          # -> experiments/results/bench_memory.{json,md}
+    python experiments/bench_memory.py --small    # tiny model, for the smoke test
+    python experiments/bench_memory.py --quality  # NF4 vs fp32 LoRA accuracy on Rotten Tomatoes
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+import zlib
+
+CONFIGS = {
+    # name: (kind, base storage, forward path)
+    "idle": ("idle", None, None),
+    "full_ft": ("full", "float32", None),
+    "lora_fp32_merged": ("lora", "float32", "merged"),
+    "lora_bf16_merged": ("lora", "bfloat16", "merged"),
+    "lora_int8_merged": ("lora", "int8", "merged"),
+    "lora_nf4_merged": ("lora", "nf4", "merged"),
+    "lora_fp32_factored": ("lora", "float32", "factored"),
+    "lora_bf16_factored": ("lora", "bfloat16", "factored"),
+    "lora_int8_factored": ("lora", "int8", "factored"),
+    "lora_nf4_factored": ("lora", "nf4", "factored"),
+}
+SIZES = {
+    "default": dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_layers=21,
+                    num_heads=16, num_kv_heads=16, head_dim=64, tie_word_embeddings=False),
+    "small": dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
+                  num_heads=4, num_kv_heads=4, head_dim=16, tie_word_embeddings=False),
+}  # fmt: skip
+SEQ_LEN = {"default": 128, "small": 16}
+RANK = 8
+
+
+def _rss_mb() -> float:
+    """Peak RSS of this process since start (or since the last :func:`_reset_peak`), in MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _current_rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        line = next(ln for ln in f if ln.startswith("VmRSS:"))
+    return int(line.split()[1]) / 1024
+
+
+def _reset_peak() -> bool:
+    """Frees what the allocator holds and resets the peak RSS to the current RSS (Linux >= 4.0)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def _build_params(model, ids, storage: str, lora_config):
+    """Random params (0.02·N(0, 1)) created leaf by leaf directly in their stored form."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxlora import paths, quant
+    from jaxlora.targets import find_targets
+
+    shapes = jax.eval_shape(model.init, jax.random.key(0), ids)["params"]
+    targets = {t.keys + (t.leaf,): t for t in find_targets(shapes, lora_config)}
+    float_dtype = jnp.float32 if storage == "float32" else jnp.bfloat16
+    key = jax.random.key(0)
+
+    def make(keys, names, leaf):
+        leaf_key = jax.random.fold_in(key, zlib.crc32(paths.join(names).encode()) & 0x7FFFFFFF)
+        if names[-1] == "scale":
+            return jnp.ones(leaf.shape, float_dtype)
+        if storage in ("int8", "nf4") and keys in targets:
+            w = 0.02 * jax.random.normal(leaf_key, leaf.shape, jnp.bfloat16)
+            double = storage == "nf4"
+            return quant.quantize_kernel(w, storage, targets[keys].layout, 64, double)
+        return 0.02 * jax.random.normal(leaf_key, leaf.shape, float_dtype)
+
+    params = {}
+    for keys, names, leaf in paths.flatten(shapes):
+        value = make(keys, names, leaf)
+        jax.block_until_ready(value)
+        paths.set_in(params, keys, value)
+    return params
+
+
+def _nbytes(tree) -> int:
+    import jax
+
+    from jaxlora import quant
+
+    leaves = jax.tree.leaves(tree, is_leaf=quant.is_quantized)
+    return sum(x.nbytes for x in leaves)
+
+
+def run_config(name: str, size: str = "default", steps: int = 2) -> dict:
+    """Runs one configuration in this process and returns its measurements."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    import jaxlora
+    from jaxlora import factored, quant
+    from jaxlora.models.llama import LlamaConfig, LlamaForCausalLM
+
+    kind, storage, path = CONFIGS[name]
+    out = {"config": name, "kind": kind, "base": storage, "path": path, "size": size}
+    if kind == "idle":
+        jax.block_until_ready(jax.jit(lambda x: x * 2)(jnp.ones(4)))
+        _reset_peak()
+        return {**out, "peak_rss_mb": _rss_mb()}
+    cfg = LlamaConfig(**SIZES[size])
+    model = LlamaForCausalLM(cfg)
+    ids = jax.random.randint(jax.random.key(1), (1, SEQ_LEN[size] + 1), 0, cfg.vocab_size)
+    inputs, labels = ids[:, :-1], ids[:, 1:]
+    lora_config = jaxlora.LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules="all-linear")
+    t0 = time.perf_counter()
+    params = _build_params(model, inputs, storage, lora_config)
+    leaves = jax.tree.leaves(params, is_leaf=quant.is_quantized)
+    out["params"] = sum(math.prod(x.shape) for x in leaves)
+    out["base_bytes"] = _nbytes(params)
+    out["peak_rss_build_mb"] = _rss_mb()
+
+    def xent(logits):
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        return -jnp.mean(jnp.take_along_axis(logp, labels[..., None], axis=-1))
+
+    opt = optax.adamw(1e-4)
+    if kind == "full":
+
+        def step(params, opt_state):
+            loss, grads = jax.value_and_grad(lambda p: xent(model.apply({"params": p}, inputs)))(
+                params
+            )
+            updates, opt_state = opt.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state, loss
+
+        state = (params, opt.init(params))
+        extra = ()
+    else:
+        _, lora = quant.split_quantized(params, lora_config, jax.random.key(2))
+        out["trainable"] = sum(int(x.size) for x in jax.tree.leaves(lora))
+
+        def forward(lora, frozen):
+            if path == "merged":
+                merged = quant.merge_quantized(frozen, lora, lora_config)
+                return model.apply({"params": merged}, inputs)
+            with nn.intercept_methods(factored.lora_interceptor(lora_config)):
+                with nn.intercept_methods(quant.interceptor()):
+                    return model.apply({"params": jaxlora.combine(frozen, lora)}, inputs)
+
+        def step(lora, opt_state, frozen):
+            loss, grads = jax.value_and_grad(lambda t: xent(forward(t, frozen)))(lora)
+            updates, opt_state = opt.update(grads, opt_state, lora)
+            return optax.apply_updates(lora, updates), opt_state, loss
+
+        state = (lora, opt.init(lora))
+        extra = (params,)
+    out["peak_reset"] = _reset_peak()
+    out["rss_before_compile_mb"] = _current_rss_mb()
+    jitted = jax.jit(step, donate_argnums=(0, 1))
+    compiled = jitted.lower(*state, *extra).compile()
+    out["compile_s"] = round(time.perf_counter() - t0, 1)
+    mem = compiled.memory_analysis()
+    for field in ("argument", "output", "alias", "temp"):
+        out[f"xla_{field}_bytes"] = int(getattr(mem, f"{field}_size_in_bytes"))
+    out["xla_peak_bytes"] = (
+        out["xla_argument_bytes"] + out["xla_output_bytes"] - out["xla_alias_bytes"]
+        + out["xla_temp_bytes"]
+    )  # fmt: skip
+    out["peak_rss_compile_mb"] = _rss_mb()
+    _reset_peak()
+    out["rss_before_step_mb"] = _current_rss_mb()
+    t1 = time.perf_counter()
+    for _ in range(steps):
+        *new_state, loss = compiled(*state, *extra)
+        state = tuple(new_state)
+    out["loss"] = float(loss)
+    out["step_s"] = round((time.perf_counter() - t1) / steps, 2)
+    out["peak_rss_mb"] = _rss_mb()  # the training steps' own peak
+    return out
+
+
+def _table(rows: list[dict]) -> str:
+    full = next((r for r in rows if r["config"] == "full_ft"), None)
+    idle = next((r for r in rows if r["config"] == "idle"), None)
+    lines = [
+        "| configuration | base | path | base bytes (MiB) | XLA peak (MiB) | XLA / full FT "
+        "| step peak RSS (MiB) | RSS / full FT | (RSS − idle) / (full FT − idle) "
+        "| lifetime peak RSS (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r["kind"] == "idle":
+            lines.append(f"| idle process | | | | | | {r['peak_rss_mb']:.0f} | | | |")
+            continue
+        xla = r["xla_peak_bytes"] / 2**20
+        ratio = r["xla_peak_bytes"] / full["xla_peak_bytes"] if full else float("nan")
+        rss = r["peak_rss_mb"] / full["peak_rss_mb"] if full else float("nan")
+        lifetime = max(r["peak_rss_build_mb"], r["peak_rss_compile_mb"], r["peak_rss_mb"])
+        net = float("nan")
+        if full and idle:
+            net = (r["peak_rss_mb"] - idle["peak_rss_mb"]) / (
+                full["peak_rss_mb"] - idle["peak_rss_mb"]
+            )
+        lines.append(
+            f"| {r['config']} | {r['base']} | {r['path'] or 'full'} "
+            f"| {r['base_bytes'] / 2**20:.0f} | {xla:.0f} | {ratio:.3f} "
+            f"| {r['peak_rss_mb']:.0f} | {rss:.3f} | {net:.3f} | {lifetime:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def run_quality(steps: int, n_test: int | None, seed: int = 0) -> list[dict]:
+    """Rotten Tomatoes accuracy of LoRA r=8 (q,v) + head on all-MiniLM-L6-v2, with the encoder's
+    linear kernels in float32 vs in NF4 (double-quantised): the QLoRA quality check.
+
+    Same data, steps, batch, learning rate and seed as ``experiments/quality.py``; both variants
+    run the factored path (the NF4 one with :func:`jaxlora.quant.interceptor`)."""
+    import flax.linen as nn
+    import jax
+
+    import jaxlora
+    from experiments import sentiment
+    from jaxlora import factored, quant
+
+    task = sentiment.load_task(48, n_test=n_test, seed=seed)
+    model, params = sentiment.load_model(seed)
+    config = sentiment.lora_config(8, 16)
+    rows = []
+    for base in ("float32", "nf4"):
+        frozen = params
+        if base == "nf4":
+            frozen = quant.quantize(params, "all-linear", "nf4", 64, double_quant=True)
+
+        def forward(weights, ids, mask):
+            lora, frozen = weights
+            with nn.intercept_methods(factored.lora_interceptor(config)):
+                with nn.intercept_methods(quant.interceptor()):
+                    tree = {"params": jaxlora.combine(frozen, lora)}
+                    return model.apply(tree, ids, mask)
+
+        def loss(lora, frozen, ids, mask, labels):
+            return sentiment.cross_entropy(forward((lora, frozen), ids, mask), labels)
+
+        _, lora = quant.split_quantized(frozen, config, jax.random.key(seed))
+        start = time.perf_counter()
+        lora, losses, _ = sentiment.train(
+            loss, lora, frozen, task, steps=steps, batch_size=32, learning_rate=2e-3, seed=seed
+        )
+        logits = sentiment.predict(forward, (lora, frozen), task)
+        rows.append({
+            "base": base, "base_bytes": _nbytes(frozen), "n_test": len(task.test_labels),
+            "accuracy": sentiment.accuracy(logits, task.test_labels),
+            "final_train_loss": sum(losses[-20:]) / len(losses[-20:]),
+            "seconds": round(time.perf_counter() - start, 1),
+        })  # fmt: skip
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def _write_quality(rows: list[dict], out: str, command: str, steps: int, n_test: int) -> None:
+    lines = [
+        f"# QLoRA quality\n\n`{command}`: all-MiniLM-L6-v2 + head on Rotten Tomatoes, LoRA r=8 "
+        f"(q,v), {steps} steps of batch 32, {n_test:,} test snippets; NF4 = every encoder linear "
+        "kernel in NF4 with double quantisation, factored forward.\n",
+        "| frozen base | base bytes (MiB) | test accuracy | train loss (last 20) |",
+        "|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['base']} | {r['base_bytes'] / 2**20:.1f} | {r['accuracy']:.4f} "
+            f"| {r['final_train_loss']:.4f} |"
+        )
+    gap = 100 * (rows[0]["accuracy"] - rows[1]["accuracy"])
+    lines.append(f"\nfp32 − NF4 accuracy: {gap:+.2f} points.")
+    stem = os.path.join(out, "bench_memory_quality")
+    with open(stem + ".json", "w") as f:
+        json.dump({"command": command, "steps": steps, "rows": rows}, f, indent=2)
+    with open(stem + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--small", action="store_true", help="tiny model (smoke test)")
+    parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated names")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--quality", action="store_true", help="the Rotten Tomatoes QLoRA check")
+    parser.add_argument("--steps", type=int, default=300, help="--quality: training steps")
+    parser.add_argument("--n-test", type=int, default=None, help="--quality: test snippets")
+    args = parser.parse_args(argv)
+    if args.quality:
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        rows = run_quality(args.steps, args.n_test)
+        command = "python experiments/bench_memory.py " + " ".join(argv or sys.argv[1:])
+        os.makedirs(args.out, exist_ok=True)
+        _write_quality(rows, args.out, command.strip(), args.steps, rows[0]["n_test"])
+        return 0
+    size = "small" if args.small else "default"
+    if args.worker:
+        print("RESULT " + json.dumps(run_config(args.worker, size)), flush=True)
+        return 0
+    rows = []
+    for name in args.configs.split(","):
+        if name not in CONFIGS:
+            parser.error(f"unknown configuration {name!r}; known: {', '.join(CONFIGS)}")
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", name]
+        cmd += ["--small"] if args.small else []
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        found = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode or not found:
+            raise SystemExit(f"configuration {name} failed:\n{proc.stderr[-4000:]}")
+        rows.append(json.loads(found[-1][len("RESULT ") :]))
+        print(json.dumps(rows[-1]), flush=True)
+    import jax
+
+    meta = {
+        "command": "python experiments/bench_memory.py" + (" --small" if args.small else ""),
+        "model": SIZES[size],
+        "seq_len": SEQ_LEN[size],
+        "batch": 1,
+        "lora": {"r": RANK, "lora_alpha": 2 * RANK, "target_modules": "all-linear"},
+        "optimizer": "optax.adamw(1e-4)",
+        "jax": jax.__version__,
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, "bench_memory" + ("_small" if args.small else ""))
+    with open(stem + ".json", "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=2)
+    with open(stem + ".md", "w") as f:
+        f.write(
+            f"# Peak training memory\n\n`{meta['command']}` ({meta['date']}, jax {meta['jax']}, "
+        )
+        f.write(f"{meta['machine']}); model {meta['model']}, batch 1 × {meta['seq_len']}.\n\n")
+        f.write(_table(rows) + "\n")
+    print(_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

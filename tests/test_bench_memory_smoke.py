@@ -1,0 +1,25 @@
+"""Smoke test of experiments/bench_memory.py on a tiny model (two configurations)."""
+
+import json
+import os
+import subprocess
+import sys
+
+SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "experiments", "bench_memory.py")
+
+
+def test_bench_memory_small_writes_json_and_markdown(tmp_path):
+    cmd = [sys.executable, SCRIPT, "--small", "--configs", "full_ft,lora_nf4_factored"]
+    proc = subprocess.run(cmd + ["--out", str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((tmp_path / "bench_memory_small.json").read_text())
+    rows = {row["config"]: row for row in data["rows"]}
+    assert set(rows) == {"full_ft", "lora_nf4_factored"}
+    full, nf4 = rows["full_ft"], rows["lora_nf4_factored"]
+    assert nf4["base_bytes"] < full["base_bytes"] / 3  # 4-bit codes + scales vs float32
+    assert 0 < nf4["trainable"] < full["params"]
+    for row in rows.values():
+        assert row["xla_peak_bytes"] > 0 and row["peak_rss_mb"] > 0
+        assert row["loss"] == row["loss"]  # not NaN
+    table = (tmp_path / "bench_memory_small.md").read_text()
+    assert "| lora_nf4_factored | nf4 | factored |" in table

@@ -1,0 +1,133 @@
+"""DoRA on the merged path: a fresh adapter is a no-op, the merge equals the dense formula, and
+the column norm is a constant in the backward pass."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxlora
+from jaxlora import dora
+from tests.treeutil import assert_trees_bitwise_equal, assert_trees_close
+
+CASES = [((24, 16), "io"), ((3, 12, 8), "sio"), ((3, 3, 4, 6), "wwio")]
+
+
+def _setup(shape, layout, init=True):
+    w = jax.random.normal(jax.random.key(0), shape)
+    params = {"m": {"kernel": w, "bias": jnp.ones(shape[-1])}}
+    config = jaxlora.LoraConfig(
+        r=2, lora_alpha=4, target_modules=["m"], layouts={"m": layout}, init_lora_weights=init
+    )
+    return params, config
+
+
+@pytest.mark.parametrize("shape,layout", CASES)
+def test_fresh_adapter_is_bitwise_noop_eager_and_close_under_jit(shape, layout):
+    params, config = _setup(shape, layout)
+    frozen, lora = dora.dora_split(params, config, jax.random.key(1))
+    n_stack = layout.count("s")
+    assert lora["m"][dora.LORA_MAGNITUDE].shape == shape[:n_stack] + shape[-1:]
+    # Eager: m and ‖W‖_c come from the same computation, so m / ‖W‖_c is exactly 1.
+    assert_trees_bitwise_equal(dora.dora_merge(frozen, lora, config), params)
+    # Under jit the norm may be reduced in another order: equal within float32 rounding.
+    jitted = jax.jit(dora.dora_merge)(frozen, lora, config)
+    assert_trees_close(jitted, params, rtol=1e-6, atol=1e-7)
+
+
+def _dense_formula(w, a, b, m, scale, layout):
+    """DoRA by hand in float64: m · V / ‖V‖_c with V = W + s·A·B, per stack index."""
+    w, a, b, m = (np.asarray(x, np.float64) for x in (w, a, b, m))
+    n_stack, n_out = layout.count("s"), layout.count("o")
+    stack = w.shape[:n_stack]
+    fan_in = int(np.prod(w.shape[n_stack : w.ndim - n_out]))
+    w2 = w.reshape(stack + (fan_in, -1))
+    v = w2 + scale * (a.reshape(stack + (fan_in, -1)) @ b.reshape(stack + (a.shape[-1], -1)))
+    norm = np.sqrt((v**2).sum(axis=-2, keepdims=True))
+    return (m.reshape(stack + (1, -1)) * v / norm).reshape(w.shape)
+
+
+@pytest.mark.parametrize("use_jit", [False, True])
+@pytest.mark.parametrize("shape,layout", CASES)
+def test_merge_equals_dense_formula(shape, layout, use_jit):
+    params, config = _setup(shape, layout, init=False)
+    frozen, lora = dora.dora_split(params, config, jax.random.key(1))
+    lora["m"][dora.LORA_MAGNITUDE] = lora["m"][dora.LORA_MAGNITUDE] * 1.5 + 0.25
+    merge = jax.jit(dora.dora_merge) if use_jit else dora.dora_merge
+    merged = merge(frozen, lora, config)
+    m = lora["m"]
+    expected = _dense_formula(
+        params["m"]["kernel"], m["lora_a"], m["lora_b"], m[dora.LORA_MAGNITUDE], 2.0, layout
+    )
+    np.testing.assert_allclose(merged["m"]["kernel"], expected, rtol=2e-5, atol=1e-6)
+    np.testing.assert_array_equal(merged["m"]["bias"], params["m"]["bias"])
+
+
+def test_gradient_treats_the_norm_as_a_constant():
+    params, config = _setup((16, 8), "io", init=False)
+    frozen, lora = dora.dora_split(params, config, jax.random.key(1))
+    x = jax.random.normal(jax.random.key(2), (5, 16))
+    w = params["m"]["kernel"]
+
+    def loss(lora):
+        return jnp.sum(jnp.tanh(x @ dora.dora_merge(frozen, lora, config)["m"]["kernel"]))
+
+    def by_hand(lora, detach=True):
+        a, b, m = lora["m"]["lora_a"], lora["m"]["lora_b"], lora["m"][dora.LORA_MAGNITUDE]
+        v = w + 2.0 * (a @ b)
+        norm = jnp.sqrt(jnp.sum(v * v, axis=0, keepdims=True))
+        norm = jax.lax.stop_gradient(norm) if detach else norm
+        return jnp.sum(jnp.tanh(x @ (m[None, :] * v / norm)))
+
+    grads = jax.grad(loss)(lora)
+    assert_trees_close(grads, jax.grad(by_hand)(lora), rtol=1e-4, atol=1e-6)
+    # The stop-gradient matters: differentiating through the norm gives other factor gradients.
+    through = jax.grad(lambda t: by_hand(t, detach=False))(lora)
+    assert not np.allclose(grads["m"]["lora_a"], through["m"]["lora_a"], rtol=1e-3)
+
+
+def test_plain_lora_modules_merge_beside_dora_ones():
+    params = {
+        "d": {"kernel": jax.random.normal(jax.random.key(0), (8, 4))},
+        "p": {"kernel": jax.random.normal(jax.random.key(1), (8, 4))},
+    }
+    config = jaxlora.LoraConfig(r=2, target_modules=["d", "p"], init_lora_weights=False)
+    frozen, lora = dora.dora_split(params, config, jax.random.key(2))
+    del lora["p"][dora.LORA_MAGNITUDE]
+    merged = dora.dora_merge(frozen, lora, config)
+    plain = jaxlora.merge(frozen, {"p": lora["p"]}, config)
+    np.testing.assert_array_equal(merged["p"]["kernel"], plain["p"]["kernel"])
+
+
+def test_errors():
+    params = {"emb": {"embedding": jnp.ones((10, 4))}}
+    with pytest.raises(
+        ValueError, match=r"DoRA adapts dense and conv kernels; `emb` is an embedding"
+    ):
+        dora.dora_split(params, jaxlora.LoraConfig(target_modules=["emb"]), jax.random.key(0))
+    params, config = _setup((8, 4), "io")
+    frozen, lora = dora.dora_split(params, config, jax.random.key(1))
+    bad = {"m": {**lora["m"], dora.LORA_MAGNITUDE: jnp.ones(3)}}
+    with pytest.raises(ValueError, match=r"`lora_magnitude` at `m` has shape \(3,\); the kernel"):
+        dora.dora_merge(frozen, bad, config)
+    with pytest.raises(
+        ValueError, match=r"`lora` has `lora_magnitude` but no `lora_a`/`lora_b` at `m`"
+    ):
+        dora.dora_merge(frozen, {"m": {dora.LORA_MAGNITUDE: jnp.ones(4)}}, config)
+    with pytest.raises(
+        ValueError, match=r"`lora` has `lora_magnitude` at \['x'\] but `frozen` has no"
+    ):
+        dora.dora_merge(frozen, {"x": lora["m"]}, config)
+
+
+def test_magnitude_factor_is_the_factored_form():
+    params, config = _setup((16, 8), "io", init=False)
+    frozen, lora = dora.dora_split(params, config, jax.random.key(1))
+    m = lora["m"]
+    m[dora.LORA_MAGNITUDE] = m[dora.LORA_MAGNITUDE] * 0.5
+    x = jax.random.normal(jax.random.key(2), (5, 16))
+    w = params["m"]["kernel"]
+    factor = dora.magnitude_factor(w, m["lora_a"], m["lora_b"], m[dora.LORA_MAGNITUDE], 2.0)
+    factored = (x @ w + 2.0 * ((x @ m["lora_a"]) @ m["lora_b"])) * factor[None, :]
+    merged = x @ dora.dora_merge(frozen, lora, config)["m"]["kernel"]
+    np.testing.assert_allclose(factored, merged, rtol=1e-5, atol=1e-5)
