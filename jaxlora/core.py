@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jaxlora import paths
 from jaxlora.config import LoraConfig
 from jaxlora.targets import EMBEDDING, KERNEL, Target, find_targets, find_trainable_leaves
-from jaxlora.types import LORA_A, LORA_B, LoraTree, Params, PRNGKey
+from jaxlora.types import LORA_A, LORA_B, LORA_MAGNITUDE, LoraTree, Params, PRNGKey
 
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
@@ -169,6 +169,11 @@ def _fold(params: Params, lora: LoraTree, config: LoraConfig, sign: float, what:
 
     out = paths.map_with_keys(fold_leaf, params)
     unused = [paths.join(map(str, k)) for k, _, _ in paths.flatten(lora) if k not in used]
+    if any(name.endswith("/" + LORA_MAGNITUDE) for name in unused):
+        raise ValueError(
+            f"`lora` is a DoRA adapter (it has `{LORA_MAGNITUDE}` leaves); `{what}` folds plain "
+            "LoRA only: use `jaxlora.dora.dora_merge`"
+        )
     if unused:
         raise ValueError(
             f"`lora` leaves {paths.preview(unused)} have no counterpart in the params given to "

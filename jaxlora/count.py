@@ -7,7 +7,7 @@ import math
 from collections.abc import Mapping
 
 from jaxlora import paths
-from jaxlora.types import LORA_A, LORA_B, LoraTree, Params
+from jaxlora.types import ADAPTER_LEAVES, LoraTree, Params
 
 
 def _size(leaf) -> int:
@@ -87,7 +87,7 @@ def count(frozen: Params, lora: LoraTree | None = None) -> ParamCount:
         module = paths.join(names[:-1])
         size = _size(leaf)
         trainable_by_module[module] = trainable_by_module.get(module, 0) + size
-        if names[-1] in (LORA_A, LORA_B):
+        if names[-1] in ADAPTER_LEAVES:
             adapter_by_module[module] = adapter_by_module.get(module, 0) + size
         elif not isinstance(paths.get_in(lora, keys), Mapping) and module not in base_by_module:
             raise ValueError(f"`lora` leaf `{paths.join(names)}` has no counterpart in `frozen`")

@@ -20,10 +20,9 @@ import jax.numpy as jnp
 from jaxlora import core, paths
 from jaxlora.config import LoraConfig
 from jaxlora.targets import find_targets
-from jaxlora.types import LORA_A, LORA_B, LoraTree, Params, PRNGKey
+from jaxlora.types import LORA_A, LORA_B, LORA_MAGNITUDE, LoraTree, Params, PRNGKey
 
 #: Leaf name of DoRA's magnitude vector in Θ.
-LORA_MAGNITUDE = "lora_magnitude"
 #: PEFT's name for the same tensor (``<module>.lora_magnitude_vector`` in adapter files).
 PEFT_MAGNITUDE = "lora_magnitude_vector"
 

@@ -17,14 +17,14 @@ import optax
 from jaxlora import paths
 from jaxlora.config import LoraConfig
 from jaxlora.targets import BIAS
-from jaxlora.types import LORA_A, LORA_B, LoraTree, Params
+from jaxlora.types import ADAPTER_LEAVES, LORA_A, LoraTree, Params
 
 TRAINABLE = "trainable"
 FROZEN = "frozen"
 
 
 def _is_trainable(combined: Params, config: LoraConfig, keys: tuple[Any, ...], names) -> bool:
-    if names[-1] in (LORA_A, LORA_B):
+    if names[-1] in ADAPTER_LEAVES:
         return True
     if names[-1] == BIAS:
         if config.bias == "all":
@@ -94,6 +94,6 @@ def partition(combined: Params, config: LoraConfig) -> tuple[Params, LoraTree]:
     for keys, names, leaf in paths.flatten(combined):
         if _is_trainable(combined, config, keys, names):
             paths.set_in(lora, keys, leaf)
-        if names[-1] not in (LORA_A, LORA_B):
+        if names[-1] not in ADAPTER_LEAVES:
             paths.set_in(frozen, keys, leaf)
     return frozen, lora

@@ -23,3 +23,7 @@ ModulePath: TypeAlias = tuple[str, ...]
 #: Names of the two adapter factors inside an adapted module of :data:`LoraTree`.
 LORA_A = "lora_a"
 LORA_B = "lora_b"
+#: DoRA's per-output-column magnitude, beside ``lora_a`` / ``lora_b`` (see :mod:`jaxlora.dora`).
+LORA_MAGNITUDE = "lora_magnitude"
+#: Every leaf name that belongs to an adapter rather than to the base model.
+ADAPTER_LEAVES = (LORA_A, LORA_B, LORA_MAGNITUDE)
