@@ -4,6 +4,7 @@ from jaxlora import adapters as adapters
 from jaxlora import analysis as analysis
 from jaxlora import checkpoint as checkpoint
 from jaxlora import peft as peft
+from jaxlora import sweeps as sweeps
 from jaxlora.adapters import AdapterBank as AdapterBank
 from jaxlora.config import LoraConfig as LoraConfig
 from jaxlora.core import combine as combine
@@ -36,6 +37,7 @@ __all__ = [
     "analysis",
     "checkpoint",
     "peft",
+    "sweeps",
     "load_peft",
     "save_peft",
     "LoraConfig",

@@ -181,10 +181,6 @@ def check_fits(stored: Mapping[str, Any], expected: Mapping[str, Any], where: st
         )
 
 
-def _by_path(tree: Any) -> dict[str, Any]:
-    return {paths.join(names): leaf for _, names, leaf in paths.flatten(tree)}
-
-
 def _stored_tree(metadata: Any) -> Any:
     # Orbax wraps the tree of ArrayMetadata in a TreeMetadata object (``.tree``) in recent versions.
     return getattr(metadata, "tree", metadata)
@@ -235,7 +231,7 @@ def restore(
             f"`manager` cannot read the `{LORA_ITEM}` item of {where}: open the directory with "
             "`jaxlora.checkpoint.checkpoint_manager`, which registers the item handlers"
         )
-    check_fits(_by_path(_stored_tree(metadata[LORA_ITEM])), _by_path(expected), where)
+    check_fits(paths.by_path(_stored_tree(metadata[LORA_ITEM])), paths.by_path(expected), where)
     items = {LORA_ITEM: ocp.args.StandardRestore(expected)}
     if optimizer is not None:
         if metadata.get(OPT_STATE_ITEM) is None:

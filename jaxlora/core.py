@@ -23,8 +23,11 @@ from jaxlora.types import LORA_A, LORA_B, LORA_MAGNITUDE, LoraTree, Params, PRNG
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
-def _path_key(key: PRNGKey, path: str) -> PRNGKey:
-    # Keyed by path, so adding a target elsewhere never changes another target's initial values.
+def path_key(key: PRNGKey, path: str) -> PRNGKey:
+    """``key`` folded with a hash of the module ``path``: the key a target's initial factors use.
+
+    Keyed by path, so adding a target elsewhere never changes another target's initial values.
+    """
     return jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
 
 
@@ -36,7 +39,7 @@ def init_factors(target: Target, config: LoraConfig, key: PRNGKey) -> tuple[jax.
     neither factor is zero, so the adapter changes the model (for debugging).
     """
     dtype = jnp.dtype(config.dtype)
-    key_a, key_b = jax.random.split(_path_key(key, target.path))
+    key_a, key_b = jax.random.split(path_key(key, target.path))
     a_shape, b_shape = target.a_shape, target.b_shape
     mode = config.init_lora_weights
     if target.kind == "embed":

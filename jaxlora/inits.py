@@ -105,9 +105,7 @@ def pissa_split(
     leaves = {keys: leaf for keys, _, leaf in paths.flatten(params)}
     for target in find_targets(params, config):
         keys = target.keys + (target.leaf,)
-        a, b, residual = pissa_factors(
-            leaves[keys], target, niter, core._path_key(key, target.path)
-        )
+        a, b, residual = pissa_factors(leaves[keys], target, niter, core.path_key(key, target.path))
         paths.set_in(lora, target.keys + (LORA_A,), a.astype(config.dtype))
         paths.set_in(lora, target.keys + (LORA_B,), b.astype(config.dtype))
         residuals[keys] = residual

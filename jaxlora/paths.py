@@ -58,6 +58,16 @@ def flatten(params: Params) -> Iterator[tuple[tuple[Any, ...], ModulePath, Any]]
         yield leaf_keys(keypath), leaf_path(keypath), leaf
 
 
+def by_path(tree: Any) -> dict[str, Any]:
+    """``{"encoder/query/kernel": leaf, …}``: every leaf of ``tree`` keyed by its joined path.
+
+    Example:
+        >>> by_path({"d": {"kernel": 1, "bias": 2}})
+        {'d/bias': 2, 'd/kernel': 1}
+    """
+    return {join(names): leaf for _, names, leaf in flatten(tree)}
+
+
 def matches_name(pattern: str, module_path: str) -> bool:
     """The rule for pattern-keyed config fields (``rank_pattern``, ``layouts``, ...).
 

@@ -1,25 +1,16 @@
 """Hugging Face PEFT's adapter format, both ways: ``adapter_config.json`` +
 ``adapter_model.safetensors``.
 
-PEFT keys each tensor by the PyTorch module name: ``base_model.model.<name>.lora_A.weight`` of shape
-``(r, in)`` and ``.lora_B.weight`` ``(out, r)``; embeddings ``.lora_embedding_A`` ``(r, vocab)`` and
-``.lora_embedding_B`` ``(dim, r)``; trainable biases of adapted modules ``.base_layer.bias``, other
-biases ``.bias``; ``modules_to_save`` as the module's own parameters (``.weight``, ``.bias``).
-Flax's ``(in, out)`` kernels are the transpose of PyTorch's; N-D kernels are flattened to
-``(prod(in), prod(out))`` in C order; a conv's A is ``(r, Cin, *window)``, its B
-``(Cout, r, 1, …)``.
-
-A ``module_name(path, index)`` function maps a Flax module path (``"encoder/layer_0/query"``) to the
-PyTorch module name: ``index`` is ``()`` for plain modules and the layer index (a tuple) for stacked
-(``nn.scan``) ones, which export one PEFT module per layer; returning None means "no counterpart".
-Only numpy and ``safetensors`` are needed; torch is never imported.
+:func:`save_peft` writes an adapter that PEFT loads with ``PeftModel.from_pretrained``;
+:func:`load_peft` reads one back, turning PEFT's ``target_modules`` / ``rank_pattern`` /
+``alpha_pattern`` rules into a :class:`~jaxlora.LoraConfig` that names the Flax paths. Where each
+tensor goes, and in what shape, is :mod:`jaxlora.peft_layout`. Only numpy and ``safetensors`` are
+needed; torch is never imported.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -31,13 +22,15 @@ import numpy as np
 from jaxlora import paths
 from jaxlora.checkpoint import check_fits, expected_adapter
 from jaxlora.config import LoraConfig
-from jaxlora.targets import BIAS, EMBEDDING, KERNEL, find_targets, find_trainable_leaves
+from jaxlora.peft_layout import PREFIX as PREFIX
+from jaxlora.peft_layout import Converter as Converter
+from jaxlora.peft_layout import ModuleName as ModuleName
+from jaxlora.peft_layout import check_tensors, named_modules, tensor_entries, torch_name
+from jaxlora.targets import find_targets
 from jaxlora.types import LORA_A, LORA_B, LoraTree, Params
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
-PREFIX = "base_model.model."
-ModuleName = Callable[[str, tuple[int, ...]], str | None]
 #: PEFT options that change what the tensors mean; an adapter using them cannot be read here.
 _UNSUPPORTED = {
     "use_dora": False,
@@ -64,162 +57,6 @@ def default_module_name(path: str, index: tuple[int, ...]) -> str:
             "`module_name=lambda path, index: ...` (e.g. f'layers.{index[0]}.attn.q_proj')"
         )
     return path.replace("/", ".")
-
-
-@dataclasses.dataclass(frozen=True)
-class _Entry:
-    """One PEFT tensor: its key and PyTorch module, where it sits in Θ (``lora_keys`` + stack
-    ``index``), the shape PEFT gives it, and the converters between the two layouts."""
-
-    key: str
-    module: str
-    saved: bool
-    lora_keys: tuple[Any, ...]
-    index: tuple[int, ...]
-    peft_shape: tuple[int, ...]
-    to_peft: Callable[[np.ndarray], np.ndarray]
-    from_peft: Callable[[np.ndarray], np.ndarray]
-
-
-Converter = tuple[Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray], np.ndarray], tuple]
-
-
-def _name(module_name: ModuleName, path: str, index: tuple[int, ...]) -> str:
-    name = module_name(path, index)
-    if not isinstance(name, str) or not name:
-        raise ValueError(
-            f"`module_name` gave {name!r} for the module `{path}` (layer index {index}); every "
-            "adapted or saved module needs a PyTorch module name"
-        )
-    return name
-
-
-def _layout(layouts: Mapping[str, str], module: str, shape: tuple[int, ...]) -> str | None:
-    found = paths.first_match(layouts, module)
-    if found is not None:
-        return found[1]
-    return "io" if len(shape) == 2 else None
-
-
-def _n_stack(layouts: Mapping[str, str], module: str, shape: tuple[int, ...]) -> int:
-    layout = _layout(layouts, module, shape) or ""
-    return len(layout) - len(layout.lstrip("s"))
-
-
-def _matrix(shape: tuple[int, ...], n_rows: int) -> Converter:
-    """Flax ``rows + cols`` <-> PyTorch ``(prod(cols), prod(rows))``, the transposed 2-D form."""
-    rows, cols = math.prod(shape[:n_rows]), math.prod(shape[n_rows:])
-    return (lambda x: x.reshape(rows, cols).T), (lambda y: y.T.reshape(shape)), (cols, rows)
-
-
-def _conv(shape: tuple[int, ...]) -> Converter:
-    """Flax ``window + (c_in, c_out)`` <-> PyTorch ``(c_out, c_in) + window``."""
-    n_window = len(shape) - 2
-    perm = (n_window + 1, n_window, *range(n_window))
-    inverse = tuple(int(i) for i in np.argsort(perm))
-    peft_shape = tuple(shape[i] for i in perm)
-    return (lambda x: x.transpose(perm)), (lambda y: y.transpose(inverse)), peft_shape
-
-
-def _pointwise(shape: tuple[int, ...], n_window: int) -> Converter:
-    """A conv's B: flax ``(r, c_out)`` <-> PyTorch 1x1 conv weight ``(c_out, r, 1, …)``."""
-    peft_shape = (shape[1], shape[0]) + (1,) * n_window
-    return (lambda x: x.T.reshape(peft_shape)), (lambda y: y.reshape(shape[::-1]).T), peft_shape
-
-
-def _factor_specs(target) -> list[tuple[str, str, Converter]]:
-    a_shape, b_shape = target.a_shape[target.n_stack :], target.b_shape[target.n_stack :]
-    if target.kind == "embed":
-        return [
-            (".lora_embedding_A", LORA_A, _matrix(a_shape, 1)),
-            (".lora_embedding_B", LORA_B, _matrix(b_shape, 1)),
-        ]
-    if target.kind == "conv":
-        if target.layout.count("i") != 1 or target.n_out != 1:
-            raise ValueError(
-                f"the conv kernel at `{target.path}` has layout {target.layout!r}; PEFT's conv "
-                "LoRA needs one input and one output axis"
-            )
-        return [
-            (".lora_A.weight", LORA_A, _conv(a_shape)),
-            (".lora_B.weight", LORA_B, _pointwise(b_shape, target.layout.count("w"))),
-        ]
-    return [
-        (".lora_A.weight", LORA_A, _matrix(a_shape, len(a_shape) - 1)),
-        (".lora_B.weight", LORA_B, _matrix(b_shape, 1)),
-    ]
-
-
-def _copy_spec(layouts: Mapping[str, str], module: str, leaf: str, shape: tuple[int, ...]):
-    """PyTorch leaf name and converter for a trainable copy (a bias, a modules_to_save leaf)."""
-    if leaf == KERNEL and len(shape) >= 2:
-        layout = _layout(layouts, module, shape)
-        if layout is None:
-            raise ValueError(
-                f"cannot tell the input and output axes of the kernel `{module}/{leaf}` {shape} "
-                "to save in full; state them with `LoraConfig(layouts={...})`"
-            )
-        layout = layout.lstrip("s")
-        if "w" in layout:
-            return "weight", _conv(shape)
-        return "weight", _matrix(shape, layout.count("i"))
-    if leaf == BIAS:
-        size = math.prod(shape)
-        return "bias", ((lambda x: x.reshape(-1)), (lambda y: y.reshape(shape)), (size,))
-    return ("weight" if leaf in (EMBEDDING, "scale") else leaf), (
-        (lambda x: x),
-        (lambda y: y),
-        shape,
-    )
-
-
-def _entries(base: Params, config: LoraConfig, module_name: ModuleName) -> list[_Entry]:
-    """Every PEFT tensor of the adapter ``config`` makes for ``base``, in a fixed order."""
-    targets = find_targets(base, config)
-    by_path = {t.path: t for t in targets}
-    entries = []
-    for target in targets:
-        specs = _factor_specs(target)
-        for index in np.ndindex(*target.shape[: target.n_stack]):
-            name = _name(module_name, target.path, index)
-            for suffix, leaf, (to_peft, from_peft, shape) in specs:
-                keys = target.keys + (leaf,)
-                entries.append(
-                    _Entry(
-                        PREFIX + name + suffix, name, False, keys, index, shape, to_peft, from_peft
-                    )
-                )
-    shapes = {keys: tuple(leaf.shape) for keys, _, leaf in paths.flatten(base)}
-    saved = config.modules_to_save or ()
-    for keys, path in find_trainable_leaves(base, config, targets):
-        names = path.split("/")
-        module, leaf = paths.join(names[:-1]), names[-1]
-        target = by_path.get(module)
-        if target is not None:
-            n_stack = target.n_stack
-        else:
-            n_stack = _n_stack(config.layouts, module, shapes[keys])
-        prefixes = [paths.join(names[:k]) for k in range(1, len(names))]
-        in_saved = any(paths.matches_literal(n, p) for n in saved for p in prefixes)
-        torch_leaf, (to_peft, from_peft, shape) = _copy_spec(
-            config.layouts, module, leaf, shapes[keys][n_stack:]
-        )
-        if not in_saved and target is not None:
-            torch_leaf = "base_layer." + torch_leaf
-        for index in np.ndindex(*shapes[keys][:n_stack]):
-            name = _name(module_name, module, index)
-            key = f"{PREFIX}{name}.{torch_leaf}"
-            entries.append(_Entry(key, name, in_saved, keys, index, shape, to_peft, from_peft))
-    seen: dict[str, _Entry] = {}
-    for entry in entries:
-        if entry.key in seen:
-            raise ValueError(
-                f"`module_name` maps two leaves to the PEFT key `{entry.key}`: "
-                f"`{paths.join(map(str, seen[entry.key].lora_keys))}` and "
-                f"`{paths.join(map(str, entry.lora_keys))}`"
-            )
-        seen[entry.key] = entry
-    return entries
 
 
 def _peft_targets(spec: Any, name: str) -> bool:
@@ -253,33 +90,6 @@ def _exact_key(name: str, known: list[str], matches: Callable[[str, str], bool])
     return "^" + re.escape(name)
 
 
-def _modules(
-    base: Params, layouts: Mapping[str, str], module_name: ModuleName, adaptable: bool
-) -> list[tuple[str, list[str]]]:
-    """``(flax module path, PyTorch names per layer)`` for the modules of ``base`` that hold an
-    adaptable kernel (``adaptable``) or any leaf; modules ``module_name`` cannot name are left out.
-    """
-    shapes: dict[str, tuple[int, ...]] = {}
-    for _, parts, leaf in paths.flatten(base):
-        shape = tuple(getattr(leaf, "shape", ()))
-        if not adaptable:
-            for k in range(1, len(parts)):
-                shapes.setdefault(paths.join(parts[:k]), shape)
-        elif parts[-1] in (KERNEL, EMBEDDING) and len(shape) >= 2:
-            shapes.setdefault(paths.join(parts[:-1]), shape)
-    found = []
-    for module, shape in shapes.items():
-        names = []
-        for index in np.ndindex(*shape[: _n_stack(layouts, module, shape)]):
-            try:
-                names.append(module_name(module, index))
-            except ValueError:
-                names.append(None)
-        if names and all(names):
-            found.append((module, names))
-    return found
-
-
 def peft_config(
     config: LoraConfig,
     base: Params,
@@ -300,13 +110,15 @@ def peft_config(
         >>> out["target_modules"], out["rank_pattern"], out["peft_type"]
         (['l0.q', 'l1.q'], {'l1.q': 2}, 'LORA')
     """
-    entries = _entries(base, config, module_name)
-    known = [n for _, names in _modules(base, config.layouts, module_name, True) for n in names]
+    entries = tensor_entries(base, config, module_name)
+    known = [
+        n for _, names in named_modules(base, config.layouts, module_name, True) for n in names
+    ]
     chosen = list(dict.fromkeys(e.module for e in entries if e.lora_keys[-1] in (LORA_A, LORA_B)))
     ranks, alphas = {}, {}
     for target in find_targets(base, config):
         for index in np.ndindex(*target.shape[: target.n_stack]):
-            name = _name(module_name, target.path, index)
+            name = torch_name(module_name, target.path, index)
             if target.rank != config.r:
                 ranks[name] = target.rank
             if target.alpha != config.lora_alpha:
@@ -331,10 +143,6 @@ def peft_config(
         "base_model_name_or_path": base_model_name_or_path,
         **_UNSUPPORTED,
     }
-
-
-def _by_path(tree: Any) -> dict[str, Any]:
-    return {paths.join(names): leaf for _, names, leaf in paths.flatten(tree)}
 
 
 def save_peft(
@@ -364,9 +172,9 @@ def save_peft(
     """
     from safetensors.numpy import save_file
 
-    check_fits(_by_path(lora), _by_path(expected_adapter(base, config)), "`lora`")
+    check_fits(paths.by_path(lora), paths.by_path(expected_adapter(base, config)), "`lora`")
     tensors = {}
-    for entry in _entries(base, config, module_name):
+    for entry in tensor_entries(base, config, module_name):
         array = np.asarray(paths.get_in(lora, entry.lora_keys))[entry.index]
         tensors[entry.key] = np.ascontiguousarray(entry.to_peft(array))
     document = peft_config(config, base, module_name, base_model_name_or_path)
@@ -420,7 +228,7 @@ def config_from_peft(
     saved_names = list(peft.get("modules_to_save") or ())
     rank_pattern, alpha_pattern = peft.get("rank_pattern") or {}, peft.get("alpha_pattern") or {}
     r, alpha = peft.get("r", 8), peft.get("lora_alpha", 8)
-    candidates = _modules(base, layouts, module_name, True)
+    candidates = named_modules(base, layouts, module_name, True)
 
     def is_target(name: str) -> bool:
         if spec is None or (excluded and _peft_targets(excluded, name)):
@@ -460,7 +268,7 @@ def config_from_peft(
             f"`module_name`; PyTorch names of its modules: {paths.preview(seen)}"
         )
     saved = []
-    for module, names in _modules(base, layouts, module_name, False):
+    for module, names in named_modules(base, layouts, module_name, False):
         hits = [any(n == m or n.endswith("." + m) for m in saved_names) for n in names]
         if all(hits) and not any(module.startswith(s + "/") for s in saved):
             saved.append(module)
@@ -482,30 +290,6 @@ def config_from_peft(
         dtype=dtype,
         layouts=layouts,
     )
-
-
-def _check_keys(entries: list[_Entry], tensors: Mapping[str, Any], source: str) -> None:
-    expected = {e.key: e for e in entries}
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    misshaped = [
-        f"`{k}` {tuple(tensors[k].shape)} (expected {e.peft_shape})"
-        for k, e in expected.items()
-        if k in tensors and tuple(tensors[k].shape) != tuple(e.peft_shape)
-    ]
-    problems = []
-    if missing:
-        problems.append(f"missing keys {paths.preview(missing, 8)}")
-    if unexpected:
-        problems.append(f"unexpected keys {paths.preview(unexpected, 8)}")
-    if misshaped:
-        problems.append(f"mis-shaped keys {paths.preview(misshaped, 8)}")
-    if problems:
-        raise ValueError(
-            f"{source} does not fit `base`: "
-            + "; ".join(problems)
-            + ". Does `module_name` map the Flax paths to this model's PyTorch module names?"
-        )
 
 
 def load_peft(
@@ -543,8 +327,8 @@ def load_peft(
     config = config_from_peft(
         document, base, module_name=module_name, layouts=layouts, dtype=dtype, source=source
     )
-    entries = _entries(base, config, module_name)
-    _check_keys(entries, tensors, source)
+    entries = tensor_entries(base, config, module_name)
+    check_tensors(entries, tensors, source)
     expected = expected_adapter(base, config)
     arrays: dict[tuple[Any, ...], np.ndarray] = {}
     for entry in entries:

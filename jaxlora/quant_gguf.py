@@ -1,0 +1,96 @@
+"""GGUF Q4_1 tensors kept 4-bit: llama.cpp's blocks as :class:`~jaxlora.quant.QuantizedKernel`
+leaves, and a Llama GGUF file loaded that way."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlora import paths
+from jaxlora.quant_kernel import Q4_1_BLOCK, QuantizedKernel
+from jaxlora.types import Params
+
+
+def from_gguf_q4_1(
+    raw: np.ndarray, shape: Sequence[int], dtype: Any = "float32"
+) -> QuantizedKernel:
+    """Keeps a GGUF Q4_1 tensor 4-bit, as the flax kernel ``(in, out)`` it stands for.
+
+    Args:
+        raw: the tensor's bytes as ``gguf.GGUFReader`` gives them (``tensor.data``: uint8,
+            ``(out, in // 32 * 20)``; each 20-byte block is ``d`` f16, ``m`` f16, 16 code bytes).
+        shape: the flax kernel shape ``(in, out)``.
+        dtype: what :func:`~jaxlora.quant.dequantize` returns.
+    """
+    n_in, n_out = (int(n) for n in shape)
+    raw = np.asarray(raw, np.uint8)
+    if n_in % Q4_1_BLOCK or raw.size != n_out * n_in // Q4_1_BLOCK * 20:
+        raise ValueError(
+            f"`raw` of {raw.size} bytes does not hold Q4_1 blocks of a kernel of shape "
+            f"{(n_in, n_out)}: expected {n_out * n_in // Q4_1_BLOCK * 20} bytes and `in` a "
+            f"multiple of {Q4_1_BLOCK}"
+        )
+    blocks = raw.reshape(-1, 20)
+    d = np.ascontiguousarray(blocks[:, 0:2]).view(np.float16)[:, 0]
+    m = np.ascontiguousarray(blocks[:, 2:4]).view(np.float16)[:, 0]
+    return QuantizedKernel(
+        jnp.asarray(blocks[:, 4:]), jnp.asarray(d), jnp.asarray(m), method="q4_1",
+        kernel_shape=(n_in, n_out), dtype=jnp.dtype(dtype).name, layout="io",
+        block_size=Q4_1_BLOCK, transposed=True,
+    )  # fmt: skip
+
+
+def permute_rows(leaf: QuantizedKernel, fn: Callable[[np.ndarray], np.ndarray]) -> QuantizedKernel:
+    """Applies a row permutation ``fn`` (on GGUF's ``(out, ...)`` rows) to a transposed Q4_1 leaf,
+    e.g. ``jaxlora.models.llama_weights.gguf_rows_to_hf`` for Hugging Face's q/k row order."""
+    n_out = leaf.kernel_shape[1]
+    arrays = [np.asarray(x).reshape(n_out, -1) for x in (leaf.codes, leaf.scale, leaf.zero)]
+    codes, d, m = (jnp.asarray(fn(x).reshape(-1, *np.shape(y)[1:])) for x, y in
+                   zip(arrays, (leaf.codes, leaf.scale, leaf.zero), strict=True))  # fmt: skip
+    return dataclasses.replace(leaf, codes=codes, scale=d, zero=m)
+
+
+def load_gguf_llama(path: str | None = None, hf_layout: bool = False) -> tuple[Any, Params]:
+    """Loads a Llama GGUF file (default: SmolLM2-135M-Instruct) keeping Q4_1 kernels 4-bit.
+
+    Like ``jaxlora.models.llama_weights.load_smollm2``, but every Q4_1 weight becomes a
+    :class:`~jaxlora.quant.QuantizedKernel` holding the file's own blocks (dequantised on the fly by
+    :func:`dequantize` / :func:`interceptor`); other tensors are read as float32.
+
+    Returns:
+        ``(LlamaConfig, params)``.
+    """
+    from gguf import GGMLQuantizationType
+
+    from jaxlora.models import llama_weights as lw
+    from jaxlora.models.gguf_reader import GGUFFile
+
+    file = GGUFFile(lw.smollm2_path() if path is None else path)
+    config = lw.config_from_gguf(file)
+    params: dict[Any, Any] = {}
+    for name in file.tensor_names:
+        key = lw.flax_key(name)
+        if key is None:
+            raise ValueError(f"GGUF tensor `{name}` of `{file.path}` has no place in the model")
+        info = file.raw_tensor(name)
+        heads = {"q_proj": config.num_heads, "k_proj": config.num_kv_heads}.get(key[-2])
+        rows = (
+            functools.partial(lw.gguf_rows_to_hf, num_heads=heads) if hf_layout and heads else None
+        )
+        if info.tensor_type == GGMLQuantizationType.Q4_1 and key[-1] == "kernel":
+            n_out, n_in = (int(n) for n in reversed(info.shape))
+            leaf = from_gguf_q4_1(info.data, (n_in, n_out))
+            leaf = permute_rows(leaf, rows) if rows else leaf
+        else:
+            weight = file.tensor(name)
+            weight = rows(weight) if rows else weight
+            leaf = jnp.asarray(weight.T if key[-1] == "kernel" else weight)
+        paths.set_in(params, key, leaf)
+    if hf_layout:
+        config = dataclasses.replace(config, rope_interleaved=False)
+    return config, params

@@ -1,0 +1,159 @@
+"""Quantised params trees: quantise the selected kernels, dequantise, split, merge, requantise.
+
+LoRA trains only Θ, so the frozen base can be stored in fewer bits (QLoRA, Dettmers et al., 2023).
+:func:`quantize` replaces selected kernels of a params tree by
+:class:`~jaxlora.quant.QuantizedKernel` leaves; :func:`dequantize_tree` turns them back into
+float arrays inside a jitted loss. Gradients are taken w.r.t. Θ only
+(``jax.grad(loss)(lora, qfrozen, batch)``). Merging into a quantised base (:func:`merge_quantized`,
+then :func:`requantize`) is lossy; :func:`requantization_error` measures it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxlora import core, paths
+from jaxlora.config import LoraConfig
+from jaxlora.quant_kernel import (
+    check_options,
+    dequantize,
+    is_quantized,
+    quantize_kernel,
+    quantize_q4_1,
+)
+from jaxlora.targets import find_targets
+from jaxlora.types import LoraTree, Params, PRNGKey
+
+
+def dequantize_tree(params: Params, dtype: Any = None) -> Params:
+    """``params`` with every :class:`QuantizedKernel` replaced by its float kernel."""
+    return jax.tree.map(
+        lambda x: dequantize(x, dtype) if is_quantized(x) else x, params, is_leaf=is_quantized
+    )
+
+
+def shapes(params: Params) -> Params:
+    """``params`` with each :class:`QuantizedKernel` replaced by a ``jax.ShapeDtypeStruct``."""
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if is_quantized(x) else x,
+        params,
+        is_leaf=is_quantized,
+    )
+
+
+def quantize(
+    params: Params,
+    targets: LoraConfig | str | Sequence[str] = "all-linear",
+    method: str = "nf4",
+    block_size: int = 64,
+    double_quant: bool = False,
+) -> Params:
+    """Replaces the selected kernels of ``params`` by :class:`QuantizedKernel` leaves.
+
+    Args:
+        params: float params (a nested dict; the rest of the tree is returned as it is).
+        targets: which kernels: a ``LoraConfig`` (its targets and layouts) or a
+            ``target_modules`` value (list of names, regex, or ``"all-linear"``, the default,
+            which like QLoRA quantises every dense kernel except the output head).
+        method: ``"int8"``, ``"nf4"`` or ``"q4_1"``.
+        block_size: elements per absmax block for NF4 (Q4_1 blocks are always 32).
+        double_quant: store NF4 absmax values as int8 too (NF4 only).
+
+    Returns:
+        ``params`` with the chosen kernels quantised. Split the adapter with
+        :func:`split_quantized` (or split the float params first, then quantise the frozen tree).
+
+    Raises:
+        ValueError: for an unknown ``method``, a bad ``block_size``, or targets matching nothing.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> params = {"q": {"kernel": jnp.ones((64, 64)), "bias": jnp.zeros(64)}}
+        >>> qparams = quantize(params, ["q"], "nf4")
+        >>> type(qparams["q"]["kernel"]).__name__, qparams["q"]["kernel"].nbytes
+        ('QuantizedKernel', 2304)
+    """
+    check_options(method, block_size, double_quant)
+    config = targets if isinstance(targets, LoraConfig) else LoraConfig(target_modules=targets)
+    chosen = {t.keys + (t.leaf,): t.layout for t in find_targets(params, config)}
+
+    def convert(keys, _, leaf):
+        if keys not in chosen:
+            return leaf
+        return quantize_kernel(leaf, method, chosen[keys], block_size, double_quant)
+
+    return paths.map_with_keys(convert, params)
+
+
+def requantize(params: Params, like: Params) -> Params:
+    """Quantises the leaves of float ``params`` where ``like`` holds a :class:`QuantizedKernel`,
+    with the same method, block size, double quantisation and layout."""
+
+    def convert(leaf, ref):
+        if not is_quantized(ref):
+            return leaf
+        if ref.method == "q4_1":
+            return quantize_q4_1(leaf, ref.layout, ref.transposed)
+        return quantize_kernel(
+            leaf, ref.method, ref.layout, ref.block_size or 64, ref.scale_scale is not None
+        )
+
+    return jax.tree.map(convert, params, like, is_leaf=is_quantized)
+
+
+def split_quantized(qfrozen: Params, config: LoraConfig, key: PRNGKey) -> tuple[Params, LoraTree]:
+    """:func:`jaxlora.split` for a base whose kernels are quantised: ``(qfrozen, lora)``.
+
+    Raises:
+        ValueError: when a trainable copy (``modules_to_save``) would be a quantised kernel.
+    """
+    view = shapes(qfrozen)
+    for _, names, leaf in paths.flatten(view):
+        if isinstance(leaf, jax.ShapeDtypeStruct) and config.modules_to_save:
+            if any(
+                paths.matches_literal(n, paths.join(names[:-1])) for n in config.modules_to_save
+            ):
+                raise ValueError(
+                    f"`modules_to_save` takes the quantised kernel `{paths.join(names)}`; a "
+                    "module trained in full must stay in float: leave it out of `quantize`"
+                )
+    return qfrozen, core.split(view, config, key)[1]
+
+
+def merge_quantized(qfrozen: Params, lora: LoraTree, config: LoraConfig) -> Params:
+    """``jaxlora.merge`` on the dequantised base: float params ``dequant(W) + s·A·B``.
+
+    Use it inside the jitted loss for QLoRA training on the merged path; pass the result to
+    :func:`requantize` to store the merged model quantised again (lossy: see
+    :func:`requantization_error`).
+    """
+    return core.merge(dequantize_tree(qfrozen), lora, config)
+
+
+def requantization_error(
+    qfrozen: Params, lora: LoraTree, config: LoraConfig
+) -> dict[str, dict[str, float]]:
+    """What merging then requantising loses, per quantised adapted kernel.
+
+    Returns:
+        ``{module path: {"weight": ‖Q(W') − W'‖ / ‖W'‖, "update": ‖Q(W') − W − sΔW‖ / ‖sΔW‖}}``
+        with ``W`` the dequantised base and ``W' = W + sΔW`` the float merge.
+    """
+    base = dequantize_tree(qfrozen)
+    merged = core.merge(base, lora, config)
+    again = dequantize_tree(requantize(merged, qfrozen))
+    out = {}
+    for keys, names, leaf in paths.flatten(shapes(qfrozen)):
+        if not isinstance(leaf, jax.ShapeDtypeStruct) or paths.get_in(lora, keys[:-1]) is None:
+            continue
+        w, w2, q = (np.asarray(paths.get_in(t, keys), np.float64) for t in (base, merged, again))
+        update = np.linalg.norm(w2 - w)
+        out[paths.join(names[:-1])] = {
+            "weight": float(np.linalg.norm(q - w2) / np.linalg.norm(w2)),
+            "update": float(np.linalg.norm(q - w - (w2 - w)) / update) if update else 0.0,
+        }
+    return out
