@@ -1,0 +1,157 @@
+"""``jaxlora.apply``: run a linen or NNX model with an adapter, factored or merged.
+
+The factored mode computes ``y = layer(x) + s·((dropout(x)·A)·B)`` inside each adapted layer (no
+d×k temporary, no weight-gradient of W): the fast path for training. The merged mode folds the
+adapter in first (``W + s·A·B``) and runs the plain model: the reference, and what a deployed model
+runs. Both give the same outputs and gradients within float tolerance; only the factored mode can
+apply LoRA dropout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+from flax import nnx
+
+from jaxlora import core, factored, nnx_factored
+from jaxlora.config import LoraConfig
+from jaxlora.types import LORA_A, LORA_B, LoraTree, Params
+
+MODES = ("factored", "merged")
+
+
+def _rngs(rngs: Any) -> dict[str, jax.Array]:
+    if rngs is None:
+        return {}
+    if isinstance(rngs, Mapping):
+        return dict(rngs)
+    if isinstance(rngs, jax.Array):
+        return {factored.DROPOUT_RNG: rngs}
+    raise TypeError(f"`rngs` must be a dict of PRNG keys, a PRNG key or None, got {rngs!r}")
+
+
+def _dropout_on(config: LoraConfig, mode: str, rngs: dict, deterministic: bool | None) -> bool:
+    """Whether LoRA dropout acts in this call; errors where it was asked for but cannot."""
+    wanted = (factored.DROPOUT_RNG in rngs) if deterministic is None else not deterministic
+    if not wanted or config.lora_dropout == 0:
+        return False
+    if mode == "merged":
+        raise ValueError(
+            f"`mode='merged'` cannot apply LoRA dropout (`lora_dropout`={config.lora_dropout}): "
+            "dropout acts on the LoRA input, which merged weights no longer have; train with "
+            "`mode='factored'`, or pass `deterministic=True` (evaluation), or set `lora_dropout=0`"
+        )
+    if factored.DROPOUT_RNG not in rngs:
+        raise ValueError(
+            f"`deterministic=False` with `lora_dropout`={config.lora_dropout} needs a "
+            f"`rngs={{'{factored.DROPOUT_RNG}': key}}`; got rngs for {sorted(rngs)}"
+        )
+    return True
+
+
+def _copies_only(lora: LoraTree) -> LoraTree:
+    """Θ without its factors: the trainable copies (biases, ``modules_to_save``)."""
+    out = {}
+    for key, value in lora.items():
+        if key in (LORA_A, LORA_B):
+            continue
+        if isinstance(value, Mapping):
+            inner = _copies_only(value)
+            if inner:
+                out[key] = inner
+        else:
+            out[key] = value
+    return out
+
+
+def apply(
+    model: nn.Module | nnx.Module | nnx.GraphDef,
+    frozen: Params,
+    lora: LoraTree,
+    config: LoraConfig,
+    *args: Any,
+    mode: str = "factored",
+    rngs: Mapping[str, jax.Array] | jax.Array | None = None,
+    deterministic: bool | None = None,
+    method: Any = None,
+    variables: Mapping[str, Any] | None = None,
+    **kwargs: Any,
+) -> Any:
+    """Runs ``model`` with the adapter ``lora`` on the frozen base ``frozen``.
+
+    Args:
+        model: a linen module, or an NNX module / ``GraphDef`` (from ``nnx.split``).
+        frozen: the base params: the linen ``params`` collection, or the NNX state the adapter was
+            split from.
+        lora: the adapter Θ from :func:`jaxlora.split`.
+        config: the config Θ was made with.
+        *args: the model's inputs.
+        mode: ``"factored"`` (low-rank forward inside each adapted layer; supports dropout) or
+            ``"merged"`` (fold ``W + s·A·B``, then the plain model).
+        rngs: PRNG keys by stream, as for linen ``apply`` (a bare key means ``{"dropout": key}``).
+            LoRA dropout draws from ``"dropout"``.
+        deterministic: ``True`` turns LoRA dropout off, ``False`` on; ``None`` (default) turns it
+            on exactly when a ``"dropout"`` key is given. The model's own dropout switch, if any,
+            is one of the model's arguments.
+        method: linen: the method to apply, as for ``Module.apply``; NNX: a method name or a
+            function ``f(module, *args, **kwargs)``.
+        variables: linen only: other variable collections (e.g. ``batch_stats``).
+        **kwargs: keyword inputs of the model.
+
+    Returns:
+        What the model returns (NNX: state updates inside the call are discarded).
+
+    Raises:
+        ValueError: for an unknown ``mode``, for ``mode="merged"`` with LoRA dropout on, or for
+            dropout on without a ``"dropout"`` key.
+        TypeError: when ``model`` is neither a linen nor an NNX model.
+
+    Example:
+        >>> import flax.linen as nn, jax, jax.numpy as jnp, jaxlora
+        >>> model = nn.Dense(3)
+        >>> params = model.init(jax.random.key(0), jnp.ones((1, 4)))["params"]
+        >>> config = jaxlora.LoraConfig(r=2, target_modules=".*", lora_dropout=0.1)
+        >>> frozen, lora = jaxlora.split(params, config, jax.random.key(1))
+        >>> x = jnp.ones((1, 4))
+        >>> from jaxlora.apply import apply
+        >>> y = apply(model, frozen, lora, config, x, rngs={"dropout": jax.random.key(2)})
+        >>> bool(jnp.allclose(y, model.apply({"params": params}, x)))  # B = 0: no change yet
+        True
+    """
+    if mode not in MODES:
+        raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}")
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"`config` must be a jaxlora.LoraConfig, got {type(config).__name__}")
+    rngs = _rngs(rngs)
+    dropout_on = _dropout_on(config, mode, rngs, deterministic)
+    if isinstance(model, nn.Module):
+        if mode == "merged":
+            params = core.merge(frozen, lora, config)
+            return model.apply({**(variables or {}), "params": params}, *args, rngs=rngs,
+                               method=method, **kwargs)  # fmt: skip
+        tree = {**(variables or {}), "params": core.combine(frozen, lora)}
+        with nn.intercept_methods(factored.lora_interceptor(config, not dropout_on)):
+            return model.apply(tree, *args, rngs=rngs, method=method, **kwargs)
+    if isinstance(model, nnx.Module | nnx.GraphDef):
+        if variables is not None:
+            raise ValueError("`variables` is for linen models; an NNX model's state is `frozen`")
+        graphdef = model if isinstance(model, nnx.GraphDef) else nnx.graphdef(model)
+        if mode == "merged":
+            module = nnx.merge(graphdef, core.merge(frozen, lora, config))
+        else:
+            module = nnx.merge(graphdef, core.merge(frozen, _copies_only(lora), config))
+            key = rngs.get(factored.DROPOUT_RNG) if dropout_on else None
+            nnx_factored.attach(module, lora, config, key)
+        fn = module if method is None else method
+        if isinstance(fn, str):
+            fn = getattr(module, fn)
+        elif method is not None:
+            return fn(module, *args, **kwargs)
+        return fn(*args, **kwargs)
+    raise TypeError(
+        "`model` must be a flax.linen Module, an nnx.Module or an nnx.GraphDef, got "
+        f"{type(model).__name__}"
+    )

@@ -1,0 +1,167 @@
+"""The factored LoRA forward for NNX: adapted layers of a merged module are wrapped for one call.
+
+:func:`jaxlora.apply` rebuilds the module from its ``GraphDef`` and the frozen state
+(``nnx.merge``), then :func:`attach` puts a :class:`FactoredLayer` in place of each adapted
+``nnx.Linear``, ``LinearGeneral``, ``Einsum``, ``Conv`` and ``Embed``. The wrapper holds the
+factors as variables, so a model that runs a stacked layer under ``nnx.scan`` / ``nnx.vmap`` slices
+them with the kernel; a stacked layer also gets one dropout key per slice. The wrapper calls the
+original layer and adds ``s·((dropout(x)·A)·B)`` computed by :mod:`jaxlora.lowrank`, in the
+adapter's dtype, cast to the layer's output dtype. The module is thrown away after the call, so the
+user's ``GraphDef`` and state are never changed.
+
+A layer is adapted where it is *called* (``__call__``, ``Embed.attend``); code that reads a kernel
+directly (``layer.kernel[...]``) sees W alone, so such models need ``mode="merged"``.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxlora import lowrank, paths
+from jaxlora.config import LoraConfig
+from jaxlora.types import LORA_A, LORA_B, LoraTree
+
+_LAYERS = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Conv, nnx.Embed)
+
+
+class LoraFactor(nnx.Variable):
+    """A LoRA factor (or dropout key) attached to a layer for the duration of one call."""
+
+
+def _normalize(axes: tuple[int, ...], ndim: int) -> tuple[int, ...]:
+    return tuple(ax % ndim for ax in axes)
+
+
+def _term(base: nnx.Module, method: str, x, args, kwargs, a, b, scale: float, where: str, drop):
+    """``s·(drop(x)·A)·B`` for one call of ``base``, in the adapter's dtype."""
+    precision = getattr(base, "precision", None)
+    if isinstance(base, nnx.Embed):
+        if method == "attend":
+            return lowrank.attend(x.astype(a.dtype), a, b, scale, precision)
+        return lowrank.embed(x, a, b, scale, precision)
+    kernel_shape = tuple(base.kernel.shape)
+    x = drop(jnp.asarray(x).astype(a.dtype))
+    if isinstance(base, nnx.Linear):
+        lowrank.check_factors(where, "io", kernel_shape, a, b)
+        return lowrank.dot(x, a, b, scale, (x.ndim - 1,), (), precision)
+    if isinstance(base, nnx.LinearGeneral):
+        axis = _normalize(tuple(base.axis), x.ndim)
+        batch = _normalize(tuple(base.batch_axis.keys()), x.ndim)
+        layout = "s" * len(batch) + "i" * len(axis) + "o" * len(base.out_features)
+        lowrank.check_factors(where, layout, kernel_shape, a, b)
+        return lowrank.dot(x, a, b, scale, axis, batch, precision)
+    if isinstance(base, nnx.Einsum):
+        spec = args[0] if args else kwargs.get("einsum_str")
+        spec = (spec or base.einsum_str).replace(" ", "")
+        return lowrank.einsum(
+            where, spec, kernel_shape, x, a, b, scale, precision, base.preferred_element_type
+        )
+    if base.feature_group_count != 1 or base.mask is not None:
+        raise ValueError(
+            f"the factored path cannot adapt the Conv at `{where}`: it has "
+            f"`feature_group_count`={base.feature_group_count} and "
+            f"`mask`={'set' if base.mask is not None else None}; only plain convolutions "
+            "(groups 1, no mask) are supported; use `mode='merged'` for this model"
+        )
+    lowrank.check_factors(where, "w" * (len(kernel_shape) - 2) + "io", kernel_shape, a, b)
+    # Linen's Conv with A as its kernel: the layer's own padding, strides and dilation.
+    down = nn.Conv(
+        features=a.shape[-1],
+        kernel_size=base.kernel_size,
+        strides=base.strides,
+        padding=base.padding,
+        input_dilation=base.input_dilation,
+        kernel_dilation=base.kernel_dilation,
+        use_bias=False,
+        precision=precision,
+        dtype=a.dtype,
+    )
+    h = down.apply({"params": {"kernel": a}}, x)
+    return lowrank.project(h * scale, b, 0, precision)
+
+
+class FactoredLayer(nnx.Module):
+    """An adapted layer: the original ``base`` plus ``s·((dropout(x)·A)·B)``."""
+
+    def __init__(self, base: nnx.Module, a, b, scale: float, where: str, rate: float, key):
+        self.base = base
+        self.lora_a = LoraFactor(a)
+        self.lora_b = LoraFactor(b)
+        self.dropout_key = LoraFactor(key) if key is not None else None
+        self.scale = scale
+        self.where = where
+        self.rate = rate
+
+    def _add(self, method: str, y, x, args, kwargs):
+        a, b = self.lora_a[...], self.lora_b[...]
+        drop = lambda v: v  # noqa: E731
+        if self.dropout_key is not None:
+            key = self.dropout_key[...]
+            drop = lambda v: lowrank.dropout(v, self.rate, key)  # noqa: E731
+        term = _term(self.base, method, x, args, kwargs, a, b, self.scale, self.where, drop)
+        return y + term.astype(y.dtype)
+
+    def __call__(self, x, *args, **kwargs):
+        return self._add("__call__", self.base(x, *args, **kwargs), x, args, kwargs)
+
+    def attend(self, query, *args, **kwargs):
+        return self._add("attend", self.base.attend(query, *args, **kwargs), query, args, kwargs)
+
+
+def _child(node: Any, key: Any) -> Any:
+    return node[key] if isinstance(key, int) or isinstance(node, Mapping) else getattr(node, key)
+
+
+def _set_child(node: Any, key: Any, value: Any) -> None:
+    if isinstance(key, int) or isinstance(node, Mapping):
+        node[key] = value
+    else:
+        setattr(node, key, value)
+
+
+def attach(module: nnx.Module, lora: LoraTree, config: LoraConfig, key: jax.Array | None) -> None:
+    """Replaces each adapted layer of ``module`` (in place) by a :class:`FactoredLayer`.
+
+    Args:
+        module: a module fresh from ``nnx.merge`` (it is modified).
+        lora: the adapter Θ.
+        config: the config Θ was made with.
+        key: a PRNG key turning LoRA dropout on, or None.
+
+    Raises:
+        ValueError: when Θ names a module that is not an adaptable NNX layer.
+    """
+    for keys, names, _ in paths.flatten(lora):
+        if names[-1] != LORA_A:
+            continue
+        where = paths.join(names[:-1])
+        parent = module
+        for k in keys[:-2]:
+            parent = _child(parent, k)
+        base = _child(parent, keys[-2])
+        if not isinstance(base, _LAYERS):
+            raise ValueError(
+                f"`lora` adapts `{where}`, but that is a {type(base).__name__}; the factored path "
+                "adapts nnx.Linear, LinearGeneral, Einsum, Conv and Embed; use `mode='merged'`"
+            )
+        module_lora = paths.get_in(lora, keys[:-1])
+        a, b = module_lora[LORA_A], module_lora.get(LORA_B)
+        if b is None:
+            raise ValueError(f"`lora` has `{LORA_A}` but no `{LORA_B}` at `{where}`")
+        weight = base.embedding if isinstance(base, nnx.Embed) else base.kernel
+        n_stack = a.ndim + b.ndim - 2 - weight.ndim
+        layer_key = None
+        if key is not None:
+            layer_key = jax.random.fold_in(key, zlib.crc32(where.encode()) & 0x7FFFFFFF)
+            if n_stack > 0:
+                layer_key = jax.random.split(layer_key, a.shape[:n_stack])
+        scale = config.scale_for(where, int(a.shape[-1]))
+        wrapped = FactoredLayer(base, a, b, scale, where, config.lora_dropout, layer_key)
+        _set_child(parent, keys[-2], wrapped)
