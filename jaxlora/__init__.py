@@ -3,9 +3,14 @@
 from jaxlora import adapters as adapters
 from jaxlora import analysis as analysis
 from jaxlora import checkpoint as checkpoint
+from jaxlora import dora as dora
+from jaxlora import inits as inits
+from jaxlora import loraplus as loraplus
 from jaxlora import peft as peft
+from jaxlora import quant as quant
 from jaxlora import sweeps as sweeps
 from jaxlora.adapters import AdapterBank as AdapterBank
+from jaxlora.apply import apply as apply
 from jaxlora.config import LoraConfig as LoraConfig
 from jaxlora.core import combine as combine
 from jaxlora.core import delta as delta
@@ -14,6 +19,7 @@ from jaxlora.core import split as split
 from jaxlora.core import unmerge as unmerge
 from jaxlora.count import ParamCount as ParamCount
 from jaxlora.count import count as count
+from jaxlora.factored import lora_interceptor as lora_interceptor
 from jaxlora.layouts import infer_layouts as infer_layouts
 from jaxlora.optim import freeze as freeze
 from jaxlora.optim import partition as partition
@@ -35,10 +41,16 @@ __all__ = [
     "AdapterBank",
     "adapters",
     "analysis",
+    "apply",
     "checkpoint",
+    "dora",
+    "inits",
+    "loraplus",
+    "quant",
     "peft",
     "sweeps",
     "load_peft",
+    "lora_interceptor",
     "save_peft",
     "LoraConfig",
     "LoraTree",
