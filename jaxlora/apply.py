@@ -9,6 +9,7 @@ apply LoRA dropout.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,8 +17,9 @@ import flax.linen as nn
 import jax
 from flax import nnx
 
-from jaxlora import core, factored, nnx_factored
+from jaxlora import core, factored, nnx_factored, quant_forward, quant_tree
 from jaxlora.config import LoraConfig
+from jaxlora.quant_kernel import is_quantized
 from jaxlora.types import LORA_A, LORA_B, LoraTree, Params
 
 MODES = ("factored", "merged")
@@ -127,15 +129,29 @@ def apply(
         raise TypeError(f"`config` must be a jaxlora.LoraConfig, got {type(config).__name__}")
     rngs = _rngs(rngs)
     dropout_on = _dropout_on(config, mode, rngs, deterministic)
+    quantized = any(is_quantized(x) for x in jax.tree.leaves(frozen, is_leaf=is_quantized))
     if isinstance(model, nn.Module):
         if mode == "merged":
-            params = core.merge(frozen, lora, config)
+            base = quant_tree.dequantize_tree(frozen) if quantized else frozen
+            params = core.merge(base, lora, config)
             return model.apply({**(variables or {}), "params": params}, *args, rngs=rngs,
                                method=method, **kwargs)  # fmt: skip
         tree = {**(variables or {}), "params": core.combine(frozen, lora)}
-        with nn.intercept_methods(factored.lora_interceptor(config, not dropout_on)):
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(
+                nn.intercept_methods(factored.lora_interceptor(config, not dropout_on))
+            )
+            if quantized:
+                # Inside the LoRA interceptor, so the layer it wraps sees the dequantised kernel
+                # while the low-rank term is still added outside.
+                stack.enter_context(nn.intercept_methods(quant_forward.interceptor()))
             return model.apply(tree, *args, rngs=rngs, method=method, **kwargs)
     if isinstance(model, nnx.Module | nnx.GraphDef):
+        if quantized:
+            raise ValueError(
+                "`frozen` holds quantised kernels; quantised bases run on linen models only. "
+                "Pass `jaxlora.quant.dequantize_tree(frozen)` for an NNX model"
+            )
         if variables is not None:
             raise ValueError("`variables` is for linen models; an NNX model's state is `frozen`")
         graphdef = model if isinstance(model, nnx.GraphDef) else nnx.graphdef(model)

@@ -165,6 +165,26 @@ def test_factored_interceptor_equals_merged_path_in_value_and_gradient(bias):
         assert float(jnp.abs(jax.grad(factored)(lora)["up"]["bias"]).sum()) > 0
 
 
+@pytest.mark.parametrize("method", ["int8", "nf4"])
+def test_apply_runs_a_quantised_base_in_both_modes(method):
+    model, params, x = _model_and_params()
+    config = jaxlora.LoraConfig(r=4, target_modules=["up", "down"], init_lora_weights=False)
+    qfrozen = quant.quantize(params, config, method, block_size=32)
+    _, lora = quant.split_quantized(qfrozen, config, jax.random.key(1))
+
+    def loss(lora, mode):
+        return jnp.sum(jaxlora.apply(model, qfrozen, lora, config, x, mode=mode) ** 2)
+
+    factored = jax.jit(jax.value_and_grad(loss), static_argnums=1)(lora, "factored")
+    merged = jax.value_and_grad(loss)(lora, "merged")
+    np.testing.assert_allclose(factored[0], merged[0], rtol=1e-5)
+    assert_trees_close(factored[1], merged[1], 1e-4, 1e-6)
+    from flax import nnx
+
+    with pytest.raises(ValueError, match="quantised bases run on linen models only"):
+        jaxlora.apply(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), qfrozen, lora, config, x)
+
+
 def test_interceptor_keeps_no_float_copy_of_every_kernel_alive():
     # XLA:CPU would otherwise dequantise every kernel at the start and keep all copies live.
     class Chain(nn.Module):
