@@ -35,20 +35,23 @@ def _rngs(rngs: Any) -> dict[str, jax.Array]:
     raise TypeError(f"`rngs` must be a dict of PRNG keys, a PRNG key or None, got {rngs!r}")
 
 
-def _dropout_on(config: LoraConfig, mode: str, rngs: dict, deterministic: bool | None) -> bool:
+def _dropout_on(config: LoraConfig, mode: str, rngs: dict, lora_deterministic: bool | None) -> bool:
     """Whether LoRA dropout acts in this call; errors where it was asked for but cannot."""
-    wanted = (factored.DROPOUT_RNG in rngs) if deterministic is None else not deterministic
+    wanted = (
+        (factored.DROPOUT_RNG in rngs) if lora_deterministic is None else not lora_deterministic
+    )
     if not wanted or config.lora_dropout == 0:
         return False
     if mode == "merged":
         raise ValueError(
             f"`mode='merged'` cannot apply LoRA dropout (`lora_dropout`={config.lora_dropout}): "
             "dropout acts on the LoRA input, which merged weights no longer have; train with "
-            "`mode='factored'`, or pass `deterministic=True` (evaluation), or set `lora_dropout=0`"
+            "`mode='factored'`, or pass `lora_deterministic=True` (evaluation), or set "
+            "`lora_dropout=0`"
         )
     if factored.DROPOUT_RNG not in rngs:
         raise ValueError(
-            f"`deterministic=False` with `lora_dropout`={config.lora_dropout} needs a "
+            f"`lora_deterministic=False` with `lora_dropout`={config.lora_dropout} needs a "
             f"`rngs={{'{factored.DROPOUT_RNG}': key}}`; got rngs for {sorted(rngs)}"
         )
     return True
@@ -77,7 +80,7 @@ def apply(
     *args: Any,
     mode: str = "factored",
     rngs: Mapping[str, jax.Array] | jax.Array | None = None,
-    deterministic: bool | None = None,
+    lora_deterministic: bool | None = None,
     method: Any = None,
     variables: Mapping[str, Any] | None = None,
     **kwargs: Any,
@@ -95,9 +98,10 @@ def apply(
             ``"merged"`` (fold ``W + s·A·B``, then the plain model).
         rngs: PRNG keys by stream, as for linen ``apply`` (a bare key means ``{"dropout": key}``).
             LoRA dropout draws from ``"dropout"``.
-        deterministic: ``True`` turns LoRA dropout off, ``False`` on; ``None`` (default) turns it
-            on exactly when a ``"dropout"`` key is given. The model's own dropout switch, if any,
-            is one of the model's arguments.
+        lora_deterministic: ``True`` turns LoRA dropout off, ``False`` on; ``None`` (default)
+            turns it on exactly when a ``"dropout"`` key is given. Named apart from the
+            ``deterministic`` argument many models take, which passes through ``**kwargs`` to the
+            model untouched.
         method: linen: the method to apply, as for ``Module.apply``; NNX: a method name or a
             function ``f(module, *args, **kwargs)``.
         variables: linen only: other variable collections (e.g. ``batch_stats``).
@@ -128,7 +132,7 @@ def apply(
     if not isinstance(config, LoraConfig):
         raise TypeError(f"`config` must be a jaxlora.LoraConfig, got {type(config).__name__}")
     rngs = _rngs(rngs)
-    dropout_on = _dropout_on(config, mode, rngs, deterministic)
+    dropout_on = _dropout_on(config, mode, rngs, lora_deterministic)
     quantized = any(is_quantized(x) for x in jax.tree.leaves(frozen, is_leaf=is_quantized))
     if isinstance(model, nn.Module):
         if mode == "merged":

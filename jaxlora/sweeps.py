@@ -119,7 +119,7 @@ def apply_mixed(
         config: a config that fits every stacked adapter (shapes and scales).
         index: int array ``(batch,)``: which adapter each example uses.
         *args: the model's inputs, each with the batch on axis 0.
-        **kwargs: passed unbatched to :func:`jaxlora.apply` (e.g. ``deterministic``).
+        **kwargs: passed unbatched to :func:`jaxlora.apply` (e.g. ``lora_deterministic``).
 
     Returns:
         The model's outputs for the whole batch, batch on axis 0.

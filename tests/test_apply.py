@@ -68,9 +68,9 @@ def test_model_dropout_and_lora_dropout_share_the_dropout_stream():
     y1 = apply(model, frozen, lora, config, X, rngs={"dropout": key}, train=True)
     y2 = apply(model, frozen, lora, config, X, rngs=key, train=True)  # a bare key is "dropout"
     np.testing.assert_array_equal(y1, y2)
-    y_eval = apply(model, frozen, lora, config, X, rngs=key, deterministic=True, train=True)
+    y_eval = apply(model, frozen, lora, config, X, rngs=key, lora_deterministic=True, train=True)
     plain = apply(model, frozen, lora, config, X, rngs=key, train=True, mode="factored",
-                  deterministic=True)  # fmt: skip
+                  lora_deterministic=True)  # fmt: skip
     np.testing.assert_array_equal(y_eval, plain)
     assert not np.allclose(y1, y_eval)
 
@@ -82,7 +82,7 @@ def test_dropout_is_off_without_an_rng():
         apply(model, frozen, lora, config, X), apply(model, frozen, lora, no_dropout, X)
     )
     # Evaluation in merged mode is allowed even with lora_dropout set.
-    merged = apply(model, frozen, lora, config, X, mode="merged", deterministic=True)
+    merged = apply(model, frozen, lora, config, X, mode="merged", lora_deterministic=True)
     np.testing.assert_allclose(merged, apply(model, frozen, lora, config, X), atol=1e-5)
 
 
@@ -105,8 +105,10 @@ def test_errors():
         apply(model, frozen, lora, config, X, mode="fast")
     with pytest.raises(ValueError, match="`mode='merged'` cannot apply LoRA dropout"):
         apply(model, frozen, lora, config, X, mode="merged", rngs={"dropout": key})
-    with pytest.raises(ValueError, match="`deterministic=False` with `lora_dropout`=0.1 needs"):
-        apply(model, frozen, lora, config, X, deterministic=False, rngs={"params": key})
+    with pytest.raises(
+        ValueError, match="`lora_deterministic=False` with `lora_dropout`=0.1 needs"
+    ):
+        apply(model, frozen, lora, config, X, lora_deterministic=False, rngs={"params": key})
     with pytest.raises(TypeError, match="`rngs` must be a dict of PRNG keys"):
         apply(model, frozen, lora, config, X, rngs=[key])
     with pytest.raises(TypeError, match="`config` must be a jaxlora.LoraConfig"):
