@@ -119,3 +119,21 @@ def test_errors():
     state = nnx.state(nnx_model)
     with pytest.raises(ValueError, match="`variables` is for linen models"):
         apply(nnx_model, state, {}, config, X, variables={"batch_stats": {}})
+
+
+def test_model_deterministic_argument_passes_through():
+    class WithDropout(nn.Module):
+        @nn.compact
+        def __call__(self, x, deterministic: bool = True):
+            x = nn.Dense(8, name="dense")(x)
+            return nn.Dropout(0.5)(x, deterministic=deterministic)
+
+    model = WithDropout()
+    x = jnp.ones((4, 8))
+    params = model.init(jax.random.key(0), x)["params"]
+    config = jaxlora.LoraConfig(r=2, target_modules=["dense"])
+    frozen, lora = jaxlora.split(params, config, jax.random.key(1))
+    rngs = {"dropout": jax.random.key(2)}
+    train = jaxlora.apply(model, frozen, lora, config, x, rngs=rngs, deterministic=False)
+    evaluation = jaxlora.apply(model, frozen, lora, config, x, rngs=rngs, deterministic=True)
+    assert bool((train == 0).any()) and not bool((evaluation == 0).any())
