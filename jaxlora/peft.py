@@ -4,8 +4,9 @@
 :func:`save_peft` writes an adapter that PEFT loads with ``PeftModel.from_pretrained``;
 :func:`load_peft` reads one back, turning PEFT's ``target_modules`` / ``rank_pattern`` /
 ``alpha_pattern`` rules into a :class:`~jaxlora.LoraConfig` that names the Flax paths. Where each
-tensor goes, and in what shape, is :mod:`jaxlora.peft_layout`. Only numpy and ``safetensors`` are
-needed; torch is never imported.
+tensor goes, and in what shape, is :mod:`jaxlora.peft_layout`. DoRA adapters (a Θ with
+``lora_magnitude`` leaves, see :mod:`jaxlora.dora`) are PEFT's ``use_dora: true``. Only numpy and
+``safetensors`` are needed; torch is never imported.
 """
 
 from __future__ import annotations
@@ -16,24 +17,25 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxlora import paths
 from jaxlora.checkpoint import check_fits, expected_adapter
 from jaxlora.config import LoraConfig
+from jaxlora.dora import dora_split
 from jaxlora.peft_layout import PREFIX as PREFIX
 from jaxlora.peft_layout import Converter as Converter
 from jaxlora.peft_layout import ModuleName as ModuleName
 from jaxlora.peft_layout import check_tensors, named_modules, tensor_entries, torch_name
 from jaxlora.targets import find_targets
-from jaxlora.types import LORA_A, LORA_B, LoraTree, Params
+from jaxlora.types import LORA_A, LORA_B, LORA_MAGNITUDE, LoraTree, Params
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 #: PEFT options that change what the tensors mean; an adapter using them cannot be read here.
 _UNSUPPORTED = {
-    "use_dora": False,
     "fan_in_fan_out": False,
     "lora_bias": False,
     "layers_to_transform": None,
@@ -90,13 +92,22 @@ def _exact_key(name: str, known: list[str], matches: Callable[[str, str], bool])
     return "^" + re.escape(name)
 
 
+def _expected(base: Params, config: LoraConfig, use_dora: bool) -> LoraTree:
+    """Shapes and dtypes of the Θ ``config`` makes for ``base`` (the DoRA one with ``use_dora``)."""
+    if not use_dora:
+        return expected_adapter(base, config)
+    return jax.eval_shape(lambda params: dora_split(params, config, jax.random.key(0))[1], base)
+
+
 def peft_config(
     config: LoraConfig,
     base: Params,
     module_name: ModuleName = default_module_name,
     base_model_name_or_path: str | None = None,
+    use_dora: bool = False,
 ) -> dict[str, Any]:
-    """The ``adapter_config.json`` that PEFT reads for the adapter ``config`` makes on ``base``.
+    """The ``adapter_config.json`` that PEFT reads for the adapter ``config`` makes on ``base``
+    (with ``use_dora``, for its DoRA variant).
 
     ``target_modules`` lists the PyTorch names of the adapted modules (a regex where a list would
     select more); each module whose rank or alpha differs from ``r`` / ``lora_alpha`` gets its own
@@ -141,6 +152,7 @@ def peft_config(
         "init_lora_weights": config.init_lora_weights,
         "inference_mode": True,
         "base_model_name_or_path": base_model_name_or_path,
+        "use_dora": use_dora,
         **_UNSUPPORTED,
     }
 
@@ -156,7 +168,9 @@ def save_peft(
 ) -> None:
     """Writes Θ as a PEFT adapter: ``adapter_config.json`` and ``adapter_model.safetensors``.
 
-    Load it in PyTorch with ``peft.PeftModel.from_pretrained(torch_model, directory)``.
+    Load it in PyTorch with ``peft.PeftModel.from_pretrained(torch_model, directory)``. A Θ with
+    ``lora_magnitude`` leaves (:func:`jaxlora.dora.dora_split`) is written as a DoRA adapter
+    (``use_dora: true``, each magnitude as ``<module>.lora_magnitude_vector``).
 
     Args:
         directory: created if missing; the two files are (over)written.
@@ -167,17 +181,20 @@ def save_peft(
         base_model_name_or_path: recorded in the config for PEFT (e.g. a hub id).
 
     Raises:
-        ValueError: when Θ does not fit ``base`` (names every path with both shapes), when a
-            stacked module gets no name, or when two leaves map to one PEFT key.
+        ValueError: when Θ does not fit ``base`` (names every path with both shapes; a DoRA Θ
+            needs a magnitude on every target), when a stacked module gets no name, or when two
+            leaves map to one PEFT key.
     """
     from safetensors.numpy import save_file
 
-    check_fits(paths.by_path(lora), paths.by_path(expected_adapter(base, config)), "`lora`")
+    use_dora = any(names[-1] == LORA_MAGNITUDE for _, names, _ in paths.flatten(lora))
+    expected = _expected(base, config, use_dora)
+    check_fits(paths.by_path(lora), paths.by_path(expected), "`lora`")
     tensors = {}
-    for entry in tensor_entries(base, config, module_name):
+    for entry in tensor_entries(base, config, module_name, use_dora):
         array = np.asarray(paths.get_in(lora, entry.lora_keys))[entry.index]
         tensors[entry.key] = np.ascontiguousarray(entry.to_peft(array))
-    document = peft_config(config, base, module_name, base_model_name_or_path)
+    document = peft_config(config, base, module_name, base_model_name_or_path, use_dora)
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, CONFIG_FILE), "w") as f:
         json.dump(document, f, indent=2, sort_keys=True)
@@ -216,6 +233,7 @@ def config_from_peft(
     PEFT's rules are applied to the PyTorch names of ``base``'s modules: ``target_modules``,
     ``exclude_modules`` and ``modules_to_save`` pick the modules, ``rank_pattern`` /
     ``alpha_pattern`` their ranks and alphas; the result names the Flax paths explicitly.
+    ``use_dora`` is accepted: DoRA lives in Θ (``lora_magnitude``), not in the config.
 
     Raises:
         ValueError: for a non-LoRA or unsupported adapter, when nothing matches, or when the
@@ -302,6 +320,9 @@ def load_peft(
 ) -> tuple[LoraTree, LoraConfig]:
     """Reads a PEFT LoRA adapter (``adapter_config.json`` + ``adapter_model.safetensors``).
 
+    A DoRA adapter (``use_dora: true``) gives a Θ with ``lora_magnitude`` leaves, for
+    :func:`jaxlora.dora.dora_merge`.
+
     Unlike PEFT, which warns and carries on, every missing, unexpected or mis-shaped tensor is an
     error: an adapter that silently loads nothing trains or serves the base model.
 
@@ -310,7 +331,7 @@ def load_peft(
         base: the Flax base params (arrays or ``jax.ShapeDtypeStruct``) the adapter belongs to.
         module_name: Flax module path and layer index -> PyTorch module name.
         layouts: jaxlora layouts for N-D or stacked kernels (see :class:`~jaxlora.LoraConfig`).
-        dtype: dtype of the factors A and B in Θ.
+        dtype: dtype of the factors A and B (and DoRA magnitudes) in Θ.
 
     Returns:
         ``(lora, config)``, ready for :func:`jaxlora.merge` or further training.
@@ -327,9 +348,10 @@ def load_peft(
     config = config_from_peft(
         document, base, module_name=module_name, layouts=layouts, dtype=dtype, source=source
     )
-    entries = tensor_entries(base, config, module_name)
+    use_dora = bool(document.get("use_dora", False))
+    entries = tensor_entries(base, config, module_name, use_dora)
     check_tensors(entries, tensors, source)
-    expected = expected_adapter(base, config)
+    expected = _expected(base, config, use_dora)
     arrays: dict[tuple[Any, ...], np.ndarray] = {}
     for entry in entries:
         if entry.lora_keys not in arrays:

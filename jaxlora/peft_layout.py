@@ -3,7 +3,8 @@
 PEFT keys each tensor by the PyTorch module name: ``base_model.model.<name>.lora_A.weight`` of shape
 ``(r, in)`` and ``.lora_B.weight`` ``(out, r)``; embeddings ``.lora_embedding_A`` ``(r, vocab)`` and
 ``.lora_embedding_B`` ``(dim, r)``; trainable biases of adapted modules ``.base_layer.bias``, other
-biases ``.bias``; ``modules_to_save`` as the module's own parameters (``.weight``, ``.bias``).
+biases ``.bias``; ``modules_to_save`` as the module's own parameters (``.weight``, ``.bias``); a
+DoRA magnitude ``.lora_magnitude_vector``, ``(out,)`` (a conv's ``(1, Cout, 1, …)``).
 Flax's ``(in, out)`` kernels are the transpose of PyTorch's; N-D kernels are flattened to
 ``(prod(in), prod(out))`` in C order; a conv's A is ``(r, Cin, *window)``, its B
 ``(Cout, r, 1, …)``.
@@ -27,7 +28,7 @@ import numpy as np
 from jaxlora import paths
 from jaxlora.config import LoraConfig
 from jaxlora.targets import BIAS, EMBEDDING, KERNEL, find_targets, find_trainable_leaves
-from jaxlora.types import LORA_A, LORA_B, Params
+from jaxlora.types import LORA_A, LORA_B, LORA_MAGNITUDE, Params
 
 #: What PEFT puts before every module name in its tensor keys.
 PREFIX = "base_model.model."
@@ -106,8 +107,27 @@ def _pointwise(shape: tuple[int, ...], n_window: int) -> Converter:
     return (lambda x: x.T.reshape(peft_shape)), (lambda y: y.reshape(shape[::-1]).T), peft_shape
 
 
-def _factor_specs(target) -> list[tuple[str, str, Converter]]:
+def _magnitude(shape: tuple[int, ...], peft_shape: tuple[int, ...]) -> Converter:
+    """DoRA's magnitude: flax output axes <-> PyTorch ``(out,)`` (C order, like B's rows)."""
+    return (lambda x: x.reshape(peft_shape)), (lambda y: y.reshape(shape)), peft_shape
+
+
+def _factor_specs(target, dora: bool) -> list[tuple[str, str, Converter]]:
     a_shape, b_shape = target.a_shape[target.n_stack :], target.b_shape[target.n_stack :]
+    if not dora:
+        return _lora_specs(target, a_shape, b_shape)
+    if target.kind == "embed":
+        raise ValueError(
+            f"the DoRA adapter has the embedding table `{target.path}` as a target; jaxlora's DoRA "
+            "covers dense and conv kernels only"
+        )
+    out = math.prod(b_shape[1:])
+    peft_shape = (1, out) + (1,) * target.layout.count("w") if target.kind == "conv" else (out,)
+    magnitude = (".lora_magnitude_vector", LORA_MAGNITUDE, _magnitude(b_shape[1:], peft_shape))
+    return _lora_specs(target, a_shape, b_shape) + [magnitude]
+
+
+def _lora_specs(target, a_shape, b_shape) -> list[tuple[str, str, Converter]]:
     if target.kind == "embed":
         return [
             (".lora_embedding_A", LORA_A, _matrix(a_shape, 1)),
@@ -152,12 +172,15 @@ def _copy_spec(layouts: Mapping[str, str], module: str, leaf: str, shape: tuple[
     )
 
 
-def tensor_entries(base: Params, config: LoraConfig, module_name: ModuleName) -> list[TensorEntry]:
-    """Every PEFT tensor of the adapter ``config`` makes for ``base``, in a fixed order.
+def tensor_entries(
+    base: Params, config: LoraConfig, module_name: ModuleName, dora: bool = False
+) -> list[TensorEntry]:
+    """Every PEFT tensor of the adapter ``config`` makes for ``base``, in a fixed order; with
+    ``dora``, each target's DoRA magnitude too.
 
     Raises:
         ValueError: when ``module_name`` names no module for a layer, maps two leaves to one key,
-            or a kernel's axes cannot be told apart.
+            a kernel's axes cannot be told apart, or (``dora``) a target is an embedding.
 
     Example:
         >>> import jax.numpy as jnp, jaxlora
@@ -170,7 +193,7 @@ def tensor_entries(base: Params, config: LoraConfig, module_name: ModuleName) ->
     by_path = {t.path: t for t in targets}
     entries = []
     for target in targets:
-        specs = _factor_specs(target)
+        specs = _factor_specs(target, dora)
         for index in np.ndindex(*target.shape[: target.n_stack]):
             name = torch_name(module_name, target.path, index)
             for suffix, leaf, (to_peft, from_peft, shape) in specs:

@@ -280,8 +280,8 @@ def test_misshaped_key_is_an_error(exported):
     [
         (lambda d: d.update(peft_type="LOHA"), "`peft_type`='LOHA'; only 'LORA' is read"),
         (
-            lambda d: d.update(use_dora=True),
-            r"options jaxlora cannot represent: \{'use_dora': True\}",
+            lambda d: d.update(fan_in_fan_out=True),
+            r"options jaxlora cannot represent: \{'fan_in_fan_out': True\}",
         ),
         (lambda d: d.update(init_lora_weights="pissa"), "'pissa', which changes the base weights"),
         (lambda d: d.update(target_modules=["nothing"]), r"\['nothing'\], which matches no module"),
