@@ -54,14 +54,15 @@ print(f"Adam moments, LoRA r=4:     {2 * nbytes(lora4, 4) / 1e6:8.1f} MB")
 
 # %%
 ranks = [1, 2, 4, 8, 16, 64]
-target_sets = {"W_q, W_v": ("query", "value"), "W_q, W_k, W_v, W_o": ("query", "key", "value", "out"),
-               "all-linear": "all-linear"}
+target_sets = {"W_q, W_v": ("query", "value"),
+               "W_q, W_k, W_v, W_o": ("query", "key", "value", "out"), "all-linear": "all-linear"}
 fig, ax = plt.subplots(figsize=(6, 3.5))
 for label, targets in target_sets.items():
     counts = []
     for rank in ranks:
         config = jaxlora.LoraConfig(r=rank, target_modules=targets)
-        shapes = jax.eval_shape(lambda p: jaxlora.split(p, config, jax.random.key(0)), gpt3)
+        shapes = jax.eval_shape(
+            lambda p, config=config: jaxlora.split(p, config, jax.random.key(0)), gpt3)
         counts.append(jaxlora.count(*shapes).trainable)
     ax.plot(ranks, counts, marker="o", label=label)
 ax.set(xscale="log", yscale="log", xlabel="rank r", ylabel="trainable parameters",

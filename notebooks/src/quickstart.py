@@ -53,7 +53,8 @@ print(jaxlora.count(frozen, lora).table())
 
 # %%
 merged = jaxlora.merge(frozen, lora, config)
-print(all(bool((a == b).all()) for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(params))))
+print(all(bool((a == b).all())
+          for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(params), strict=True)))
 
 # %% [markdown]
 # ## Train Θ only
@@ -95,6 +96,6 @@ plt.show()
 # %%
 deployed = jaxlora.merge(frozen, lora, config)
 restored = jaxlora.unmerge(deployed, lora, config)
-print("max |unmerge(merge(W)) - W|:",
-      max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(params))))
+pairs = zip(jax.tree.leaves(restored), jax.tree.leaves(params), strict=True)
+print("max |unmerge(merge(W)) - W|:", max(float(jnp.abs(a - b).max()) for a, b in pairs))
 print(jaxlora.LoraConfig.from_json(config.to_json()) == config)

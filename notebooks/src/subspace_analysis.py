@@ -67,7 +67,7 @@ def factor(lora, layer, name):
 
 layer = 3
 fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-for ax, name in zip(axes, ("query", "value")):
+for ax, name in zip(axes, ("query", "value"), strict=True):
     grid = analysis.similarity_grid(factor(lora8, layer, name), factor(lora64, layer, name))
     image = ax.imshow(grid[:, :8], vmin=0, vmax=1, cmap="viridis", aspect="auto")
     ax.set(title=f"layer {layer} W_{name[0]}: φ(A_r=8, A_r=64, i, j)", xlabel="j", ylabel="i")
