@@ -63,7 +63,9 @@ class Runner:
         self.model = model
         params = [p for p in model.parameters() if p.requires_grad]
         self.trainable = sum(p.numel() for p in params)
-        self.opt = torch.optim.AdamW(params, lr=1e-4)
+        # fused=True: one pass over the parameters, as XLA fuses optax's AdamW; the default CPU
+        # for-loop AdamW spends ~1.9 s of a ~5.7 s full-FT step in 7 separate passes.
+        self.opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
         gen = torch.Generator().manual_seed(0)
         self.batch = torch.randint(0, c.vocab, (batch, c.seq + 1), generator=gen)
 

@@ -19,12 +19,16 @@ Writes ``experiments/results/bench_train_step[_TAG].json`` and ``.md``.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
+import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -113,6 +117,30 @@ class JaxRunner:
         return time.perf_counter() - start
 
 
+def _mkl_amd_shim() -> str | None:
+    """A preloadable library that makes MKL take its AVX2/AVX-512 kernels on an AMD CPU, or None.
+
+    PyTorch's CPU wheels link MKL, which checks ``mkl_serv_intel_cpu_true()`` and runs a generic
+    kernel on other vendors' CPUs: on the 2-core AMD EPYC here a 1024x768x3072 float32 matmul takes
+    56 ms in PyTorch vs 20 ms in XLA, and 28-32 ms with this shim. Built with the system C compiler
+    into a temporary folder; None (no shim) on Intel CPUs or without a compiler.
+    """
+    try:
+        if "AuthenticAMD" not in Path("/proc/cpuinfo").read_text():
+            return None
+    except OSError:
+        return None
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return None
+    folder = Path(tempfile.mkdtemp(prefix="mkl_amd_shim_"))
+    atexit.register(shutil.rmtree, folder, True)  # the worker has loaded it by then
+    (folder / "shim.c").write_text("int mkl_serv_intel_cpu_true(void) { return 1; }\n")
+    built = subprocess.run([compiler, "-shared", "-fPIC", "-O2", "-o", str(folder / "shim.so"),
+                            str(folder / "shim.c")], capture_output=True)  # fmt: skip
+    return str(folder / "shim.so") if built.returncode == 0 else None
+
+
 class TorchWorker:
     """The PyTorch side in its own process (``bench_peft.serve``), stepped in the same rounds."""
 
@@ -120,8 +148,12 @@ class TorchWorker:
         cmd = [sys.executable, "-m", "experiments.bench_peft", "--batch", str(batch_size)]
         cmd += ["--r", str(args.r), "--alpha", str(args.alpha)] + ["--tiny"] * args.tiny
         root = Path(__file__).resolve().parent.parent
+        env = dict(os.environ)
+        self.mkl_shim = None if args.no_mkl_shim else _mkl_amd_shim()
+        if self.mkl_shim:
+            env["LD_PRELOAD"] = " ".join(filter(None, [self.mkl_shim, env.get("LD_PRELOAD")]))
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True, cwd=root)  # fmt: skip
+                                     text=True, cwd=root, env=env)  # fmt: skip
         if self.proc.stdout.readline().strip() != "ready":
             raise RuntimeError("the PyTorch worker (experiments/bench_peft.py) did not start")
 
@@ -174,6 +206,7 @@ def build(args) -> list:
     ]
     if args.peft:
         worker = TorchWorker(args, batch_size)  # torch and peft: the `bench` extra
+        args.torch_mkl_amd_shim = worker.mkl_shim is not None
         for name in ("torch full FT", "PEFT LoRA q,v", "PEFT LoRA all-linear"):
             runners.append(TorchRunner(name, worker, name, "train"))
         runners.append(TorchRunner("torch inference base", worker, "torch full FT", "infer"))
@@ -190,6 +223,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--r", type=int, default=8)
     parser.add_argument("--alpha", type=float, default=16.0)
     parser.add_argument("--peft", action="store_true", help="also run PyTorch / PEFT (bench extra)")
+    parser.add_argument(
+        "--no-mkl-shim",
+        action="store_true",
+        help="run PyTorch's MKL on its generic kernels on AMD CPUs (see `_mkl_amd_shim`)",
+    )
     parser.add_argument("--tag", default="", help="suffix of the result files")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
@@ -257,6 +295,9 @@ def table(result) -> str:
         lines += ["", "| jax / torch (same work) | ratio |", "|---|---:|"]
         lines += [f"| {k} | {v} |" for k, v in result["jax_over_torch"].items()]
     lines += ["", f"peak RSS of the process: {result['peak_rss_mb']} MB"]
+    if "torch_mkl_amd_shim" in result["settings"]:
+        shim = "on" if result["settings"]["torch_mkl_amd_shim"] else "off"
+        lines += [f"PyTorch: fused AdamW; MKL AMD shim (`_mkl_amd_shim`) {shim}"]
     return "\n".join(lines)
 
 

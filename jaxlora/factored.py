@@ -8,6 +8,11 @@ contracts; every other layer runs untouched. Inside ``nn.scan`` the factors are 
 with the kernel, and the module path equals the params path, so the scale is
 ``config.scale_for(path, rank)`` everywhere.
 
+A plain ``Dense`` (default ``dot_general``, unquantised kernel, input and factors of one dtype) with
+LoRA dropout off takes a fast path: layer and term run as one :func:`lowrank.dense_fused`, whose
+backward contracts on 2-D views (see there for why that matters on CPU). Its outputs and gradients
+are the general path's, within float rounding.
+
 Numerics, as in PEFT: the low-rank term runs in the adapter's dtype (``LoraConfig.dtype``) with the
 layer's ``precision``, and is cast to the layer's output dtype before the add. LoRA dropout draws
 from the ``"dropout"`` rng stream (the one a scanned model already splits per layer), acts on the
@@ -76,6 +81,29 @@ def _conv(module: nn.Conv, x: jax.Array, a, b, scale, where: str) -> jax.Array:
     down = module.clone(parent=None, features=a.shape[-1], use_bias=False, dtype=a.dtype)
     h = down.apply({"params": {"kernel": a}}, x)
     return lowrank.project(h * scale, b, 0, precision)
+
+
+def _fused_dense(module, args, kwargs, a, b, scale, where: str) -> jax.Array | None:
+    """A plain ``Dense`` call and its low-rank term as one :func:`lowrank.dense_fused`, or None.
+
+    Only for a ``Dense`` with the default ``dot_general``, a plain (not quantised) kernel, and
+    input, kernel and factors of one dtype after the layer's own promotion, so the result is what
+    the layer plus the separate low-rank term compute. Every other layer takes the general path.
+    """
+    if type(module) is not nn.Dense or module.dot_general is not None:
+        return None
+    if module.dot_general_cls is not None:
+        return None
+    kernel = module.get_variable("params", "kernel")
+    bias = module.get_variable("params", "bias") if module.use_bias else None
+    if not isinstance(kernel, jax.Array) or not (bias is None or isinstance(bias, jax.Array)):
+        return None
+    x = args[0] if args else kwargs["inputs"]
+    x, kernel, bias = module.promote_dtype(x, kernel, bias, dtype=module.dtype)
+    if not (x.dtype == kernel.dtype == a.dtype == b.dtype):
+        return None
+    lowrank.check_factors(where, "io", kernel.shape, a, b)
+    return lowrank.dense_fused(x, kernel, bias, a, b, scale, module.precision)
 
 
 def _low_rank_term(module, method: str, args, kwargs, a, b, scale, where: str, drop) -> jax.Array:
@@ -152,8 +180,12 @@ def lora_interceptor(config: LoraConfig, deterministic: bool = True) -> Callable
                 )
             key = module.make_rng(DROPOUT_RNG)
             drop = lambda x: lowrank.dropout(x, config.lora_dropout, key)  # noqa: E731
-        y = next_fun(*args, **kwargs)
         scale = config.scale_for(where, int(a.shape[-1]))
+        if not use_dropout and method == "__call__":
+            fused = _fused_dense(module, args, kwargs, a, b, scale, where)
+            if fused is not None:
+                return fused
+        y = next_fun(*args, **kwargs)
         term = _low_rank_term(module, method, args, kwargs, a, b, scale, where, drop)
         return y + term.astype(y.dtype)
 

@@ -255,3 +255,56 @@ def test_grouped_conv_is_refused():
     frozen, lora = jaxlora.split(params, config, jax.random.key(1))
     with pytest.raises(ValueError, match="cannot adapt the Conv.*`feature_group_count`=2"):
         factored_apply(model, frozen, lora, config, x)
+
+
+# The Dense fast path: lowrank.dense_fused (a custom_vjp on 2-D views) replaces layer + term.
+def _dense_reference(x, kernel, bias, a, b, scale):
+    y = x @ kernel + scale * ((x @ a) @ b)
+    return y if bias is None else y + bias.reshape((1,) * (y.ndim - 1) + (-1,))
+
+
+@pytest.mark.parametrize("use_bias", [True, False])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("use_jit", [True, False])
+def test_dense_fused_matches_autodiff(use_bias, dtype, use_jit):
+    from jaxlora import lowrank
+
+    keys = jax.random.split(jax.random.key(7), 6)
+    x = jax.random.normal(keys[0], (2, 5, 6), dtype)
+    kernel = jax.random.normal(keys[1], (6, 4), dtype)
+    bias = jax.random.normal(keys[2], (4,), dtype) if use_bias else None
+    a, b = jax.random.normal(keys[3], (6, 3), dtype), jax.random.normal(keys[4], (3, 4), dtype)
+    weights = jax.random.normal(keys[5], (2, 5, 4), jnp.float32)
+
+    def loss(fn):
+        def run(*args):
+            return jnp.sum(fn(*args, 0.5).astype(jnp.float32) * weights)
+
+        grad = jax.grad(run, argnums=(0, 1, 2, 3, 4))
+        return jax.jit(grad) if use_jit else grad
+
+    fused = lambda x, k, bias, a, b, s: lowrank.dense_fused(x, k, bias, a, b, s, None)  # noqa: E731
+    got = loss(fused)(x, kernel, bias, a, b)
+    want = loss(_dense_reference)(x, kernel, bias, a, b)
+    assert_close(got, want, 1e-5 if dtype == jnp.float32 else 3e-2)
+    y = fused(x, kernel, bias, a, b, 0.5)
+    assert y.dtype == dtype
+    assert_close(
+        y, _dense_reference(x, kernel, bias, a, b, 0.5), 1e-5 if dtype == jnp.float32 else 3e-2
+    )
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_dense_fast_path_matches_merged(dtype):
+    model, x, frozen, _, config = setup("dense", dtype)
+    # Factors in the layer's dtype (the default is float32), so bfloat16 takes the fast path too.
+    config = jaxlora.LoraConfig(**{**config.to_dict(), "dtype": jnp.dtype(dtype).name})
+    _, lora = jaxlora.split(frozen, config, jax.random.key(1))
+    grad_f = jax.jit(jax.grad(loss(factored_apply, model, frozen, config, x), has_aux=True))
+    forward = jax.make_jaxpr(lambda lora: factored_apply(model, frozen, lora, config, x))(lora)
+    assert "custom_vjp_call" in str(forward)  # the fast path ran
+    merged = jax.jit(jax.grad(loss(merged_apply, model, frozen, config, x), has_aux=True))
+    (g_f, y_f), (g_m, y_m) = grad_f(lora), merged(lora)
+    assert y_f.dtype == y_m.dtype == dtype
+    assert_close(y_f, y_m, 1e-5 if dtype == jnp.float32 else 3e-2)
+    assert_close(g_f, g_m, 1e-4 if dtype == jnp.float32 else 1e-1)
