@@ -6,10 +6,18 @@ under ``nn.scan`` (one PyTorch ``Linear`` per layer), an N-D ``DenseGeneral`` (a
 initial weights are copied into the Flax params, so both compute the same function.
 """
 
+import json
+import os
+
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
+from safetensors.numpy import load_file, save_file
+
+import jaxlora
+from jaxlora import peft as jpeft
 
 VOCAB, DIM, LAYERS, CHANNELS, CLASSES = 20, 8, 2, 4, 5
 #: Layouts jaxlora needs for the twin's kernels that are not plain 2-D.
@@ -111,3 +119,52 @@ def torch_logits(model, ids, image) -> np.ndarray:
 def flax_logits(params, ids, image) -> np.ndarray:
     nhwc = jnp.asarray(image.transpose(0, 2, 3, 1))
     return np.asarray(FlaxNet().apply({"params": params}, jnp.asarray(ids), nhwc))
+
+
+# Helpers shared by the PEFT interop tests (tests/test_peft.py, tests/test_peft_dora.py).
+
+
+def lora_config(targets, **overrides):
+    """The interop tests' config: per-path ranks and alphas, trainable biases, a saved module."""
+    fields = dict(
+        r=4,
+        lora_alpha=8,
+        target_modules=targets,
+        rank_pattern={"proj": 2},
+        alpha_pattern={"conv": 4.0},
+        bias="lora_only",
+        modules_to_save=["norm"],
+        init_lora_weights=False,
+        layouts=LAYOUTS,
+    )
+    return jaxlora.LoraConfig(**{**fields, **overrides})
+
+
+def perturbed(lora, seed):
+    """Θ with every leaf moved, so biases and modules_to_save differ from the base too."""
+    leaves, treedef = jax.tree.flatten(lora)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    moved = [
+        x + 0.1 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys, strict=True)
+    ]
+    return jax.tree.unflatten(treedef, moved)
+
+
+def rewrite(directory, edit_tensors=None, edit_config=None):
+    """Edits a saved PEFT adapter in place: its tensors and/or its config document."""
+    weights = os.path.join(directory, "adapter_model.safetensors")
+    if edit_tensors:
+        tensors = load_file(weights)
+        edit_tensors(tensors)
+        save_file(tensors, weights)
+    if edit_config:
+        with open(os.path.join(directory, "adapter_config.json")) as f:
+            document = json.load(f)
+        edit_config(document)
+        with open(os.path.join(directory, "adapter_config.json"), "w") as f:
+            json.dump(document, f)
+
+
+def load(directory, params):
+    """``load_peft`` with this model's module names and layouts."""
+    return jpeft.load_peft(directory, params, module_name=module_name, layouts=LAYOUTS)

@@ -6,7 +6,6 @@ a missing install fails here rather than skipping the interop proof.
 
 import copy
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +14,7 @@ import peft
 import pytest
 import torch
 import transformers
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
 
 import jaxlora
 from jaxlora import peft as jpeft
@@ -25,21 +24,6 @@ from tests.treeutil import assert_trees_bitwise_equal
 TARGETS = ["embed", "blocks/fc", "proj", "conv"]
 
 
-def _config(**overrides):
-    fields = dict(
-        r=4,
-        lora_alpha=8,
-        target_modules=TARGETS,
-        rank_pattern={"proj": 2},
-        alpha_pattern={"conv": 4.0},
-        bias="lora_only",
-        modules_to_save=["norm"],
-        init_lora_weights=False,
-        layouts=pm.LAYOUTS,
-    )
-    return jaxlora.LoraConfig(**{**fields, **overrides})
-
-
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)
@@ -47,22 +31,12 @@ def tiny():
     return model, pm.flax_params(model), pm.inputs()
 
 
-def _perturbed(lora, seed):
-    """Θ with every leaf moved, so biases and modules_to_save differ from the base too."""
-    leaves, treedef = jax.tree.flatten(lora)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    moved = [
-        x + 0.1 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys, strict=True)
-    ]
-    return jax.tree.unflatten(treedef, moved)
-
-
 @pytest.mark.parametrize(("use_rslora", "bias"), [(False, "lora_only"), (True, "all")])
 def test_export_loads_in_peft_with_equal_logits(tmp_path, tiny, use_rslora, bias):
     model, params, (ids, image) = tiny
-    config = _config(use_rslora=use_rslora, bias=bias)
+    config = pm.lora_config(TARGETS, use_rslora=use_rslora, bias=bias)
     frozen, lora = jaxlora.split(params, config, jax.random.key(1))
-    lora = _perturbed(lora, 2)
+    lora = pm.perturbed(lora, 2)
     jpeft.save_peft(tmp_path, lora, config, params, module_name=pm.module_name)
     ours = pm.flax_logits(jaxlora.merge(frozen, lora, config), ids, image)
     peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path)
@@ -76,7 +50,7 @@ def test_export_loads_in_peft_with_equal_logits(tmp_path, tiny, use_rslora, bias
 
 def test_exported_config_follows_peft_conventions(tmp_path, tiny):
     _, params, _ = tiny
-    config = _config(task_type="FEATURE_EXTRACTION")
+    config = pm.lora_config(TARGETS, task_type="FEATURE_EXTRACTION")
     _, lora = jaxlora.split(params, config, jax.random.key(1))
     jpeft.save_peft(tmp_path, lora, config, params, module_name=pm.module_name)
     with open(tmp_path / "adapter_config.json") as f:
@@ -137,9 +111,9 @@ def test_peft_made_adapter_loads_with_equal_logits(tmp_path, tiny):
 
 def test_round_trip_is_exact(tmp_path, tiny):
     _, params, _ = tiny
-    config = _config()
+    config = pm.lora_config(TARGETS)
     _, lora = jaxlora.split(params, config, jax.random.key(5))
-    lora = _perturbed(lora, 6)
+    lora = pm.perturbed(lora, 6)
     abstract = jax.eval_shape(lambda: params)
     jpeft.save_peft(tmp_path, lora, config, abstract, module_name=pm.module_name)
     back, back_config = jpeft.load_peft(
@@ -199,7 +173,7 @@ def test_bert_export_and_import_match_peft(tmp_path, bert):
         init_lora_weights=False,
     )
     frozen, lora = jaxlora.split(params, config, jax.random.key(1))
-    lora = _perturbed(lora, 2)
+    lora = pm.perturbed(lora, 2)
     jpeft.save_peft(tmp_path / "out", lora, config, params, module_name=name)
     loaded = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "out").eval()
     out_diff = np.abs(run_flax(jaxlora.merge(frozen, lora, config)) - run_torch(loaded)).max()
@@ -225,28 +199,10 @@ def test_bert_export_and_import_match_peft(tmp_path, bert):
 @pytest.fixture
 def exported(tmp_path, tiny):
     _, params, _ = tiny
-    config = _config()
+    config = pm.lora_config(TARGETS)
     _, lora = jaxlora.split(params, config, jax.random.key(1))
     jpeft.save_peft(tmp_path, lora, config, params, module_name=pm.module_name)
     return tmp_path, params
-
-
-def _rewrite(directory, edit_tensors=None, edit_config=None):
-    weights = os.path.join(directory, "adapter_model.safetensors")
-    if edit_tensors:
-        tensors = load_file(weights)
-        edit_tensors(tensors)
-        save_file(tensors, weights)
-    if edit_config:
-        with open(os.path.join(directory, "adapter_config.json")) as f:
-            document = json.load(f)
-        edit_config(document)
-        with open(os.path.join(directory, "adapter_config.json"), "w") as f:
-            json.dump(document, f)
-
-
-def _load(directory, params):
-    return jpeft.load_peft(directory, params, module_name=pm.module_name, layouts=pm.LAYOUTS)
 
 
 KEY = "base_model.model.proj.lora_A.weight"
@@ -254,25 +210,25 @@ KEY = "base_model.model.proj.lora_A.weight"
 
 def test_missing_key_is_an_error(exported):
     directory, params = exported
-    _rewrite(directory, lambda t: t.pop(KEY))
+    pm.rewrite(directory, lambda t: t.pop(KEY))
     with pytest.raises(ValueError, match=rf"does not fit `base`: missing keys {KEY}"):
-        _load(directory, params)
+        pm.load(directory, params)
 
 
 def test_unexpected_key_is_an_error(exported):
     directory, params = exported
-    _rewrite(directory, lambda t: t.update({"base_model.model.nowhere.lora_A.weight": t[KEY]}))
+    pm.rewrite(directory, lambda t: t.update({"base_model.model.nowhere.lora_A.weight": t[KEY]}))
     with pytest.raises(ValueError, match=r"unexpected keys base_model\.model\.nowhere\.lora_A"):
-        _load(directory, params)
+        pm.load(directory, params)
 
 
 def test_misshaped_key_is_an_error(exported):
     directory, params = exported
-    _rewrite(directory, lambda t: t.update({KEY: np.zeros((3, pm.DIM), np.float32)}))
+    pm.rewrite(directory, lambda t: t.update({KEY: np.zeros((3, pm.DIM), np.float32)}))
     with pytest.raises(
         ValueError, match=rf"mis-shaped keys `{KEY}` \(3, 8\) \(expected \(2, 8\)\)"
     ):
-        _load(directory, params)
+        pm.load(directory, params)
 
 
 @pytest.mark.parametrize(
@@ -297,14 +253,14 @@ def test_misshaped_key_is_an_error(exported):
 )
 def test_unsupported_or_inconsistent_configs_are_errors(exported, edit, match):
     directory, params = exported
-    _rewrite(directory, edit_config=edit)
+    pm.rewrite(directory, edit_config=edit)
     with pytest.raises(ValueError, match=match):
-        _load(directory, params)
+        pm.load(directory, params)
 
 
 def test_export_errors(tmp_path, tiny):
     _, params, _ = tiny
-    config = _config()
+    config = pm.lora_config(TARGETS)
     _, lora = jaxlora.split(params, config, jax.random.key(1))
     with pytest.raises(ValueError, match=r"the stacked module `blocks/fc` needs a PyTorch name"):
         jpeft.save_peft(tmp_path, lora, config, params)

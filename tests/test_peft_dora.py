@@ -19,25 +19,10 @@ import jaxlora
 from jaxlora import dora, paths
 from jaxlora import peft as jpeft
 from tests import peft_models as pm
-from tests.test_peft import _perturbed, _rewrite
 from tests.treeutil import assert_trees_bitwise_equal
 
 MAGNITUDE = "base_model.model.proj.lora_magnitude_vector"
-
-
-def _config(**overrides):
-    fields = dict(
-        r=4,
-        lora_alpha=8,
-        target_modules=["blocks/fc", "proj", "conv"],
-        rank_pattern={"proj": 2},
-        alpha_pattern={"conv": 4.0},
-        bias="lora_only",
-        modules_to_save=["norm"],
-        init_lora_weights=False,
-        layouts=pm.LAYOUTS,
-    )
-    return jaxlora.LoraConfig(**{**fields, **overrides})
+DORA_TARGETS = ["blocks/fc", "proj", "conv"]
 
 
 @pytest.fixture(scope="module")
@@ -47,16 +32,12 @@ def tiny():
     return model, pm.flax_params(model), pm.inputs()
 
 
-def _load(directory, params):
-    return jpeft.load_peft(directory, params, module_name=pm.module_name, layouts=pm.LAYOUTS)
-
-
 @pytest.mark.parametrize("use_rslora", [False, True])
 def test_dora_export_loads_in_peft_with_equal_logits(tmp_path, tiny, use_rslora):
     model, params, (ids, image) = tiny
-    config = _config(use_rslora=use_rslora)
+    config = pm.lora_config(DORA_TARGETS, use_rslora=use_rslora)
     frozen, lora = dora.dora_split(params, config, jax.random.key(1))
-    lora = _perturbed(lora, 2)  # factors, magnitudes, biases and the saved norm all move
+    lora = pm.perturbed(lora, 2)  # factors, magnitudes, biases and the saved norm all move
     jpeft.save_peft(tmp_path, lora, config, params, module_name=pm.module_name)
     with open(tmp_path / "adapter_config.json") as f:
         assert json.load(f)["use_dora"] is True
@@ -74,7 +55,7 @@ def test_dora_export_loads_in_peft_with_equal_logits(tmp_path, tiny, use_rslora)
 
 def test_dora_file_layout(tmp_path, tiny):
     _, params, _ = tiny
-    config = _config()
+    config = pm.lora_config(DORA_TARGETS)
     _, lora = dora.dora_split(params, config, jax.random.key(1))
     jpeft.save_peft(tmp_path, lora, config, params, module_name=pm.module_name)
     shapes = {k: v.shape for k, v in load_file(tmp_path / "adapter_model.safetensors").items()}
@@ -110,7 +91,7 @@ def _peft_dora(tmp_path, model, init_lora_weights=False, perturb=True):
 def test_peft_made_dora_adapter_loads_with_equal_logits(tmp_path, tiny):
     _, params, (ids, image) = tiny
     peft_model = _peft_dora(tmp_path, copy.deepcopy(tiny[0]))
-    lora, config = _load(tmp_path, params)
+    lora, config = pm.load(tmp_path, params)
     assert lora["proj"]["lora_magnitude"].shape == (2, 3)
     assert lora["blocks"]["fc"]["lora_magnitude"].shape == (pm.LAYERS, pm.DIM)
     assert lora["conv"]["lora_magnitude"].shape == (pm.CHANNELS,)
@@ -126,7 +107,7 @@ def test_peft_initial_magnitude_is_jaxlora_column_norm(tmp_path, tiny):
     """PEFT's norm of (out, in) weights over ``in`` per row is jaxlora's per-column norm."""
     _, params, _ = tiny
     _peft_dora(tmp_path, copy.deepcopy(tiny[0]), init_lora_weights=True, perturb=False)
-    lora, config = _load(tmp_path, params)
+    lora, config = pm.load(tmp_path, params)
     _, ours = dora.dora_split(params, config, jax.random.key(0))
     for module in (("blocks", "fc"), ("proj",), ("conv",)):
         theirs = paths.get_in(lora, module + ("lora_magnitude",))
@@ -136,12 +117,12 @@ def test_peft_initial_magnitude_is_jaxlora_column_norm(tmp_path, tiny):
 
 def test_dora_round_trip_is_exact(tmp_path, tiny):
     _, params, _ = tiny
-    config = _config()
+    config = pm.lora_config(DORA_TARGETS)
     _, lora = dora.dora_split(params, config, jax.random.key(5))
-    lora = _perturbed(lora, 6)
+    lora = pm.perturbed(lora, 6)
     abstract = jax.eval_shape(lambda: params)
     jpeft.save_peft(tmp_path, lora, config, abstract, module_name=pm.module_name)
-    back, _ = _load(tmp_path, abstract)
+    back, _ = pm.load(tmp_path, abstract)
     assert_trees_bitwise_equal(back, lora)
 
 
@@ -151,7 +132,7 @@ def test_dora_round_trip_is_exact(tmp_path, tiny):
 @pytest.fixture
 def exported(tmp_path, tiny):
     _, params, _ = tiny
-    config = _config()
+    config = pm.lora_config(DORA_TARGETS)
     _, lora = dora.dora_split(params, config, jax.random.key(1))
     jpeft.save_peft(tmp_path, lora, config, params, module_name=pm.module_name)
     return tmp_path, params
@@ -159,32 +140,32 @@ def exported(tmp_path, tiny):
 
 def test_missing_magnitude_is_an_error(exported):
     directory, params = exported
-    _rewrite(directory, lambda t: t.pop(MAGNITUDE))
+    pm.rewrite(directory, lambda t: t.pop(MAGNITUDE))
     with pytest.raises(ValueError, match=rf"does not fit `base`: missing keys {MAGNITUDE}"):
-        _load(directory, params)
+        pm.load(directory, params)
 
 
 def test_misshaped_magnitude_is_an_error(exported):
     directory, params = exported
-    _rewrite(directory, lambda t: t.update({MAGNITUDE: np.ones((1, 6), np.float32)}))
+    pm.rewrite(directory, lambda t: t.update({MAGNITUDE: np.ones((1, 6), np.float32)}))
     with pytest.raises(
         ValueError, match=rf"mis-shaped keys `{MAGNITUDE}` \(1, 6\) \(expected \(6,\)\)"
     ):
-        _load(directory, params)
+        pm.load(directory, params)
 
 
 def test_magnitudes_without_use_dora_are_unexpected(exported):
     directory, params = exported
-    _rewrite(directory, edit_config=lambda d: d.update(use_dora=False))
+    pm.rewrite(directory, edit_config=lambda d: d.update(use_dora=False))
     with pytest.raises(
         ValueError, match=r"unexpected keys base_model\.model\.blocks\.0\.fc\.lora_mag"
     ):
-        _load(directory, params)
+        pm.load(directory, params)
 
 
 def test_dora_export_errors(tmp_path, tiny):
     _, params, _ = tiny
-    config = _config()
+    config = pm.lora_config(DORA_TARGETS)
     _, lora = dora.dora_split(params, config, jax.random.key(1))
     del lora["proj"]["lora_magnitude"]
     with pytest.raises(ValueError, match=r"`lora` does not fit `base`: `proj/lora_magnitude` miss"):
@@ -193,9 +174,9 @@ def test_dora_export_errors(tmp_path, tiny):
 
 def test_dora_on_an_embedding_is_an_error(tmp_path, tiny):
     _, params, _ = tiny
-    config = _config(target_modules=["embed", "proj"], alpha_pattern={})
+    config = pm.lora_config(DORA_TARGETS, target_modules=["embed", "proj"], alpha_pattern={})
     _, lora = jaxlora.split(params, config, jax.random.key(1))
     jpeft.save_peft(tmp_path, lora, config, params, module_name=pm.module_name)
-    _rewrite(tmp_path, edit_config=lambda d: d.update(use_dora=True))
+    pm.rewrite(tmp_path, edit_config=lambda d: d.update(use_dora=True))
     with pytest.raises(ValueError, match="embedding table `embed` as a target; jaxlora's DoRA"):
-        _load(tmp_path, params)
+        pm.load(tmp_path, params)
