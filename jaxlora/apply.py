@@ -17,10 +17,10 @@ import flax.linen as nn
 import jax
 from flax import nnx
 
-from jaxlora import core, factored, nnx_factored, quant_forward, quant_tree
+from jaxlora import core, dora, factored, nnx_factored, paths, quant_forward, quant_tree
 from jaxlora.config import LoraConfig
 from jaxlora.quant_kernel import is_quantized
-from jaxlora.types import LORA_A, LORA_B, LoraTree, Params
+from jaxlora.types import LORA_A, LORA_B, LORA_MAGNITUDE, LoraTree, Params
 
 MODES = ("factored", "merged")
 
@@ -55,6 +55,17 @@ def _dropout_on(config: LoraConfig, mode: str, rngs: dict, lora_deterministic: b
             f"`rngs={{'{factored.DROPOUT_RNG}': key}}`; got rngs for {sorted(rngs)}"
         )
     return True
+
+
+def _is_dora(lora: LoraTree) -> bool:
+    return any(names[-1] == LORA_MAGNITUDE for _, names, _ in paths.flatten(lora))
+
+
+def _merge(frozen: Params, lora: LoraTree, config: LoraConfig) -> Params:
+    """``merge``, or ``dora_merge`` for a DoRA adapter."""
+    if _is_dora(lora):
+        return dora.dora_merge(frozen, lora, config)
+    return core.merge(frozen, lora, config)
 
 
 def _copies_only(lora: LoraTree) -> LoraTree:
@@ -137,7 +148,7 @@ def apply(
     if isinstance(model, nn.Module):
         if mode == "merged":
             base = quant_tree.dequantize_tree(frozen) if quantized else frozen
-            params = core.merge(base, lora, config)
+            params = _merge(base, lora, config)
             return model.apply({**(variables or {}), "params": params}, *args, rngs=rngs,
                                method=method, **kwargs)  # fmt: skip
         tree = {**(variables or {}), "params": core.combine(frozen, lora)}
@@ -155,6 +166,11 @@ def apply(
             raise ValueError(
                 "`frozen` holds quantised kernels; quantised bases run on linen models only. "
                 "Pass `jaxlora.quant.dequantize_tree(frozen)` for an NNX model"
+            )
+        if _is_dora(lora):
+            raise ValueError(
+                "`lora` is a DoRA adapter; DoRA runs on linen models only. For an NNX model merge "
+                "it first with `jaxlora.dora.dora_merge`"
             )
         if variables is not None:
             raise ValueError("`variables` is for linen models; an NNX model's state is `frozen`")

@@ -29,9 +29,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxlora import lowrank
+from jaxlora import dora, lowrank
 from jaxlora.config import LoraConfig
-from jaxlora.types import LORA_A, LORA_B
+from jaxlora.types import LORA_A, LORA_B, LORA_MAGNITUDE
 
 #: The rng stream LoRA dropout draws from.
 DROPOUT_RNG = "dropout"
@@ -181,6 +181,8 @@ def lora_interceptor(config: LoraConfig, deterministic: bool = True) -> Callable
             key = module.make_rng(DROPOUT_RNG)
             drop = lambda x: lowrank.dropout(x, config.lora_dropout, key)  # noqa: E731
         scale = config.scale_for(where, int(a.shape[-1]))
+        if module.has_variable("params", LORA_MAGNITUDE):
+            return _dora_call(module, next_fun, args, kwargs, a, b, scale, where, drop)
         if not use_dropout and method == "__call__":
             fused = _fused_dense(module, args, kwargs, a, b, scale, where)
             if fused is not None:
@@ -190,3 +192,34 @@ def lora_interceptor(config: LoraConfig, deterministic: bool = True) -> Callable
         return y + term.astype(y.dtype)
 
     return intercept
+
+
+def _broadcast_to_output(value: jax.Array, y: jax.Array) -> jax.Array:
+    """``value``, shaped like the output axes, with leading axes added to broadcast with ``y``."""
+    return value.reshape((1,) * (y.ndim - value.ndim) + value.shape).astype(y.dtype)
+
+
+def _dora_call(module, next_fun, args, kwargs, a, b, scale, where: str, drop) -> jax.Array:
+    """A DoRA layer factored: ``(x·W + s·(drop(x)·A)·B) · m / sg(‖W + s·A·B‖_c) + bias``.
+
+    This is the merged DoRA kernel's output (:func:`jaxlora.dora.dora_kernel`) without forming
+    the kernel in the forward pass; only its column norms, a vector, depend on W + s·A·B.
+    """
+    if isinstance(module, nn.Embed):
+        raise ValueError(f"`{where}` is an embedding with a DoRA magnitude; DoRA covers dense "
+                         "and conv kernels only")  # fmt: skip
+    kernel = module.get_variable("params", "kernel")
+    if not isinstance(kernel, jax.Array):
+        raise ValueError(
+            f"the kernel at `{where}` is quantised; DoRA needs the float kernel's column norms: "
+            "dequantise the base (`jaxlora.quant.dequantize_tree`) for a DoRA adapter"
+        )
+    magnitude = module.get_variable("params", LORA_MAGNITUDE)
+    y = next_fun(*args, **kwargs)
+    bias = module.get_variable("params", "bias") if getattr(module, "use_bias", False) else None
+    if bias is not None:
+        y = y - _broadcast_to_output(bias, y)
+    term = _low_rank_term(module, "__call__", args, kwargs, a, b, scale, where, drop)
+    factor = dora.magnitude_factor(kernel, a, b, magnitude, scale)
+    out = (y + term.astype(y.dtype)) * _broadcast_to_output(factor, y)
+    return out if bias is None else out + _broadcast_to_output(bias, y)
