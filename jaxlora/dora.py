@@ -1,4 +1,4 @@
-"""DoRA (Liu et al., 2024): weight-decomposed LoRA, on the merged path.
+"""DoRA (Liu et al., 2024): weight-decomposed LoRA.
 
 DoRA trains a magnitude ``m`` per output column beside the LoRA factors and normalises the
 direction: ``W' = m · V / ‖V‖_c`` with ``V = W + s·A·B`` and ``‖V‖_c`` the norm of each output
@@ -7,6 +7,9 @@ treated as a constant in the backward pass (``jax.lax.stop_gradient``), which is
 does. ``m`` lives in Θ as ``lora_magnitude`` beside ``lora_a`` / ``lora_b``, with the shape
 ``stack + output`` (PEFT names it ``lora_magnitude_vector``; for a Dense kernel both are
 ``(out_features,)``), and starts at ``‖W‖_c``, so a fresh DoRA adapter changes nothing.
+
+:func:`dora_merge` folds it into the kernel; ``jaxlora.apply`` runs it either way: merged, or
+factored (linen), where each layer multiplies its bias-free output by :func:`magnitude_factor`.
 """
 
 from __future__ import annotations
