@@ -27,6 +27,9 @@ import importlib.util
 import json
 import os
 
+# Local directories only: never let transformers reach for a hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 import torch
 import transformers
 

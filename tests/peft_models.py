@@ -168,3 +168,30 @@ def rewrite(directory, edit_tensors=None, edit_config=None):
 def load(directory, params):
     """``load_peft`` with this model's module names and layouts."""
     return jpeft.load_peft(directory, params, module_name=module_name, layouts=LAYOUTS)
+
+
+def peft_made(directory, model, perturb=True, **overrides):
+    """An adapter made by real PEFT on ``model`` (the interop config, ``overrides`` on top), with
+    every trainable tensor moved when ``perturb`` (B non-zero, DoRA magnitudes off their norms),
+    saved to ``directory``; returns the PEFT model in eval mode."""
+    import peft  # the PyTorch side; imported here so the linen helpers above need only torch
+
+    fields = dict(
+        r=4,
+        lora_alpha=8,
+        target_modules=["embed", "fc", "proj", "conv"],
+        rank_pattern={"proj": 2},
+        alpha_pattern={"conv": 4},
+        bias="lora_only",
+        modules_to_save=["norm"],
+        init_lora_weights=False,
+    )
+    torch.manual_seed(3)
+    peft_model = peft.get_peft_model(model, peft.LoraConfig(**{**fields, **overrides}))
+    if perturb:
+        with torch.no_grad():
+            for param in peft_model.parameters():
+                if param.requires_grad:
+                    param.add_(0.1 * torch.randn_like(param))
+    peft_model.save_pretrained(directory)
+    return peft_model.eval()

@@ -75,30 +75,9 @@ def test_exported_config_follows_peft_conventions(tmp_path, tiny):
     assert len(shapes) == 2 * 5 + 4 + 2  # factors, biases of conv/proj/fc x2, norm
 
 
-def _peft_made(tmp_path, model, **overrides):
-    fields = dict(
-        r=4,
-        lora_alpha=8,
-        target_modules=["embed", "fc", "proj", "conv"],
-        rank_pattern={"proj": 2},
-        alpha_pattern={"conv": 4},
-        bias="lora_only",
-        modules_to_save=["norm"],
-        init_lora_weights=False,
-    )
-    torch.manual_seed(3)
-    peft_model = peft.get_peft_model(model, peft.LoraConfig(**{**fields, **overrides}))
-    with torch.no_grad():
-        for param in peft_model.parameters():
-            if param.requires_grad:
-                param.add_(0.1 * torch.randn_like(param))
-    peft_model.save_pretrained(tmp_path)
-    return peft_model.eval()
-
-
 def test_peft_made_adapter_loads_with_equal_logits(tmp_path, tiny):
     _, params, (ids, image) = tiny
-    peft_model = _peft_made(tmp_path, copy.deepcopy(tiny[0]))
+    peft_model = pm.peft_made(tmp_path, copy.deepcopy(tiny[0]))
     lora, config = jpeft.load_peft(tmp_path, params, module_name=pm.module_name, layouts=pm.LAYOUTS)
     assert config.target_modules == ("blocks/fc", "conv", "embed", "proj")
     assert config.rank_pattern == {"proj": 2} and config.alpha_pattern == {"conv": 4}
@@ -178,7 +157,7 @@ def test_bert_export_and_import_match_peft(tmp_path, bert):
     loaded = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "out").eval()
     out_diff = np.abs(run_flax(jaxlora.merge(frozen, lora, config)) - run_torch(loaded)).max()
 
-    made = _peft_made(
+    made = pm.peft_made(
         tmp_path / "in",
         loaded.merge_and_unload(),
         target_modules=["query", "value"],

@@ -66,26 +66,10 @@ def test_dora_file_layout(tmp_path, tiny):
 
 
 def _peft_dora(tmp_path, model, init_lora_weights=False, perturb=True):
-    peft_config = peft.LoraConfig(
-        r=4,
-        lora_alpha=8,
-        target_modules=["fc", "proj", "conv"],
-        rank_pattern={"proj": 2},
-        alpha_pattern={"conv": 4},
-        bias="lora_only",
-        modules_to_save=["norm"],
-        init_lora_weights=init_lora_weights,
-        use_dora=True,
-    )
-    torch.manual_seed(3)
-    peft_model = peft.get_peft_model(model, peft_config)
-    if perturb:  # B non-zero, magnitudes away from ‖W + sΔW‖
-        with torch.no_grad():
-            for param in peft_model.parameters():
-                if param.requires_grad:
-                    param.add_(0.1 * torch.randn_like(param))
-    peft_model.save_pretrained(tmp_path)
-    return peft_model.eval()
+    return pm.peft_made(
+        tmp_path, model, perturb=perturb, target_modules=["fc", "proj", "conv"],
+        init_lora_weights=init_lora_weights, use_dora=True,
+    )  # fmt: skip
 
 
 def test_peft_made_dora_adapter_loads_with_equal_logits(tmp_path, tiny):
