@@ -66,13 +66,7 @@ def _einsum(module: nn.Einsum, x: jax.Array, a, b, scale, where: str, einsum_str
 
 
 def _conv(module: nn.Conv, x: jax.Array, a, b, scale, where: str) -> jax.Array:
-    if module.feature_group_count != 1 or module.mask is not None:
-        raise ValueError(
-            f"the factored path cannot adapt the Conv at `{where}`: it has "
-            f"`feature_group_count`={module.feature_group_count} and "
-            f"`mask`={'set' if module.mask is not None else None}; only plain convolutions "
-            "(groups 1, no mask) are supported; use `mode='merged'` for this model"
-        )
+    lowrank.check_plain_conv(where, module.feature_group_count, module.mask)
     kernel = module.get_variable("params", "kernel")
     layout = "w" * (kernel.ndim - 2) + "io"
     lowrank.check_factors(where, layout, kernel.shape, a, b)

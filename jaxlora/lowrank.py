@@ -38,6 +38,21 @@ def check_factors(where: str, layout: str, kernel_shape: tuple[int, ...], a: Any
         )
 
 
+def check_plain_conv(where: str, feature_group_count: int, mask: Any) -> None:
+    """The factored path adapts plain convolutions only (one feature group, no kernel mask).
+
+    Raises:
+        ValueError: naming the layer and what makes it unsupported.
+    """
+    if feature_group_count != 1 or mask is not None:
+        raise ValueError(
+            f"the factored path cannot adapt the Conv at `{where}`: it has "
+            f"`feature_group_count`={feature_group_count} and "
+            f"`mask`={'set' if mask is not None else None}; only plain convolutions "
+            "(groups 1, no mask) are supported; use `mode='merged'` for this model"
+        )
+
+
 def project(h: jax.Array, b: jax.Array, n_batch: int, precision: Any) -> jax.Array:
     """``h·B``: contracts the last (rank) axis of ``h`` with ``b``'s rank axis.
 

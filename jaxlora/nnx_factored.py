@@ -63,13 +63,7 @@ def _term(base: nnx.Module, method: str, x, args, kwargs, a, b, scale: float, wh
         return lowrank.einsum(
             where, spec, kernel_shape, x, a, b, scale, precision, base.preferred_element_type
         )
-    if base.feature_group_count != 1 or base.mask is not None:
-        raise ValueError(
-            f"the factored path cannot adapt the Conv at `{where}`: it has "
-            f"`feature_group_count`={base.feature_group_count} and "
-            f"`mask`={'set' if base.mask is not None else None}; only plain convolutions "
-            "(groups 1, no mask) are supported; use `mode='merged'` for this model"
-        )
+    lowrank.check_plain_conv(where, base.feature_group_count, base.mask)
     lowrank.check_factors(where, "w" * (len(kernel_shape) - 2) + "io", kernel_shape, a, b)
     # Linen's Conv with A as its kernel: the layer's own padding, strides and dilation.
     down = nn.Conv(
