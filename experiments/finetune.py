@@ -27,7 +27,6 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import jaxlora  # noqa: E402
 from experiments import sentiment  # noqa: E402
 from jaxlora import checkpoint  # noqa: E402
-from jaxlora.apply import apply  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
@@ -64,15 +63,10 @@ def main(argv: list[str] | None = None) -> dict:
           f"{len(task.test_labels):,} test snippets, {args.max_length} tokens")  # fmt: skip
     print(jaxlora.count(frozen, lora))
 
-    def forward(weights, ids, mask):
-        lora, frozen = weights
-        return apply(model, frozen, lora, config, ids, mask, mode=args.mode)
+    forward, loss = sentiment.lora_functions(model, config, args.mode)
 
     before = sentiment.accuracy(sentiment.predict(forward, (lora, frozen), task), task.test_labels)
     print(f"accuracy before fine-tuning: {before:.4f}  (fresh classifier head)")
-
-    def loss(lora, frozen, ids, mask, labels):
-        return sentiment.cross_entropy(forward((lora, frozen), ids, mask), labels)
 
     bar = tqdm(total=args.steps, desc="LoRA fine-tuning", unit="step")
 

@@ -23,7 +23,6 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jaxlora  # noqa: E402
 from experiments import sentiment  # noqa: E402
-from jaxlora.apply import apply  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
@@ -36,12 +35,7 @@ def run_lora(model, params, task, rank, args):
     config = sentiment.lora_config(rank, 2 * rank if args.alpha is None else args.alpha)
     frozen, lora = jaxlora.split(params, config, jax.random.key(args.seed))
 
-    def forward(weights, ids, mask):
-        lora, frozen = weights
-        return apply(model, frozen, lora, config, ids, mask)
-
-    def loss(lora, frozen, ids, mask, labels):
-        return sentiment.cross_entropy(forward((lora, frozen), ids, mask), labels)
+    forward, loss = sentiment.lora_functions(model, config)
 
     lora, losses, per_step = sentiment.train(
         loss, lora, frozen, task, steps=args.steps, batch_size=args.batch_size,

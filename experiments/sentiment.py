@@ -20,6 +20,7 @@ import numpy as np
 import optax
 
 import jaxlora
+from jaxlora.apply import apply
 from jaxlora.models import bert, bert_weights, data
 
 
@@ -73,6 +74,23 @@ def lora_config(rank: int = 8, alpha: float = 16, targets=("query", "value")) ->
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def lora_functions(
+    model: bert.BertClassifier, config: jaxlora.LoraConfig, mode: str = "factored"
+) -> tuple[Callable[..., jax.Array], Callable[..., jax.Array]]:
+    """``(forward, loss)`` for an adapter, in the forms :func:`predict` and :func:`train` take:
+    ``forward((lora, frozen), ids, mask)`` gives logits, ``loss(lora, frozen, ids, mask, labels)``
+    the mean cross entropy."""
+
+    def forward(weights, ids, mask):
+        lora, frozen = weights
+        return apply(model, frozen, lora, config, ids, mask, mode=mode)
+
+    def loss(lora, frozen, ids, mask, labels):
+        return cross_entropy(forward((lora, frozen), ids, mask), labels)
+
+    return forward, loss
 
 
 def train(

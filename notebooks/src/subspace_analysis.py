@@ -25,7 +25,6 @@ import numpy as np
 import jaxlora
 from experiments import sentiment
 from jaxlora import analysis
-from jaxlora.apply import apply
 
 SMALL = bool(os.environ.get("JAXLORA_SMALL"))
 STEPS, BATCH, LENGTH = (8, 8, 16) if SMALL else (300, 32, 48)
@@ -37,13 +36,7 @@ def fine_tune(rank):
     config = sentiment.lora_config(rank, alpha=2 * rank)
     frozen, lora = jaxlora.split(params, config, jax.random.key(rank))
 
-    def forward(weights, ids, mask):
-        lora, frozen = weights
-        return apply(model, frozen, lora, config, ids, mask)
-
-    def loss(lora, frozen, ids, mask, labels):
-        return sentiment.cross_entropy(forward((lora, frozen), ids, mask), labels)
-
+    forward, loss = sentiment.lora_functions(model, config)
     lora, losses, _ = sentiment.train(loss, lora, frozen, task, steps=STEPS, batch_size=BATCH,
                                       learning_rate=2e-3)
     acc = sentiment.accuracy(sentiment.predict(forward, (lora, frozen), task), task.test_labels)
