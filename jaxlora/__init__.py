@@ -8,6 +8,7 @@ from jaxlora import inits as inits
 from jaxlora import loraplus as loraplus
 from jaxlora import peft as peft
 from jaxlora import quant as quant
+from jaxlora import remat as remat
 from jaxlora import sweeps as sweeps
 from jaxlora.adapters import AdapterBank as AdapterBank
 from jaxlora.apply import apply as apply
@@ -47,6 +48,7 @@ __all__ = [
     "inits",
     "loraplus",
     "quant",
+    "remat",
     "peft",
     "sweeps",
     "load_peft",

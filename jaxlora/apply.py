@@ -10,7 +10,7 @@ apply LoRA dropout.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -18,6 +18,7 @@ import jax
 from flax import nnx
 
 from jaxlora import core, dora, factored, nnx_factored, paths, quant_forward, quant_tree
+from jaxlora import remat as remat_lib
 from jaxlora.config import LoraConfig
 from jaxlora.quant_kernel import is_quantized
 from jaxlora.types import LORA_A, LORA_B, LORA_MAGNITUDE, LoraTree, Params
@@ -94,6 +95,7 @@ def apply(
     lora_deterministic: bool | None = None,
     method: Any = None,
     variables: Mapping[str, Any] | None = None,
+    remat: str | Sequence[str] | None = None,
     **kwargs: Any,
 ) -> Any:
     """Runs ``model`` with the adapter ``lora`` on the frozen base ``frozen``.
@@ -116,14 +118,18 @@ def apply(
         method: linen: the method to apply, as for ``Module.apply``; NNX: a method name or a
             function ``f(module, *args, **kwargs)``.
         variables: linen only: other variable collections (e.g. ``batch_stats``).
+        remat: linen only: modules to recompute in the backward pass instead of keeping their
+            activations (gradient checkpointing, :mod:`jaxlora.remat`), by path with the rules
+            of ``target_modules``: a regular expression such as ``r"layers_\\d+"`` or a list of
+            names. Same values and gradients, far less activation memory.
         **kwargs: keyword inputs of the model.
 
     Returns:
         What the model returns (NNX: state updates inside the call are discarded).
 
     Raises:
-        ValueError: for an unknown ``mode``, for ``mode="merged"`` with LoRA dropout on, or for
-            dropout on without a ``"dropout"`` key.
+        ValueError: for an unknown ``mode``, for ``mode="merged"`` with LoRA dropout on, for
+            dropout on without a ``"dropout"`` key, or for a ``remat`` that matches no module.
         TypeError: when ``model`` is neither a linen nor an NNX model.
 
     Example:
@@ -146,13 +152,15 @@ def apply(
     dropout_on = _dropout_on(config, mode, rngs, lora_deterministic)
     quantized = any(is_quantized(x) for x in jax.tree.leaves(frozen, is_leaf=is_quantized))
     if isinstance(model, nn.Module):
-        if mode == "merged":
-            base = quant_tree.dequantize_tree(frozen) if quantized else frozen
-            params = _merge(base, lora, config)
-            return model.apply({**(variables or {}), "params": params}, *args, rngs=rngs,
-                               method=method, **kwargs)  # fmt: skip
-        tree = {**(variables or {}), "params": core.combine(frozen, lora)}
         with contextlib.ExitStack() as stack:
+            if remat is not None:
+                stack.enter_context(remat_lib.checkpointed(remat))
+            if mode == "merged":
+                base = quant_tree.dequantize_tree(frozen) if quantized else frozen
+                params = _merge(base, lora, config)
+                return model.apply({**(variables or {}), "params": params}, *args, rngs=rngs,
+                                   method=method, **kwargs)  # fmt: skip
+            tree = {**(variables or {}), "params": core.combine(frozen, lora)}
             stack.enter_context(
                 nn.intercept_methods(factored.lora_interceptor(config, not dropout_on))
             )
@@ -174,6 +182,10 @@ def apply(
             )
         if variables is not None:
             raise ValueError("`variables` is for linen models; an NNX model's state is `frozen`")
+        if remat is not None:
+            raise ValueError(
+                "`remat` is for linen models; for an NNX model wrap the blocks in `nnx.remat`"
+            )
         graphdef = model if isinstance(model, nnx.GraphDef) else nnx.graphdef(model)
         if mode == "merged":
             module = nnx.merge(graphdef, core.merge(frozen, lora, config))

@@ -12,11 +12,10 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 from jaxlora.quant_kernel import is_quantized
 from jaxlora.quant_tree import dequantize_tree
+from jaxlora.remat import tie_to
 from jaxlora.types import LORA_A, LORA_B, Params
 
 
@@ -29,7 +28,6 @@ def tie(tree: Params, anchor: Any) -> Params:
     program. XLA:CPU drops ``optimization_barrier`` and, without a data dependence, computes every
     kernel's float copy up front and keeps them all live, which undoes the memory saving.
     """
-    zero = jnp.ravel(anchor)[0].astype(jnp.float32) * np.float32(0)
 
     def tie_leaf(leaf):
         if not is_quantized(leaf):
@@ -37,8 +35,8 @@ def tie(tree: Params, anchor: Any) -> Params:
         # Both the codes and a float scale: unpacking the codes alone is a full-size temporary.
         field = "scale_scale" if leaf.scale_scale is not None else "scale"
         value = getattr(leaf, field)
-        codes = leaf.codes + zero.astype(leaf.codes.dtype)
-        return dataclasses.replace(leaf, codes=codes, **{field: value + zero.astype(value.dtype)})
+        codes = tie_to(leaf.codes, anchor)
+        return dataclasses.replace(leaf, codes=codes, **{field: tie_to(value, anchor)})
 
     return jax.tree.map(tie_leaf, tree, is_leaf=is_quantized)
 

@@ -1,0 +1,195 @@
+"""Gradient checkpointing of chosen linen submodules, picked by path, without editing the model.
+
+:func:`checkpointed` recomputes each selected module (a decoder block, say) in the backward pass
+instead of keeping its activations: training keeps one block's activations at a time, plus each
+block's input. It is what ``flax.linen.remat`` does, with two differences:
+
+* modules are chosen by path (``r"layers_\\d+"``), with the rules of ``target_modules``, so a model
+  needs no change, and it composes with :func:`jaxlora.lora_interceptor` and the quantised-base
+  interceptor: the recomputation re-runs the LoRA term and the dequantisation too;
+* it saves memory on every backend. ``jax.checkpoint`` relies on ``optimization_barrier`` to stop
+  XLA from merging the recomputation with the forward pass; XLA:CPU drops that barrier, so
+  ``nn.remat`` saves nothing there. Here the recomputation reads its inputs through
+  :func:`tie_to`, a zero that depends on the incoming cotangent, so it cannot run before the
+  backward pass reaches the block, whatever the backend does with barriers.
+
+:func:`jaxlora.apply` takes ``remat=`` and does this for you.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlora import paths
+
+__all__ = ["checkpointed", "interceptor", "recompute", "tie_to"]
+
+
+def tie_to(x: jax.Array, anchor: Any) -> jax.Array:
+    """``x`` plus a zero computed from ``anchor``'s first element: same value, but it cannot be
+    computed before ``anchor`` exists, and XLA cannot merge it with an earlier copy of ``x``.
+
+    >>> import jax.numpy as jnp
+    >>> tie_to(jnp.arange(3.0), jnp.ones(2)).tolist()
+    [0.0, 1.0, 2.0]
+    """
+    zero = jnp.ravel(jax.tree.leaves(anchor)[0])[0].astype(jnp.float32) * np.float32(0)
+    return x + zero.astype(x.dtype)
+
+
+def _is_float(x: Any) -> bool:
+    return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+
+
+def recompute(fun: Callable[..., Any], num_tied: int | None = None) -> Callable[..., Any]:
+    """``fun`` with a VJP that keeps only its inputs and runs ``fun`` again in the backward pass.
+
+    Args:
+        fun: a function of positional array arguments (no closed-over tracers: pass them in, e.g.
+            through ``jax.closure_convert``).
+        num_tied: how many leading arguments the recomputation reads through :func:`tie_to`
+            (default: all). Tie the activations, not big constant weights: tying copies the
+            argument, and one tied input already orders the whole recomputation after the
+            cotangent.
+
+    Returns:
+        A function with ``fun``'s values and gradients.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> f = lambda w, x: jnp.sum(jnp.tanh(x @ w))
+        >>> w, x = jnp.ones((3, 2)), jnp.arange(6.0).reshape(2, 3)
+        >>> g = jax.grad(recompute(f), argnums=(0, 1))(w, x)
+        >>> all(jnp.allclose(a, b) for a, b in zip(g, jax.grad(f, argnums=(0, 1))(w, x)))
+        True
+    """
+
+    @jax.custom_vjp
+    def run(*args):
+        return fun(*args)
+
+    def forward(*args):
+        return fun(*args), args
+
+    def backward(args, cotangent):
+        count = len(args) if num_tied is None else num_tied
+        tied = [
+            tie_to(x, cotangent) if i < count and _is_float(x) else x for i, x in enumerate(args)
+        ]
+        _, vjp = jax.vjp(fun, *tied)
+        return vjp(cotangent)
+
+    run.defvjp(forward, backward)
+    return run
+
+
+class _Selection:
+    """Which module paths a :func:`interceptor` recomputes, and which it saw (for the error)."""
+
+    def __init__(self, modules: str | Sequence[str]):
+        if isinstance(modules, str):
+            self.spec: str | tuple[str, ...] = modules
+        elif isinstance(modules, Sequence) and modules and all(isinstance(m, str) for m in modules):
+            self.spec = tuple(modules)
+        else:
+            raise TypeError(
+                "`remat` must be a regular expression (str) or a non-empty list of module names, "
+                f"got {modules!r}"
+            )
+        self.seen: dict[str, None] = {}
+        self.matched = 0
+
+    def __call__(self, module: nn.Module) -> bool:
+        where = paths.join(module.path)
+        self.seen.setdefault(where)
+        hit = bool(where) and paths.match_targets(self.spec, where)
+        self.matched += hit
+        return hit
+
+
+def interceptor(modules: str | Sequence[str]) -> Callable[..., Any]:
+    """A ``flax.linen.intercept_methods`` interceptor that recomputes the ``__call__`` of each
+    module whose path matches ``modules`` in the backward pass (see :func:`recompute`).
+
+    ``modules`` follows ``target_modules``' rules: a string is a regular expression full-matched
+    against the ``/``-joined module path, a list names modules by path suffix. The selected
+    calls must be pure in their variables (no ``batch_stats`` or cache writes); rngs are fine, the
+    recomputation reuses the keys of the forward pass. Prefer :func:`checkpointed`, which also
+    checks that something matched.
+    """
+    return _interceptor(_Selection(modules))
+
+
+def _state_ids(module: nn.Module) -> dict[str, list[int]]:
+    """Identity of every non-param variable the module can see, to notice writes."""
+    variables = module.variables
+    return {k: [id(x) for x in jax.tree.leaves(v)] for k, v in variables.items() if k != "params"}
+
+
+def _interceptor(selected: _Selection) -> Callable[..., Any]:
+    def intercept(next_fun, args, kwargs, context):
+        if context.method_name != "__call__" or not selected(context.module):
+            return next_fun(*args, **kwargs)
+        leaves, treedef = jax.tree.flatten((args, kwargs))
+
+        def call(*flat):
+            inner_args, inner_kwargs = jax.tree.unflatten(treedef, flat)
+            return next_fun(*inner_args, **inner_kwargs)
+
+        # Traced now, while every interceptor (LoRA, quantised base) is active: the backward pass
+        # replays this trace. The module's params are hoisted out as explicit inputs, so their
+        # gradients flow through the custom VJP.
+        before = _state_ids(context.module)
+        closed, consts = jax.closure_convert(call, *leaves)
+        after = _state_ids(context.module)
+        written = sorted(k for k in after if after[k] != before.get(k))
+        if written:
+            raise ValueError(
+                f"`remat` selected `{paths.join(context.module.path)}`, which writes variables "
+                f"({', '.join(written)}); a recomputed module must only read them. Select "
+                "modules without batch statistics or caches, or apply without `remat`"
+            )
+        return recompute(closed, num_tied=len(leaves))(*leaves, *consts)
+
+    return intercept
+
+
+@contextlib.contextmanager
+def checkpointed(modules: str | Sequence[str]) -> Iterator[None]:
+    """Within the block, the linen modules matching ``modules`` are recomputed in the backward
+    pass instead of keeping their activations (see :func:`interceptor`).
+
+    Raises:
+        ValueError: on leaving the block, when no module called inside it matched; the message
+            lists the module paths that were called.
+
+    Example:
+        >>> import flax.linen as nn, jax, jax.numpy as jnp
+        >>> model = nn.Sequential([nn.Dense(8), nn.tanh, nn.Dense(8), nn.tanh, nn.Dense(1)])
+        >>> params = model.init(jax.random.key(0), jnp.ones((2, 4)))["params"]
+        >>> def loss(params, remat):
+        ...     if not remat:
+        ...         return jnp.sum(model.apply({"params": params}, jnp.ones((2, 4))))
+        ...     with checkpointed(r"layers_[01]"):
+        ...         return jnp.sum(model.apply({"params": params}, jnp.ones((2, 4))))
+        >>> a, b = jax.grad(loss)(params, True), jax.grad(loss)(params, False)
+        >>> all(jnp.allclose(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+        True
+    """
+    selected = _Selection(modules)
+    with nn.intercept_methods(_interceptor(selected)):
+        yield
+    if not selected.matched:
+        seen = [p for p in selected.seen if p]
+        shown = f'"{modules}"' if isinstance(modules, str) else repr(list(modules))
+        raise ValueError(
+            f"`remat={shown}` matched no module called in the model; module paths seen: "
+            f"{paths.preview(seen) or '(none: the model calls no submodule)'}"
+        )

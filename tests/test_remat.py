@@ -1,0 +1,233 @@
+"""Gradient checkpointing by module path (``jaxlora.remat``, ``jaxlora.apply(..., remat=...)``).
+
+The laws: the same loss and gradients as without it, for every forward path jaxlora has; less
+activation memory in XLA's own accounting (compile-time sizes, not timings); and clear errors.
+"""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+import jaxlora
+from jaxlora import quant, remat
+from jaxlora.models.llama import LlamaConfig, LlamaForCausalLM
+from tests import linen_models
+from tests.treeutil import assert_trees_close
+
+BLOCKS = r"layers_\d+"
+
+
+def _llama(layers=3, hidden=32, intermediate=64):
+    cfg = LlamaConfig(vocab_size=64, hidden_size=hidden, intermediate_size=intermediate,
+                      num_layers=layers, num_heads=4, num_kv_heads=2, head_dim=hidden // 4,
+                      tie_word_embeddings=False)  # fmt: skip
+    model = LlamaForCausalLM(cfg)
+    ids = jax.random.randint(jax.random.key(3), (2, 12), 0, cfg.vocab_size)
+    return model, model.init(jax.random.key(0), ids)["params"], ids
+
+
+def _value_and_grad(model, frozen, lora, config, ids, use_jit, **kwargs):
+    def loss(lora, checkpointing):
+        logits = jaxlora.apply(model, frozen, lora, config, ids, remat=checkpointing, **kwargs)
+        return jnp.mean(jnp.sin(logits))
+
+    fn = jax.value_and_grad(loss)
+    if use_jit:
+        fn = jax.jit(fn, static_argnums=1)
+    return fn(lora, None), fn(lora, BLOCKS)
+
+
+@pytest.mark.parametrize("use_jit", [False, True])
+@pytest.mark.parametrize(
+    "variant",
+    ["factored", "merged", "dropout", "nf4", pytest.param("bf16", marks=pytest.mark.standard_dtypes),
+     "dora", "trainable_head"],
+)  # fmt: skip
+def test_same_loss_and_gradients_as_without_remat(variant, use_jit):
+    model, params, ids = _llama()
+    options = dict(r=4, target_modules="all-linear", init_lora_weights=False)
+    kwargs = {}
+    if variant == "merged":
+        kwargs["mode"] = "merged"
+    if variant == "dropout":
+        options["lora_dropout"] = 0.3
+        kwargs["rngs"] = {"dropout": jax.random.key(5)}
+    if variant == "trainable_head":
+        options["modules_to_save"] = ("lm_head",)
+    if variant == "bf16":
+        params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
+    config = jaxlora.LoraConfig(**options)
+    if variant == "dora":
+        frozen, lora = jaxlora.dora.dora_split(params, config, jax.random.key(1))
+    elif variant == "nf4":
+        qparams = quant.quantize(params, "all-linear", "nf4", 16, double_quant=False)
+        frozen, lora = quant.split_quantized(qparams, config, jax.random.key(1))
+    else:
+        frozen, lora = jaxlora.split(params, config, jax.random.key(1))
+    if variant == "bf16":
+        lora = jax.tree.map(lambda p: p.astype(jnp.float32), lora)
+    (loss, grads), (loss_remat, grads_remat) = _value_and_grad(
+        model, frozen, lora, config, ids, use_jit, **kwargs
+    )
+    assert_trees_close(loss_remat, loss, rtol=1e-6)  # XLA may fuse the two programs differently
+    assert_trees_close(grads_remat, grads, rtol=1e-5, atol=1e-7)
+
+
+def test_full_fine_tuning_gradients_unchanged():
+    model, params, ids = _llama()
+
+    def loss(params, checkpointing):
+        if checkpointing:
+            with remat.checkpointed(BLOCKS):
+                return jnp.mean(jnp.sin(model.apply({"params": params}, ids)))
+        return jnp.mean(jnp.sin(model.apply({"params": params}, ids)))
+
+    fn = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+    (loss_plain, grads), (loss_remat, grads_remat) = fn(params, False), fn(params, True)
+    assert_trees_close(loss_remat, loss_plain, rtol=1e-6)
+    assert_trees_close(grads_remat, grads, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_blocks_with_tuple_outputs_and_scanned_stacks(scan):
+    model = linen_models.Decoder(scan=scan)
+    params = linen_models.init(model, linen_models.ids())
+    layouts = jaxlora.infer_layouts(model, linen_models.ids())
+    config = jaxlora.LoraConfig(r=2, target_modules=["query", "value", "fc1"], layouts=layouts,
+                                init_lora_weights=False)  # fmt: skip
+    frozen, lora = jaxlora.split(params, config, jax.random.key(1))
+    blocks = "layers" if scan else r"layer_\d"
+
+    def loss(lora, checkpointing):
+        y = jaxlora.apply(model, frozen, lora, config, linen_models.ids(), remat=checkpointing)
+        return jnp.mean(y**2)
+
+    plain = jax.grad(loss)(lora, None)
+    assert_trees_close(jax.grad(loss)(lora, blocks), plain, rtol=1e-5, atol=1e-7)
+
+
+def test_model_dropout_draws_the_same_masks_when_recomputed():
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x, train):
+            for i in range(2):
+                x = nn.Dropout(0.5, deterministic=not train, name=f"drop_{i}")(x)
+                x = nn.Dense(8, name=f"dense_{i}")(x)
+            return x
+
+    model, x = Net(), jnp.ones((4, 8))
+    params = model.init(jax.random.key(0), x, False)["params"]
+    config = jaxlora.LoraConfig(r=2, target_modules=r"dense_\d", init_lora_weights=False)
+    frozen, lora = jaxlora.split(params, config, jax.random.key(1))
+
+    def loss(lora, checkpointing):
+        y = jaxlora.apply(model, frozen, lora, config, x, True, remat=checkpointing,
+                          rngs={"dropout": jax.random.key(2)}, lora_deterministic=True)  # fmt: skip
+        return jnp.sum(y**2)
+
+    plain = jax.grad(loss)(lora, None)
+    assert_trees_close(jax.grad(loss)(lora, ["drop_0", "drop_1"]), plain, rtol=1e-6, atol=0)
+
+
+def _temp_bytes(fn, *args):
+    return jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_remat_lowers_activation_memory(quantized):
+    """XLA's temporaries for a LoRA training gradient: with every block recomputed they are well
+    under half of what keeping all the activations costs (XLA:CPU keeps them all under
+    ``nn.remat``, whose barrier it drops)."""
+    model, params, _ = _llama(layers=6, hidden=64, intermediate=256)
+    ids = jax.random.randint(jax.random.key(3), (4, 64), 0, 64)
+    config = jaxlora.LoraConfig(r=4, target_modules="all-linear")
+    if quantized:
+        params = quant.quantize(params, "all-linear", "nf4", 64, double_quant=True)
+    frozen, lora = quant.split_quantized(params, config, jax.random.key(1))
+
+    def grad(checkpointing):
+        def loss(lora):
+            logits = jaxlora.apply(model, frozen, lora, config, ids, remat=checkpointing)
+            return jnp.mean(logits**2)
+
+        return jax.grad(loss)
+
+    plain = _temp_bytes(grad(None), lora)
+    assert _temp_bytes(grad(BLOCKS), lora) < 0.5 * plain
+
+
+def test_recompute_keeps_only_inputs():
+    layers, width = 8, 256
+
+    def block(w, x):
+        return x + jnp.tanh(x @ w) @ w.T
+
+    def loss(ws, x, wrap):
+        for w in ws:
+            x = wrap(block)(w, x)
+        return jnp.sum(x**2)
+
+    ws = [0.01 * jax.random.normal(jax.random.key(i), (width, 4 * width)) for i in range(layers)]
+    x = jax.random.normal(jax.random.key(9), (512, width))
+    plain, rematted = (jax.grad(functools.partial(loss, wrap=w), argnums=(0, 1))
+                       for w in (lambda f: f, remat.recompute))  # fmt: skip
+    assert_trees_close(rematted(ws, x), plain(ws, x), rtol=1e-5, atol=1e-6)
+    assert _temp_bytes(rematted, ws, x) < 0.5 * _temp_bytes(plain, ws, x)
+
+
+@pytest.mark.standard_dtypes
+def test_narrow_kernels_are_not_kept_in_float32():
+    """A bfloat16 base under float32 compute: the factored Dense keeps the bf16 kernel for the
+    backward pass and casts again there. XLA's temporaries then match a float32 base's instead
+    of adding a float32 copy of every kernel."""
+    model, params, ids = _llama(layers=4, hidden=128, intermediate=512)
+    config = jaxlora.LoraConfig(r=4, target_modules="all-linear")
+    frozen, lora = jaxlora.split(params, config, jax.random.key(1))
+
+    def loss(lora, frozen):
+        return jnp.mean(jaxlora.apply(model, frozen, lora, config, ids) ** 2)
+
+    narrow = jax.tree.map(lambda p: p.astype(jnp.bfloat16), frozen)
+    kernels = sum(4 * t.shape[0] * t.shape[1] for t in jaxlora.find_targets(params, config))
+    wide_temp = _temp_bytes(jax.grad(loss), lora, frozen)
+    assert _temp_bytes(jax.grad(loss), lora, narrow) < wide_temp + kernels / 4
+
+
+def test_errors():
+    model, params, ids = _llama(layers=2)
+    config = jaxlora.LoraConfig(r=2, target_modules=["q_proj"])
+    frozen, lora = jaxlora.split(params, config, jax.random.key(1))
+    with pytest.raises(ValueError, match=r'`remat="block_\\d"` matched no module.*layers_0'):
+        jaxlora.apply(model, frozen, lora, config, ids, remat=r"block_\d")
+    with pytest.raises(TypeError, match="`remat` must be a regular expression"):
+        jaxlora.apply(model, frozen, lora, config, ids, remat=3)
+    with pytest.raises(TypeError, match="`remat` must be a regular expression"):
+        jaxlora.apply(model, frozen, lora, config, ids, remat=[])
+
+    class Normed(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.BatchNorm(use_running_average=False, name="bn")(nn.Dense(4, name="fc")(x))
+
+    x = jnp.ones((3, 4))
+    variables = Normed().init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match="`remat` selected `bn`, which writes variables"):
+        with remat.checkpointed("bn"):
+            Normed().apply(variables, x, mutable=["batch_stats"])
+
+    class Tiny(nnx.Module):
+        def __init__(self):
+            self.fc = nnx.Linear(4, 4, rngs=nnx.Rngs(0))
+
+        def __call__(self, x):
+            return self.fc(x)
+
+    graphdef, state = nnx.split(Tiny())
+    nnx_config = jaxlora.LoraConfig(r=2, target_modules=["fc"])
+    nnx_frozen, nnx_lora = jaxlora.split(state, nnx_config, jax.random.key(1))
+    with pytest.raises(ValueError, match="`remat` is for linen models"):
+        jaxlora.apply(graphdef, nnx_frozen, nnx_lora, nnx_config, x, remat="fc")
