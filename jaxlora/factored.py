@@ -93,10 +93,13 @@ def _fused_dense(module, args, kwargs, a, b, scale, where: str) -> jax.Array | N
     if not isinstance(kernel, jax.Array) or not (bias is None or isinstance(bias, jax.Array)):
         return None
     x = args[0] if args else kwargs["inputs"]
+    stored = kernel
     x, kernel, bias = module.promote_dtype(x, kernel, bias, dtype=module.dtype)
     if not (x.dtype == kernel.dtype == a.dtype == b.dtype):
         return None
     lowrank.check_factors(where, "io", kernel.shape, a, b)
+    if jnp.issubdtype(stored.dtype, jnp.floating) and stored.dtype.itemsize < x.dtype.itemsize:
+        kernel = stored  # cast inside, so only the narrow kernel is kept for the backward pass
     return lowrank.dense_fused(x, kernel, bias, a, b, scale, module.precision)
 
 

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxlora import remat
+
 _LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
@@ -118,8 +120,11 @@ def dense_fused(
     sequence axes together, which XLA:CPU compiles far worse inside a training step: on the
     benchmark GPT (all-linear, r 8) the step is 0.89x of full fine-tuning that way, 0.79x with this
     ``custom_vjp`` but an N-D ``dA``, and 0.64x as written. The kernel's cotangent is computed too
-    and removed by XLA's dead-code elimination when the kernel is frozen. ``x``, ``kernel``, ``a``
-    and ``b`` must share one dtype (the interceptor checks this before taking this path).
+    and removed by XLA's dead-code elimination when the kernel is frozen. ``x``, ``a`` and ``b``
+    must share one dtype (the interceptor checks this before taking this path). The kernel may be
+    stored in a narrower float type (a bfloat16 base under float32 compute): it is cast to ``x``'s
+    dtype inside the forward and again inside the backward, so only the stored kernel is kept
+    between them, never a float32 copy.
 
     Example:
         >>> import jax.numpy as jnp
@@ -131,9 +136,17 @@ def dense_fused(
     return _dense_fused_fwd(x, kernel, bias, a, b, scale, precision)[0]
 
 
+def _compute_kernel(kernel: jax.Array, like: jax.Array) -> jax.Array:
+    """``kernel`` in ``like``'s dtype; a cast copy is made to depend on ``like``, so that XLA can
+    neither hoist it to the start of the step nor share the forward's copy with the backward."""
+    if kernel.dtype == like.dtype:
+        return kernel
+    return remat.tie_to(kernel, like).astype(like.dtype)
+
+
 def _dense_fused_fwd(x, kernel, bias, a, b, scale, precision):
     dims = (((x.ndim - 1,), (0,)), ((), ()))
-    y = lax.dot_general(x, kernel, dims, precision=precision)
+    y = lax.dot_general(x, _compute_kernel(kernel, x), dims, precision=precision)
     h = lax.dot_general(x, a, dims, precision=precision) * jnp.asarray(scale, x.dtype)
     y = y + project(h, b, 0, precision)
     if bias is not None:
@@ -146,9 +159,9 @@ def _dense_fused_bwd(scale, precision, residuals, dy):
     dy2, x2 = _rows(dy), _rows(x)
     transposed = (((1,), (1,)), ((), ()))
     dh = lax.dot_general(dy2, b, transposed, precision=precision) * jnp.asarray(scale, dy.dtype)
-    dx = lax.dot_general(dy2, kernel, transposed, precision=precision)
+    dx = lax.dot_general(dy2, _compute_kernel(kernel, dy2), transposed, precision=precision)
     dx = dx + lax.dot_general(dh, a, transposed, precision=precision)
-    d_kernel = _contract_rows(x2, dy2, precision)
+    d_kernel = _contract_rows(x2, dy2, precision).astype(kernel.dtype)
     d_a = _contract_rows(x2, dh, precision)
     d_b = _contract_rows(_rows(h), dy2, precision)
     d_bias = None if bias is None else jnp.sum(dy2, axis=0)
