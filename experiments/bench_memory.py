@@ -1,7 +1,7 @@
 """Peak training memory: full fine-tuning vs LoRA on an fp32, bf16, int8 and NF4 frozen base.
 
 One AdamW training step of a parameter-dominated Llama-style decoder (``jaxlora.models.llama``,
-~303M parameters at the default size, batch 1 × 128 tokens) for each configuration, each in its
+~335M parameters at the default size, batch 1 × 128 tokens) for each configuration, each in its
 own process. Two measures per configuration:
 
 * XLA's view: ``jax.jit(step).lower(...).compile().memory_analysis()``: arguments + outputs −
@@ -14,12 +14,14 @@ own process. Two measures per configuration:
   build and compile peaks are recorded separately. The ``idle`` row is a process that imports
   everything and runs a tiny jitted function.
 
-LoRA is r=8 on every linear kernel but the output head (``"all-linear"``, as QLoRA). Two forward
-paths: ``merged`` (``W + s·A·B`` folded inside the loss; a quantised base is dequantised as a whole
-tree first) and ``factored`` (``jaxlora.factored.lora_interceptor`` with
-``jaxlora.quant.interceptor``: each quantised kernel is dequantised inside its layer call and
-recomputed in the backward pass). Quantised bases keep the embedding table, norms and head in
-bfloat16.
+LoRA is r=8 on every linear kernel but the output head (``"all-linear"``, as QLoRA), run through
+``jaxlora.apply``. Two forward paths: ``merged`` (``W + s·A·B`` folded inside the loss; a quantised
+base is dequantised as a whole tree first) and ``factored`` (each adapted layer adds its low-rank
+term; each quantised kernel is dequantised inside its layer call and again in the backward pass).
+Quantised bases keep the embedding table, norms and head in bfloat16. The ``_remat`` rows, full
+fine-tuning included, recompute every decoder block in the backward pass
+(``jaxlora.remat``, ``remat=r"layers_\\d+"``) instead of keeping its activations (QLoRA trains
+with gradient checkpointing too); their ratios are to ``full_ft_remat``.
 
     python experiments/bench_memory.py          # -> experiments/results/bench_memory.{json,md}
     python experiments/bench_memory.py --small    # tiny model, for the smoke test
@@ -42,18 +44,25 @@ import time
 import zlib
 
 CONFIGS = {
-    # name: (kind, base storage, forward path)
-    "idle": ("idle", None, None),
-    "full_ft": ("full", "float32", None),
-    "lora_fp32_merged": ("lora", "float32", "merged"),
-    "lora_bf16_merged": ("lora", "bfloat16", "merged"),
-    "lora_int8_merged": ("lora", "int8", "merged"),
-    "lora_nf4_merged": ("lora", "nf4", "merged"),
-    "lora_fp32_factored": ("lora", "float32", "factored"),
-    "lora_bf16_factored": ("lora", "bfloat16", "factored"),
-    "lora_int8_factored": ("lora", "int8", "factored"),
-    "lora_nf4_factored": ("lora", "nf4", "factored"),
+    # name: (kind, base storage, forward path, decoder blocks recomputed in the backward pass)
+    "idle": ("idle", None, None, False),
+    "full_ft": ("full", "float32", None, False),
+    "lora_fp32_merged": ("lora", "float32", "merged", False),
+    "lora_bf16_merged": ("lora", "bfloat16", "merged", False),
+    "lora_int8_merged": ("lora", "int8", "merged", False),
+    "lora_nf4_merged": ("lora", "nf4", "merged", False),
+    "lora_fp32_factored": ("lora", "float32", "factored", False),
+    "lora_bf16_factored": ("lora", "bfloat16", "factored", False),
+    "lora_int8_factored": ("lora", "int8", "factored", False),
+    "lora_nf4_factored": ("lora", "nf4", "factored", False),
+    "full_ft_remat": ("full", "float32", None, True),
+    "lora_fp32_factored_remat": ("lora", "float32", "factored", True),
+    "lora_bf16_factored_remat": ("lora", "bfloat16", "factored", True),
+    "lora_int8_factored_remat": ("lora", "int8", "factored", True),
+    "lora_nf4_factored_remat": ("lora", "nf4", "factored", True),
 }
+#: The modules ``--remat`` rows recompute (``jaxlora.remat``): every decoder block.
+REMAT_MODULES = r"layers_\d+"
 SIZES = {
     "default": dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_layers=21,
                     num_heads=16, num_kv_heads=16, head_dim=64, tie_word_embeddings=False),
@@ -129,17 +138,17 @@ def _nbytes(tree) -> int:
 
 def run_config(name: str, size: str = "default", steps: int = 2) -> dict:
     """Runs one configuration in this process and returns its measurements."""
-    import flax.linen as nn
     import jax
     import jax.numpy as jnp
     import optax
 
     import jaxlora
-    from jaxlora import factored, quant
+    from jaxlora import quant
     from jaxlora.models.llama import LlamaConfig, LlamaForCausalLM
 
-    kind, storage, path = CONFIGS[name]
-    out = {"config": name, "kind": kind, "base": storage, "path": path, "size": size}
+    kind, storage, path, remat = CONFIGS[name]
+    out = {"config": name, "kind": kind, "base": storage, "path": path, "remat": remat,
+           "size": size}  # fmt: skip
     if kind == "idle":
         jax.block_until_ready(jax.jit(lambda x: x * 2)(jnp.ones(4)))
         _reset_peak()
@@ -161,12 +170,17 @@ def run_config(name: str, size: str = "default", steps: int = 2) -> dict:
         return -jnp.mean(jnp.take_along_axis(logp, labels[..., None], axis=-1))
 
     opt = optax.adamw(1e-4)
+    checkpointing = REMAT_MODULES if remat else None
     if kind == "full":
 
+        def forward(params):
+            if checkpointing is None:
+                return model.apply({"params": params}, inputs)
+            with jaxlora.remat.checkpointed(checkpointing):
+                return model.apply({"params": params}, inputs)
+
         def step(params, opt_state):
-            loss, grads = jax.value_and_grad(lambda p: xent(model.apply({"params": p}, inputs)))(
-                params
-            )
+            loss, grads = jax.value_and_grad(lambda p: xent(forward(p)))(params)
             updates, opt_state = opt.update(grads, opt_state, params)
             return optax.apply_updates(params, updates), opt_state, loss
 
@@ -176,16 +190,14 @@ def run_config(name: str, size: str = "default", steps: int = 2) -> dict:
         _, lora = quant.split_quantized(params, lora_config, jax.random.key(2))
         out["trainable"] = sum(int(x.size) for x in jax.tree.leaves(lora))
 
-        def forward(lora, frozen):
-            if path == "merged":
-                merged = quant.merge_quantized(frozen, lora, lora_config)
-                return model.apply({"params": merged}, inputs)
-            with nn.intercept_methods(factored.lora_interceptor(lora_config)):
-                with nn.intercept_methods(quant.interceptor()):
-                    return model.apply({"params": jaxlora.combine(frozen, lora)}, inputs)
-
         def step(lora, opt_state, frozen):
-            loss, grads = jax.value_and_grad(lambda t: xent(forward(t, frozen)))(lora)
+            def loss_fn(lora):
+                logits = jaxlora.apply(
+                    model, frozen, lora, lora_config, inputs, mode=path, remat=checkpointing
+                )
+                return xent(logits)
+
+            loss, grads = jax.value_and_grad(loss_fn)(lora)
             updates, opt_state = opt.update(grads, opt_state, lora)
             return optax.apply_updates(lora, updates), opt_state, loss
 
@@ -217,18 +229,21 @@ def run_config(name: str, size: str = "default", steps: int = 2) -> dict:
 
 
 def _table(rows: list[dict]) -> str:
-    full = next((r for r in rows if r["config"] == "full_ft"), None)
+    """One line per configuration; each ratio is to the full fine-tuning row with the same
+    checkpointing (blocks recomputed or not)."""
+    fulls = {r.get("remat", False): r for r in rows if r["kind"] == "full"}
     idle = next((r for r in rows if r["config"] == "idle"), None)
     lines = [
-        "| configuration | base | path | base bytes (MiB) | XLA peak (MiB) | XLA / full FT "
-        "| step peak RSS (MiB) | RSS / full FT | (RSS − idle) / (full FT − idle) "
+        "| configuration | base | path | blocks recomputed | base bytes (MiB) | XLA peak (MiB) "
+        "| XLA / full FT | step peak RSS (MiB) | RSS / full FT | (RSS − idle) / (full FT − idle) "
         "| lifetime peak RSS (MiB) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if r["kind"] == "idle":
-            lines.append(f"| idle process | | | | | | {r['peak_rss_mb']:.0f} | | | |")
+            lines.append(f"| idle process | | | | | | | {r['peak_rss_mb']:.0f} | | | |")
             continue
+        full = fulls.get(r.get("remat", False))
         xla = r["xla_peak_bytes"] / 2**20
         ratio = r["xla_peak_bytes"] / full["xla_peak_bytes"] if full else float("nan")
         rss = r["peak_rss_mb"] / full["peak_rss_mb"] if full else float("nan")
@@ -240,6 +255,7 @@ def _table(rows: list[dict]) -> str:
             )
         lines.append(
             f"| {r['config']} | {r['base']} | {r['path'] or 'full'} "
+            f"| {'yes' if r.get('remat') else 'no'} "
             f"| {r['base_bytes'] / 2**20:.0f} | {xla:.0f} | {ratio:.3f} "
             f"| {r['peak_rss_mb']:.0f} | {rss:.3f} | {net:.3f} | {lifetime:.0f} |"
         )

@@ -1,4 +1,4 @@
-"""Smoke test of experiments/bench_memory.py on a tiny model (two configurations)."""
+"""Smoke test of experiments/bench_memory.py on a tiny model (three configurations)."""
 
 import json
 import os
@@ -9,12 +9,13 @@ SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "experiments", "benc
 
 
 def test_bench_memory_small_writes_json_and_markdown(tmp_path):
-    cmd = [sys.executable, SCRIPT, "--small", "--configs", "full_ft,lora_nf4_factored"]
+    configs = "full_ft,lora_nf4_factored,lora_nf4_factored_remat"
+    cmd = [sys.executable, SCRIPT, "--small", "--configs", configs]
     proc = subprocess.run(cmd + ["--out", str(tmp_path)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads((tmp_path / "bench_memory_small.json").read_text())
     rows = {row["config"]: row for row in data["rows"]}
-    assert set(rows) == {"full_ft", "lora_nf4_factored"}
+    assert set(rows) == {"full_ft", "lora_nf4_factored", "lora_nf4_factored_remat"}
     full, nf4 = rows["full_ft"], rows["lora_nf4_factored"]
     assert nf4["base_bytes"] < full["base_bytes"] / 3  # 4-bit codes + scales vs float32
     assert 0 < nf4["trainable"] < full["params"]
@@ -22,4 +23,7 @@ def test_bench_memory_small_writes_json_and_markdown(tmp_path):
         assert row["xla_peak_bytes"] > 0 and row["peak_rss_mb"] > 0
         assert row["loss"] == row["loss"]  # not NaN
     table = (tmp_path / "bench_memory_small.md").read_text()
-    assert "| lora_nf4_factored | nf4 | factored |" in table
+    assert "| lora_nf4_factored | nf4 | factored | no |" in table
+    assert "| lora_nf4_factored_remat | nf4 | factored | yes |" in table
+    remat = rows["lora_nf4_factored_remat"]
+    assert remat["remat"] and abs(remat["loss"] - nf4["loss"]) < 1e-5  # the same step
