@@ -7,11 +7,11 @@ block's input. It is what ``flax.linen.remat`` does, with two differences:
 * modules are chosen by path (``r"layers_\\d+"``), with the rules of ``target_modules``, so a model
   needs no change, and it composes with :func:`jaxlora.lora_interceptor` and the quantised-base
   interceptor: the recomputation re-runs the LoRA term and the dequantisation too;
-* it saves memory on every backend. ``jax.checkpoint`` relies on ``optimization_barrier`` to stop
-  XLA from merging the recomputation with the forward pass; XLA:CPU drops that barrier, so
-  ``nn.remat`` saves nothing there. Here the recomputation reads its inputs through
-  :func:`tie_to`, a zero that depends on the incoming cotangent, so it cannot run before the
-  backward pass reaches the block, whatever the backend does with barriers.
+* it does not rely on ``optimization_barrier``. ``jax.checkpoint`` uses that barrier to stop XLA
+  from merging the recomputation back into the forward pass; XLA:CPU drops it, so ``nn.remat``
+  saves nothing there (``experiments/results/memory_notes.md``). Here the recomputation reads its
+  inputs through :func:`tie_to`, a zero that depends on the incoming cotangent, so it cannot run
+  before the backward pass reaches the block, whatever a backend does with barriers.
 
 :func:`jaxlora.apply` takes ``remat=`` and does this for you.
 """
@@ -135,8 +135,9 @@ def _state_ids(module: nn.Module) -> dict[str, list[int]]:
 
 def _interceptor(selected: _Selection) -> Callable[..., Any]:
     def intercept(next_fun, args, kwargs, context):
-        if context.method_name != "__call__" or not selected(context.module):
-            return next_fun(*args, **kwargs)
+        module = context.module
+        if context.method_name != "__call__" or not selected(module) or module.is_initializing():
+            return next_fun(*args, **kwargs)  # (an init has nothing to recompute)
         leaves, treedef = jax.tree.flatten((args, kwargs))
 
         def call(*flat):
@@ -146,13 +147,13 @@ def _interceptor(selected: _Selection) -> Callable[..., Any]:
         # Traced now, while every interceptor (LoRA, quantised base) is active: the backward pass
         # replays this trace. The module's params are hoisted out as explicit inputs, so their
         # gradients flow through the custom VJP.
-        before = _state_ids(context.module)
+        before = _state_ids(module)
         closed, consts = jax.closure_convert(call, *leaves)
-        after = _state_ids(context.module)
+        after = _state_ids(module)
         written = sorted(k for k in after if after[k] != before.get(k))
         if written:
             raise ValueError(
-                f"`remat` selected `{paths.join(context.module.path)}`, which writes variables "
+                f"`remat` selected `{paths.join(module.path)}`, which writes variables "
                 f"({', '.join(written)}); a recomputed module must only read them. Select "
                 "modules without batch statistics or caches, or apply without `remat`"
             )

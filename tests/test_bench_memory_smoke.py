@@ -27,3 +27,17 @@ def test_bench_memory_small_writes_json_and_markdown(tmp_path):
     assert "| lora_nf4_factored_remat | nf4 | factored | yes |" in table
     remat = rows["lora_nf4_factored_remat"]
     assert remat["remat"] and abs(remat["loss"] - nf4["loss"]) < 1e-5  # the same step
+
+
+def test_xla_peak_breakdown_reads_a_dump(tmp_path):
+    dump = tmp_path / "dump"
+    env = {**os.environ, "XLA_FLAGS": f"--xla_dump_to={dump} --xla_dump_hlo_module_re=.*step.*"}
+    worker = [sys.executable, SCRIPT, "--small", "--worker", "lora_nf4_factored_remat"]
+    proc = subprocess.run(worker, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    breakdown = os.path.join(os.path.dirname(SCRIPT), "xla_peak_breakdown.py")
+    proc = subprocess.run([sys.executable, breakdown, str(dump)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    total = float(proc.stdout.split("MiB")[0].rsplit(":", 1)[1])
+    rows = [ln for ln in proc.stdout.splitlines() if ln.startswith("| f32[")]
+    assert total > 0 and rows  # float32 activations are live at the peak

@@ -44,8 +44,8 @@ def _value_and_grad(model, frozen, lora, config, ids, use_jit, **kwargs):
 @pytest.mark.parametrize("use_jit", [False, True])
 @pytest.mark.parametrize(
     "variant",
-    ["factored", "merged", "dropout", "nf4", pytest.param("bf16", marks=pytest.mark.standard_dtypes),
-     "dora", "trainable_head"],
+    ["factored", "merged", "dropout", "nf4", "dora", "trainable_head",
+     pytest.param("bf16", marks=pytest.mark.standard_dtypes)],
 )  # fmt: skip
 def test_same_loss_and_gradients_as_without_remat(variant, use_jit):
     model, params, ids = _llama()
@@ -108,6 +108,13 @@ def test_blocks_with_tuple_outputs_and_scanned_stacks(scan):
 
     plain = jax.grad(loss)(lora, None)
     assert_trees_close(jax.grad(loss)(lora, blocks), plain, rtol=1e-5, atol=1e-7)
+
+
+def test_init_inside_the_context_is_a_plain_init():
+    model, params, ids = _llama(layers=2)
+    with remat.checkpointed(BLOCKS):
+        inited = model.init(jax.random.key(0), ids)["params"]
+    assert_trees_close(inited, params)
 
 
 def test_model_dropout_draws_the_same_masks_when_recomputed():
