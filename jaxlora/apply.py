@@ -15,9 +15,10 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
-from jaxlora import core, dora, factored, nnx_factored, paths, quant_forward, quant_tree
+from jaxlora import chunked, core, dora, factored, nnx_factored, paths, quant_forward, quant_tree
 from jaxlora import remat as remat_lib
 from jaxlora.config import LoraConfig
 from jaxlora.quant_kernel import is_quantized
@@ -56,6 +57,15 @@ def _dropout_on(config: LoraConfig, mode: str, rngs: dict, lora_deterministic: b
             f"`rngs={{'{factored.DROPOUT_RNG}': key}}`; got rngs for {sorted(rngs)}"
         )
     return True
+
+
+def _has_narrow_floats(frozen: Params) -> bool:
+    """Whether the base stores some float leaf in fewer than 32 bits (bfloat16, float16, ...)."""
+    leaves = jax.tree.leaves(frozen, is_leaf=is_quantized)
+    return any(
+        not is_quantized(x) and jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize < 4
+        for x in leaves
+    )
 
 
 def _is_dora(lora: LoraTree) -> bool:
@@ -168,6 +178,9 @@ def apply(
                 # Inside the LoRA interceptor, so the layer it wraps sees the dequantised kernel
                 # while the low-rank term is still added outside.
                 stack.enter_context(nn.intercept_methods(quant_forward.interceptor()))
+            if _has_narrow_floats(frozen):
+                # A big bf16 layer without LoRA (the output head) is cast a block at a time.
+                stack.enter_context(nn.intercept_methods(chunked.interceptor()))
             return model.apply(tree, *args, rngs=rngs, method=method, **kwargs)
     if isinstance(model, nnx.Module | nnx.GraphDef):
         if quantized:

@@ -1,0 +1,124 @@
+"""A Dense layer on a narrow stored kernel, cast a block of columns at a time (``jaxlora.chunked``).
+
+Laws: the layer's outputs and gradients, for every shape and block size; and no float32 copy of
+the whole kernel in XLA's temporaries.
+"""
+
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import jaxlora
+from jaxlora import chunked
+from jaxlora.models.llama import LlamaConfig, LlamaForCausalLM
+from tests.treeutil import assert_trees_close
+
+pytestmark = pytest.mark.standard_dtypes  # a bf16 kernel under float32 compute is the point
+
+
+def _plain(x, kernel):
+    return x @ kernel.astype(x.dtype)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    rows=st.integers(1, 5),
+    n_in=st.integers(1, 9),
+    n_out=st.integers(1, 23),
+    block=st.integers(1, 30),
+    lead=st.sampled_from([(), (2,)]),
+)
+def test_outputs_and_gradients_are_the_plain_layers(rows, n_in, n_out, block, lead):
+    keys = jax.random.split(jax.random.key(rows * 1000 + n_in * 100 + n_out), 3)
+    x = jax.random.normal(keys[0], (*lead, rows, n_in))
+    kernel = jax.random.normal(keys[1], (n_in, n_out)).astype(jnp.bfloat16)
+    probe = jax.random.normal(keys[2], (*lead, rows, n_out))
+
+    def loss(fn):
+        return lambda x, k: jnp.sum(jnp.sin(fn(x, k)) * probe)
+
+    blocked = lambda x, k: chunked.dense(x, k, block)  # noqa: E731
+    assert_trees_close(blocked(x, kernel), _plain(x, kernel), rtol=1e-6, atol=1e-6)
+    grads = jax.grad(loss(blocked), argnums=(0, 1))(x, kernel)
+    assert_trees_close(grads, jax.grad(loss(_plain), argnums=(0, 1))(x, kernel), rtol=1e-2,
+                       atol=1e-5)  # fmt: skip (the kernel gradient is rounded to bf16)
+    assert grads[1].dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("use_bias", [False, True])
+@pytest.mark.parametrize("use_jit", [False, True])
+def test_interceptor_gives_the_layers_outputs_and_gradients(use_bias, use_jit):
+    head, x = nn.Dense(300, use_bias=use_bias), jax.random.normal(jax.random.key(0), (3, 4, 64))
+    params = head.init(jax.random.key(1), x)["params"]
+    params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
+
+    def loss(params, x, blocked):
+        if not blocked:
+            return jnp.sum(jnp.tanh(head.apply({"params": params}, x)))
+        with nn.intercept_methods(chunked.interceptor(block_bytes=64 * 4 * 128)):
+            return jnp.sum(jnp.tanh(head.apply({"params": params}, x)))
+
+    fn = jax.value_and_grad(loss, argnums=(0, 1))
+    if use_jit:
+        fn = jax.jit(fn, static_argnums=2)
+    (value, grads), (value_blocked, grads_blocked) = fn(params, x, False), fn(params, x, True)
+    assert_trees_close(value_blocked, value, rtol=1e-6)
+    assert_trees_close(grads_blocked, grads, rtol=2e-2, atol=1e-4)  # bf16 param gradients
+
+
+def _temp_bytes(fn, *args):
+    return jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_no_float32_copy_of_the_kernel():
+    x = jax.random.normal(jax.random.key(0), (16, 512))
+    kernel = jax.random.normal(jax.random.key(1), (512, 8192)).astype(jnp.bfloat16)
+    full_copy = 4 * kernel.size  # 16 MiB
+
+    def grad(fn):
+        return jax.grad(lambda x, k: jnp.sum(jnp.tanh(fn(x, k))))
+
+    assert _temp_bytes(grad(_plain), x, kernel) >= full_copy
+    blocked = lambda x, k: chunked.dense(x, k, 1024)  # noqa: E731  # 2 MiB blocks
+    assert _temp_bytes(grad(blocked), x, kernel) < full_copy / 4
+
+
+def test_apply_casts_a_bf16_head_in_blocks(monkeypatch):
+    """Through ``jaxlora.apply`` on a bf16 base: same loss and LoRA gradients as without the
+    blocks, and the head's float32 copy is gone from the temporaries."""
+    sizes = dict(vocab_size=8192, hidden_size=128, intermediate_size=256, num_layers=2)
+    cfg = LlamaConfig(**sizes, num_heads=4, num_kv_heads=2, head_dim=32, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg)
+    ids = jax.random.randint(jax.random.key(3), (2, 16), 0, cfg.vocab_size)
+    params = model.init(jax.random.key(0), ids)["params"]
+    params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
+    config = jaxlora.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
+    frozen, lora = jaxlora.split(params, config, jax.random.key(1))
+    lora = jax.tree.map(lambda p: p.astype(jnp.float32), lora)
+
+    def value_and_grad():
+        def loss(lora, frozen):
+            logits = jaxlora.apply(model, frozen, lora, config, ids)
+            return jnp.mean(jax.nn.log_softmax(logits)[..., 0])
+
+        return jax.jit(jax.value_and_grad(loss)), _temp_bytes(jax.grad(loss), lora, frozen)
+
+    monkeypatch.setattr(chunked, "DEFAULT_BLOCK_BYTES", 2**20)  # the 4 MiB head in 4 blocks
+    blocked, blocked_temp = value_and_grad()
+    monkeypatch.setattr(sys.modules["jaxlora.apply"], "_has_narrow_floats", lambda frozen: False)
+    plain, plain_temp = value_and_grad()
+    (value, grads), (value_blocked, grads_blocked) = plain(lora, frozen), blocked(lora, frozen)
+    assert_trees_close(value_blocked, value, rtol=1e-6)
+    assert_trees_close(grads_blocked, grads, rtol=1e-5, atol=1e-7)
+    head_copy = 4 * cfg.hidden_size * cfg.vocab_size  # 4 MiB
+    assert blocked_temp < plain_temp - head_copy / 2
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="`block_bytes` must be a positive int"):
+        chunked.interceptor(block_bytes=0)
