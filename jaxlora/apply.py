@@ -5,6 +5,11 @@ d×k temporary, no weight-gradient of W): the fast path for training. The merged
 adapter in first (``W + s·A·B``) and runs the plain model: the reference, and what a deployed model
 runs. Both give the same outputs and gradients within float tolerance; only the factored mode can
 apply LoRA dropout.
+
+On a linen model the factored mode also keeps a low-memory base low: quantised kernels are
+dequantised inside each layer call (:mod:`jaxlora.quant`), and big bfloat16 layers without LoRA
+(an output head) are cast a block of columns at a time (:mod:`jaxlora.chunked`). ``remat=``
+recomputes chosen blocks in the backward pass (:mod:`jaxlora.remat`).
 """
 
 from __future__ import annotations
