@@ -21,8 +21,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxlora.types import LORA_A
-
 __all__ = ["dense", "interceptor", "DEFAULT_BLOCK_BYTES"]
 
 #: Bytes of one cast block of columns: a full cast below this size is left to the layer.
@@ -33,20 +31,32 @@ def _blocks(n_cols: int, block: int) -> list[slice]:
     return [slice(start, min(start + block, n_cols)) for start in range(0, n_cols, block)]
 
 
-def _block(kernel: jax.Array, columns: slice, anchor: jax.Array) -> jax.Array:
-    """``kernel[:, columns]``, read only once ``anchor`` exists. The start index gets a zero that
-    depends on ``anchor`` (``x > inf`` is false even for NaN), so XLA neither slices every block up
-    front nor shares the forward pass's blocks with the backward pass: either keeps a copy of the
-    whole kernel alive."""
+def _block(kernel: jax.Array, span: slice, anchor: jax.Array, transposed: bool) -> jax.Array:
+    """The kernel's output columns ``span`` as an ``(in, len(span))`` block, read only once
+    ``anchor`` exists. The start index gets a zero that depends on ``anchor`` (``x > inf`` is
+    false even for NaN), so XLA neither slices every block up front nor shares the forward pass's
+    blocks with the backward pass: either keeps a copy of the whole kernel alive."""
     zero = (jnp.ravel(anchor)[0] > jnp.inf).astype(jnp.int32)
-    size = columns.stop - columns.start
-    return lax.dynamic_slice_in_dim(kernel, columns.start + zero, size, axis=1)
+    size = span.stop - span.start
+    block = lax.dynamic_slice_in_dim(kernel, span.start + zero, size, axis=0 if transposed else 1)
+    return block.T if transposed else block
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def dense(x: jax.Array, kernel: jax.Array, block_columns: int, precision: Any = None) -> jax.Array:
+def _in_out(kernel: jax.Array, transposed: bool) -> tuple[int, int]:
+    return kernel.shape[::-1] if transposed else kernel.shape
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def dense(
+    x: jax.Array,
+    kernel: jax.Array,
+    block_columns: int,
+    precision: Any = None,
+    transposed: bool = False,
+) -> jax.Array:
     """``x @ kernel.astype(x.dtype)`` over the last axis of ``x``, casting ``block_columns`` output
-    columns of the 2-D ``kernel`` at a time (forward and backward pass).
+    columns of the 2-D ``kernel`` at a time (forward and backward pass); with ``transposed``,
+    ``x @ kernel.T`` (an embedding table used as the output head), blocks of rows.
 
     Each block is read only once the previous block's result exists, so XLA runs the blocks one
     after another instead of casting them all up front.
@@ -56,62 +66,91 @@ def dense(x: jax.Array, kernel: jax.Array, block_columns: int, precision: Any = 
         >>> x, w = jnp.ones((2, 3)), jnp.arange(15.0).reshape(3, 5).astype(jnp.bfloat16)
         >>> dense(x, w, 2).tolist() == (x @ w.astype(jnp.float32)).tolist()
         True
+        >>> dense(x, w.T, 2, transposed=True).tolist() == dense(x, w, 2).tolist()
+        True
     """
-    return _forward(x, kernel, block_columns, precision)[0]
+    return _forward(x, kernel, block_columns, precision, transposed)[0]
 
 
-def _forward(x, kernel, block_columns, precision):
-    rows = x.reshape(-1, kernel.shape[0])
+def _forward(x, kernel, block_columns, precision, transposed):
+    n_in, n_out = _in_out(kernel, transposed)
+    rows = x.reshape(-1, n_in)
     parts, previous = [], rows
-    for columns in _blocks(kernel.shape[1], block_columns):
-        w = _block(kernel, columns, previous).astype(x.dtype)
+    for span in _blocks(n_out, block_columns):
+        w = _block(kernel, span, previous, transposed).astype(x.dtype)
         previous = jnp.matmul(rows, w, precision=precision)
         parts.append(previous)
     y = jnp.concatenate(parts, axis=1)
-    return y.reshape(x.shape[:-1] + (kernel.shape[1],)), (x, kernel)
+    return y.reshape(x.shape[:-1] + (n_out,)), (x, kernel)
 
 
-def _backward(block_columns, precision, residuals, dy):
+def _backward(block_columns, precision, transposed, residuals, dy):
     x, kernel = residuals
-    rows, grads = x.reshape(-1, kernel.shape[0]), dy.reshape(-1, kernel.shape[1])
+    n_in, n_out = _in_out(kernel, transposed)
+    rows, grads = x.reshape(-1, n_in), dy.reshape(-1, n_out)
     dx = jnp.zeros(rows.shape, dy.dtype)
-    for columns in _blocks(kernel.shape[1], block_columns):
-        w = _block(kernel, columns, dx if columns.start else grads).astype(dy.dtype)
-        dx = dx + jnp.matmul(grads[:, columns], w.T, precision=precision)
+    for span in _blocks(n_out, block_columns):
+        w = _block(kernel, span, dx if span.start else grads, transposed).astype(dy.dtype)
+        dx = dx + jnp.matmul(grads[:, span], w.T, precision=precision)
     # Removed by dead-code elimination when the kernel is frozen, as it is here by design.
-    d_kernel = jnp.matmul(rows.T, grads, precision=precision).astype(kernel.dtype)
-    return dx.reshape(x.shape), d_kernel
+    if transposed:
+        d_kernel = jnp.matmul(grads.T, rows, precision=precision)
+    else:
+        d_kernel = jnp.matmul(rows.T, grads, precision=precision)
+    return dx.reshape(x.shape), d_kernel.astype(kernel.dtype)
 
 
 dense.defvjp(_forward, _backward)
 
 
-def _narrow_dense(module: nn.Module, args, kwargs, block_bytes: int):
-    """``(x, kernel, compute dtype)`` when ``module`` is a plain Dense call whose stored kernel is
+def _narrow(module: nn.Module, x: Any, kernel: Any, block_bytes: int):
+    """``(x, compute dtype)`` in the layer's own promotion when ``kernel`` is a 2-D float stored
     narrower than the compute dtype and bigger than one block once cast, else None."""
-    if type(module) is not nn.Dense or module.dot_general is not None:
-        return None
-    if module.dot_general_cls is not None or len(args) != 1 or kwargs:
-        return None
-    if module.has_variable("params", LORA_A):
-        return None
-    kernel = module.get_variable("params", "kernel")
-    x = args[0]
     if not isinstance(kernel, jax.Array) or not isinstance(x, jax.Array) or kernel.ndim != 2:
         return None
     if not (jnp.issubdtype(kernel.dtype, jnp.floating) and jnp.issubdtype(x.dtype, jnp.floating)):
         return None
-    x, _ = module.promote_dtype(x, kernel, dtype=module.dtype)  # the layer's own promotion
-    dtype = x.dtype
-    if kernel.dtype.itemsize >= dtype.itemsize or kernel.size * dtype.itemsize <= block_bytes:
+    x, _ = module.promote_dtype(x, kernel, dtype=module.dtype)
+    if kernel.dtype.itemsize >= x.dtype.itemsize or kernel.size * x.dtype.itemsize <= block_bytes:
         return None
-    return x, kernel, dtype
+    return x, x.dtype
+
+
+def _run_blocked(module: nn.Module, method: str, args, kwargs, block_bytes: int) -> Any:
+    """The call in blocks, or None where it is not a plain Dense ``__call__`` / Embed ``attend``
+    on a narrow kernel."""
+    if len(args) != 1 or kwargs:
+        return None
+    if method == "attend" and isinstance(module, nn.Embed):
+        found = _narrow(module, args[0], module.get_variable("params", "embedding"), block_bytes)
+        if found is None:
+            return None
+        (x, dtype), table = found, module.get_variable("params", "embedding")
+        columns = max(1, block_bytes // (table.shape[1] * dtype.itemsize))
+        return dense(x, table, columns, None, True)
+    if method != "__call__" or type(module) is not nn.Dense:
+        return None
+    if module.dot_general is not None or module.dot_general_cls is not None:
+        return None
+    kernel = module.get_variable("params", "kernel")
+    found = _narrow(module, args[0], kernel, block_bytes)
+    if found is None:
+        return None
+    x, dtype = found
+    columns = max(1, block_bytes // (kernel.shape[0] * dtype.itemsize))
+    y = dense(x, kernel, columns, module.precision)
+    if module.use_bias:
+        bias = module.get_variable("params", "bias").astype(dtype)
+        y = y + bias.reshape((1,) * (y.ndim - 1) + (-1,))
+    return y
 
 
 def interceptor(block_bytes: int | None = None) -> Callable[..., Any]:
-    """A ``flax.linen.intercept_methods`` interceptor that runs each plain ``nn.Dense`` without
-    LoRA factors whose stored kernel is narrower than its compute dtype (and larger than
-    ``block_bytes`` once cast) through :func:`dense`. Outputs and gradients are the layer's.
+    """A ``flax.linen.intercept_methods`` interceptor that runs each plain ``nn.Dense`` call (and
+    ``nn.Embed.attend``, a tied output head) whose stored kernel is narrower than its compute
+    dtype and larger than ``block_bytes`` once cast through :func:`dense`. Outputs and gradients
+    are the layer's. (A Dense with LoRA factors on the fused path never gets here; the other paths
+    run its base product in blocks too.)
 
     Example:
         >>> import flax.linen as nn, jax, jax.numpy as jnp
@@ -128,18 +167,7 @@ def interceptor(block_bytes: int | None = None) -> Callable[..., Any]:
         raise ValueError(f"`block_bytes` must be a positive int, got {block_bytes!r}")
 
     def intercept(next_fun, args, kwargs, context):
-        found = None
-        if context.method_name == "__call__":
-            found = _narrow_dense(context.module, args, kwargs, block_bytes)
-        if found is None:
-            return next_fun(*args, **kwargs)
-        x, kernel, dtype = found
-        module = context.module
-        columns = max(1, block_bytes // (kernel.shape[0] * dtype.itemsize))
-        y = dense(x, kernel, columns, module.precision)
-        if module.use_bias:
-            bias = module.get_variable("params", "bias").astype(dtype)
-            y = y + bias.reshape((1,) * (y.ndim - 1) + (-1,))
-        return y
+        y = _run_blocked(context.module, context.method_name, args, kwargs, block_bytes)
+        return next_fun(*args, **kwargs) if y is None else y
 
     return intercept

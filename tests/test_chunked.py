@@ -32,20 +32,23 @@ def _plain(x, kernel):
     n_out=st.integers(1, 23),
     block=st.integers(1, 30),
     lead=st.sampled_from([(), (2,)]),
+    transposed=st.booleans(),
 )
-def test_outputs_and_gradients_are_the_plain_layers(rows, n_in, n_out, block, lead):
+def test_outputs_and_gradients_are_the_plain_layers(rows, n_in, n_out, block, lead, transposed):
     keys = jax.random.split(jax.random.key(rows * 1000 + n_in * 100 + n_out), 3)
     x = jax.random.normal(keys[0], (*lead, rows, n_in))
-    kernel = jax.random.normal(keys[1], (n_in, n_out)).astype(jnp.bfloat16)
+    shape = (n_out, n_in) if transposed else (n_in, n_out)
+    kernel = jax.random.normal(keys[1], shape).astype(jnp.bfloat16)
     probe = jax.random.normal(keys[2], (*lead, rows, n_out))
 
     def loss(fn):
         return lambda x, k: jnp.sum(jnp.sin(fn(x, k)) * probe)
 
-    blocked = lambda x, k: chunked.dense(x, k, block)  # noqa: E731
-    assert_trees_close(blocked(x, kernel), _plain(x, kernel), rtol=1e-6, atol=1e-6)
+    blocked = lambda x, k: chunked.dense(x, k, block, None, transposed)  # noqa: E731
+    plain = (lambda x, k: _plain(x, k.T)) if transposed else _plain
+    assert_trees_close(blocked(x, kernel), plain(x, kernel), rtol=1e-6, atol=1e-6)
     grads = jax.grad(loss(blocked), argnums=(0, 1))(x, kernel)
-    assert_trees_close(grads, jax.grad(loss(_plain), argnums=(0, 1))(x, kernel), rtol=1e-2,
+    assert_trees_close(grads, jax.grad(loss(plain), argnums=(0, 1))(x, kernel), rtol=1e-2,
                        atol=1e-5)  # fmt: skip (the kernel gradient is rounded to bf16)
     assert grads[1].dtype == jnp.bfloat16
 
@@ -69,6 +72,28 @@ def test_interceptor_gives_the_layers_outputs_and_gradients(use_bias, use_jit):
     (value, grads), (value_blocked, grads_blocked) = fn(params, x, False), fn(params, x, True)
     assert_trees_close(value_blocked, value, rtol=1e-6)
     assert_trees_close(grads_blocked, grads, rtol=2e-2, atol=1e-4)  # bf16 param gradients
+
+
+def test_interceptor_runs_a_tied_embedding_head_in_blocks():
+    table = nn.Embed(300, 64)
+    x = jax.random.normal(jax.random.key(0), (3, 64))
+    params = table.init(jax.random.key(1), jnp.zeros((1,), jnp.int32))["params"]
+    params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
+
+    def loss(params, x, blocked):
+        call = lambda: table.apply({"params": params}, x, method="attend")  # noqa: E731
+        if not blocked:
+            return jnp.sum(jnp.tanh(call()))
+        with nn.intercept_methods(chunked.interceptor(block_bytes=64 * 4 * 128)):
+            return jnp.sum(jnp.tanh(call()))
+
+    fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), static_argnums=2)
+    (value, grads), (value_blocked, grads_blocked) = fn(params, x, False), fn(params, x, True)
+    assert_trees_close(value_blocked, value, rtol=1e-6)
+    assert_trees_close(grads_blocked, grads, rtol=2e-2, atol=1e-4)
+    with nn.intercept_methods(chunked.interceptor(block_bytes=64 * 4 * 128)):
+        jaxpr = jax.make_jaxpr(lambda p: table.apply({"params": p}, x, method="attend"))(params)
+    assert "custom_vjp" in str(jaxpr)  # it took the blocked path
 
 
 def _temp_bytes(fn, *args):

@@ -5,12 +5,15 @@
 * :mod:`jaxlora.models.llama`: a Llama decoder and greedy :func:`~jaxlora.models.llama.generate`;
   :func:`~jaxlora.models.llama_weights.load_smollm2` loads SmolLM2-135M-Instruct from a GGUF file.
 * :mod:`jaxlora.models.data`: the Rotten Tomatoes snippets and Hamlet, and batch tokenisation.
+* :mod:`jaxlora.models.shapes`: abstract parameter trees of the LoRA paper's models (GPT-3 175B
+  included), for counting without allocating.
 
 The weights and data come from the packages pinned in ``requirements-data.txt``; the readers
 (``safetensors``, ``tokenizers``, ``gguf``) from the ``models`` extra. Both are imported only when a
 loader is called, so importing this package needs neither.
 """
 
+from jaxlora.models import shapes as shapes
 from jaxlora.models.bert import BertClassifier as BertClassifier
 from jaxlora.models.bert import BertConfig as BertConfig
 from jaxlora.models.bert import BertEncoder as BertEncoder
@@ -44,5 +47,6 @@ __all__ = [
     "load_smollm2_tokenizer",
     "mean_pool",
     "rotten_tomatoes",
+    "shapes",
     "train_test_split",
 ]
