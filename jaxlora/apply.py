@@ -9,7 +9,9 @@ apply LoRA dropout.
 On a linen model the factored mode also keeps a low-memory base low: quantised kernels are
 dequantised inside each layer call (:mod:`jaxlora.quant`), and big bfloat16 layers without LoRA
 (an output head) are cast a block of columns at a time (:mod:`jaxlora.chunked`). ``remat=``
-recomputes chosen blocks in the backward pass (:mod:`jaxlora.remat`).
+recomputes chosen blocks in the backward pass (:mod:`jaxlora.remat`). These are custom VJPs,
+made for reverse-mode training (``jax.grad``, ``jax.vjp``); for forward-mode derivatives
+(``jax.jvp``, ``jax.jacfwd``) use ``mode="merged"`` without ``remat``.
 """
 
 from __future__ import annotations

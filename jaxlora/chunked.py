@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxlora.remat import zero_from
+
 __all__ = ["dense", "interceptor", "DEFAULT_BLOCK_BYTES"]
 
 #: Bytes of one cast block of columns: a full cast below this size is left to the layer.
@@ -33,12 +35,14 @@ def _blocks(n_cols: int, block: int) -> list[slice]:
 
 def _block(kernel: jax.Array, span: slice, anchor: jax.Array, transposed: bool) -> jax.Array:
     """The kernel's output columns ``span`` as an ``(in, len(span))`` block, read only once
-    ``anchor`` exists. The start index gets a zero that depends on ``anchor`` (``x > inf`` is
-    false even for NaN), so XLA neither slices every block up front nor shares the forward pass's
-    blocks with the backward pass: either keeps a copy of the whole kernel alive."""
-    zero = (jnp.ravel(anchor)[0] > jnp.inf).astype(jnp.int32)
+    ``anchor`` exists. The start index gets a zero that depends on ``anchor``
+    (:func:`jaxlora.remat.zero_from`), so XLA neither slices every block up front nor shares the
+    forward pass's blocks with the backward pass: either keeps a copy of the whole kernel
+    alive."""
+    zero = zero_from(anchor)
+    start = span.start if zero is None else span.start + zero
     size = span.stop - span.start
-    block = lax.dynamic_slice_in_dim(kernel, span.start + zero, size, axis=0 if transposed else 1)
+    block = lax.dynamic_slice_in_dim(kernel, start, size, axis=0 if transposed else 1)
     return block.T if transposed else block
 
 

@@ -29,19 +29,42 @@ import numpy as np
 
 from jaxlora import paths
 
-__all__ = ["checkpointed", "interceptor", "recompute", "tie_to"]
+__all__ = ["checkpointed", "interceptor", "recompute", "tie_to", "zero_from"]
+
+
+@jax.custom_batching.custom_vmap
+def _zero_from(value: jax.Array) -> jax.Array:
+    return (value > jnp.inf).astype(jnp.int32)  # False even for NaN, so always 0
+
+
+@_zero_from.def_vmap
+def _zero_from_batched(axis_size, in_batched, value):
+    # The zero is the same for every example: take it from the first one and keep it unbatched,
+    # or a tied kernel would be copied once per example under jax.vmap.
+    (batched,) = in_batched
+    return _zero_from(value[0] if batched else value), False
+
+
+def zero_from(anchor: Any) -> jax.Array | None:
+    """An ``int32`` zero computed from ``anchor``'s first float element (None when ``anchor`` holds
+    no float element). It stays 0 for inf and NaN, and stays unbatched under ``jax.vmap``."""
+    floats = [a for a in jax.tree.leaves(anchor) if jnp.issubdtype(jnp.result_type(a), jnp.inexact)]
+    floats = [a for a in floats if jnp.size(a)]
+    if not floats:
+        return None
+    return _zero_from(jnp.ravel(floats[0])[0])
 
 
 def tie_to(x: jax.Array, anchor: Any) -> jax.Array:
-    """``x`` plus a zero computed from ``anchor``'s first element: same value, but it cannot be
+    """``x`` plus a zero computed from ``anchor`` (:func:`zero_from`): same value, but it cannot be
     computed before ``anchor`` exists, and XLA cannot merge it with an earlier copy of ``x``.
 
     >>> import jax.numpy as jnp
-    >>> tie_to(jnp.arange(3.0), jnp.ones(2)).tolist()
+    >>> tie_to(jnp.arange(3.0), jnp.array([jnp.nan])).tolist()
     [0.0, 1.0, 2.0]
     """
-    zero = jnp.ravel(jax.tree.leaves(anchor)[0])[0].astype(jnp.float32) * np.float32(0)
-    return x + zero.astype(x.dtype)
+    zero = zero_from(anchor)
+    return x if zero is None else x + zero.astype(x.dtype)
 
 
 def _is_float(x: Any) -> bool:
@@ -133,22 +156,44 @@ def _state_ids(module: nn.Module) -> dict[str, list[int]]:
     return {k: [id(x) for x in jax.tree.leaves(v)] for k, v in variables.items() if k != "params"}
 
 
+def _hoisting_convert(call: Callable[..., Any], leaves: list) -> tuple[Callable[..., Any], list]:
+    """``jax.closure_convert`` that hoists *every* traced value ``call`` closes over: params,
+    PRNG keys and batched values alike (``closure_convert`` leaves the non-differentiable ones in
+    the trace, where the backward pass would find them dead)."""
+    closed, out_shape = jax.make_jaxpr(call, return_shape=True)(*leaves)
+    hoist = [isinstance(c, jax.core.Tracer) for c in closed.consts]
+    hoisted = [c for c, h in zip(closed.consts, hoist, strict=True) if h]
+    out_tree = jax.tree.structure(out_shape)
+
+    def converted(*args):
+        extra = iter(args[len(leaves) :])
+        consts = [next(extra) if h else c for c, h in zip(closed.consts, hoist, strict=True)]
+        out = jax.core.eval_jaxpr(closed.jaxpr, consts, *args[: len(leaves)])
+        return jax.tree.unflatten(out_tree, out)
+
+    return converted, hoisted
+
+
 def _interceptor(selected: _Selection) -> Callable[..., Any]:
     def intercept(next_fun, args, kwargs, context):
         module = context.module
         if context.method_name != "__call__" or not selected(module) or module.is_initializing():
             return next_fun(*args, **kwargs)  # (an init has nothing to recompute)
-        leaves, treedef = jax.tree.flatten((args, kwargs))
+        everything, treedef = jax.tree.flatten((args, kwargs))
+        traced = [isinstance(x, jax.Array | np.ndarray) for x in everything]
+        leaves = [x for x, t in zip(everything, traced, strict=True) if t]
 
         def call(*flat):
-            inner_args, inner_kwargs = jax.tree.unflatten(treedef, flat)
+            given = iter(flat)
+            full = [next(given) if t else x for x, t in zip(everything, traced, strict=True)]
+            inner_args, inner_kwargs = jax.tree.unflatten(treedef, full)
             return next_fun(*inner_args, **inner_kwargs)
 
         # Traced now, while every interceptor (LoRA, quantised base) is active: the backward pass
-        # replays this trace. The module's params are hoisted out as explicit inputs, so their
-        # gradients flow through the custom VJP.
+        # replays this trace. Python values (flags, sizes) stay static; the module's params and
+        # rngs are hoisted out as explicit inputs, so their gradients flow through the custom VJP.
         before = _state_ids(module)
-        closed, consts = jax.closure_convert(call, *leaves)
+        converted, consts = _hoisting_convert(call, leaves)
         after = _state_ids(module)
         written = sorted(k for k in after if after[k] != before.get(k))
         if written:
@@ -157,7 +202,7 @@ def _interceptor(selected: _Selection) -> Callable[..., Any]:
                 f"({', '.join(written)}); a recomputed module must only read them. Select "
                 "modules without batch statistics or caches, or apply without `remat`"
             )
-        return recompute(closed, num_tied=len(leaves))(*leaves, *consts)
+        return recompute(converted, num_tied=len(leaves))(*leaves, *consts)
 
     return intercept
 
@@ -190,7 +235,12 @@ def checkpointed(modules: str | Sequence[str]) -> Iterator[None]:
     if not selected.matched:
         seen = [p for p in selected.seen if p]
         shown = f'"{modules}"' if isinstance(modules, str) else repr(list(modules))
+        if not seen:
+            raise ValueError(
+                f"`remat={shown}`: no model was traced inside the block. Enter the block inside "
+                "the function you jit: a step compiled earlier is not traced again"
+            )
         raise ValueError(
             f"`remat={shown}` matched no module called in the model; module paths seen: "
-            f"{paths.preview(seen) or '(none: the model calls no submodule)'}"
+            f"{paths.preview(seen)}"
         )

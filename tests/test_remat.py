@@ -14,6 +14,7 @@ from flax import nnx
 
 import jaxlora
 from jaxlora import quant, remat
+from jaxlora.models.bert import BertClassifier, BertConfig
 from jaxlora.models.llama import LlamaConfig, LlamaForCausalLM
 from tests import linen_models
 from tests.treeutil import assert_trees_close
@@ -238,3 +239,93 @@ def test_errors():
     nnx_frozen, nnx_lora = jaxlora.split(state, nnx_config, jax.random.key(1))
     with pytest.raises(ValueError, match="`remat` is for linen models"):
         jaxlora.apply(graphdef, nnx_frozen, nnx_lora, nnx_config, x, remat="fc")
+
+
+def test_python_arguments_of_a_selected_block_stay_static():
+    """BERT's blocks take ``deterministic: bool``; with model dropout on, the recomputation must
+    draw the same masks."""
+    cfg = BertConfig(vocab_size=50, hidden_size=16, num_layers=2, num_heads=2,
+                     intermediate_size=32, max_position_embeddings=16)  # fmt: skip
+    model, ids = BertClassifier(cfg), jnp.ones((2, 5), jnp.int32)
+    params = model.init(jax.random.key(0), ids)["params"]
+    config = jaxlora.LoraConfig(r=2, target_modules=["query", "value"], init_lora_weights=False)
+    frozen, lora = jaxlora.split(params, config, jax.random.key(1))
+
+    def loss(lora, checkpointing):
+        rngs = {"dropout": jax.random.key(2)}
+        logits = jaxlora.apply(model, frozen, lora, config, ids, deterministic=False, rngs=rngs,
+                               remat=checkpointing)  # fmt: skip
+        return jnp.sum(logits**2)
+
+    plain = jax.grad(loss)(lora, None)
+    assert_trees_close(jax.grad(loss)(lora, r"bert/encoder/layer_\d+"), plain, rtol=1e-5, atol=1e-6)
+
+
+def test_scanned_stack_with_lora_dropout():
+    """Inside ``nn.scan`` the dropout keys are scan-loop values: the recomputation must take them
+    as inputs, not find them dead in the backward pass."""
+
+    class Body(nn.Module):
+        @nn.compact
+        def __call__(self, h, _):
+            return jnp.tanh(nn.Dense(8, name="fc1")(h)) + h, None
+
+    class ScanNet(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            stack = nn.scan(Body, variable_axes={"params": 0}, length=3,
+                            split_rngs={"params": True, "dropout": True})  # fmt: skip
+            return stack(name="layers")(x, None)[0]
+
+    model, x = ScanNet(), jax.random.normal(jax.random.key(0), (4, 8))
+    params = model.init(jax.random.key(1), x)["params"]
+    config = jaxlora.LoraConfig(r=2, target_modules=["fc1"], layouts={"fc1": "sio"},
+                                lora_dropout=0.3, init_lora_weights=False)  # fmt: skip
+    frozen, lora = jaxlora.split(params, config, jax.random.key(2))
+
+    def loss(lora, checkpointing):
+        y = jaxlora.apply(model, frozen, lora, config, x, remat=checkpointing,
+                          rngs={"dropout": jax.random.key(4)})  # fmt: skip
+        return jnp.mean(y**2)
+
+    plain = jax.jit(jax.grad(loss), static_argnums=1)(lora, None)
+    for blocks in ("layers", "layers/fc1"):
+        rematted = jax.jit(jax.grad(loss), static_argnums=1)(lora, blocks)
+        assert_trees_close(rematted, plain, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.standard_dtypes
+def test_an_inf_in_one_row_stays_in_that_row():
+    model, x = nn.Dense(4), jnp.ones((3, 8)).at[0, 0].set(jnp.inf)
+    params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), linen_models.init(model, x))
+    config = jaxlora.LoraConfig(r=2, target_modules=".*")
+    frozen, lora = jaxlora.split(params, config, jax.random.key(1))
+    lora = jax.tree.map(lambda p: p.astype(jnp.float32), lora)
+    y = jaxlora.apply(model, frozen, lora, config, x)
+    assert jnp.isfinite(y).all(axis=1).tolist() == [False, True, True]
+
+
+@pytest.mark.standard_dtypes
+def test_per_example_gradients_share_one_cast_kernel():
+    """Under ``jax.vmap`` the tie's zero stays unbatched, so a bf16 kernel is not cast once per
+    example (16 examples would need 16 float32 copies, 64 MiB)."""
+    model, x = nn.Dense(1024, use_bias=False), jax.random.normal(jax.random.key(0), (16, 4, 1024))
+    params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), linen_models.init(model, x[0]))
+    config = jaxlora.LoraConfig(r=4, target_modules=".*")
+    frozen, lora = jaxlora.split(params, config, jax.random.key(1))
+    lora = jax.tree.map(lambda p: p.astype(jnp.float32), lora)
+
+    def loss(lora, x, frozen):
+        return jnp.sum(jnp.tanh(jaxlora.apply(model, frozen, lora, config, x)))
+
+    per_example = jax.vmap(jax.grad(loss), in_axes=(None, 0, None))
+    assert _temp_bytes(per_example, lora, x, frozen) < 4 * 1024 * 1024 * 4  # < 4 f32 copies
+
+
+def test_context_entered_outside_jit_says_so():
+    model, params, ids = _llama(layers=2)
+    step = jax.jit(lambda p: model.apply({"params": p}, ids))
+    step(params)
+    with pytest.raises(ValueError, match="no model was traced inside the block. Enter the block"):
+        with remat.checkpointed(BLOCKS):
+            step(params)  # compiled already: nothing is traced, nothing recomputed
