@@ -23,10 +23,17 @@ from jax import lax
 
 from jaxlora.remat import zero_from
 
-__all__ = ["dense", "interceptor", "DEFAULT_BLOCK_BYTES"]
+__all__ = ["dense", "interceptor", "DEFAULT_BLOCK_BYTES", "MAX_BLOCKS"]
 
 #: Bytes of one cast block of columns: a full cast below this size is left to the layer.
 DEFAULT_BLOCK_BYTES = 16 * 2**20
+#: Blocks are unrolled; past this many, blocks grow instead (a 256k-token head stays compilable).
+MAX_BLOCKS = 32
+
+
+def _block_columns(n_in: int, n_out: int, itemsize: int, block_bytes: int) -> int:
+    columns = max(1, block_bytes // (n_in * itemsize))
+    return max(columns, -(-n_out // MAX_BLOCKS))
 
 
 def _blocks(n_cols: int, block: int) -> list[slice]:
@@ -130,7 +137,7 @@ def _run_blocked(module: nn.Module, method: str, args, kwargs, block_bytes: int)
         if found is None:
             return None
         (x, dtype), table = found, module.get_variable("params", "embedding")
-        columns = max(1, block_bytes // (table.shape[1] * dtype.itemsize))
+        columns = _block_columns(table.shape[1], table.shape[0], dtype.itemsize, block_bytes)
         return dense(x, table, columns, None, True)
     if method != "__call__" or type(module) is not nn.Dense:
         return None
@@ -141,7 +148,7 @@ def _run_blocked(module: nn.Module, method: str, args, kwargs, block_bytes: int)
     if found is None:
         return None
     x, dtype = found
-    columns = max(1, block_bytes // (kernel.shape[0] * dtype.itemsize))
+    columns = _block_columns(kernel.shape[0], kernel.shape[1], dtype.itemsize, block_bytes)
     y = dense(x, kernel, columns, module.precision)
     if module.use_bias:
         bias = module.get_variable("params", "bias").astype(dtype)

@@ -144,6 +144,14 @@ def test_apply_casts_a_bf16_head_in_blocks(monkeypatch):
     assert blocked_temp < plain_temp - head_copy / 2
 
 
+def test_block_count_is_bounded():
+    head, x = nn.Dense(1000, use_bias=False), jnp.ones((2, 64))
+    params = {"params": {"kernel": jnp.ones((64, 1000), jnp.bfloat16)}}
+    with nn.intercept_methods(chunked.interceptor(block_bytes=1)):  # one column a block, asked
+        jaxpr = jax.make_jaxpr(lambda p: head.apply(p, x))(params)
+    assert str(jaxpr).count("dynamic_slice") == chunked.MAX_BLOCKS
+
+
 def test_errors():
     with pytest.raises(ValueError, match="`block_bytes` must be a positive int"):
         chunked.interceptor(block_bytes=0)
