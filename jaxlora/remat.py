@@ -32,6 +32,10 @@ from jaxlora import paths
 __all__ = ["checkpointed", "interceptor", "recompute", "tie_to", "zero_from"]
 
 
+def _is_float(x: Any) -> bool:
+    return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+
+
 @jax.custom_batching.custom_vmap
 def _zero_from(value: jax.Array) -> jax.Array:
     return (value > jnp.inf).astype(jnp.int32)  # False even for NaN, so always 0
@@ -48,8 +52,7 @@ def _zero_from_batched(axis_size, in_batched, value):
 def zero_from(anchor: Any) -> jax.Array | None:
     """An ``int32`` zero computed from ``anchor``'s first float element (None when ``anchor`` holds
     no float element). It stays 0 for inf and NaN, and stays unbatched under ``jax.vmap``."""
-    floats = [a for a in jax.tree.leaves(anchor) if jnp.issubdtype(jnp.result_type(a), jnp.inexact)]
-    floats = [a for a in floats if jnp.size(a)]
+    floats = [a for a in jax.tree.leaves(anchor) if _is_float(a) and jnp.size(a)]
     if not floats:
         return None
     return _zero_from(jnp.ravel(floats[0])[0])
@@ -65,10 +68,6 @@ def tie_to(x: jax.Array, anchor: Any) -> jax.Array:
     """
     zero = zero_from(anchor)
     return x if zero is None else x + zero.astype(x.dtype)
-
-
-def _is_float(x: Any) -> bool:
-    return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
 
 
 def recompute(fun: Callable[..., Any], num_tied: int | None = None) -> Callable[..., Any]:
