@@ -61,7 +61,7 @@ CONFIGS = {
     "lora_int8_factored_remat": ("lora", "int8", "factored", True),
     "lora_nf4_factored_remat": ("lora", "nf4", "factored", True),
 }
-#: The modules ``--remat`` rows recompute (``jaxlora.remat``): every decoder block.
+#: The modules the ``_remat`` rows recompute (``jaxlora.remat``): every decoder block.
 REMAT_MODULES = r"layers_\d+"
 SIZES = {
     "default": dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_layers=21,
