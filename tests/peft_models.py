@@ -10,7 +10,6 @@ import json
 import os
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
@@ -138,16 +137,6 @@ def lora_config(targets, **overrides):
         layouts=LAYOUTS,
     )
     return jaxlora.LoraConfig(**{**fields, **overrides})
-
-
-def perturbed(lora, seed):
-    """Θ with every leaf moved, so biases and modules_to_save differ from the base too."""
-    leaves, treedef = jax.tree.flatten(lora)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    moved = [
-        x + 0.1 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys, strict=True)
-    ]
-    return jax.tree.unflatten(treedef, moved)
 
 
 def rewrite(directory, edit_tensors=None, edit_config=None):

@@ -9,18 +9,7 @@ from flax import nnx
 import jaxlora
 from jaxlora import dora
 from tests import linen_models as lm
-from tests.treeutil import assert_trees_close
-
-
-def _moved(lora, seed):
-    """Every leaf of Θ moved, so factors and magnitudes all matter."""
-    leaves, treedef = jax.tree.flatten(lora)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    moved = [
-        x + 0.05 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys, strict=True)
-    ]
-    return jax.tree.unflatten(treedef, moved)
-
+from tests.treeutil import assert_trees_close, perturbed
 
 CASES = {
     "decoder": (lambda: lm.Decoder(), lm.ids, ["query", "out", "fc1", "fc2"]),
@@ -37,7 +26,7 @@ def test_factored_dora_equals_merged_dora(case):
     config = jaxlora.LoraConfig(r=2, lora_alpha=4, target_modules=targets, bias="lora_only",
                                 layouts=jaxlora.infer_layouts(model, x))  # fmt: skip
     frozen, lora = dora.dora_split(params, config, jax.random.key(0))
-    lora = _moved(lora, 1)
+    lora = perturbed(lora, 1, scale=0.05)  # factors and magnitudes all matter
 
     def loss(lora, mode):
         return jnp.sum(jaxlora.apply(model, frozen, lora, config, x, mode=mode) ** 2)

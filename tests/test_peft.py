@@ -19,7 +19,7 @@ from safetensors.numpy import load_file
 import jaxlora
 from jaxlora import peft as jpeft
 from tests import peft_models as pm
-from tests.treeutil import assert_trees_bitwise_equal
+from tests.treeutil import assert_trees_bitwise_equal, perturbed
 
 TARGETS = ["embed", "blocks/fc", "proj", "conv"]
 
@@ -36,7 +36,7 @@ def test_export_loads_in_peft_with_equal_logits(tmp_path, tiny, use_rslora, bias
     model, params, (ids, image) = tiny
     config = pm.lora_config(TARGETS, use_rslora=use_rslora, bias=bias)
     frozen, lora = jaxlora.split(params, config, jax.random.key(1))
-    lora = pm.perturbed(lora, 2)
+    lora = perturbed(lora, 2)
     jpeft.save_peft(tmp_path, lora, config, params, module_name=pm.module_name)
     ours = pm.flax_logits(jaxlora.merge(frozen, lora, config), ids, image)
     peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path)
@@ -92,7 +92,7 @@ def test_round_trip_is_exact(tmp_path, tiny):
     _, params, _ = tiny
     config = pm.lora_config(TARGETS)
     _, lora = jaxlora.split(params, config, jax.random.key(5))
-    lora = pm.perturbed(lora, 6)
+    lora = perturbed(lora, 6)
     abstract = jax.eval_shape(lambda: params)
     jpeft.save_peft(tmp_path, lora, config, abstract, module_name=pm.module_name)
     back, back_config = jpeft.load_peft(
@@ -152,7 +152,7 @@ def test_bert_export_and_import_match_peft(tmp_path, bert):
         init_lora_weights=False,
     )
     frozen, lora = jaxlora.split(params, config, jax.random.key(1))
-    lora = pm.perturbed(lora, 2)
+    lora = perturbed(lora, 2)
     jpeft.save_peft(tmp_path / "out", lora, config, params, module_name=name)
     loaded = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "out").eval()
     out_diff = np.abs(run_flax(jaxlora.merge(frozen, lora, config)) - run_torch(loaded)).max()

@@ -19,7 +19,7 @@ import jaxlora
 from jaxlora import dora, paths
 from jaxlora import peft as jpeft
 from tests import peft_models as pm
-from tests.treeutil import assert_trees_bitwise_equal
+from tests.treeutil import assert_trees_bitwise_equal, perturbed
 
 MAGNITUDE = "base_model.model.proj.lora_magnitude_vector"
 DORA_TARGETS = ["blocks/fc", "proj", "conv"]
@@ -37,7 +37,7 @@ def test_dora_export_loads_in_peft_with_equal_logits(tmp_path, tiny, use_rslora)
     model, params, (ids, image) = tiny
     config = pm.lora_config(DORA_TARGETS, use_rslora=use_rslora)
     frozen, lora = dora.dora_split(params, config, jax.random.key(1))
-    lora = pm.perturbed(lora, 2)  # factors, magnitudes, biases and the saved norm all move
+    lora = perturbed(lora, 2)  # factors, magnitudes, biases and the saved norm all move
     jpeft.save_peft(tmp_path, lora, config, params, module_name=pm.module_name)
     with open(tmp_path / "adapter_config.json") as f:
         assert json.load(f)["use_dora"] is True
@@ -103,7 +103,7 @@ def test_dora_round_trip_is_exact(tmp_path, tiny):
     _, params, _ = tiny
     config = pm.lora_config(DORA_TARGETS)
     _, lora = dora.dora_split(params, config, jax.random.key(5))
-    lora = pm.perturbed(lora, 6)
+    lora = perturbed(lora, 6)
     abstract = jax.eval_shape(lambda: params)
     jpeft.save_peft(tmp_path, lora, config, abstract, module_name=pm.module_name)
     back, _ = pm.load(tmp_path, abstract)

@@ -1,4 +1,5 @@
-"""Tree comparison for tests: structure first, then values with explicit tolerances."""
+"""Trees for tests: comparison (structure first, then values with explicit tolerances) and a
+seeded perturbation."""
 
 import jax
 import numpy as np
@@ -35,3 +36,14 @@ def assert_trees_bitwise_equal(actual, expected):
         a, b = np.asarray(a), np.asarray(b)
         assert a.dtype == b.dtype and a.shape == b.shape, jax.tree_util.keystr(path)
         assert a.tobytes() == b.tobytes(), f"{jax.tree_util.keystr(path)} differs bitwise"
+
+
+def perturbed(tree, seed, scale=0.1):
+    """``tree`` with every leaf moved by ``scale``·N(0, 1) noise, so that every leaf matters."""
+    leaves, treedef = jax.tree.flatten(tree)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    moved = [
+        x + scale * jax.random.normal(k, x.shape, x.dtype)
+        for x, k in zip(leaves, keys, strict=True)
+    ]
+    return jax.tree.unflatten(treedef, moved)
