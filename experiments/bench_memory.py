@@ -101,8 +101,8 @@ def _build_params(model, ids, storage: str, lora_config):
     import jax
     import jax.numpy as jnp
 
-    from jaxlora import paths, quant
-    from jaxlora.targets import find_targets
+    from jaxlora import find_targets, quant
+    from jaxlora._src import paths
 
     shapes = jax.eval_shape(model.init, jax.random.key(0), ids)["params"]
     targets = {t.keys + (t.leaf,): t for t in find_targets(shapes, lora_config)}
@@ -267,13 +267,13 @@ def run_quality(steps: int, n_test: int | None, seed: int = 0) -> list[dict]:
     linear kernels in float32 vs in NF4 (double-quantised): the QLoRA quality check.
 
     Same data, steps, batch, learning rate and seed as ``experiments/quality.py``; both variants
-    run the factored path (the NF4 one with :func:`jaxlora.quant.interceptor`)."""
+    run the factored path (the NF4 one with :func:`jaxlora.quant.dequantizing_interceptor`)."""
     import flax.linen as nn
     import jax
 
     import jaxlora
     from experiments import sentiment
-    from jaxlora import factored, quant
+    from jaxlora import lora_interceptor, quant
 
     task = sentiment.load_task(48, n_test=n_test, seed=seed)
     model, params = sentiment.load_model(seed)
@@ -286,8 +286,8 @@ def run_quality(steps: int, n_test: int | None, seed: int = 0) -> list[dict]:
 
         def forward(weights, ids, mask):
             lora, frozen = weights
-            with nn.intercept_methods(factored.lora_interceptor(config)):
-                with nn.intercept_methods(quant.interceptor()):
+            with nn.intercept_methods(lora_interceptor(config)):
+                with nn.intercept_methods(quant.dequantizing_interceptor()):
                     tree = {"params": jaxlora.combine(frozen, lora)}
                     return model.apply(tree, ids, mask)
 

@@ -37,7 +37,7 @@ import optax
 
 import jaxlora
 from experiments import models_gpt
-from jaxlora.apply import apply
+from jaxlora import apply
 
 QV = ["q_proj", "v_proj"]
 RESULTS = Path(__file__).parent / "results"

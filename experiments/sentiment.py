@@ -20,7 +20,7 @@ import numpy as np
 import optax
 
 import jaxlora
-from jaxlora.apply import apply
+from jaxlora import apply
 from jaxlora.models import bert, bert_weights, data
 
 

@@ -1,4 +1,17 @@
-"""jaxlora: LoRA (Hu et al., 2021) for JAX/Flax as pure functions over parameter pytrees."""
+"""jaxlora: LoRA (Hu et al., 2021) for JAX/Flax as pure functions over parameter pytrees.
+
+The data path, stage by stage (each stage's implementation lives in ``jaxlora/_src/<stage>/``):
+
+* config and targets: :class:`LoraConfig`, :func:`find_targets`, :func:`infer_layouts`;
+* split and merge: :func:`split`, :func:`merge`, :func:`unmerge`, :func:`delta`, :func:`count`;
+* forward paths: :func:`apply` (linen and NNX, factored or merged), :func:`lora_interceptor`;
+* optimisation: :func:`freeze`, :func:`partition`, :func:`trainable_mask`, :mod:`jaxlora.loraplus`;
+* files: :mod:`jaxlora.checkpoint` (orbax), :mod:`jaxlora.peft` (PEFT's format);
+* quantised bases: :mod:`jaxlora.quant`; variants and inits: :mod:`jaxlora.dora`,
+  :mod:`jaxlora.inits`;
+* many adapters: :mod:`jaxlora.adapters`; sharding: :mod:`jaxlora.sharding`;
+* memory: :mod:`jaxlora.remat`; what an adapter learned: :mod:`jaxlora.analysis`.
+"""
 
 from jaxlora import adapters as adapters
 from jaxlora import analysis as analysis
@@ -9,67 +22,67 @@ from jaxlora import loraplus as loraplus
 from jaxlora import peft as peft
 from jaxlora import quant as quant
 from jaxlora import remat as remat
-from jaxlora import sweeps as sweeps
-from jaxlora.adapters import AdapterBank as AdapterBank
-from jaxlora.apply import apply as apply
-from jaxlora.config import LoraConfig as LoraConfig
-from jaxlora.core import combine as combine
-from jaxlora.core import delta as delta
-from jaxlora.core import merge as merge
-from jaxlora.core import split as split
-from jaxlora.core import unmerge as unmerge
-from jaxlora.count import ParamCount as ParamCount
-from jaxlora.count import count as count
-from jaxlora.factored import lora_interceptor as lora_interceptor
-from jaxlora.layouts import infer_layouts as infer_layouts
-from jaxlora.optim import freeze as freeze
-from jaxlora.optim import partition as partition
-from jaxlora.optim import trainable_labels as trainable_labels
-from jaxlora.optim import trainable_mask as trainable_mask
-from jaxlora.peft import load_peft as load_peft
-from jaxlora.peft import save_peft as save_peft
-from jaxlora.sharding import init_sharded as init_sharded
-from jaxlora.sharding import lora_shardings as lora_shardings
-from jaxlora.targets import Target as Target
-from jaxlora.targets import find_targets as find_targets
-from jaxlora.targets import module_paths as module_paths
-from jaxlora.types import LoraTree as LoraTree
-from jaxlora.types import Params as Params
+from jaxlora import sharding as sharding
+from jaxlora._src.config.layouts import infer_layouts as infer_layouts
+from jaxlora._src.config.lora_config import LoraConfig as LoraConfig
+from jaxlora._src.config.targets import Target as Target
+from jaxlora._src.config.targets import find_targets as find_targets
+from jaxlora._src.config.targets import module_paths as module_paths
+from jaxlora._src.files.peft import load_peft as load_peft
+from jaxlora._src.files.peft import save_peft as save_peft
+from jaxlora._src.forward.apply import apply as apply
+from jaxlora._src.forward.linen import lora_interceptor as lora_interceptor
+from jaxlora._src.multi.bank import AdapterBank as AdapterBank
+from jaxlora._src.optim.masks import freeze as freeze
+from jaxlora._src.optim.masks import partition as partition
+from jaxlora._src.optim.masks import trainable_labels as trainable_labels
+from jaxlora._src.optim.masks import trainable_mask as trainable_mask
+from jaxlora._src.sharding.specs import init_sharded as init_sharded
+from jaxlora._src.sharding.specs import lora_shardings as lora_shardings
+from jaxlora._src.tree.core import combine as combine
+from jaxlora._src.tree.core import delta as delta
+from jaxlora._src.tree.core import merge as merge
+from jaxlora._src.tree.core import split as split
+from jaxlora._src.tree.core import unmerge as unmerge
+from jaxlora._src.tree.count import ParamCount as ParamCount
+from jaxlora._src.tree.count import count as count
+from jaxlora._src.types import LoraTree as LoraTree
+from jaxlora._src.types import Params as Params
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdapterBank",
-    "adapters",
-    "analysis",
-    "apply",
-    "checkpoint",
-    "dora",
-    "inits",
-    "loraplus",
-    "quant",
-    "remat",
-    "peft",
-    "sweeps",
-    "load_peft",
-    "lora_interceptor",
-    "save_peft",
     "LoraConfig",
     "LoraTree",
     "ParamCount",
     "Params",
     "Target",
+    "adapters",
+    "analysis",
+    "apply",
+    "checkpoint",
     "combine",
     "count",
     "delta",
+    "dora",
     "find_targets",
     "freeze",
     "infer_layouts",
     "init_sharded",
+    "inits",
+    "load_peft",
+    "lora_interceptor",
     "lora_shardings",
+    "loraplus",
     "merge",
     "module_paths",
     "partition",
+    "peft",
+    "quant",
+    "remat",
+    "save_peft",
+    "sharding",
     "split",
     "trainable_labels",
     "trainable_mask",

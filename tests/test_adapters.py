@@ -109,9 +109,9 @@ def _dense_weighted_sum(base, triples):
 def test_cat_is_the_exact_weighted_sum(use_jit):
     base = _base()
     triples = _three(base)
-    combine = adapters.combine
+    combine = adapters.add_weighted
     if use_jit:
-        combine = jax.jit(adapters.combine, static_argnames=("method", "rank"))
+        combine = jax.jit(adapters.add_weighted, static_argnames=("method", "rank"))
     lora, config = combine(base, triples, method="cat")
     ranks = {t.path: t.rank for t in jaxlora.find_targets(base, config)}
     assert ranks == {"l1": 2 + 4, "l2": 3, "stack": 2 + 3 + 1}
@@ -124,11 +124,11 @@ def test_svd_at_full_rank_is_exact_and_truncation_is_eckart_young():
     base = _base()
     triples = _three(base)
     expected = _dense_weighted_sum(base, triples)
-    lora, config = adapters.combine(base, triples, method="svd")
+    lora, config = adapters.add_weighted(base, triples, method="svd")
     got = _updates(jaxlora.merge(base, lora, config), base)
     assert_trees_close(got, expected, atol=1e-4)
 
-    lora, config = adapters.combine(base, triples, method="svd", rank=2)
+    lora, config = adapters.add_weighted(base, triples, method="svd", rank=2)
     assert {t.path: t.rank for t in jaxlora.find_targets(base, config)} == {
         "l1": 2,
         "stack": 2,
@@ -163,7 +163,7 @@ def test_copies_combine_as_weighted_deltas():
     one, two = (jaxlora.split(base, config, jax.random.key(k))[1] for k in (1, 2))
     one["l1"]["bias"] = one["l1"]["bias"] + 1.0
     two["l1"]["bias"] = two["l1"]["bias"] + 3.0
-    lora, _ = adapters.combine(base, [(one, config, 0.5), (two, config, 0.25)])
+    lora, _ = adapters.add_weighted(base, [(one, config, 0.5), (two, config, 0.25)])
     np.testing.assert_allclose(lora["l1"]["bias"], np.full(8, 1.25), rtol=0, atol=1e-6)
     np.testing.assert_array_equal(lora["l2"]["bias"], np.zeros(4, np.float32))
 
@@ -172,16 +172,17 @@ def test_combine_errors():
     base = _base()
     lora = jaxlora.split(base, _config(), jax.random.key(0))[1]
     with pytest.raises(ValueError, match=r"`method` must be one of \('cat', 'svd'\), got 'linear'"):
-        adapters.combine(base, [(lora, _config(), 1.0)], method="linear")
+        adapters.add_weighted(base, [(lora, _config(), 1.0)], method="linear")
     with pytest.raises(ValueError, match="`adapters` is empty"):
-        adapters.combine(base, [])
+        adapters.add_weighted(base, [])
     other = _config(bias="all")
     lora_all = jaxlora.split(base, other, jax.random.key(0))[1]
     with pytest.raises(ValueError, match="different `bias` \\('none' vs 'all'\\) cannot be"):
-        adapters.combine(base, [(lora, _config(), 1.0), (lora_all, other, 1.0)])
+        adapters.add_weighted(base, [(lora, _config(), 1.0), (lora_all, other, 1.0)])
     bank = adapters.AdapterBank(base)
     bank.add("a", lora, _config())
-    assert adapters.combine(base, [(lora, _config(), 2.0)])[1] == bank.combine({"a": 2.0})[1]
+    summed = adapters.add_weighted(base, [(lora, _config(), 2.0)])
+    assert summed[1] == bank.add_weighted({"a": 2.0})[1]
 
 
 # --- several adapters trained in one vmapped step -----------------------------------------------

@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 import jaxlora
-from jaxlora.apply import apply
+from jaxlora import apply
 
 
 class Net(nn.Module):

@@ -15,6 +15,7 @@ import pytest
 
 import jaxlora
 from jaxlora import checkpoint
+from jaxlora._src.tree import fit
 from tests.treeutil import assert_trees_bitwise_equal
 
 CONFIG = jaxlora.LoraConfig(r=4, lora_alpha=8, target_modules=["l1", "l2"], bias="lora_only")
@@ -190,12 +191,12 @@ def test_restore_onto_base_without_the_target_modules_is_an_error(tmp_path):
 def test_check_fits_reports_missing_and_unexpected_leaves():
     leaf = jax.ShapeDtypeStruct((2, 3), jnp.float32)
     with pytest.raises(ValueError, match=r"`a` missing \(expected \(2, 3\) float32\)"):
-        checkpoint.check_fits({}, {"a": leaf}, "x")
+        fit.check_fits({}, {"a": leaf}, "x")
     with pytest.raises(ValueError, match=r"`b` unexpected \(stored \(2, 3\) float32\)"):
-        checkpoint.check_fits({"b": leaf}, {}, "x")
+        fit.check_fits({"b": leaf}, {}, "x")
     many = {f"p{i}": leaf for i in range(25)}
     with pytest.raises(ValueError, match=r"… \(5 more\)"):
-        checkpoint.check_fits(many, {}, "x")
+        fit.check_fits(many, {}, "x")
 
 
 def test_restore_errors(tmp_path):

@@ -1,4 +1,4 @@
-"""A Dense layer on a narrow stored kernel, cast a block of columns at a time (``jaxlora.chunked``).
+"""A Dense layer on a narrow stored kernel, cast a block of columns at a time (forward/chunked).
 
 Laws: the layer's outputs and gradients, for every shape and block size; and no float32 copy of
 the whole kernel in XLA's temporaries.
@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jaxlora
-from jaxlora import chunked
+from jaxlora._src.forward import chunked
 from jaxlora.models.llama import LlamaConfig, LlamaForCausalLM
 from tests.treeutil import assert_trees_close
 
@@ -48,8 +48,9 @@ def test_outputs_and_gradients_are_the_plain_layers(rows, n_in, n_out, block, le
     plain = (lambda x, k: _plain(x, k.T)) if transposed else _plain
     assert_trees_close(blocked(x, kernel), plain(x, kernel), rtol=1e-6, atol=1e-6)
     grads = jax.grad(loss(blocked), argnums=(0, 1))(x, kernel)
-    assert_trees_close(grads, jax.grad(loss(plain), argnums=(0, 1))(x, kernel), rtol=1e-2,
-                       atol=1e-5)  # fmt: skip (the kernel gradient is rounded to bf16)
+    assert_trees_close(
+        grads, jax.grad(loss(plain), argnums=(0, 1))(x, kernel), rtol=1e-2, atol=1e-5
+    )  # fmt: skip (the kernel gradient is rounded to bf16)
     assert grads[1].dtype == jnp.bfloat16
 
 
@@ -63,7 +64,7 @@ def test_interceptor_gives_the_layers_outputs_and_gradients(use_bias, use_jit):
     def loss(params, x, blocked):
         if not blocked:
             return jnp.sum(jnp.tanh(head.apply({"params": params}, x)))
-        with nn.intercept_methods(chunked.interceptor(block_bytes=64 * 4 * 128)):
+        with nn.intercept_methods(chunked.blocked_cast_interceptor(block_bytes=64 * 4 * 128)):
             return jnp.sum(jnp.tanh(head.apply({"params": params}, x)))
 
     fn = jax.value_and_grad(loss, argnums=(0, 1))
@@ -84,14 +85,14 @@ def test_interceptor_runs_a_tied_embedding_head_in_blocks():
         call = lambda: table.apply({"params": params}, x, method="attend")  # noqa: E731
         if not blocked:
             return jnp.sum(jnp.tanh(call()))
-        with nn.intercept_methods(chunked.interceptor(block_bytes=64 * 4 * 128)):
+        with nn.intercept_methods(chunked.blocked_cast_interceptor(block_bytes=64 * 4 * 128)):
             return jnp.sum(jnp.tanh(call()))
 
     fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), static_argnums=2)
     (value, grads), (value_blocked, grads_blocked) = fn(params, x, False), fn(params, x, True)
     assert_trees_close(value_blocked, value, rtol=1e-6)
     assert_trees_close(grads_blocked, grads, rtol=2e-2, atol=1e-4)
-    with nn.intercept_methods(chunked.interceptor(block_bytes=64 * 4 * 128)):
+    with nn.intercept_methods(chunked.blocked_cast_interceptor(block_bytes=64 * 4 * 128)):
         jaxpr = jax.make_jaxpr(lambda p: table.apply({"params": p}, x, method="attend"))(params)
     assert "custom_vjp" in str(jaxpr)  # it took the blocked path
 
@@ -147,11 +148,12 @@ def test_apply_casts_a_bf16_head_in_blocks(monkeypatch):
 def test_block_count_is_bounded():
     head, x = nn.Dense(1000, use_bias=False), jnp.ones((2, 64))
     params = {"params": {"kernel": jnp.ones((64, 1000), jnp.bfloat16)}}
-    with nn.intercept_methods(chunked.interceptor(block_bytes=1)):  # one column a block, asked
+    # One column a block, as asked:
+    with nn.intercept_methods(chunked.blocked_cast_interceptor(block_bytes=1)):
         jaxpr = jax.make_jaxpr(lambda p: head.apply(p, x))(params)
     assert str(jaxpr).count("dynamic_slice") == chunked.MAX_BLOCKS
 
 
 def test_errors():
     with pytest.raises(ValueError, match="`block_bytes` must be a positive int"):
-        chunked.interceptor(block_bytes=0)
+        chunked.blocked_cast_interceptor(block_bytes=0)

@@ -5,6 +5,7 @@ import pytest
 
 import jaxlora
 from jaxlora import LoraConfig, infer_layouts
+from jaxlora._src import paths
 from tests import linen_models as lm
 from tests.treeutil import assert_trees_bitwise_equal, assert_trees_close
 
@@ -63,8 +64,8 @@ def test_update_has_rank_at_most_r_on_targets_and_is_zero_elsewhere(scan):
     frozen, lora = low_rank_update(params, config)
     merged = jaxlora.merge(frozen, lora, config)
     targets = {t.path: t for t in jaxlora.find_targets(params, config)}
-    for _, names, before in jaxlora.paths.flatten(params):
-        after = jaxlora.paths.get_in(merged, tuple(names))
+    for _, names, before in paths.flatten(params):
+        after = paths.get_in(merged, tuple(names))
         module = "/".join(names[:-1])
         diff = np.asarray(after, np.float64) - np.asarray(before, np.float64)
         if module not in targets or names[-1] != "kernel":
@@ -158,8 +159,8 @@ def test_bias_modes():
     _, lora = jaxlora.split(params, LoraConfig(bias="all", **base), jax.random.key(0))
     assert set(lora["layer_0"]["fc2"]) == {"bias"}
     assert set(lora["ln_f"]) == {"bias"} and set(lora["lm_head"]) == {"bias"}
-    n_bias = sum(1 for _, n, _ in jaxlora.paths.flatten(params) if n[-1] == "bias")
-    n_lora_bias = sum(1 for _, n, _ in jaxlora.paths.flatten(lora) if n[-1] == "bias")
+    n_bias = sum(1 for _, n, _ in paths.flatten(params) if n[-1] == "bias")
+    n_lora_bias = sum(1 for _, n, _ in paths.flatten(lora) if n[-1] == "bias")
     assert n_lora_bias == n_bias
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import jaxlora
-from jaxlora.factored import lora_interceptor
+from jaxlora import lora_interceptor
 
 D = 8
 
@@ -267,7 +267,7 @@ def _dense_reference(x, kernel, bias, a, b, scale):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("use_jit", [True, False])
 def test_dense_fused_matches_autodiff(use_bias, dtype, use_jit):
-    from jaxlora import lowrank
+    from jaxlora._src.forward import lowrank
 
     keys = jax.random.split(jax.random.key(7), 6)
     x = jax.random.normal(keys[0], (2, 5, 6), dtype)

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 import jaxlora
-from jaxlora.apply import apply
+from jaxlora import apply
 
 D = 8
 

@@ -15,6 +15,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import jaxlora
+from jaxlora._src import paths
 
 ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-5
@@ -76,7 +77,7 @@ def test_collective_checkpoint_restores(run):
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = {}
     for name, value in adapters[0].items():
-        jaxlora.paths.set_in(
+        paths.set_in(
             target,
             tuple(name.split("/")),
             jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=device),
@@ -89,5 +90,5 @@ def test_collective_checkpoint_restores(run):
     )
     config = jaxlora.LoraConfig.from_dict(restored["config"])
     assert (config.r, config.lora_alpha, config.bias) == (4, 8, "lora_only")
-    for _, names, leaf in jaxlora.paths.flatten(restored["lora"]):
+    for _, names, leaf in paths.flatten(restored["lora"]):
         np.testing.assert_array_equal(np.asarray(leaf), adapters[0]["/".join(names)])

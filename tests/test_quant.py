@@ -138,7 +138,7 @@ def test_quantize_leaves_unselected_kernels_alone():
 
 @pytest.mark.parametrize("bias", ["none", "all"])
 def test_factored_interceptor_equals_merged_path_in_value_and_gradient(bias):
-    from jaxlora.factored import lora_interceptor
+    from jaxlora import lora_interceptor
 
     model, params, x = _model_and_params()
     config = jaxlora.LoraConfig(
@@ -150,7 +150,7 @@ def test_factored_interceptor_equals_merged_path_in_value_and_gradient(bias):
     def factored(lora):
         with (
             nn.intercept_methods(lora_interceptor(config)),
-            nn.intercept_methods(quant.interceptor()),
+            nn.intercept_methods(quant.dequantizing_interceptor()),
         ):
             return jnp.sum(model.apply({"params": jaxlora.combine(qfrozen, lora)}, x) ** 2)
 
@@ -199,7 +199,7 @@ def test_interceptor_keeps_no_float_copy_of_every_kernel_alive():
     qparams = quant.quantize(params, [f"d{i}" for i in range(6)], "nf4")
 
     def loss(x, qparams):
-        with nn.intercept_methods(quant.interceptor()):
+        with nn.intercept_methods(quant.dequantizing_interceptor()):
             return jnp.sum(model.apply({"params": qparams}, x))
 
     temp = jax.jit(jax.grad(loss)).lower(x, qparams).compile().memory_analysis()
@@ -230,7 +230,7 @@ def test_interceptor_in_a_scanned_model():
     params = model.init(jax.random.key(0), x)["params"]
     config = jaxlora.LoraConfig(target_modules=["dense"], layouts={"dense": "sio"})
     qparams = quant.quantize(params, config, "nf4", 32, double_quant=True)
-    with nn.intercept_methods(quant.interceptor()):
+    with nn.intercept_methods(quant.dequantizing_interceptor()):
         y = jax.jit(lambda p: model.apply({"params": p}, x))(qparams)
     expected = model.apply({"params": quant.dequantize_tree(qparams)}, x)
     np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-6)
@@ -289,7 +289,7 @@ def test_load_gguf_llama_keeps_q4_1_kernels_4_bit():
     from jaxlora.models.gguf_reader import GGUFFile
     from jaxlora.models.llama_weights import gguf_rows_to_hf, smollm2_path
 
-    config, params = quant.load_gguf_llama(hf_layout=True)
+    config, params = jaxlora.models.load_gguf_llama(hf_layout=True)
     leaf = params["layers_0"]["self_attn"]["q_proj"]["kernel"]
     assert quant.is_quantized(leaf) and leaf.method == "q4_1"
     info = GGUFFile(smollm2_path()).raw_tensor("blk.0.attn_q.weight")

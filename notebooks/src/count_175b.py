@@ -19,10 +19,12 @@ print(jaxlora.count(gpt3))
 # %% [markdown]
 # ## LoRA on W_q and W_v, as in the paper's Table 4
 
+
 # %%
 def plan(rank, targets=("query", "value")):
     config = jaxlora.LoraConfig(r=rank, lora_alpha=rank, target_modules=list(targets))
     return jax.eval_shape(lambda p: jaxlora.split(p, config, jax.random.key(0)), gpt3)
+
 
 frozen, lora = plan(1)
 print(jaxlora.count(frozen, lora))
@@ -39,9 +41,11 @@ print("\n".join(counts.table().splitlines()[1:4]), "\n...")
 # with Adam keeps two fp32 moments per *trainable* parameter, so LoRA drops that from 1.4 TB to
 # a few hundred MB.
 
+
 # %%
 def nbytes(tree, bytes_per=None):
     return sum(x.size * (bytes_per or x.dtype.itemsize) for x in jax.tree.leaves(tree))
+
 
 _, lora4 = plan(4)
 print(f"base checkpoint (fp16):     {nbytes(gpt3) / 1e9:8.1f} GB")
@@ -54,18 +58,27 @@ print(f"Adam moments, LoRA r=4:     {2 * nbytes(lora4, 4) / 1e6:8.1f} MB")
 
 # %%
 ranks = [1, 2, 4, 8, 16, 64]
-target_sets = {"W_q, W_v": ("query", "value"),
-               "W_q, W_k, W_v, W_o": ("query", "key", "value", "out"), "all-linear": "all-linear"}
+target_sets = {
+    "W_q, W_v": ("query", "value"),
+    "W_q, W_k, W_v, W_o": ("query", "key", "value", "out"),
+    "all-linear": "all-linear",
+}
 fig, ax = plt.subplots(figsize=(6, 3.5))
 for label, targets in target_sets.items():
     counts = []
     for rank in ranks:
         config = jaxlora.LoraConfig(r=rank, target_modules=targets)
         shapes = jax.eval_shape(
-            lambda p, config=config: jaxlora.split(p, config, jax.random.key(0)), gpt3)
+            lambda p, config=config: jaxlora.split(p, config, jax.random.key(0)), gpt3
+        )
         counts.append(jaxlora.count(*shapes).trainable)
     ax.plot(ranks, counts, marker="o", label=label)
-ax.set(xscale="log", yscale="log", xlabel="rank r", ylabel="trainable parameters",
-       title="GPT-3 175B: LoRA's trainable parameters")
+ax.set(
+    xscale="log",
+    yscale="log",
+    xlabel="rank r",
+    ylabel="trainable parameters",
+    title="GPT-3 175B: LoRA's trainable parameters",
+)
 ax.legend()
 plt.show()

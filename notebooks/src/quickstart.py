@@ -42,8 +42,9 @@ params = model.init(jax.random.key(1), x)["params"]
 # %%
 layouts = jaxlora.infer_layouts(model, x)
 print(layouts)
-config = jaxlora.LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value", "fc1"],
-                            layouts=layouts)
+config = jaxlora.LoraConfig(
+    r=8, lora_alpha=16, target_modules=["query", "value", "fc1"], layouts=layouts
+)
 frozen, lora = jaxlora.split(params, config, jax.random.key(2))
 print(jax.tree.map(jnp.shape, lora))
 print(jaxlora.count(frozen, lora).table())
@@ -53,11 +54,16 @@ print(jaxlora.count(frozen, lora).table())
 
 # %%
 merged = jaxlora.merge(frozen, lora, config)
-print(all(bool((a == b).all())
-          for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(params), strict=True)))
+print(
+    all(
+        bool((a == b).all())
+        for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(params), strict=True)
+    )
+)
 
 # %% [markdown]
 # ## Train Θ only
+
 
 # %%
 def loss(lora, frozen, x, y):
@@ -81,8 +87,12 @@ for _ in range(STEPS):
     lora, opt_state, value = step(lora, opt_state)
     history.append(float(value))
 print(f"loss {history[0]:.4f} -> {history[-1]:.4f}")
-print("optimizer state scalars:", sum(v.size for v in jax.tree.leaves(opt_state)) - 1,
-      "= 2 x |Θ| =", 2 * jaxlora.count(frozen, lora).trainable)
+print(
+    "optimizer state scalars:",
+    sum(v.size for v in jax.tree.leaves(opt_state)) - 1,
+    "= 2 x |Θ| =",
+    2 * jaxlora.count(frozen, lora).trainable,
+)
 plt.figure(figsize=(5, 3))
 plt.plot(history)
 plt.xlabel("step")

@@ -14,11 +14,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxlora import paths
-from jaxlora.checkpoint import check_fits
-from jaxlora.config import LoraConfig
-from jaxlora.targets import find_targets
-from jaxlora.types import LORA_A, LORA_B, LoraTree, Params
+from jaxlora._src import paths
+from jaxlora._src.config.lora_config import LoraConfig
+from jaxlora._src.config.targets import find_targets
+from jaxlora._src.tree.fit import check_fits
+from jaxlora._src.types import LORA_A, LORA_B, LoraTree, Params
 
 
 def stack(adapters: Sequence[LoraTree]) -> LoraTree:
@@ -127,7 +127,7 @@ def apply_mixed(
     Raises:
         ValueError: when ``index`` is not one-dimensional or does not match the batch size.
     """
-    from jaxlora.apply import apply
+    from jaxlora._src.forward.apply import apply
 
     index = jnp.asarray(index)
     sizes = {jnp.shape(x)[0] for x in jax.tree.leaves(args)}

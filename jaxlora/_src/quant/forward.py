@@ -1,8 +1,8 @@
 """The factored forward on a quantised base: layers run on kernels dequantised inside the call.
 
-:func:`interceptor` runs each layer whose params hold a :class:`~jaxlora.quant.QuantizedKernel` on
-its dequantised kernel, keeping only the codes for the backward pass; :func:`tie` keeps XLA from
-dequantising every kernel up front.
+:func:`dequantizing_interceptor` runs each layer whose params hold a
+:class:`~jaxlora.quant.QuantizedKernel` on its dequantised kernel, keeping only the codes for the
+backward pass; :func:`tie` keeps XLA from dequantising every kernel up front.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from typing import Any
 
 import jax
 
-from jaxlora.quant_kernel import is_quantized
-from jaxlora.quant_tree import dequantize_tree
-from jaxlora.remat import tie_to
-from jaxlora.types import LORA_A, LORA_B, Params
+from jaxlora._src.forward.ties import tie_to
+from jaxlora._src.quant.kernel import is_quantized
+from jaxlora._src.quant.tree import dequantize_tree
+from jaxlora._src.types import LORA_A, LORA_B, Params
 
 
 def tie(tree: Params, anchor: Any) -> Params:
@@ -66,7 +66,7 @@ def _dequantized_call(layer, method: str, kwargs: dict) -> Callable[..., Any]:
     return run
 
 
-def interceptor() -> Callable[..., Any]:
+def dequantizing_interceptor() -> Callable[..., Any]:
     """A ``flax.linen.intercept_methods`` interceptor that runs layers whose params hold a
     :class:`QuantizedKernel` on the dequantised kernel. Only the codes and the layer inputs are
     kept for the backward pass, which dequantises again (and re-runs the layer's forward to get

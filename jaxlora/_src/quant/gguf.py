@@ -1,19 +1,18 @@
-"""GGUF Q4_1 tensors kept 4-bit: llama.cpp's blocks as :class:`~jaxlora.quant.QuantizedKernel`
-leaves, and a Llama GGUF file loaded that way."""
+"""GGUF Q4_1 tensors kept 4-bit: llama.cpp's blocks as ``jaxlora.quant.QuantizedKernel`` leaves.
+
+The Llama GGUF file loader built on them lives with the reference models
+(:func:`jaxlora.models.load_gguf_llama`): the library never imports model code."""
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlora import paths
-from jaxlora.quant_kernel import Q4_1_BLOCK, QuantizedKernel
-from jaxlora.types import Params
+from jaxlora._src.quant.kernel import Q4_1_BLOCK, QuantizedKernel
 
 
 def from_gguf_q4_1(
@@ -53,44 +52,3 @@ def permute_rows(leaf: QuantizedKernel, fn: Callable[[np.ndarray], np.ndarray]) 
     codes, d, m = (jnp.asarray(fn(x).reshape(-1, *np.shape(y)[1:])) for x, y in
                    zip(arrays, (leaf.codes, leaf.scale, leaf.zero), strict=True))  # fmt: skip
     return dataclasses.replace(leaf, codes=codes, scale=d, zero=m)
-
-
-def load_gguf_llama(path: str | None = None, hf_layout: bool = False) -> tuple[Any, Params]:
-    """Loads a Llama GGUF file (default: SmolLM2-135M-Instruct) keeping Q4_1 kernels 4-bit.
-
-    Like ``jaxlora.models.llama_weights.load_smollm2``, but every Q4_1 weight becomes a
-    :class:`~jaxlora.quant.QuantizedKernel` holding the file's own blocks (dequantised on the fly by
-    :func:`dequantize` / :func:`interceptor`); other tensors are read as float32.
-
-    Returns:
-        ``(LlamaConfig, params)``.
-    """
-    from gguf import GGMLQuantizationType
-
-    from jaxlora.models import llama_weights as lw
-    from jaxlora.models.gguf_reader import GGUFFile
-
-    file = GGUFFile(lw.smollm2_path() if path is None else path)
-    config = lw.config_from_gguf(file)
-    params: dict[Any, Any] = {}
-    for name in file.tensor_names:
-        key = lw.flax_key(name)
-        if key is None:
-            raise ValueError(f"GGUF tensor `{name}` of `{file.path}` has no place in the model")
-        info = file.raw_tensor(name)
-        heads = {"q_proj": config.num_heads, "k_proj": config.num_kv_heads}.get(key[-2])
-        rows = (
-            functools.partial(lw.gguf_rows_to_hf, num_heads=heads) if hf_layout and heads else None
-        )
-        if info.tensor_type == GGMLQuantizationType.Q4_1 and key[-1] == "kernel":
-            n_out, n_in = (int(n) for n in reversed(info.shape))
-            leaf = from_gguf_q4_1(info.data, (n_in, n_out))
-            leaf = permute_rows(leaf, rows) if rows else leaf
-        else:
-            weight = file.tensor(name)
-            weight = rows(weight) if rows else weight
-            leaf = jnp.asarray(weight.T if key[-1] == "kernel" else weight)
-        paths.set_in(params, key, leaf)
-    if hf_layout:
-        config = dataclasses.replace(config, rope_interleaved=False)
-    return config, params

@@ -29,9 +29,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxlora import dora, lowrank
-from jaxlora.config import LoraConfig
-from jaxlora.types import LORA_A, LORA_B, LORA_MAGNITUDE
+from jaxlora._src.config.lora_config import LoraConfig
+from jaxlora._src.forward import lowrank
+from jaxlora._src.types import LORA_A, LORA_B, LORA_MAGNITUDE
+from jaxlora._src.variants import dora
 
 #: The rng stream LoRA dropout draws from.
 DROPOUT_RNG = "dropout"

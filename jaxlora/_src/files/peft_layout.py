@@ -25,10 +25,10 @@ from typing import Any
 
 import numpy as np
 
-from jaxlora import paths
-from jaxlora.config import LoraConfig
-from jaxlora.targets import BIAS, EMBEDDING, KERNEL, find_targets, find_trainable_leaves
-from jaxlora.types import LORA_A, LORA_B, LORA_MAGNITUDE, Params
+from jaxlora._src import paths
+from jaxlora._src.config.lora_config import LoraConfig
+from jaxlora._src.config.targets import BIAS, EMBEDDING, KERNEL, find_targets, find_trainable_leaves
+from jaxlora._src.types import LORA_A, LORA_B, LORA_MAGNITUDE, Params
 
 #: What PEFT puts before every module name in its tensor keys.
 PREFIX = "base_model.model."

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxlora import remat
+from jaxlora._src.forward import ties
 
 _LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
@@ -141,7 +141,7 @@ def _compute_kernel(kernel: jax.Array, like: jax.Array) -> jax.Array:
     neither hoist it to the start of the step nor share the forward's copy with the backward."""
     if kernel.dtype == like.dtype:
         return kernel
-    return remat.tie_to(kernel, like).astype(like.dtype)
+    return ties.tie_to(kernel, like).astype(like.dtype)
 
 
 def _dense_fused_fwd(x, kernel, bias, a, b, scale, precision):

@@ -6,8 +6,8 @@ vocabulary that copy is the largest buffer at the peak of a QLoRA training step.
 computes the same product block of output columns by block, casting one block at a time, in the
 forward pass and again in the backward pass; only the stored kernel is kept between them. (The
 blocks are unrolled rather than a ``lax.scan``: XLA:CPU gives a loop its own copy of the kernel.)
-:func:`interceptor` applies it to such layers; :func:`jaxlora.apply` enters it for a base that
-holds narrow float kernels.
+:func:`blocked_cast_interceptor` applies it to such layers; :func:`jaxlora.apply` enters it for a
+base that holds narrow float kernels.
 """
 
 from __future__ import annotations
@@ -21,9 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxlora.remat import zero_from
-
-__all__ = ["dense", "interceptor", "DEFAULT_BLOCK_BYTES", "MAX_BLOCKS"]
+from jaxlora._src.forward.ties import zero_from
 
 #: Bytes of one cast block of columns: a full cast below this size is left to the layer.
 DEFAULT_BLOCK_BYTES = 16 * 2**20
@@ -43,7 +41,7 @@ def _blocks(n_cols: int, block: int) -> list[slice]:
 def _block(kernel: jax.Array, span: slice, anchor: jax.Array, transposed: bool) -> jax.Array:
     """The kernel's output columns ``span`` as an ``(in, len(span))`` block, read only once
     ``anchor`` exists. The start index gets a zero that depends on ``anchor``
-    (:func:`jaxlora.remat.zero_from`), so XLA neither slices every block up front nor shares the
+    (``ties.zero_from``), so XLA neither slices every block up front nor shares the
     forward pass's blocks with the backward pass: either keeps a copy of the whole kernel
     alive."""
     zero = zero_from(anchor)
@@ -156,7 +154,7 @@ def _run_blocked(module: nn.Module, method: str, args, kwargs, block_bytes: int)
     return y
 
 
-def interceptor(block_bytes: int | None = None) -> Callable[..., Any]:
+def blocked_cast_interceptor(block_bytes: int | None = None) -> Callable[..., Any]:
     """A ``flax.linen.intercept_methods`` interceptor that runs each plain ``nn.Dense`` call (and
     ``nn.Embed.attend``, a tied output head) whose stored kernel is narrower than its compute
     dtype and larger than ``block_bytes`` once cast through :func:`dense`. Outputs and gradients
@@ -167,7 +165,7 @@ def interceptor(block_bytes: int | None = None) -> Callable[..., Any]:
         >>> import flax.linen as nn, jax, jax.numpy as jnp
         >>> head, x = nn.Dense(1000, use_bias=False), jnp.ones((2, 64))
         >>> w = {"params": {"kernel": jnp.ones((64, 1000), jnp.bfloat16)}}
-        >>> with nn.intercept_methods(interceptor(block_bytes=2**16)):
+        >>> with nn.intercept_methods(blocked_cast_interceptor(block_bytes=2**16)):
         ...     y = head.apply(w, x)
         >>> bool(jnp.all(y == 64.0))
         True

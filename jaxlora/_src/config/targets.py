@@ -15,9 +15,9 @@ import dataclasses
 import math
 from typing import Any
 
-from jaxlora import paths
-from jaxlora.config import LoraConfig
-from jaxlora.types import Params
+from jaxlora._src import paths
+from jaxlora._src.config.lora_config import LoraConfig
+from jaxlora._src.types import Params
 
 #: Leaf names of the weights LoRA can adapt (Flax's names for Dense/Conv/Einsum and Embed).
 KERNEL = "kernel"

@@ -14,7 +14,7 @@ from typing import Any
 
 import jax
 
-from jaxlora.types import ModulePath, Params
+from jaxlora._src.types import ModulePath, Params
 
 # ``nnx.State`` leaves sit behind a ``Variable`` whose array is the attribute ``value``.
 _VARIABLE_ATTRS = ("value", "raw_value")

@@ -25,11 +25,17 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxlora import chunked, core, dora, factored, nnx_factored, paths, quant_forward, quant_tree
-from jaxlora import remat as remat_lib
-from jaxlora.config import LoraConfig
-from jaxlora.quant_kernel import is_quantized
-from jaxlora.types import LORA_A, LORA_B, LORA_MAGNITUDE, LoraTree, Params
+from jaxlora._src import paths
+from jaxlora._src.config.lora_config import LoraConfig
+from jaxlora._src.forward import chunked, linen
+from jaxlora._src.forward import nnx as nnx_forward
+from jaxlora._src.forward import remat as remat_lib
+from jaxlora._src.quant import forward as quant_forward
+from jaxlora._src.quant import tree as quant_tree
+from jaxlora._src.quant.kernel import is_quantized
+from jaxlora._src.tree import core
+from jaxlora._src.types import LORA_A, LORA_B, LORA_MAGNITUDE, LoraTree, Params
+from jaxlora._src.variants import dora
 
 MODES = ("factored", "merged")
 
@@ -40,15 +46,13 @@ def _rngs(rngs: Any) -> dict[str, jax.Array]:
     if isinstance(rngs, Mapping):
         return dict(rngs)
     if isinstance(rngs, jax.Array):
-        return {factored.DROPOUT_RNG: rngs}
+        return {linen.DROPOUT_RNG: rngs}
     raise TypeError(f"`rngs` must be a dict of PRNG keys, a PRNG key or None, got {rngs!r}")
 
 
 def _dropout_on(config: LoraConfig, mode: str, rngs: dict, lora_deterministic: bool | None) -> bool:
     """Whether LoRA dropout acts in this call; errors where it was asked for but cannot."""
-    wanted = (
-        (factored.DROPOUT_RNG in rngs) if lora_deterministic is None else not lora_deterministic
-    )
+    wanted = (linen.DROPOUT_RNG in rngs) if lora_deterministic is None else not lora_deterministic
     if not wanted or config.lora_dropout == 0:
         return False
     if mode == "merged":
@@ -58,10 +62,10 @@ def _dropout_on(config: LoraConfig, mode: str, rngs: dict, lora_deterministic: b
             "`mode='factored'`, or pass `lora_deterministic=True` (evaluation), or set "
             "`lora_dropout=0`"
         )
-    if factored.DROPOUT_RNG not in rngs:
+    if linen.DROPOUT_RNG not in rngs:
         raise ValueError(
             f"`lora_deterministic=False` with `lora_dropout`={config.lora_dropout} needs a "
-            f"`rngs={{'{factored.DROPOUT_RNG}': key}}`; got rngs for {sorted(rngs)}"
+            f"`rngs={{'{linen.DROPOUT_RNG}': key}}`; got rngs for {sorted(rngs)}"
         )
     return True
 
@@ -156,7 +160,7 @@ def apply(
         >>> config = jaxlora.LoraConfig(r=2, target_modules=".*", lora_dropout=0.1)
         >>> frozen, lora = jaxlora.split(params, config, jax.random.key(1))
         >>> x = jnp.ones((1, 4))
-        >>> from jaxlora.apply import apply
+        >>> from jaxlora._src.forward.apply import apply
         >>> y = apply(model, frozen, lora, config, x, rngs={"dropout": jax.random.key(2)})
         >>> bool(jnp.allclose(y, model.apply({"params": params}, x)))  # B = 0: no change yet
         True
@@ -179,15 +183,15 @@ def apply(
                                    method=method, **kwargs)  # fmt: skip
             tree = {**(variables or {}), "params": core.combine(frozen, lora)}
             stack.enter_context(
-                nn.intercept_methods(factored.lora_interceptor(config, not dropout_on))
+                nn.intercept_methods(linen.lora_interceptor(config, not dropout_on))
             )
             if quantized:
                 # Inside the LoRA interceptor, so the layer it wraps sees the dequantised kernel
                 # while the low-rank term is still added outside.
-                stack.enter_context(nn.intercept_methods(quant_forward.interceptor()))
+                stack.enter_context(nn.intercept_methods(quant_forward.dequantizing_interceptor()))
             if _has_narrow_floats(frozen):
                 # A big bf16 layer without LoRA (the output head) is cast a block at a time.
-                stack.enter_context(nn.intercept_methods(chunked.interceptor()))
+                stack.enter_context(nn.intercept_methods(chunked.blocked_cast_interceptor()))
             return model.apply(tree, *args, rngs=rngs, method=method, **kwargs)
     if isinstance(model, nnx.Module | nnx.GraphDef):
         if quantized:
@@ -211,8 +215,8 @@ def apply(
             module = nnx.merge(graphdef, core.merge(frozen, lora, config))
         else:
             module = nnx.merge(graphdef, core.merge(frozen, _copies_only(lora), config))
-            key = rngs.get(factored.DROPOUT_RNG) if dropout_on else None
-            nnx_factored.attach(module, lora, config, key)
+            key = rngs.get(linen.DROPOUT_RNG) if dropout_on else None
+            nnx_forward.attach(module, lora, config, key)
         fn = module if method is None else method
         if isinstance(fn, str):
             fn = getattr(module, fn)

@@ -7,9 +7,9 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-from jaxlora import paths
-from jaxlora.config import LAYOUT_PATTERN
-from jaxlora.targets import EMBEDDING, KERNEL
+from jaxlora._src import paths
+from jaxlora._src.config.lora_config import LAYOUT_PATTERN
+from jaxlora._src.config.targets import EMBEDDING, KERNEL
 
 
 def _as_tuple(value: Any) -> tuple[Any, ...]:

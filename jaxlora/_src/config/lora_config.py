@@ -12,7 +12,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxlora import paths
+from jaxlora._src import paths
 
 _BIAS_MODES = ("none", "all", "lora_only")
 _INIT_MODES = (True, False, "gaussian")

@@ -24,9 +24,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxlora import lowrank, paths
-from jaxlora.config import LoraConfig
-from jaxlora.types import LORA_A, LORA_B, LoraTree
+from jaxlora._src import paths
+from jaxlora._src.config.lora_config import LoraConfig
+from jaxlora._src.forward import lowrank
+from jaxlora._src.types import LORA_A, LORA_B, LoraTree
 
 _LAYERS = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Conv, nnx.Embed)
 

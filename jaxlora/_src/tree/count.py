@@ -6,8 +6,8 @@ import dataclasses
 import math
 from collections.abc import Mapping
 
-from jaxlora import paths
-from jaxlora.types import ADAPTER_LEAVES, LoraTree, Params
+from jaxlora._src import paths
+from jaxlora._src.types import ADAPTER_LEAVES, LoraTree, Params
 
 
 def _size(leaf) -> int:

@@ -14,10 +14,10 @@ from typing import Any
 import jax
 import optax
 
-from jaxlora import paths
-from jaxlora.config import LoraConfig
-from jaxlora.targets import BIAS
-from jaxlora.types import ADAPTER_LEAVES, LORA_A, LoraTree, Params
+from jaxlora._src import paths
+from jaxlora._src.config.lora_config import LoraConfig
+from jaxlora._src.config.targets import BIAS
+from jaxlora._src.types import ADAPTER_LEAVES, LORA_A, LoraTree, Params
 
 TRAINABLE = "trainable"
 FROZEN = "frozen"

@@ -15,10 +15,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxlora import paths
-from jaxlora.config import LoraConfig
-from jaxlora.targets import EMBEDDING, KERNEL, Target, find_targets, find_trainable_leaves
-from jaxlora.types import LORA_A, LORA_B, LORA_MAGNITUDE, LoraTree, Params, PRNGKey
+from jaxlora._src import paths
+from jaxlora._src.config.lora_config import LoraConfig
+from jaxlora._src.config.targets import (
+    EMBEDDING,
+    KERNEL,
+    Target,
+    find_targets,
+    find_trainable_leaves,
+)
+from jaxlora._src.types import LORA_A, LORA_B, LORA_MAGNITUDE, LoraTree, Params, PRNGKey
 
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 

@@ -16,17 +16,18 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxlora import core, paths
-from jaxlora.config import LoraConfig
-from jaxlora.quant_kernel import (
+from jaxlora._src import paths
+from jaxlora._src.config.lora_config import LoraConfig
+from jaxlora._src.config.targets import find_targets
+from jaxlora._src.quant.kernel import (
     check_options,
     dequantize,
     is_quantized,
     quantize_kernel,
     quantize_q4_1,
 )
-from jaxlora.targets import find_targets
-from jaxlora.types import LoraTree, Params, PRNGKey
+from jaxlora._src.tree import core
+from jaxlora._src.types import LoraTree, Params, PRNGKey
 
 
 def dequantize_tree(params: Params, dtype: Any = None) -> Params:

@@ -1,0 +1,55 @@
+"""Does an adapter fit a base? The Θ a config makes for a base, and a check that lists every misfit.
+
+Used wherever an adapter arrives from outside (an orbax checkpoint, a PEFT file, a bank of
+adapters): the stored tree is compared with the one :func:`jaxlora.split` would make, path by path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+
+from jaxlora._src.config.lora_config import LoraConfig
+from jaxlora._src.tree.core import split
+from jaxlora._src.types import LoraTree, Params
+
+
+def expected_adapter(base: Params, config: LoraConfig) -> LoraTree:
+    """The shapes and dtypes of the Θ that ``config`` makes for ``base``, as ShapeDtypeStructs.
+
+    ``base`` may hold arrays or ``jax.ShapeDtypeStruct``; nothing is computed or allocated.
+    """
+    return jax.eval_shape(lambda params: split(params, config, jax.random.key(0))[1], base)
+
+
+def describe(leaf: Any) -> str:
+    """``'(shape) dtype'`` of an array or ``ShapeDtypeStruct``, for error messages."""
+    return f"{tuple(leaf.shape)} {jax.numpy.dtype(leaf.dtype).name}"
+
+
+def check_fits(stored: Mapping[str, Any], expected: Mapping[str, Any], where: str) -> None:
+    """Raises a ValueError listing every path whose stored leaf is missing, extra or misfit.
+
+    Both arguments map ``"/"``-joined leaf paths to objects with ``shape`` and ``dtype``.
+    """
+    problems = []
+    for path in sorted(set(stored) | set(expected)):
+        if path not in stored:
+            problems.append(f"`{path}` missing (expected {describe(expected[path])})")
+        elif path not in expected:
+            problems.append(f"`{path}` unexpected (stored {describe(stored[path])})")
+        elif tuple(stored[path].shape) != tuple(expected[path].shape) or jax.numpy.dtype(
+            stored[path].dtype
+        ) != jax.numpy.dtype(expected[path].dtype):
+            problems.append(
+                f"`{path}` stored {describe(stored[path])}, expected {describe(expected[path])}"
+            )
+    if problems:
+        raise ValueError(
+            f"{where} does not fit `base`: "
+            + "; ".join(problems[:20])
+            + (f"; … ({len(problems) - 20} more)" if len(problems) > 20 else "")
+            + ". Was the adapter made for another model (or another size of it)?"
+        )
