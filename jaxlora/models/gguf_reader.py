@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from jaxlora.models import _io
+from jaxlora.models import packaged
 
-__all__ = ["GGUFFile", "read_gguf", "tokenizer_from_gguf"]
+__all__ = ["GGUFFile", "tokenizer_from_gguf"]
 
 #: GGUF token types (llama.cpp ``LLAMA_TOKEN_TYPE_*``) that this reader treats specially.
 _CONTROL = 3
@@ -32,7 +32,7 @@ class GGUFFile:
         """
         import gguf
 
-        self.path = _io.check_file(path, "GGUF")
+        self.path = packaged.check_file(path, "GGUF")
         self._reader = gguf.GGUFReader(self.path)
         self._tensors = {tensor.name: tensor for tensor in self._reader.tensors}
 
@@ -86,11 +86,6 @@ class GGUFFile:
         array = quants.dequantize(info.data, info.tensor_type)
         expected = tuple(int(n) for n in reversed(info.shape))
         return np.ascontiguousarray(array, dtype=np.float32).reshape(expected)
-
-
-def read_gguf(path: str | os.PathLike[str]) -> GGUFFile:
-    """Opens a GGUF file; see :class:`GGUFFile`."""
-    return GGUFFile(path)
 
 
 def _pre_tokenizer(name: str) -> Any:

