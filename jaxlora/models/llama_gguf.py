@@ -15,6 +15,8 @@ from jaxlora.models import llama_weights as lw
 from jaxlora.models.gguf_reader import GGUFFile
 from jaxlora.models.llama import LlamaConfig
 
+__all__ = ["load_gguf_llama"]
+
 
 def load_gguf_llama(
     path: str | None = None, hf_layout: bool = False

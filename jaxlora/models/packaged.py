@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 from flax import traverse_util
 
+__all__ = ["check_file", "package_file", "raise_on_leftovers", "unflatten_checked"]
+
 
 def package_file(package: str, relative_path: str, requirement: str) -> str:
     """Returns the path of a file shipped inside an installed package, without importing it.

@@ -12,6 +12,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+__all__ = ["PAPER_MODELS", "TransformerShape", "abstract_params"]
+
 
 @dataclasses.dataclass(frozen=True)
 class TransformerShape:
