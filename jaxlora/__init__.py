@@ -37,7 +37,7 @@ from jaxlora._src.optim.masks import freeze as freeze
 from jaxlora._src.optim.masks import partition as partition
 from jaxlora._src.optim.masks import trainable_labels as trainable_labels
 from jaxlora._src.optim.masks import trainable_mask as trainable_mask
-from jaxlora._src.sharding.specs import init_sharded as init_sharded
+from jaxlora._src.sharding.init import init_sharded as init_sharded
 from jaxlora._src.sharding.specs import lora_shardings as lora_shardings
 from jaxlora._src.tree.core import combine as combine
 from jaxlora._src.tree.core import delta as delta

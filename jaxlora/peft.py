@@ -8,11 +8,11 @@ PyTorch module names (:func:`default_module_name` when the two agree).
 
 from jaxlora._src.files.peft import CONFIG_FILE as CONFIG_FILE
 from jaxlora._src.files.peft import WEIGHTS_FILE as WEIGHTS_FILE
-from jaxlora._src.files.peft import config_from_peft as config_from_peft
-from jaxlora._src.files.peft import default_module_name as default_module_name
 from jaxlora._src.files.peft import load_peft as load_peft
-from jaxlora._src.files.peft import peft_config as peft_config
 from jaxlora._src.files.peft import save_peft as save_peft
+from jaxlora._src.files.peft_config import config_from_peft as config_from_peft
+from jaxlora._src.files.peft_config import default_module_name as default_module_name
+from jaxlora._src.files.peft_config import peft_config as peft_config
 from jaxlora._src.files.peft_layout import PREFIX as PREFIX
 from jaxlora._src.files.peft_layout import ModuleName as ModuleName
 

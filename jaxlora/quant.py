@@ -4,7 +4,7 @@ LoRA trains only Θ, so the frozen base can be stored in fewer bits (QLoRA, Dett
 :func:`quantize` replaces selected kernels of a params tree by :class:`QuantizedKernel` leaves,
 pytrees of integer codes and float scales; :func:`dequantize_tree` turns them back into float
 arrays inside a jitted loss. Nothing is ever differentiated w.r.t. the codes: gradients are taken
-w.r.t. Θ only (``jax.grad(loss)(lora, qfrozen, batch)``).
+w.r.t. Θ only (``jax.grad(loss)(lora, frozen, batch)``).
 
 The implementation is in four smaller modules under ``jaxlora/_src/quant/``: ``kernel`` (one
 kernel and its formats), ``tree`` (whole params trees), ``gguf`` (GGUF Q4_1 tensors) and

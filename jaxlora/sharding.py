@@ -6,8 +6,8 @@ For a base kernel sharded by a ``PartitionSpec`` P, ``lora_a`` takes P's input-a
 directly in place, and :func:`factor_specs` is the rule for one kernel.
 """
 
+from jaxlora._src.sharding.init import init_sharded as init_sharded
 from jaxlora._src.sharding.specs import factor_specs as factor_specs
-from jaxlora._src.sharding.specs import init_sharded as init_sharded
 from jaxlora._src.sharding.specs import lora_shardings as lora_shardings
 
 __all__ = ["factor_specs", "init_sharded", "lora_shardings"]

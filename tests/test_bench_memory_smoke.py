@@ -5,6 +5,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow  # runs experiments/bench_memory.py in subprocesses
+
 SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "experiments", "bench_memory.py")
 
 

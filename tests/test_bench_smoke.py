@@ -6,6 +6,8 @@ import pytest
 
 from experiments import bench_train_step
 
+pytestmark = pytest.mark.slow  # runs experiments/bench_train_step.py (and PyTorch if installed)
+
 
 @pytest.mark.standard_dtypes  # optax's AdamW
 def test_tiny_benchmark_writes_results(tmp_path):

@@ -130,6 +130,7 @@ _KILLED_WRITER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # kills a checkpoint-writing subprocess
 def test_sigkill_mid_write_leaves_previous_checkpoint_loadable(tmp_path):
     config = jaxlora.LoraConfig(r=4, target_modules=["l1", "l2"], init_lora_weights=False)
     script = tmp_path / "writer.py"
@@ -184,7 +185,7 @@ def test_restore_onto_base_without_the_target_modules_is_an_error(tmp_path):
     other = {"other": {"kernel": jnp.ones((4, 4))}}
     with checkpoint.checkpoint_manager(tmp_path) as manager:
         checkpoint.save(manager, 0, lora, CONFIG)
-        with pytest.raises(ValueError, match="stored config of .* does not fit `base`.*l1"):
+        with pytest.raises(ValueError, match="stored config of .* does not fit `frozen`.*l1"):
             checkpoint.restore(manager, other)
 
 

@@ -4,7 +4,7 @@ Laws: the layer's outputs and gradients, for every shape and block size; and no 
 the whole kernel in XLA's temporaries.
 """
 
-import sys
+import time
 
 import flax.linen as nn
 import jax
@@ -76,8 +76,10 @@ def test_interceptor_gives_the_layers_outputs_and_gradients(use_bias, use_jit):
 
 
 def test_interceptor_runs_a_tied_embedding_head_in_blocks():
-    table = nn.Embed(300, 64)
-    x = jax.random.normal(jax.random.key(0), (3, 64))
+    """``Embed.attend`` on a bf16 table: the layer's value and gradients, and no float32 copy of
+    the whole table in XLA's temporaries."""
+    table = nn.Embed(8192, 128)
+    x = jax.random.normal(jax.random.key(0), (3, 128))
     params = table.init(jax.random.key(1), jnp.zeros((1,), jnp.int32))["params"]
     params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
 
@@ -85,16 +87,21 @@ def test_interceptor_runs_a_tied_embedding_head_in_blocks():
         call = lambda: table.apply({"params": params}, x, method="attend")  # noqa: E731
         if not blocked:
             return jnp.sum(jnp.tanh(call()))
-        with nn.intercept_methods(chunked.blocked_cast_interceptor(block_bytes=64 * 4 * 128)):
+        with nn.intercept_methods(chunked.blocked_cast_interceptor(block_bytes=2**17)):
             return jnp.sum(jnp.tanh(call()))
 
     fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), static_argnums=2)
     (value, grads), (value_blocked, grads_blocked) = fn(params, x, False), fn(params, x, True)
     assert_trees_close(value_blocked, value, rtol=1e-6)
     assert_trees_close(grads_blocked, grads, rtol=2e-2, atol=1e-4)
-    with nn.intercept_methods(chunked.blocked_cast_interceptor(block_bytes=64 * 4 * 128)):
-        jaxpr = jax.make_jaxpr(lambda p: table.apply({"params": p}, x, method="attend"))(params)
-    assert "custom_vjp" in str(jaxpr)  # it took the blocked path
+    # The table is frozen (as under LoRA): only the input's gradient, which needs the table too.
+    plain_temp, blocked_temp = (
+        _temp_bytes(lambda p, x, b=blocked: jax.grad(loss, argnums=1)(p, x, b), params, x)
+        for blocked in (False, True)
+    )
+    table_copy = 4 * 8192 * 128  # 4 MiB
+    assert plain_temp >= table_copy
+    assert blocked_temp < plain_temp - table_copy / 2
 
 
 def _temp_bytes(fn, *args):
@@ -127,17 +134,21 @@ def test_apply_casts_a_bf16_head_in_blocks(monkeypatch):
     frozen, lora = jaxlora.split(params, config, jax.random.key(1))
     lora = jax.tree.map(lambda p: p.astype(jnp.float32), lora)
 
-    def value_and_grad():
+    def value_and_grad(blocked):
         def loss(lora, frozen):
-            logits = jaxlora.apply(model, frozen, lora, config, ids)
+            if blocked:
+                logits = jaxlora.apply(model, frozen, lora, config, ids)
+            else:  # the same factored forward, without the blocks
+                with nn.intercept_methods(jaxlora.lora_interceptor(config)):
+                    tree = {"params": jaxlora.combine(frozen, lora)}
+                    logits = model.apply(tree, ids)
             return jnp.mean(jax.nn.log_softmax(logits)[..., 0])
 
         return jax.jit(jax.value_and_grad(loss)), _temp_bytes(jax.grad(loss), lora, frozen)
 
     monkeypatch.setattr(chunked, "DEFAULT_BLOCK_BYTES", 2**20)  # the 4 MiB head in 4 blocks
-    blocked, blocked_temp = value_and_grad()
-    monkeypatch.setattr(sys.modules["jaxlora.apply"], "_has_narrow_floats", lambda frozen: False)
-    plain, plain_temp = value_and_grad()
+    blocked, blocked_temp = value_and_grad(blocked=True)
+    plain, plain_temp = value_and_grad(blocked=False)
     (value, grads), (value_blocked, grads_blocked) = plain(lora, frozen), blocked(lora, frozen)
     assert_trees_close(value_blocked, value, rtol=1e-6)
     assert_trees_close(grads_blocked, grads, rtol=1e-5, atol=1e-7)
@@ -145,13 +156,31 @@ def test_apply_casts_a_bf16_head_in_blocks(monkeypatch):
     assert blocked_temp < plain_temp - head_copy / 2
 
 
+def _compile_seconds(n_out):
+    """Seconds to compile a bf16 ``Dense`` of ``n_out`` columns asked to run one column a block."""
+    head, x = nn.Dense(n_out, use_bias=False), jnp.ones((2, 16))
+    params = {"params": {"kernel": jnp.ones((16, n_out), jnp.bfloat16)}}
+
+    def forward(params):
+        with nn.intercept_methods(chunked.blocked_cast_interceptor(block_bytes=1)):
+            return head.apply(params, x)
+
+    start = time.perf_counter()
+    jax.jit(forward).lower(params).compile()
+    return time.perf_counter() - start
+
+
 def test_block_count_is_bounded():
-    head, x = nn.Dense(1000, use_bias=False), jnp.ones((2, 64))
-    params = {"params": {"kernel": jnp.ones((64, 1000), jnp.bfloat16)}}
-    # One column a block, as asked:
+    """One column a block is asked for; a layer 128 times wider compiles about as fast, because at
+    most ``MAX_BLOCKS`` blocks are unrolled (without the bound: 128 times the program)."""
+    head, x = nn.Dense(1000, use_bias=False), jax.random.normal(jax.random.key(0), (2, 64))
+    params = {"params": {"kernel": jax.random.normal(jax.random.key(1), (64, 1000), jnp.bfloat16)}}
     with nn.intercept_methods(chunked.blocked_cast_interceptor(block_bytes=1)):
-        jaxpr = jax.make_jaxpr(lambda p: head.apply(p, x))(params)
-    assert str(jaxpr).count("dynamic_slice") == chunked.MAX_BLOCKS
+        y = jax.jit(head.apply)(params, x)
+    assert_trees_close(y, _plain(x, params["params"]["kernel"]), rtol=1e-5, atol=1e-5)
+    _compile_seconds(chunked.MAX_BLOCKS)  # warm up
+    narrow = _compile_seconds(chunked.MAX_BLOCKS)
+    assert _compile_seconds(128 * chunked.MAX_BLOCKS) < 4 * narrow + 1.0
 
 
 def test_errors():

@@ -261,9 +261,11 @@ def test_merge_errors():
         jaxlora.merge(frozen, extra, config)
     with pytest.raises(ValueError, match="`lora` leaf `v/kernel` has shape"):
         jaxlora.merge(frozen, {**lora, "v": {"kernel": jnp.ones((3, 3))}}, config)
-    dora = {"q": {**lora["q"], "lora_magnitude": jnp.ones(6)}}
-    with pytest.raises(ValueError, match="is a DoRA adapter .* use `jaxlora.dora.dora_merge`"):
+    dora = {"q": {**lora["q"], "lora_magnitude": jnp.ones(5)}}
+    with pytest.raises(ValueError, match=r"`lora_magnitude` at `q` has shape \(5,\); the kernel"):
         jaxlora.merge(frozen, dora, config)
+    with pytest.raises(ValueError, match="`variant` must be one of"):
+        jaxlora.split(params, config, jax.random.key(0), variant="vera")
     with pytest.raises(TypeError, match="`frozen` must be a \\(nested\\) dict"):
         jaxlora.combine([1], lora)
     with pytest.raises(ValueError, match="`lora` leaf `w/kernel` has no counterpart in `frozen`"):

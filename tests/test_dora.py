@@ -115,7 +115,7 @@ def test_errors():
     ):
         dora.dora_merge(frozen, {"m": {dora.LORA_MAGNITUDE: jnp.ones(4)}}, config)
     with pytest.raises(
-        ValueError, match=r"`lora` has `lora_magnitude` at \['x'\] but `frozen` has no"
+        ValueError, match=r"`lora` leaves x/lora_a, x/lora_b, x/lora_magnitude have"
     ):
         dora.dora_merge(frozen, {"x": lora["m"]}, config)
 

@@ -1,4 +1,4 @@
-"""DoRA on the factored path equals DoRA merged, in outputs and gradients, for each layer kind."""
+"""DoRA on the factored path (linen and NNX) equals DoRA merged, in outputs and gradients."""
 
 import flax.linen as nn
 import jax
@@ -40,22 +40,39 @@ def test_factored_dora_equals_merged_dora(case):
     assert_trees_close(factored[1], merged[1], rtol=1e-4, atol=1e-4 * scale)
 
 
-def test_fresh_dora_adapter_changes_nothing_on_the_factored_path():
-    model, x = lm.Decoder(), lm.ids()
-    params = lm.init(model, x)
-    config = jaxlora.LoraConfig(r=2, target_modules=["fc1"])
-    frozen, lora = dora.dora_split(params, config, jax.random.key(0))
-    y = jaxlora.apply(model, frozen, lora, config, x)
-    assert jnp.allclose(y, model.apply({"params": params}, x), rtol=1e-5, atol=1e-5)
+class NnxNet(nnx.Module):
+    def __init__(self, rngs):
+        self.fc = nnx.Linear(6, 8, rngs=rngs)
+        self.proj = nnx.LinearGeneral(8, (2, 3), rngs=rngs)
+        self.conv = nnx.Conv(3, 4, (3,), rngs=rngs)
+
+    def __call__(self, x):
+        h = self.proj(jnp.tanh(self.fc(x)))
+        return self.conv(h)
+
+
+def test_factored_dora_on_nnx_equals_merged_dora():
+    graphdef, state = nnx.split(NnxNet(nnx.Rngs(0)))
+    x = jax.random.normal(jax.random.key(1), (5, 2, 6))
+    config = jaxlora.LoraConfig(r=2, lora_alpha=4, target_modules=["fc", "proj", "conv"],
+                                layouts={"proj": "ioo", "conv": "wio"})  # fmt: skip
+    frozen, lora = jaxlora.split(state, config, jax.random.key(2), variant="dora")
+    fresh = jaxlora.apply(graphdef, frozen, lora, config, x)
+    assert_trees_close(fresh, nnx.merge(graphdef, state)(x), rtol=1e-5, atol=1e-5)
+    lora = perturbed(lora, 3, scale=0.05)
+
+    def loss(lora, mode):
+        return jnp.sum(jaxlora.apply(graphdef, frozen, lora, config, x, mode=mode) ** 2)
+
+    factored = jax.jit(jax.value_and_grad(loss), static_argnums=1)(lora, "factored")
+    merged = jax.value_and_grad(loss)(lora, "merged")
+    assert float(jnp.abs(factored[0] - merged[0])) <= 1e-5 * float(jnp.abs(merged[0]))
+    assert jax.tree.structure(factored[1]) == jax.tree.structure(lora)
+    scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(merged[1]))
+    assert_trees_close(factored[1], merged[1], rtol=1e-4, atol=1e-4 * scale)
 
 
 def test_dora_errors():
-    config = jaxlora.LoraConfig(r=2, target_modules=["kernel_holder"])
-    params = {"kernel_holder": {"kernel": jnp.ones((4, 4))}}
-    frozen, lora = dora.dora_split(params, config, jax.random.key(0))
-    with pytest.raises(ValueError, match="DoRA adapter; DoRA runs on linen models only"):
-        jaxlora.apply(nnx.Linear(4, 4, rngs=nnx.Rngs(0)), frozen, lora, config, jnp.ones((1, 4)))
-
     class Embedder(nn.Module):
         @nn.compact
         def __call__(self, ids):
@@ -67,5 +84,5 @@ def test_dora_errors():
     ecfg = jaxlora.LoraConfig(r=2, target_modules=["embed"])
     efrozen, elora = jaxlora.split(eparams, ecfg, jax.random.key(0))
     elora["embed"]["lora_magnitude"] = jnp.ones(4)
-    with pytest.raises(ValueError, match="`embed` is an embedding with a DoRA magnitude"):
+    with pytest.raises(ValueError, match="DoRA adapts dense and conv kernels; `embed` is an emb"):
         jaxlora.apply(model, efrozen, elora, ecfg, ids)

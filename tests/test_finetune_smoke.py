@@ -6,6 +6,8 @@ import pytest
 
 from experiments import finetune
 
+pytestmark = pytest.mark.slow  # a smoke run of experiments/finetune.py on MiniLM's weights
+
 
 @pytest.mark.standard_dtypes
 def test_finetune_smoke(tmp_path):

@@ -13,6 +13,8 @@ from safetensors.numpy import load_file
 import jaxlora
 from jaxlora.models import bert, bert_weights, data
 
+pytestmark = pytest.mark.slow  # MiniLM's pretrained weights
+
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "minilm_reference.json")
 
 

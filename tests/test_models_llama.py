@@ -13,6 +13,8 @@ from flax import traverse_util
 import jaxlora
 from jaxlora.models import llama, llama_weights
 
+pytestmark = pytest.mark.slow  # SmolLM2's pretrained weights
+
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "smollm2_reference.json")
 TINY = llama.LlamaConfig(
     vocab_size=12,
@@ -156,8 +158,8 @@ def _write_tiny_gguf(path, params, extra_tensor=False):
     writer.add_token_list([f"t{i}" for i in range(TINY.vocab_size)])
     # Written with the loader's own name table: this checks the plumbing (every tensor read back,
     # config from metadata); the real-model tests check the table itself against PyTorch.
-    block = {flax: name for name, flax in llama_weights._GGUF_BLOCK.items()}
-    top = {flax: name for name, flax in llama_weights._GGUF_TOP.items()}
+    block = {flax: name for name, flax in llama_weights.GGUF_BLOCK_NAMES.items()}
+    top = {flax: name for name, flax in llama_weights.GGUF_TOP_NAMES.items()}
     for key, value in traverse_util.flatten_dict(params).items():
         if key[0].startswith("layers_"):
             name = f"blk.{key[0].removeprefix('layers_')}.{block['/'.join(key[1:-1])]}"

@@ -17,6 +17,8 @@ import pytest
 import jaxlora
 from jaxlora._src import paths
 
+pytestmark = pytest.mark.slow  # two jax.distributed worker processes
+
 ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-5
 

@@ -11,6 +11,7 @@ from notebooks.build_notebooks import HERE, build
 NAMES = sorted(p.stem for p in (HERE / "src").glob("*.py"))
 
 
+@pytest.mark.slow  # executes every notebook
 @pytest.mark.parametrize("name", NAMES)
 def test_notebook_executes(name, monkeypatch):
     monkeypatch.setenv("JAXLORA_SMALL", "1")

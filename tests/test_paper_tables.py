@@ -2,7 +2,11 @@
 
 import json
 
+import pytest
+
 from experiments import paper_param_tables
+
+pytestmark = pytest.mark.slow  # runs experiments/paper_param_tables.py
 
 
 def test_paper_tables(tmp_path):

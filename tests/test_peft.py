@@ -21,6 +21,8 @@ from jaxlora import peft as jpeft
 from tests import peft_models as pm
 from tests.treeutil import assert_trees_bitwise_equal, perturbed
 
+pytestmark = pytest.mark.slow  # PyTorch and PEFT
+
 TARGETS = ["embed", "blocks/fc", "proj", "conv"]
 
 

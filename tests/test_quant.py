@@ -264,6 +264,7 @@ def test_q4_1_round_trip_matches_llama_cpp_rounding():
     np.testing.assert_allclose(np.asarray(quant.dequantize(ours)), theirs, rtol=0, atol=1e-7)
 
 
+@pytest.mark.slow  # SmolLM2's GGUF weights
 @needs_gguf
 def test_smollm2_q4_1_tensor_dequantises_exactly_like_gguf():
     import gguf
@@ -282,6 +283,7 @@ def test_smollm2_q4_1_tensor_dequantises_exactly_like_gguf():
     np.testing.assert_array_equal(np.asarray(again.codes), np.asarray(leaf.codes))
 
 
+@pytest.mark.slow  # SmolLM2's GGUF weights
 @needs_gguf
 def test_load_gguf_llama_keeps_q4_1_kernels_4_bit():
     from gguf import quants

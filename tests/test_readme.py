@@ -15,6 +15,7 @@ def block(marker):
     return match.group(1)
 
 
+@pytest.mark.slow  # executes the README quickstart
 @pytest.mark.standard_dtypes
 def test_quickstart_runs_and_trains(capsys):
     code = block("quickstart")

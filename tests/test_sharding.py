@@ -148,7 +148,7 @@ def test_logical_boxes_with_rules():
     base = jax.tree.map(
         lambda s: nn.logical_to_mesh_axes(tuple(s), RULES), nn.get_partition_spec(boxed)
     )
-    assert lora_shardings(base, config, nn.unbox(boxed)) == got
+    assert lora_shardings(nn.unbox(boxed), config, base) == got
 
 
 def test_logical_boxes_without_rules_stay_logical():
@@ -165,7 +165,7 @@ def test_structure_matches_split_with_trainable_copies():
     )  # fmt: skip
     specs = jax.tree.map(lambda _: P("fsdp"), params)
     _, lora = jaxlora.split(params, config, jax.random.key(1))
-    got = lora_shardings(specs, config, params)
+    got = lora_shardings(params, config, specs)
     assert jax.tree.structure(got) == jax.tree.structure(lora)
     assert got["down"] == {"kernel": P("fsdp"), "bias": P("fsdp")}
     assert got["up"]["bias"] == P("fsdp")
@@ -176,12 +176,12 @@ def test_named_shardings_keep_their_mesh_and_none_is_replicated():
     params = {"a": {"kernel": jnp.zeros((8, 4))}, "b": {"kernel": jnp.zeros((8, 4))}}
     base = {"a": {"kernel": NamedSharding(mesh, P("fsdp", "model"))}, "b": {"kernel": None}}
     config = jaxlora.LoraConfig(r=2, target_modules=["a", "b"])
-    got = lora_shardings(base, config, params, rank_axis="data")
+    got = lora_shardings(params, config, base, rank_axis="data")
     assert got["a"]["lora_a"] == NamedSharding(mesh, P("fsdp", "data"))
     assert got["a"]["lora_b"] == NamedSharding(mesh, P("data", "model"))
     assert got["b"] == {"lora_a": P(None, "data"), "lora_b": P("data", None)}
     other = AbstractMesh((4,), ("data",))
-    got = lora_shardings(base, config, params, mesh=other)
+    got = lora_shardings(params, config, base, mesh=other)
     assert got["a"]["lora_a"].mesh == mesh and got["b"]["lora_a"] == NamedSharding(
         other, P(None, None)
     )
@@ -200,23 +200,23 @@ def test_rank_axis_must_divide_rank():
     config = jaxlora.LoraConfig(r=6, target_modules=["a"])
     params = {"a": {"kernel": jnp.zeros((8, 4))}}
     with pytest.raises(ValueError, match=r"over 4 devices, but its rank is 6; expected a rank"):
-        lora_shardings({"a": {"kernel": P()}}, config, params, rank_axis="model", mesh=mesh)
-    got = lora_shardings({"a": {"kernel": P()}}, config, params, rank_axis="data", mesh=mesh)
+        lora_shardings(params, config, {"a": {"kernel": P()}}, rank_axis="model", mesh=mesh)
+    got = lora_shardings(params, config, {"a": {"kernel": P()}}, rank_axis="data", mesh=mesh)
     assert got["a"]["lora_b"].spec == P("data", None)
 
 
 def test_missing_entry_is_named():
     config = jaxlora.LoraConfig(r=2, target_modules=["a"])
     params = {"a": {"kernel": jnp.zeros((8, 4))}}
-    with pytest.raises(ValueError, match=r"no entry for `a/kernel`; it must mirror `params`"):
-        lora_shardings({"params": {"a": {"kernel": P()}}}, config, params)
+    with pytest.raises(ValueError, match=r"no entry for `a/kernel`; it must mirror `frozen`"):
+        lora_shardings(params, config, {"params": {"a": {"kernel": P()}}})
 
 
 def test_wrong_leaf_type():
     config = jaxlora.LoraConfig(r=2, target_modules=["a"])
     params = {"a": {"kernel": jnp.zeros((8, 4))}}
     with pytest.raises(TypeError, match=r"leaf at `\['a'\]\['kernel'\]` is a str; expected"):
-        lora_shardings({"a": {"kernel": "model"}}, config, params)
+        lora_shardings(params, config, {"a": {"kernel": "model"}})
     with pytest.raises(TypeError, match=r"has sharding .*; expected a NamedSharding"):
         lora_shardings({"a": {"kernel": jax.ShapeDtypeStruct((8, 4), jnp.float32)}}, config)
 

@@ -25,5 +25,7 @@ LORA_A = "lora_a"
 LORA_B = "lora_b"
 #: DoRA's per-output-column magnitude, beside ``lora_a`` / ``lora_b`` (see :mod:`jaxlora.dora`).
 LORA_MAGNITUDE = "lora_magnitude"
+#: Axis letters for generated einsum specs (52 distinct names).
+LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 #: Every leaf name that belongs to an adapter rather than to the base model.
 ADAPTER_LEAVES = (LORA_A, LORA_B, LORA_MAGNITUDE)

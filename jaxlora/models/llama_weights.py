@@ -29,6 +29,8 @@ from jaxlora.models.gguf_reader import GGUFFile, tokenizer_from_gguf
 from jaxlora.models.llama import LlamaConfig, LlamaForCausalLM
 
 __all__ = [
+    "GGUF_BLOCK_NAMES",
+    "GGUF_TOP_NAMES",
     "chat_prompt",
     "config_from_gguf",
     "flax_key",
@@ -42,7 +44,7 @@ __all__ = [
 
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 #: Per-block GGUF tensor -> flax module path inside ``layers_{i}``.
-_GGUF_BLOCK = {
+GGUF_BLOCK_NAMES = {
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
     "attn_q": "self_attn/q_proj",
@@ -53,9 +55,10 @@ _GGUF_BLOCK = {
     "ffn_up": "mlp/up_proj",
     "ffn_down": "mlp/down_proj",
 }
-_GGUF_TOP = {"token_embd": "embed_tokens", "output_norm": "norm", "output": "lm_head"}
-_BLOCK_MODULES = frozenset(_GGUF_BLOCK.values())
-_TOP_MODULES = frozenset(_GGUF_TOP.values())
+#: Top-level GGUF tensor -> flax module path.
+GGUF_TOP_NAMES = {"token_embd": "embed_tokens", "output_norm": "norm", "output": "lm_head"}
+_BLOCK_MODULES = frozenset(GGUF_BLOCK_NAMES.values())
+_TOP_MODULES = frozenset(GGUF_TOP_NAMES.values())
 _FLAX_BLOCK = re.compile(r"layers_(?P<index>\d+)/(?P<rest>.+)")
 _HF_BLOCK = re.compile(r"model\.layers\.(?P<index>\d+)\.(?P<rest>.+)")
 
@@ -166,10 +169,11 @@ def gguf_rows_to_hf(weight: np.ndarray, num_heads: int) -> np.ndarray:
 def flax_key(tensor_name: str) -> tuple[str, ...] | None:
     """``blk.3.attn_q.weight`` -> ``('layers_3', 'self_attn', 'q_proj', 'kernel')``, or None."""
     parts = tensor_name.split(".")
-    if len(parts) == 4 and parts[0] == "blk" and parts[3] == "weight" and parts[2] in _GGUF_BLOCK:
-        module = f"layers_{parts[1]}/{_GGUF_BLOCK[parts[2]]}"
-    elif len(parts) == 2 and parts[1] == "weight" and parts[0] in _GGUF_TOP:
-        module = _GGUF_TOP[parts[0]]
+    is_block = len(parts) == 4 and parts[0] == "blk" and parts[3] == "weight"
+    if is_block and parts[2] in GGUF_BLOCK_NAMES:
+        module = f"layers_{parts[1]}/{GGUF_BLOCK_NAMES[parts[2]]}"
+    elif len(parts) == 2 and parts[1] == "weight" and parts[0] in GGUF_TOP_NAMES:
+        module = GGUF_TOP_NAMES[parts[0]]
     else:
         return None
     last = module.rsplit("/", 1)[-1]

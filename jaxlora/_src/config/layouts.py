@@ -8,12 +8,9 @@ import flax.linen as nn
 import jax
 
 from jaxlora._src import paths
+from jaxlora._src.axes import as_tuple
 from jaxlora._src.config.lora_config import LAYOUT_PATTERN
 from jaxlora._src.config.targets import EMBEDDING, KERNEL
-
-
-def _as_tuple(value: Any) -> tuple[Any, ...]:
-    return tuple(value) if isinstance(value, tuple | list) else (value,)
 
 
 def _einsum_layout(einsum_str: str) -> str | None:
@@ -33,11 +30,11 @@ def _module_layout(module: nn.Module) -> str | None:
     if isinstance(module, nn.Dense | nn.Embed):
         return "io"
     if isinstance(module, nn.DenseGeneral):
-        n_in = len(_as_tuple(module.axis))
-        n_out = len(_as_tuple(module.features))
-        return "s" * len(_as_tuple(module.batch_dims)) + "i" * n_in + "o" * n_out
+        n_in = len(as_tuple(module.axis))
+        n_out = len(as_tuple(module.features))
+        return "s" * len(as_tuple(module.batch_dims)) + "i" * n_in + "o" * n_out
     if isinstance(module, nn.Conv):
-        return "w" * len(_as_tuple(module.kernel_size)) + "io"
+        return "w" * len(as_tuple(module.kernel_size)) + "io"
     if isinstance(module, nn.Einsum):
         return _einsum_layout(module.einsum_str)
     return None

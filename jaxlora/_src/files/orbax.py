@@ -150,17 +150,17 @@ def _stored_tree(metadata: Any) -> Any:
 
 def restore(
     manager: ocp.CheckpointManager,
-    base: Params,
+    frozen: Params,
     *,
     step: int | None = None,
     optimizer: optax.GradientTransformation | None = None,
 ) -> Restored:
     """Reads an adapter checkpoint back, with no template: shapes come from the stored config
-    applied to ``base``.
+    applied to ``frozen``.
 
     Args:
         manager: the manager the checkpoint was saved with (or a new one on the same directory).
-        base: the base params (arrays or ``jax.ShapeDtypeStruct``) the adapter belongs to.
+        frozen: the base params (arrays or ``jax.ShapeDtypeStruct``) the adapter belongs to.
         step: which step; the latest by default (``manager.best_step()`` for the best).
         optimizer: when given, the stored optimizer state is restored into the structure
             ``optimizer.init(lora)`` has; otherwise ``opt_state`` is ``None``.
@@ -170,7 +170,7 @@ def restore(
 
     Raises:
         ValueError: when there is no checkpoint; when Θ as stored does not fit what the stored
-            config makes for ``base`` (the message names every path with both shapes); when
+            config makes for ``frozen`` (the message names every path with both shapes); when
             ``optimizer`` is given but the step holds no optimizer state.
     """
     if step is None:
@@ -184,9 +184,9 @@ def restore(
     config = LoraConfig.from_dict(stored_json[CONFIG_ITEM])
     where = f"the adapter checkpoint at step {step} in `{manager.directory}`"
     try:
-        expected = expected_adapter(base, config)
+        expected = expected_adapter(frozen, config)
     except ValueError as err:
-        raise ValueError(f"the stored config of {where} does not fit `base`: {err}") from None
+        raise ValueError(f"the stored config of {where} does not fit `frozen`: {err}") from None
     metadata = manager.item_metadata(step)
     if metadata.get(LORA_ITEM) is None:
         raise ValueError(

@@ -28,7 +28,8 @@ import numpy as np
 from jaxlora._src import paths
 from jaxlora._src.config.lora_config import LoraConfig
 from jaxlora._src.config.targets import BIAS, EMBEDDING, KERNEL, find_targets, find_trainable_leaves
-from jaxlora._src.types import LORA_A, LORA_B, LORA_MAGNITUDE, Params
+from jaxlora._src.types import LORA_A, LORA_B, Params
+from jaxlora._src.variants import base as variants
 
 #: What PEFT puts before every module name in its tensor keys.
 PREFIX = "base_model.model."
@@ -107,24 +108,18 @@ def _pointwise(shape: tuple[int, ...], n_window: int) -> Converter:
     return (lambda x: x.T.reshape(peft_shape)), (lambda y: y.reshape(shape[::-1]).T), peft_shape
 
 
-def _magnitude(shape: tuple[int, ...], peft_shape: tuple[int, ...]) -> Converter:
-    """DoRA's magnitude: flax output axes <-> PyTorch ``(out,)`` (C order, like B's rows)."""
+def _reshape(shape: tuple[int, ...], peft_shape: tuple[int, ...]) -> Converter:
+    """Flax ``shape`` <-> PyTorch ``peft_shape``, the same elements in C order."""
     return (lambda x: x.reshape(peft_shape)), (lambda y: y.reshape(shape)), peft_shape
 
 
-def _factor_specs(target, dora: bool) -> list[tuple[str, str, Converter]]:
+def _factor_specs(target, variant: str) -> list[tuple[str, str, Converter]]:
+    """The PEFT tensors of one target: A, B, then the variant's extra tensors."""
     a_shape, b_shape = target.a_shape[target.n_stack :], target.b_shape[target.n_stack :]
-    if not dora:
-        return _lora_specs(target, a_shape, b_shape)
-    if target.kind == "embed":
-        raise ValueError(
-            f"the DoRA adapter has the embedding table `{target.path}` as a target; jaxlora's DoRA "
-            "covers dense and conv kernels only"
-        )
-    out = math.prod(b_shape[1:])
-    peft_shape = (1, out) + (1,) * target.layout.count("w") if target.kind == "conv" else (out,)
-    magnitude = (".lora_magnitude_vector", LORA_MAGNITUDE, _magnitude(b_shape[1:], peft_shape))
-    return _lora_specs(target, a_shape, b_shape) + [magnitude]
+    extra = variants.get(variant).file_entries(target)
+    return _lora_specs(target, a_shape, b_shape) + [
+        (e.suffix, e.leaf, _reshape(e.shape, e.peft_shape)) for e in extra
+    ]
 
 
 def _lora_specs(target, a_shape, b_shape) -> list[tuple[str, str, Converter]]:
@@ -173,14 +168,14 @@ def _copy_spec(layouts: Mapping[str, str], module: str, leaf: str, shape: tuple[
 
 
 def tensor_entries(
-    base: Params, config: LoraConfig, module_name: ModuleName, dora: bool = False
+    base: Params, config: LoraConfig, module_name: ModuleName, variant: str = "lora"
 ) -> list[TensorEntry]:
-    """Every PEFT tensor of the adapter ``config`` makes for ``base``, in a fixed order; with
-    ``dora``, each target's DoRA magnitude too.
+    """Every PEFT tensor of the adapter of ``variant`` that ``config`` makes for ``base``, in a
+    fixed order (for ``"dora"``, each target's magnitude too).
 
     Raises:
         ValueError: when ``module_name`` names no module for a layer, maps two leaves to one key,
-            a kernel's axes cannot be told apart, or (``dora``) a target is an embedding.
+            a kernel's axes cannot be told apart, or the variant cannot adapt a target.
 
     Example:
         >>> import jax.numpy as jnp, jaxlora
@@ -193,7 +188,7 @@ def tensor_entries(
     by_path = {t.path: t for t in targets}
     entries = []
     for target in targets:
-        specs = _factor_specs(target, dora)
+        specs = _factor_specs(target, variant)
         for index in np.ndindex(*target.shape[: target.n_stack]):
             name = torch_name(module_name, target.path, index)
             for suffix, leaf, (to_peft, from_peft, shape) in specs:

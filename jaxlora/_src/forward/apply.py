@@ -2,9 +2,10 @@
 
 The factored mode computes ``y = layer(x) + s·((dropout(x)·A)·B)`` inside each adapted layer (no
 d×k temporary, no weight-gradient of W): the fast path for training. The merged mode folds the
-adapter in first (``W + s·A·B``) and runs the plain model: the reference, and what a deployed model
-runs. Both give the same outputs and gradients within float tolerance; only the factored mode can
-apply LoRA dropout.
+adapter in first (:func:`jaxlora.merge`: ``W + s·A·B``) and runs the plain model: the reference,
+and what a deployed model runs. Both give the same outputs and gradients within float tolerance;
+only the factored mode can apply LoRA dropout. Each adapted module runs its own variant on both
+paths and both frameworks (a DoRA module rescales each output column by its magnitude factor).
 
 On a linen model the factored mode also keeps a low-memory base low: quantised kernels are
 dequantised inside each layer call (:mod:`jaxlora.quant`), and big bfloat16 layers without LoRA
@@ -25,17 +26,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxlora._src import paths
 from jaxlora._src.config.lora_config import LoraConfig
 from jaxlora._src.forward import chunked, linen
 from jaxlora._src.forward import nnx as nnx_forward
 from jaxlora._src.forward import remat as remat_lib
 from jaxlora._src.quant import forward as quant_forward
-from jaxlora._src.quant import tree as quant_tree
 from jaxlora._src.quant.kernel import is_quantized
 from jaxlora._src.tree import core
-from jaxlora._src.types import LORA_A, LORA_B, LORA_MAGNITUDE, LoraTree, Params
-from jaxlora._src.variants import dora
+from jaxlora._src.types import LoraTree, Params
+from jaxlora._src.variants import base as variants
 
 MODES = ("factored", "merged")
 
@@ -79,22 +78,16 @@ def _has_narrow_floats(frozen: Params) -> bool:
     )
 
 
-def _is_dora(lora: LoraTree) -> bool:
-    return any(names[-1] == LORA_MAGNITUDE for _, names, _ in paths.flatten(lora))
-
-
-def _merge(frozen: Params, lora: LoraTree, config: LoraConfig) -> Params:
-    """``merge``, or ``dora_merge`` for a DoRA adapter."""
-    if _is_dora(lora):
-        return dora.dora_merge(frozen, lora, config)
-    return core.merge(frozen, lora, config)
+def _is_quantized_tree(frozen: Params) -> bool:
+    return any(is_quantized(x) for x in jax.tree.leaves(frozen, is_leaf=is_quantized))
 
 
 def _copies_only(lora: LoraTree) -> LoraTree:
-    """Θ without its factors: the trainable copies (biases, ``modules_to_save``)."""
+    """Θ without its adapted modules' leaves: the trainable copies (biases, ``modules_to_save``)."""
     out = {}
+    adapter = variants.adapter_leaves()
     for key, value in lora.items():
-        if key in (LORA_A, LORA_B):
+        if key in adapter:
             continue
         if isinstance(value, Mapping):
             inner = _copies_only(value)
@@ -150,7 +143,8 @@ def apply(
 
     Raises:
         ValueError: for an unknown ``mode``, for ``mode="merged"`` with LoRA dropout on, for
-            dropout on without a ``"dropout"`` key, or for a ``remat`` that matches no module.
+            dropout on without a ``"dropout"`` key, for a ``remat`` that matches no module, or
+            for a quantised base on the factored path of an NNX model.
         TypeError: when ``model`` is neither a linen nor an NNX model.
 
     Example:
@@ -171,59 +165,66 @@ def apply(
         raise TypeError(f"`config` must be a jaxlora.LoraConfig, got {type(config).__name__}")
     rngs = _rngs(rngs)
     dropout_on = _dropout_on(config, mode, rngs, lora_deterministic)
-    quantized = any(is_quantized(x) for x in jax.tree.leaves(frozen, is_leaf=is_quantized))
+    call = (args, kwargs, method)
     if isinstance(model, nn.Module):
-        with contextlib.ExitStack() as stack:
-            if remat is not None:
-                stack.enter_context(remat_lib.checkpointed(remat))
-            if mode == "merged":
-                base = quant_tree.dequantize_tree(frozen) if quantized else frozen
-                params = _merge(base, lora, config)
-                return model.apply({**(variables or {}), "params": params}, *args, rngs=rngs,
-                                   method=method, **kwargs)  # fmt: skip
-            tree = {**(variables or {}), "params": core.combine(frozen, lora)}
-            stack.enter_context(
-                nn.intercept_methods(linen.lora_interceptor(config, not dropout_on))
-            )
-            if quantized:
-                # Inside the LoRA interceptor, so the layer it wraps sees the dequantised kernel
-                # while the low-rank term is still added outside.
-                stack.enter_context(nn.intercept_methods(quant_forward.dequantizing_interceptor()))
-            if _has_narrow_floats(frozen):
-                # A big bf16 layer without LoRA (the output head) is cast a block at a time.
-                stack.enter_context(nn.intercept_methods(chunked.blocked_cast_interceptor()))
-            return model.apply(tree, *args, rngs=rngs, method=method, **kwargs)
+        return _apply_linen(model, frozen, lora, config, call, mode, rngs, dropout_on,
+                            variables, remat)  # fmt: skip
     if isinstance(model, nnx.Module | nnx.GraphDef):
-        if quantized:
-            raise ValueError(
-                "`frozen` holds quantised kernels; quantised bases run on linen models only. "
-                "Pass `jaxlora.quant.dequantize_tree(frozen)` for an NNX model"
-            )
-        if _is_dora(lora):
-            raise ValueError(
-                "`lora` is a DoRA adapter; DoRA runs on linen models only. For an NNX model merge "
-                "it first with `jaxlora.dora.dora_merge`"
-            )
         if variables is not None:
             raise ValueError("`variables` is for linen models; an NNX model's state is `frozen`")
         if remat is not None:
             raise ValueError(
                 "`remat` is for linen models; for an NNX model wrap the blocks in `nnx.remat`"
             )
-        graphdef = model if isinstance(model, nnx.GraphDef) else nnx.graphdef(model)
-        if mode == "merged":
-            module = nnx.merge(graphdef, core.merge(frozen, lora, config))
-        else:
-            module = nnx.merge(graphdef, core.merge(frozen, _copies_only(lora), config))
-            key = rngs.get(linen.DROPOUT_RNG) if dropout_on else None
-            nnx_forward.attach(module, lora, config, key)
-        fn = module if method is None else method
-        if isinstance(fn, str):
-            fn = getattr(module, fn)
-        elif method is not None:
-            return fn(module, *args, **kwargs)
-        return fn(*args, **kwargs)
+        key = rngs.get(linen.DROPOUT_RNG) if dropout_on else None
+        return _apply_nnx(model, frozen, lora, config, call, mode, key)
     raise TypeError(
         "`model` must be a flax.linen Module, an nnx.Module or an nnx.GraphDef, got "
         f"{type(model).__name__}"
     )
+
+
+def _apply_linen(model, frozen, lora, config, call, mode, rngs, dropout_on, variables, remat):
+    """:func:`apply` for a linen model; ``call = (args, kwargs, method)``."""
+    args, kwargs, method = call
+    variables = dict(variables or {})
+    with contextlib.ExitStack() as stack:
+        if remat is not None:
+            stack.enter_context(remat_lib.checkpointed(remat))
+        if mode == "merged":
+            params = core.merge(frozen, lora, config)
+            return model.apply({**variables, "params": params}, *args, rngs=rngs, method=method,
+                               **kwargs)  # fmt: skip
+        tree = {**variables, "params": core.combine(frozen, lora)}
+        stack.enter_context(nn.intercept_methods(linen.lora_interceptor(config, not dropout_on)))
+        if _is_quantized_tree(frozen):
+            # Inside the LoRA interceptor, so the layer it wraps sees the dequantised kernel
+            # while the low-rank term is still added outside.
+            stack.enter_context(nn.intercept_methods(quant_forward.dequantizing_interceptor()))
+        if _has_narrow_floats(frozen):
+            # A big bf16 layer without LoRA (the output head) is cast a block at a time.
+            stack.enter_context(nn.intercept_methods(chunked.blocked_cast_interceptor()))
+        return model.apply(tree, *args, rngs=rngs, method=method, **kwargs)
+
+
+def _apply_nnx(model, frozen, lora, config, call, mode, key):
+    """:func:`apply` for an NNX module or ``GraphDef``; ``key`` turns LoRA dropout on."""
+    args, kwargs, method = call
+    if mode == "factored" and _is_quantized_tree(frozen):
+        raise ValueError(
+            "`frozen` holds quantised kernels; quantised bases run on linen models only in "
+            "`mode='factored'`. For an NNX model pass `mode='merged'` (it dequantises) or "
+            "`jaxlora.quant.dequantize_tree(frozen)`"
+        )
+    graphdef = model if isinstance(model, nnx.GraphDef) else nnx.graphdef(model)
+    if mode == "merged":
+        module = nnx.merge(graphdef, core.merge(frozen, lora, config))
+    else:
+        module = nnx.merge(graphdef, core.merge(frozen, _copies_only(lora), config))
+        nnx_forward.attach(module, lora, config, key)
+    fn = module if method is None else method
+    if isinstance(fn, str):
+        fn = getattr(module, fn)
+    elif method is not None:
+        return fn(module, *args, **kwargs)
+    return fn(*args, **kwargs)

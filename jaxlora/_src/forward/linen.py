@@ -29,10 +29,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxlora._src.axes import as_tuple, normalize_axes
 from jaxlora._src.config.lora_config import LoraConfig
 from jaxlora._src.forward import lowrank
-from jaxlora._src.types import LORA_A, LORA_B, LORA_MAGNITUDE
-from jaxlora._src.variants import dora
+from jaxlora._src.types import LORA_A, LORA_B
+from jaxlora._src.variants import base as variants
 
 #: The rng stream LoRA dropout draws from.
 DROPOUT_RNG = "dropout"
@@ -40,19 +41,11 @@ DROPOUT_RNG = "dropout"
 _LAYERS = (nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Conv, nn.Embed)
 
 
-def _as_tuple(value: Any) -> tuple[Any, ...]:
-    return tuple(value) if isinstance(value, tuple | list) else (value,)
-
-
-def _normalize(axes: tuple[int, ...], ndim: int) -> tuple[int, ...]:
-    return tuple(ax % ndim for ax in axes)
-
-
 def _dense_general(module: nn.DenseGeneral, x: jax.Array, a, b, scale, where: str) -> jax.Array:
     precision = module.precision
-    axis = _normalize(_as_tuple(module.axis), x.ndim)
-    batch = _normalize(_as_tuple(module.batch_dims), x.ndim)
-    layout = "s" * len(batch) + "i" * len(axis) + "o" * len(_as_tuple(module.features))
+    axis = normalize_axes(as_tuple(module.axis), x.ndim)
+    batch = normalize_axes(as_tuple(module.batch_dims), x.ndim)
+    layout = "s" * len(batch) + "i" * len(axis) + "o" * len(as_tuple(module.features))
     kernel = module.get_variable("params", "kernel")
     lowrank.check_factors(where, layout, kernel.shape, a, b)
     return lowrank.dot(x, a, b, scale, axis, batch, precision)
@@ -179,45 +172,28 @@ def lora_interceptor(config: LoraConfig, deterministic: bool = True) -> Callable
             key = module.make_rng(DROPOUT_RNG)
             drop = lambda x: lowrank.dropout(x, config.lora_dropout, key)  # noqa: E731
         scale = config.scale_for(where, int(a.shape[-1]))
-        if module.has_variable("params", LORA_MAGNITUDE):
-            return _dora_call(module, next_fun, args, kwargs, a, b, scale, where, drop)
-        if not use_dropout and method == "__call__":
+        own = {n: module.get_variable("params", n) for n in variants.adapter_leaves()
+               if module.has_variable("params", n)}  # fmt: skip
+        variant = variants.variant_of(own, where)
+        if variant.fusable and not use_dropout and method == "__call__":
             fused = _fused_dense(module, args, kwargs, a, b, scale, where)
             if fused is not None:
                 return fused
-        y = next_fun(*args, **kwargs)
-        term = _low_rank_term(module, method, args, kwargs, a, b, scale, where, drop)
-        return y + term.astype(y.dtype)
+        extras = {n: own[n] for n in variant.extra_leaves}
+        call = (next_fun, method, args, kwargs)
+        return _variant_call(variant, module, call, a, b, extras, scale, where, drop)
 
     return intercept
 
 
-def _broadcast_to_output(value: jax.Array, y: jax.Array) -> jax.Array:
-    """``value``, shaped like the output axes, with leading axes added to broadcast with ``y``."""
-    return value.reshape((1,) * (y.ndim - value.ndim) + value.shape).astype(y.dtype)
-
-
-def _dora_call(module, next_fun, args, kwargs, a, b, scale, where: str, drop) -> jax.Array:
-    """A DoRA layer factored: ``(x·W + s·(drop(x)·A)·B) · m / sg(‖W + s·A·B‖_c) + bias``.
-
-    This is the merged DoRA kernel's output (:func:`jaxlora.dora.dora_kernel`) without forming
-    the kernel in the forward pass; only its column norms, a vector, depend on W + s·A·B.
-    """
-    if isinstance(module, nn.Embed):
-        raise ValueError(f"`{where}` is an embedding with a DoRA magnitude; DoRA covers dense "
-                         "and conv kernels only")  # fmt: skip
-    kernel = module.get_variable("params", "kernel")
-    if not isinstance(kernel, jax.Array):
-        raise ValueError(
-            f"the kernel at `{where}` is quantised; DoRA needs the float kernel's column norms: "
-            "dequantise the base (`jaxlora.quant.dequantize_tree`) for a DoRA adapter"
-        )
-    magnitude = module.get_variable("params", LORA_MAGNITUDE)
+def _variant_call(variant, module, call, a, b, extras, scale, where: str, drop) -> jax.Array:
+    """One adapted call, ``call = (next_fun, method, args, kwargs)``: the layer's own output and
+    its low-rank term, combined by the module's variant (plain LoRA: their sum)."""
+    next_fun, method, args, kwargs = call
+    leaf = "embedding" if isinstance(module, nn.Embed) else "kernel"
+    variant.check(leaf, where)
     y = next_fun(*args, **kwargs)
+    term = _low_rank_term(module, method, args, kwargs, a, b, scale, where, drop)
+    weight = module.get_variable("params", leaf)
     bias = module.get_variable("params", "bias") if getattr(module, "use_bias", False) else None
-    if bias is not None:
-        y = y - _broadcast_to_output(bias, y)
-    term = _low_rank_term(module, "__call__", args, kwargs, a, b, scale, where, drop)
-    factor = dora.magnitude_factor(kernel, a, b, magnitude, scale)
-    out = (y + term.astype(y.dtype)) * _broadcast_to_output(factor, y)
-    return out if bias is None else out + _broadcast_to_output(bias, y)
+    return variant.factored(y, term, weight, bias, a, b, extras, scale)

@@ -15,8 +15,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxlora._src.forward import ties
-
-_LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+from jaxlora._src.types import LETTERS
 
 
 def check_factors(where: str, layout: str, kernel_shape: tuple[int, ...], a: Any, b: Any) -> None:
@@ -204,7 +203,7 @@ def einsum(
             "('i'), output ('o'); use `mode='merged'` for this layer"
         )
     check_factors(where, layout, kernel_shape, a, b)
-    rank = next(c for c in _LETTERS if c not in spec)
+    rank = next(c for c in LETTERS if c not in spec)
     batch_letters = k_spec[: layout.count("s")]
     a_spec = k_spec[: len(k_spec) - n_out] + rank
     b_spec = batch_letters + rank + k_spec[len(k_spec) - n_out :]

@@ -6,7 +6,8 @@
 factors as variables, so a model that runs a stacked layer under ``nnx.scan`` / ``nnx.vmap`` slices
 them with the kernel; a stacked layer also gets one dropout key per slice. The wrapper calls the
 original layer and adds ``s·((dropout(x)·A)·B)`` computed by :mod:`jaxlora.lowrank`, in the
-adapter's dtype, cast to the layer's output dtype. The module is thrown away after the call, so the
+adapter's dtype, cast to the layer's output dtype (a DoRA module then rescales each output column
+by its magnitude factor, as on the linen path). The module is thrown away after the call, so the
 user's ``GraphDef`` and state are never changed.
 
 A layer is adapted where it is *called* (``__call__``, ``Embed.attend``); code that reads a kernel
@@ -25,19 +26,17 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlora._src import paths
+from jaxlora._src.axes import normalize_axes
 from jaxlora._src.config.lora_config import LoraConfig
 from jaxlora._src.forward import lowrank
 from jaxlora._src.types import LORA_A, LORA_B, LoraTree
+from jaxlora._src.variants import base as variants
 
 _LAYERS = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Conv, nnx.Embed)
 
 
 class LoraFactor(nnx.Variable):
     """A LoRA factor (or dropout key) attached to a layer for the duration of one call."""
-
-
-def _normalize(axes: tuple[int, ...], ndim: int) -> tuple[int, ...]:
-    return tuple(ax % ndim for ax in axes)
 
 
 def _term(base: nnx.Module, method: str, x, args, kwargs, a, b, scale: float, where: str, drop):
@@ -53,8 +52,8 @@ def _term(base: nnx.Module, method: str, x, args, kwargs, a, b, scale: float, wh
         lowrank.check_factors(where, "io", kernel_shape, a, b)
         return lowrank.dot(x, a, b, scale, (x.ndim - 1,), (), precision)
     if isinstance(base, nnx.LinearGeneral):
-        axis = _normalize(tuple(base.axis), x.ndim)
-        batch = _normalize(tuple(base.batch_axis.keys()), x.ndim)
+        axis = normalize_axes(tuple(base.axis), x.ndim)
+        batch = normalize_axes(tuple(base.batch_axis.keys()), x.ndim)
         layout = "s" * len(batch) + "i" * len(axis) + "o" * len(base.out_features)
         lowrank.check_factors(where, layout, kernel_shape, a, b)
         return lowrank.dot(x, a, b, scale, axis, batch, precision)
@@ -83,9 +82,12 @@ def _term(base: nnx.Module, method: str, x, args, kwargs, a, b, scale: float, wh
 
 
 class FactoredLayer(nnx.Module):
-    """An adapted layer: the original ``base`` plus ``s·((dropout(x)·A)·B)``."""
+    """An adapted layer: the original ``base`` and ``s·((dropout(x)·A)·B)``, combined by the
+    module's variant (plain LoRA: their sum; DoRA: rescaled per output column). The variant's
+    extra leaves (``extras``) are held as variables beside the factors."""
 
-    def __init__(self, base: nnx.Module, a, b, scale: float, where: str, rate: float, key):
+    def __init__(self, base: nnx.Module, a, b, scale: float, where: str, rate: float, key,
+                 extras: Mapping[str, Any] | None = None, variant: str = "lora"):  # fmt: skip
         self.base = base
         self.lora_a = LoraFactor(a)
         self.lora_b = LoraFactor(b)
@@ -93,6 +95,10 @@ class FactoredLayer(nnx.Module):
         self.scale = scale
         self.where = where
         self.rate = rate
+        self.variant = variant
+        self.extra_names = tuple(extras or ())
+        for name, value in (extras or {}).items():
+            setattr(self, name, LoraFactor(value))
 
     def _add(self, method: str, y, x, args, kwargs):
         a, b = self.lora_a[...], self.lora_b[...]
@@ -101,7 +107,12 @@ class FactoredLayer(nnx.Module):
             key = self.dropout_key[...]
             drop = lambda v: lowrank.dropout(v, self.rate, key)  # noqa: E731
         term = _term(self.base, method, x, args, kwargs, a, b, self.scale, self.where, drop)
-        return y + term.astype(y.dtype)
+        extras = {name: getattr(self, name)[...] for name in self.extra_names}
+        weight = self.base.embedding if isinstance(self.base, nnx.Embed) else self.base.kernel
+        bias = getattr(self.base, "bias", None)
+        bias = None if bias is None else bias[...]
+        variant = variants.get(self.variant)
+        return variant.factored(y, term, weight[...], bias, a, b, extras, self.scale)
 
     def __call__(self, x, *args, **kwargs):
         return self._add("__call__", self.base(x, *args, **kwargs), x, args, kwargs)
@@ -150,6 +161,9 @@ def attach(module: nnx.Module, lora: LoraTree, config: LoraConfig, key: jax.Arra
         a, b = module_lora[LORA_A], module_lora.get(LORA_B)
         if b is None:
             raise ValueError(f"`lora` has `{LORA_A}` but no `{LORA_B}` at `{where}`")
+        variant = variants.variant_of(module_lora, where)
+        variant.check("embedding" if isinstance(base, nnx.Embed) else "kernel", where)
+        extras = {name: module_lora[name] for name in variant.extra_leaves}
         weight = base.embedding if isinstance(base, nnx.Embed) else base.kernel
         n_stack = a.ndim + b.ndim - 2 - weight.ndim
         layer_key = None
@@ -158,5 +172,7 @@ def attach(module: nnx.Module, lora: LoraTree, config: LoraConfig, key: jax.Arra
             if n_stack > 0:
                 layer_key = jax.random.split(layer_key, a.shape[:n_stack])
         scale = config.scale_for(where, int(a.shape[-1]))
-        wrapped = FactoredLayer(base, a, b, scale, where, config.lora_dropout, layer_key)
+        wrapped = FactoredLayer(
+            base, a, b, scale, where, config.lora_dropout, layer_key, extras, variant.name
+        )
         _set_child(parent, keys[-2], wrapped)

@@ -39,21 +39,21 @@ class AdapterBank:
     Example:
         >>> import jax, jax.numpy as jnp, jaxlora
         >>> from jaxlora._src.multi.bank import AdapterBank
-        >>> base = {"dense": {"kernel": jnp.ones((4, 4))}}
+        >>> frozen = {"dense": {"kernel": jnp.ones((4, 4))}}
         >>> config = jaxlora.LoraConfig(r=2, target_modules=["dense"], init_lora_weights=False)
-        >>> bank = AdapterBank(base)
+        >>> bank = AdapterBank(frozen)
         >>> for name, seed in [("fr", 0), ("de", 1)]:
-        ...     bank.add(name, jaxlora.split(base, config, jax.random.key(seed))[1], config)
+        ...     bank.add(name, jaxlora.split(frozen, config, jax.random.key(seed))[1], config)
         >>> bank.names
         ['fr', 'de']
-        >>> bank.params(None) is base  # disabled: the base itself
+        >>> bank.params(None) is frozen  # disabled: the base itself
         True
         >>> bool((bank.params("fr")["dense"]["kernel"] != 1).any())
         True
     """
 
-    def __init__(self, base: Params):
-        self.base = base
+    def __init__(self, frozen: Params):
+        self.frozen = frozen
         self._adapters: dict[str, tuple[LoraTree, LoraConfig]] = {}
 
     @property
@@ -69,7 +69,7 @@ class AdapterBank:
         if not isinstance(name, str) or not name:
             raise TypeError(f"`name` must be a non-empty string, got {name!r}")
         where = f"the adapter {name!r}"
-        check_fits(paths.by_path(lora), paths.by_path(expected_adapter(self.base, config)), where)
+        check_fits(paths.by_path(lora), paths.by_path(expected_adapter(self.frozen, config)), where)
         self._adapters[name] = (lora, config)
 
     def remove(self, name: str) -> None:
@@ -90,16 +90,16 @@ class AdapterBank:
         """The params to run with adapter ``name`` merged in; ``None`` disables every adapter
         and returns the base itself, so outputs are exactly the base model's."""
         if name is None:
-            return self.base
+            return self.frozen
         lora, config = self.get(name)
-        return merge(self.base, lora, config)
+        return merge(self.frozen, lora, config)
 
     def add_weighted(
         self, weights: Mapping[str, float], method: str = "cat", rank: int | None = None
     ) -> tuple[LoraTree, LoraConfig]:
         """:func:`add_weighted` of the named adapters, ``{name: weight}``."""
         chosen = [(*self.get(name), weight) for name, weight in weights.items()]
-        return add_weighted(self.base, chosen, method=method, rank=rank)
+        return add_weighted(self.frozen, chosen, method=method, rank=rank)
 
 
 def _exact(path: str) -> str:
@@ -148,7 +148,7 @@ def _svd(update: jax.Array, target: Target, rank: int) -> tuple[jax.Array, jax.A
 
 
 def add_weighted(
-    base: Params,
+    frozen: Params,
     adapters: Sequence[tuple[LoraTree, LoraConfig, float]],
     method: str = "cat",
     rank: int | None = None,
@@ -156,7 +156,7 @@ def add_weighted(
     """One adapter whose update is the weighted sum ``Σ_i w_i·s_i·A_i·B_i`` of several.
 
     Args:
-        base: the frozen base params the adapters belong to.
+        frozen: the base params the adapters belong to.
         adapters: ``(lora, config, weight)`` triples.
         method: ``"cat"``: factors concatenated along the rank axis, rank ``Σ r_i``, exact.
             ``"svd"``: the summed dense update truncated to ``rank`` by SVD (exact when ``rank``
@@ -166,7 +166,7 @@ def add_weighted(
     Returns:
         ``(lora, config)``; the config has scale 1 (``lora_alpha = r``) and names each module
         and rank exactly. Trainable copies (biases, ``modules_to_save``) combine as
-        ``base + Σ w_i (copy_i - base)``.
+        ``frozen + Σ w_i (copy_i - frozen)``.
 
     Raises:
         ValueError: for an unknown ``method``, no adapters, or adapters with different ``bias``
@@ -174,10 +174,10 @@ def add_weighted(
 
     Example:
         >>> import jax, jax.numpy as jnp, jaxlora
-        >>> base = {"d": {"kernel": jnp.zeros((3, 3))}}
+        >>> frozen = {"d": {"kernel": jnp.zeros((3, 3))}}
         >>> config = jaxlora.LoraConfig(r=1, target_modules=["d"], init_lora_weights=False)
-        >>> one, two = (jaxlora.split(base, config, jax.random.key(k))[1] for k in (0, 1))
-        >>> lora, cat = add_weighted(base, [(one, config, 0.5), (two, config, 2.0)])
+        >>> one, two = (jaxlora.split(frozen, config, jax.random.key(k))[1] for k in (0, 1))
+        >>> lora, cat = add_weighted(frozen, [(one, config, 0.5), (two, config, 2.0)])
         >>> cat.r, lora["d"]["lora_a"].shape
         (2, (3, 2))
     """
@@ -191,7 +191,7 @@ def add_weighted(
     targets: dict[str, Target] = {}
     parts: dict[str, list[tuple[jax.Array, jax.Array, float]]] = {}
     for lora, config, weight in adapters:
-        for target in find_targets(base, config):
+        for target in find_targets(frozen, config):
             factors = paths.get_in(lora, target.keys)
             targets.setdefault(target.path, target)
             parts.setdefault(target.path, []).append(
@@ -214,13 +214,13 @@ def add_weighted(
         paths.set_in(out, target.keys + (LORA_A,), a.astype(dtype))
         paths.set_in(out, target.keys + (LORA_B,), b.astype(dtype))
     config = _combined_config(targets, ranks, [c for _, c, _ in adapters])
-    _combine_copies(base, out, config, adapters)
+    _combine_copies(frozen, out, config, adapters)
     return out, config
 
 
-def _combine_copies(base, out, config, adapters) -> None:
-    expected = expected_adapter(base, config)
-    leaves = {keys: leaf for keys, _, leaf in paths.flatten(base)}
+def _combine_copies(frozen, out, config, adapters) -> None:
+    expected = expected_adapter(frozen, config)
+    leaves = {keys: leaf for keys, _, leaf in paths.flatten(frozen)}
     for keys, names, _ in paths.flatten(expected):
         if names[-1] in (LORA_A, LORA_B):
             continue

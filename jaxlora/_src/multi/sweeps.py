@@ -49,7 +49,7 @@ def unstack(stacked: LoraTree) -> list[LoraTree]:
 
 
 def pad_rank(
-    base: Params, lora: LoraTree, config: LoraConfig, rank: int
+    frozen: Params, lora: LoraTree, config: LoraConfig, rank: int
 ) -> tuple[LoraTree, LoraTree, LoraConfig]:
     """Θ zero-padded to ``rank`` everywhere, with the multipliers that keep its own scale.
 
@@ -70,8 +70,8 @@ def pad_rank(
     )
     out = jax.tree.map(lambda x: x, lora)
     multiplier: LoraTree = {}
-    padded_scales = {t.path: t.scale for t in find_targets(base, padded_config)}
-    for target in find_targets(base, config):
+    padded_scales = {t.path: t.scale for t in find_targets(frozen, padded_config)}
+    for target in find_targets(frozen, config):
         if target.rank > rank:
             raise ValueError(
                 f"`rank`={rank} is below the rank {target.rank} of `{target.path}`; pad to at "

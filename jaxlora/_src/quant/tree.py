@@ -4,7 +4,7 @@ LoRA trains only Θ, so the frozen base can be stored in fewer bits (QLoRA, Dett
 :func:`quantize` replaces selected kernels of a params tree by
 :class:`~jaxlora.quant.QuantizedKernel` leaves; :func:`dequantize_tree` turns them back into
 float arrays inside a jitted loss. Gradients are taken w.r.t. Θ only
-(``jax.grad(loss)(lora, qfrozen, batch)``). Merging into a quantised base (:func:`merge_quantized`,
+(``jax.grad(loss)(lora, frozen, batch)``). Merging into a quantised base (:func:`merge_quantized`,
 then :func:`requantize`) is lossy; :func:`requantization_error` measures it.
 """
 
@@ -106,13 +106,14 @@ def requantize(params: Params, like: Params) -> Params:
     return jax.tree.map(convert, params, like, is_leaf=is_quantized)
 
 
-def split_quantized(qfrozen: Params, config: LoraConfig, key: PRNGKey) -> tuple[Params, LoraTree]:
-    """:func:`jaxlora.split` for a base whose kernels are quantised: ``(qfrozen, lora)``.
+def split_quantized(params: Params, config: LoraConfig, key: PRNGKey) -> tuple[Params, LoraTree]:
+    """:func:`jaxlora.split` for params whose kernels are quantised: ``(frozen, lora)``, with
+    ``frozen`` the quantised ``params`` themselves.
 
     Raises:
         ValueError: when a trainable copy (``modules_to_save``) would be a quantised kernel.
     """
-    view = shapes(qfrozen)
+    view = shapes(params)
     for _, names, leaf in paths.flatten(view):
         if isinstance(leaf, jax.ShapeDtypeStruct) and config.modules_to_save:
             if any(
@@ -122,21 +123,22 @@ def split_quantized(qfrozen: Params, config: LoraConfig, key: PRNGKey) -> tuple[
                     f"`modules_to_save` takes the quantised kernel `{paths.join(names)}`; a "
                     "module trained in full must stay in float: leave it out of `quantize`"
                 )
-    return qfrozen, core.split(view, config, key)[1]
+    return params, core.split(view, config, key)[1]
 
 
 def merge_quantized(qfrozen: Params, lora: LoraTree, config: LoraConfig) -> Params:
-    """``jaxlora.merge`` on the dequantised base: float params ``dequant(W) + s·A·B``.
+    """``jaxlora.merge``, which dequantises a quantised base: float params ``dequant(W) + s·A·B``
+    (each module through its variant). Kept as a name for QLoRA code.
 
     Use it inside the jitted loss for QLoRA training on the merged path; pass the result to
     :func:`requantize` to store the merged model quantised again (lossy: see
     :func:`requantization_error`).
     """
-    return core.merge(dequantize_tree(qfrozen), lora, config)
+    return core.merge(qfrozen, lora, config)
 
 
 def requantization_error(
-    qfrozen: Params, lora: LoraTree, config: LoraConfig
+    frozen: Params, lora: LoraTree, config: LoraConfig
 ) -> dict[str, dict[str, float]]:
     """What merging then requantising loses, per quantised adapted kernel.
 
@@ -144,11 +146,11 @@ def requantization_error(
         ``{module path: {"weight": ‖Q(W') − W'‖ / ‖W'‖, "update": ‖Q(W') − W − sΔW‖ / ‖sΔW‖}}``
         with ``W`` the dequantised base and ``W' = W + sΔW`` the float merge.
     """
-    base = dequantize_tree(qfrozen)
+    base = dequantize_tree(frozen)
     merged = core.merge(base, lora, config)
-    again = dequantize_tree(requantize(merged, qfrozen))
+    again = dequantize_tree(requantize(merged, frozen))
     out = {}
-    for keys, names, leaf in paths.flatten(shapes(qfrozen)):
+    for keys, names, leaf in paths.flatten(shapes(frozen)):
         if not isinstance(leaf, jax.ShapeDtypeStruct) or paths.get_in(lora, keys[:-1]) is None:
             continue
         w, w2, q = (np.asarray(paths.get_in(t, keys), np.float64) for t in (base, merged, again))

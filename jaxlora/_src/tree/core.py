@@ -4,6 +4,10 @@
 nested dict mirroring the params nesting that holds only what trains: ``lora_a`` / ``lora_b`` beside
 each adapted kernel, plus copies of trainable biases and ``modules_to_save``. ``merge`` folds Θ into
 the base, ``W + s·A·B``, and returns params of the original structure, shapes and dtypes.
+
+Each adapted module runs a variant (:mod:`jaxlora._src.variants`), told from the leaves it holds:
+plain LoRA, or DoRA when it holds a ``lora_magnitude``. ``split(..., variant=...)`` picks the one a
+fresh adapter gets; ``merge`` and ``unmerge`` fold every module through its own variant.
 """
 
 from __future__ import annotations
@@ -24,9 +28,10 @@ from jaxlora._src.config.targets import (
     find_targets,
     find_trainable_leaves,
 )
-from jaxlora._src.types import LORA_A, LORA_B, LORA_MAGNITUDE, LoraTree, Params, PRNGKey
-
-_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+from jaxlora._src.quant.kernel import dequantize, is_quantized
+from jaxlora._src.types import LORA_A, LORA_B, LoraTree, Params, PRNGKey
+from jaxlora._src.variants import base as variants
+from jaxlora._src.variants.lora import delta as delta
 
 
 def path_key(key: PRNGKey, path: str) -> PRNGKey:
@@ -65,21 +70,27 @@ def init_factors(target: Target, config: LoraConfig, key: PRNGKey) -> tuple[jax.
     return a, b
 
 
-def split(params: Params, config: LoraConfig, key: PRNGKey) -> tuple[Params, LoraTree]:
+def split(
+    params: Params, config: LoraConfig, key: PRNGKey, *, variant: str = "lora"
+) -> tuple[Params, LoraTree]:
     """Splits ``params`` into the frozen base and a fresh adapter Θ.
 
     Args:
         params: a params pytree (linen ``params`` dict, ``nnx.State``, nested dicts).
         config: which modules to adapt and how.
         key: PRNG key for the adapter's initial values.
+        variant: ``"lora"`` (plain LoRA) or ``"dora"`` (each module also gets DoRA's magnitude
+            ``lora_magnitude``, see :mod:`jaxlora.dora`), or another registered variant.
 
     Returns:
         ``(frozen, lora)``: ``frozen`` is ``params`` itself (never modified); ``lora`` is a nested
-        dict with ``lora_a`` / ``lora_b`` under each adapted module and copies of trainable leaves.
+        dict with ``lora_a`` / ``lora_b`` (and the variant's leaves) under each adapted module and
+        copies of trainable leaves.
         Works under ``jax.jit`` and ``jax.eval_shape`` (with ``ShapeDtypeStruct`` params).
 
     Raises:
-        ValueError: when the config matches nothing or is ambiguous for ``params``.
+        ValueError: when the config matches nothing or is ambiguous for ``params``, for an unknown
+            ``variant``, or for a target the variant cannot adapt (DoRA: an embedding).
 
     Example:
         >>> import jax, jax.numpy as jnp, jaxlora
@@ -89,50 +100,33 @@ def split(params: Params, config: LoraConfig, key: PRNGKey) -> tuple[Params, Lor
         >>> jax.tree.map(jnp.shape, lora)
         {'query': {'lora_a': (4, 2), 'lora_b': (2, 6)}}
     """
+    chosen = variants.get(variant)
     targets = find_targets(params, config)
     trainable = find_trainable_leaves(params, config, targets)
+    leaves = {keys: leaf for keys, _, leaf in paths.flatten(params)}
     lora: LoraTree = {}
     for target in targets:
         a, b = init_factors(target, config, key)
         paths.set_in(lora, target.keys + (LORA_A,), a)
         paths.set_in(lora, target.keys + (LORA_B,), b)
-    leaves = {keys: leaf for keys, _, leaf in paths.flatten(params)}
+        extras = chosen.init(target, leaves[target.keys + (target.leaf,)], config)
+        for name, value in extras.items():
+            paths.set_in(lora, target.keys + (name,), value)
     for keys, _ in trainable:
         # A copy, so donating Θ to a jitted step never invalidates the frozen tree's buffers.
         paths.set_in(lora, keys, jnp.array(leaves[keys], copy=True))
     return params, lora
 
 
-def delta(a: jax.Array, b: jax.Array, n_stack: int = 0) -> jax.Array:
-    """ΔW = A·B contracted over the rank axis, in float32, for stacked or plain factors.
-
-    ``a`` has shape ``stack + input + (r,)`` and ``b`` ``stack + (r,) + output``; the result has
-    shape ``stack + input + output``.
-    """
-    n_in = a.ndim - 1 - n_stack
-    n_out = b.ndim - 1 - n_stack
-    stack, rest = _LETTERS[:n_stack], _LETTERS[n_stack + 1 :]
-    ins, outs = rest[:n_in], rest[n_in : n_in + n_out]
-    spec = f"{stack}{ins}{_LETTERS[n_stack]},{stack}{_LETTERS[n_stack]}{outs}->{stack}{ins}{outs}"
-    return jnp.einsum(
-        spec,
-        a.astype(jnp.float32),
-        b.astype(jnp.float32),
-        precision=jax.lax.Precision.HIGHEST,
+def _dequantized(params: Params) -> Params:
+    """``params`` with each quantised kernel replaced by its float kernel."""
+    return jax.tree.map(
+        lambda x: dequantize(x) if is_quantized(x) else x, params, is_leaf=is_quantized
     )
 
 
-def _module_factors(lora: LoraTree, keys: tuple[Any, ...]) -> tuple[Any, Any] | None:
-    module = paths.get_in(lora, keys)
-    if isinstance(module, Mapping) and LORA_A in module:
-        return module[LORA_A], module.get(LORA_B)
-    return None
-
-
-def _apply_delta(keys, names, weight, a, b, config: LoraConfig, sign: float) -> jax.Array:
-    path = paths.join(names[:-1])
-    if b is None:
-        raise ValueError(f"`lora` has `{LORA_A}` but no `{LORA_B}` at `{path}`")
+def _check_factors(where: str, leaf: str, weight, a, b) -> int:
+    """The number of stack axes of ``a`` / ``b``, checked to fit ``weight``."""
     n_stack = a.ndim + b.ndim - 2 - weight.ndim
     ok = (
         n_stack >= 0
@@ -143,27 +137,43 @@ def _apply_delta(keys, names, weight, a, b, config: LoraConfig, sign: float) -> 
     )
     if not ok:
         raise ValueError(
-            f"`lora` factors at `{path}` do not fit the {names[-1]} {tuple(weight.shape)}: got "
+            f"`lora` factors at `{where}` do not fit the {leaf} {tuple(weight.shape)}: got "
             f"{LORA_A} {tuple(a.shape)} and {LORA_B} {tuple(b.shape)}, expected {LORA_A} of shape "
             "stack + input + (r,) and "
             f"{LORA_B} stack + (r,) + output; was the adapter made for another model?"
         )
-    scale = config.scale_for(path, int(a.shape[-1]))
-    update = sign * scale * delta(a, b, n_stack)
-    return (weight.astype(jnp.float32) + update).astype(weight.dtype)
+    return n_stack
+
+
+def _fold_module(module, names, weight, config: LoraConfig, sign: float):
+    """One adapted weight folded through its module's variant, and the module leaves it used."""
+    where = paths.join(names[:-1])
+    missing = [n for n in (LORA_A, LORA_B) if n not in module]
+    if missing:
+        have = next(n for n in variants.adapter_leaves() if n in module)
+        raise ValueError(f"`lora` has `{have}` but no `{'`/`'.join(missing)}` at `{where}`")
+    a, b = module[LORA_A], module[LORA_B]
+    n_stack = _check_factors(where, names[-1], weight, a, b)
+    variant = variants.variant_of(module, where)
+    variant.check(names[-1], where)
+    extras = {n: module[n] for n in variant.extra_leaves}
+    scale = config.scale_for(where, int(a.shape[-1]))
+    fold = variant.merge if sign > 0 else variant.unmerge
+    return fold(weight, a, b, extras, scale, n_stack, where), (LORA_A, LORA_B, *extras)
 
 
 def _fold(params: Params, lora: LoraTree, config: LoraConfig, sign: float, what: str) -> Params:
     if not isinstance(config, LoraConfig):
         raise TypeError(f"`config` must be a jaxlora.LoraConfig, got {type(config).__name__}")
     used: set[tuple[Any, ...]] = set()
+    adapter = variants.adapter_leaves()
 
     def fold_leaf(keys, names, leaf):
-        if names and names[-1] in (KERNEL, EMBEDDING):
-            factors = _module_factors(lora, keys[:-1])
-            if factors is not None:
-                used.update({keys[:-1] + (LORA_A,), keys[:-1] + (LORA_B,)})
-                return _apply_delta(keys, names, leaf, *factors, config, sign)
+        module = paths.get_in(lora, keys[:-1]) if names[-1] in (KERNEL, EMBEDDING) else None
+        if isinstance(module, Mapping) and any(n in module for n in adapter):
+            out, leaves = _fold_module(module, names, leaf, config, sign)
+            used.update(keys[:-1] + (n,) for n in leaves)
+            return out
         replacement = paths.get_in(lora, keys)
         if replacement is not None and not isinstance(replacement, Mapping):
             used.add(keys)
@@ -176,13 +186,8 @@ def _fold(params: Params, lora: LoraTree, config: LoraConfig, sign: float, what:
                 return replacement.astype(leaf.dtype)
         return leaf
 
-    out = paths.map_with_keys(fold_leaf, params)
+    out = paths.map_with_keys(fold_leaf, _dequantized(params))
     unused = [paths.join(map(str, k)) for k, _, _ in paths.flatten(lora) if k not in used]
-    if any(name.endswith("/" + LORA_MAGNITUDE) for name in unused):
-        raise ValueError(
-            f"`lora` is a DoRA adapter (it has `{LORA_MAGNITUDE}` leaves); `{what}` folds plain "
-            "LoRA only: use `jaxlora.dora.dora_merge`"
-        )
     if unused:
         raise ValueError(
             f"`lora` leaves {paths.preview(unused)} have no counterpart in the params given to "
@@ -192,11 +197,13 @@ def _fold(params: Params, lora: LoraTree, config: LoraConfig, sign: float, what:
 
 
 def merge(frozen: Params, lora: LoraTree, config: LoraConfig) -> Params:
-    """Folds the adapter into the base: each adapted kernel becomes ``W + s·A·B``.
+    """Folds the adapter into the base, each adapted module through its variant: plain LoRA
+    kernels become ``W + s·A·B``, DoRA ones ``m · V / ‖V‖_c`` (:mod:`jaxlora.dora`).
 
     The update is computed in float32 and cast to W's dtype; trainable copies (biases,
-    ``modules_to_save``) replace their base leaves. The result has the structure, shapes and dtypes
-    of ``frozen`` and runs with the model's ordinary apply at no added cost.
+    ``modules_to_save``) replace their base leaves. Quantised kernels of ``frozen``
+    (:mod:`jaxlora.quant`) are dequantised first. The result has the structure, shapes and dtypes
+    of (the dequantised) ``frozen`` and runs with the model's ordinary apply at no added cost.
 
     Raises:
         ValueError: when a leaf of ``lora`` has no counterpart in ``frozen`` or does not fit it.
@@ -208,15 +215,31 @@ def merge(frozen: Params, lora: LoraTree, config: LoraConfig) -> Params:
         >>> frozen, lora = jaxlora.split(params, config, jax.random.key(0))
         >>> bool((jaxlora.merge(frozen, lora, config)["dense"]["kernel"] == 1).all())
         True
+        >>> frozen, lora = jaxlora.split(params, config, jax.random.key(0), variant="dora")
+        >>> bool((jaxlora.merge(frozen, lora, config)["dense"]["kernel"] == 1).all())
+        True
     """
     return _fold(frozen, lora, config, 1.0, "merge")
 
 
 def unmerge(params: Params, lora: LoraTree, config: LoraConfig) -> Params:
-    """The inverse of :func:`merge` for the factors: each adapted kernel becomes ``W - s·A·B``.
+    """The inverse of :func:`merge` for the factors: each plain LoRA kernel becomes ``W - s·A·B``.
 
     Trainable copies (biases, ``modules_to_save``) stay as they are in ``params``: the adapter
     holds only their trained values, not the originals.
+
+    Raises:
+        ValueError: for a DoRA module (its merge cannot be undone: keep the base and merge again),
+            or when a leaf of ``lora`` has no counterpart in ``params`` or does not fit it.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, jaxlora
+        >>> params = {"dense": {"kernel": jnp.ones((3, 3))}}
+        >>> config = jaxlora.LoraConfig(r=1, target_modules=["dense"], init_lora_weights=False)
+        >>> frozen, lora = jaxlora.split(params, config, jax.random.key(0))
+        >>> back = jaxlora.unmerge(jaxlora.merge(frozen, lora, config), lora, config)
+        >>> bool(jnp.allclose(back["dense"]["kernel"], 1.0, atol=1e-6))
+        True
     """
     return _fold(params, lora, config, -1.0, "unmerge")
 
