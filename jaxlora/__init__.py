@@ -7,7 +7,7 @@ The data path, stage by stage (each stage's implementation lives in ``jaxlora/_s
 * forward paths: :func:`apply` (linen and NNX, factored or merged), :func:`lora_interceptor`;
 * optimisation: :func:`freeze`, :func:`partition`, :func:`trainable_mask`, :mod:`jaxlora.loraplus`;
 * files: :mod:`jaxlora.checkpoint` (orbax), :mod:`jaxlora.peft` (PEFT's format);
-* quantised bases: :mod:`jaxlora.quant`; variants and inits: :mod:`jaxlora.dora`,
+* quantised bases: :mod:`jaxlora.quant`; variants (DoRA) and inits: :mod:`jaxlora.variants`,
   :mod:`jaxlora.inits`;
 * many adapters: :mod:`jaxlora.adapters`; sharding: :mod:`jaxlora.sharding`;
 * memory: :mod:`jaxlora.remat`; what an adapter learned: :mod:`jaxlora.analysis`.
@@ -16,13 +16,13 @@ The data path, stage by stage (each stage's implementation lives in ``jaxlora/_s
 from jaxlora import adapters as adapters
 from jaxlora import analysis as analysis
 from jaxlora import checkpoint as checkpoint
-from jaxlora import dora as dora
 from jaxlora import inits as inits
 from jaxlora import loraplus as loraplus
 from jaxlora import peft as peft
 from jaxlora import quant as quant
 from jaxlora import remat as remat
 from jaxlora import sharding as sharding
+from jaxlora import variants as variants
 from jaxlora._src.config.layouts import infer_layouts as infer_layouts
 from jaxlora._src.config.lora_config import LoraConfig as LoraConfig
 from jaxlora._src.config.targets import Target as Target
@@ -65,7 +65,6 @@ __all__ = [
     "combine",
     "count",
     "delta",
-    "dora",
     "find_targets",
     "freeze",
     "infer_layouts",
@@ -87,4 +86,5 @@ __all__ = [
     "trainable_labels",
     "trainable_mask",
     "unmerge",
+    "variants",
 ]

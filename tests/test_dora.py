@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import jaxlora
-from jaxlora import dora
+from jaxlora import variants
 from tests.treeutil import assert_trees_bitwise_equal, assert_trees_close
 
 CASES = [((24, 16), "io"), ((3, 12, 8), "sio"), ((3, 3, 4, 6), "wwio")]
@@ -25,13 +25,13 @@ def _setup(shape, layout, init=True):
 @pytest.mark.parametrize("shape,layout", CASES)
 def test_fresh_adapter_is_bitwise_noop_eager_and_close_under_jit(shape, layout):
     params, config = _setup(shape, layout)
-    frozen, lora = dora.dora_split(params, config, jax.random.key(1))
+    frozen, lora = jaxlora.split(params, config, jax.random.key(1), variant="dora")
     n_stack = layout.count("s")
-    assert lora["m"][dora.LORA_MAGNITUDE].shape == shape[:n_stack] + shape[-1:]
+    assert lora["m"][variants.LORA_MAGNITUDE].shape == shape[:n_stack] + shape[-1:]
     # Eager: m and ‖W‖_c come from the same computation, so m / ‖W‖_c is exactly 1.
-    assert_trees_bitwise_equal(dora.dora_merge(frozen, lora, config), params)
+    assert_trees_bitwise_equal(jaxlora.merge(frozen, lora, config), params)
     # Under jit the norm may be reduced in another order: equal within float32 rounding.
-    jitted = jax.jit(dora.dora_merge)(frozen, lora, config)
+    jitted = jax.jit(jaxlora.merge)(frozen, lora, config)
     assert_trees_close(jitted, params, rtol=1e-6, atol=1e-7)
 
 
@@ -51,13 +51,13 @@ def _dense_formula(w, a, b, m, scale, layout):
 @pytest.mark.parametrize("shape,layout", CASES)
 def test_merge_equals_dense_formula(shape, layout, use_jit):
     params, config = _setup(shape, layout, init=False)
-    frozen, lora = dora.dora_split(params, config, jax.random.key(1))
-    lora["m"][dora.LORA_MAGNITUDE] = lora["m"][dora.LORA_MAGNITUDE] * 1.5 + 0.25
-    merge = jax.jit(dora.dora_merge) if use_jit else dora.dora_merge
+    frozen, lora = jaxlora.split(params, config, jax.random.key(1), variant="dora")
+    lora["m"][variants.LORA_MAGNITUDE] = lora["m"][variants.LORA_MAGNITUDE] * 1.5 + 0.25
+    merge = jax.jit(jaxlora.merge) if use_jit else jaxlora.merge
     merged = merge(frozen, lora, config)
     m = lora["m"]
     expected = _dense_formula(
-        params["m"]["kernel"], m["lora_a"], m["lora_b"], m[dora.LORA_MAGNITUDE], 2.0, layout
+        params["m"]["kernel"], m["lora_a"], m["lora_b"], m[variants.LORA_MAGNITUDE], 2.0, layout
     )
     np.testing.assert_allclose(merged["m"]["kernel"], expected, rtol=2e-5, atol=1e-6)
     np.testing.assert_array_equal(merged["m"]["bias"], params["m"]["bias"])
@@ -65,15 +65,15 @@ def test_merge_equals_dense_formula(shape, layout, use_jit):
 
 def test_gradient_treats_the_norm_as_a_constant():
     params, config = _setup((16, 8), "io", init=False)
-    frozen, lora = dora.dora_split(params, config, jax.random.key(1))
+    frozen, lora = jaxlora.split(params, config, jax.random.key(1), variant="dora")
     x = jax.random.normal(jax.random.key(2), (5, 16))
     w = params["m"]["kernel"]
 
     def loss(lora):
-        return jnp.sum(jnp.tanh(x @ dora.dora_merge(frozen, lora, config)["m"]["kernel"]))
+        return jnp.sum(jnp.tanh(x @ jaxlora.merge(frozen, lora, config)["m"]["kernel"]))
 
     def by_hand(lora, detach=True):
-        a, b, m = lora["m"]["lora_a"], lora["m"]["lora_b"], lora["m"][dora.LORA_MAGNITUDE]
+        a, b, m = lora["m"]["lora_a"], lora["m"]["lora_b"], lora["m"][variants.LORA_MAGNITUDE]
         v = w + 2.0 * (a @ b)
         norm = jnp.sqrt(jnp.sum(v * v, axis=0, keepdims=True))
         norm = jax.lax.stop_gradient(norm) if detach else norm
@@ -92,9 +92,9 @@ def test_plain_lora_modules_merge_beside_dora_ones():
         "p": {"kernel": jax.random.normal(jax.random.key(1), (8, 4))},
     }
     config = jaxlora.LoraConfig(r=2, target_modules=["d", "p"], init_lora_weights=False)
-    frozen, lora = dora.dora_split(params, config, jax.random.key(2))
-    del lora["p"][dora.LORA_MAGNITUDE]
-    merged = dora.dora_merge(frozen, lora, config)
+    frozen, lora = jaxlora.split(params, config, jax.random.key(2), variant="dora")
+    del lora["p"][variants.LORA_MAGNITUDE]
+    merged = jaxlora.merge(frozen, lora, config)
     plain = jaxlora.merge(frozen, {"p": lora["p"]}, config)
     np.testing.assert_array_equal(merged["p"]["kernel"], plain["p"]["kernel"])
 
@@ -104,30 +104,30 @@ def test_errors():
     with pytest.raises(
         ValueError, match=r"DoRA adapts dense and conv kernels; `emb` is an embedding"
     ):
-        dora.dora_split(params, jaxlora.LoraConfig(target_modules=["emb"]), jax.random.key(0))
+        jaxlora.split(params, jaxlora.LoraConfig(target_modules=["emb"]), jax.random.key(0), variant="dora")
     params, config = _setup((8, 4), "io")
-    frozen, lora = dora.dora_split(params, config, jax.random.key(1))
-    bad = {"m": {**lora["m"], dora.LORA_MAGNITUDE: jnp.ones(3)}}
+    frozen, lora = jaxlora.split(params, config, jax.random.key(1), variant="dora")
+    bad = {"m": {**lora["m"], variants.LORA_MAGNITUDE: jnp.ones(3)}}
     with pytest.raises(ValueError, match=r"`lora_magnitude` at `m` has shape \(3,\); the kernel"):
-        dora.dora_merge(frozen, bad, config)
+        jaxlora.merge(frozen, bad, config)
     with pytest.raises(
         ValueError, match=r"`lora` has `lora_magnitude` but no `lora_a`/`lora_b` at `m`"
     ):
-        dora.dora_merge(frozen, {"m": {dora.LORA_MAGNITUDE: jnp.ones(4)}}, config)
+        jaxlora.merge(frozen, {"m": {variants.LORA_MAGNITUDE: jnp.ones(4)}}, config)
     with pytest.raises(
         ValueError, match=r"`lora` leaves x/lora_a, x/lora_b, x/lora_magnitude have"
     ):
-        dora.dora_merge(frozen, {"x": lora["m"]}, config)
+        jaxlora.merge(frozen, {"x": lora["m"]}, config)
 
 
 def test_magnitude_factor_is_the_factored_form():
     params, config = _setup((16, 8), "io", init=False)
-    frozen, lora = dora.dora_split(params, config, jax.random.key(1))
+    frozen, lora = jaxlora.split(params, config, jax.random.key(1), variant="dora")
     m = lora["m"]
-    m[dora.LORA_MAGNITUDE] = m[dora.LORA_MAGNITUDE] * 0.5
+    m[variants.LORA_MAGNITUDE] = m[variants.LORA_MAGNITUDE] * 0.5
     x = jax.random.normal(jax.random.key(2), (5, 16))
     w = params["m"]["kernel"]
-    factor = dora.magnitude_factor(w, m["lora_a"], m["lora_b"], m[dora.LORA_MAGNITUDE], 2.0)
+    factor = variants.magnitude_factor(w, m["lora_a"], m["lora_b"], m[variants.LORA_MAGNITUDE], 2.0)
     factored = (x @ w + 2.0 * ((x @ m["lora_a"]) @ m["lora_b"])) * factor[None, :]
-    merged = x @ dora.dora_merge(frozen, lora, config)["m"]["kernel"]
+    merged = x @ jaxlora.merge(frozen, lora, config)["m"]["kernel"]
     np.testing.assert_allclose(factored, merged, rtol=1e-5, atol=1e-5)

@@ -7,7 +7,6 @@ import pytest
 from flax import nnx
 
 import jaxlora
-from jaxlora import dora
 from tests import linen_models as lm
 from tests.treeutil import assert_trees_close, perturbed
 
@@ -25,7 +24,7 @@ def test_factored_dora_equals_merged_dora(case):
     params = lm.init(model, x)
     config = jaxlora.LoraConfig(r=2, lora_alpha=4, target_modules=targets, bias="lora_only",
                                 layouts=jaxlora.infer_layouts(model, x))  # fmt: skip
-    frozen, lora = dora.dora_split(params, config, jax.random.key(0))
+    frozen, lora = jaxlora.split(params, config, jax.random.key(0), variant="dora")
     lora = perturbed(lora, 1, scale=0.05)  # factors and magnitudes all matter
 
     def loss(lora, mode):
@@ -33,7 +32,7 @@ def test_factored_dora_equals_merged_dora(case):
 
     factored = jax.jit(jax.value_and_grad(loss), static_argnums=1)(lora, "factored")
     merged = jax.jit(jax.value_and_grad(loss), static_argnums=1)(lora, "merged")
-    reference = jnp.sum(model.apply({"params": dora.dora_merge(frozen, lora, config)}, x) ** 2)
+    reference = jnp.sum(model.apply({"params": jaxlora.merge(frozen, lora, config)}, x) ** 2)
     assert float(jnp.abs(factored[0] - reference)) <= 1e-4 * float(jnp.abs(reference))
     assert float(jnp.abs(factored[0] - merged[0])) <= 1e-4 * float(jnp.abs(merged[0]))
     scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(merged[1]))

@@ -19,7 +19,7 @@ import pytest
 from flax import nnx
 
 import jaxlora
-from jaxlora import dora, quant
+from jaxlora import quant, variants
 from tests.treeutil import assert_trees_bitwise_equal, assert_trees_close, perturbed
 
 N_IN, HIDDEN, N_OUT = 64, 64, 32
@@ -72,16 +72,15 @@ def _setup(framework, variant, base, fresh=False):
     """``(model, frozen, lora, config)``; a perturbed adapter unless ``fresh``."""
     model, params = _model(framework)
     config = jaxlora.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS)
-    split = dora.dora_split if variant == "dora" else jaxlora.split
     key = jax.random.key(1)
     if base == "float":
-        frozen, lora = split(params, config, key)
+        frozen, lora = jaxlora.split(params, config, key, variant=variant)
     elif variant == "lora":
         frozen, lora = quant.split_quantized(quant.quantize(params, config, "nf4"), config, key)
     else:
         # DoRA's magnitudes are the column norms of the weights the layers see: the dequantised.
         frozen = quant.quantize(params, config, "nf4")
-        lora = split(quant.dequantize_tree(frozen), config, key)[1]
+        lora = jaxlora.split(quant.dequantize_tree(frozen), config, key, variant="dora")[1]
     if not fresh:
         lora = perturbed(lora, 2, scale=0.05)
     return model, frozen, lora, config

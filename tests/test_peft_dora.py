@@ -16,7 +16,7 @@ import torch
 from safetensors.numpy import load_file
 
 import jaxlora
-from jaxlora import dora
+from jaxlora import variants
 from jaxlora import peft as jpeft
 from jaxlora._src import paths
 from tests import peft_models as pm
@@ -40,7 +40,7 @@ def _without_magnitudes(lora):
     return {
         key: _without_magnitudes(value) if isinstance(value, dict) else value
         for key, value in lora.items()
-        if key != dora.LORA_MAGNITUDE
+        if key != variants.LORA_MAGNITUDE
     }
 
 
@@ -48,12 +48,12 @@ def _without_magnitudes(lora):
 def test_dora_export_loads_in_peft_with_equal_logits(tmp_path, tiny, use_rslora):
     model, params, (ids, image) = tiny
     config = pm.lora_config(DORA_TARGETS, use_rslora=use_rslora)
-    frozen, lora = dora.dora_split(params, config, jax.random.key(1))
+    frozen, lora = jaxlora.split(params, config, jax.random.key(1), variant="dora")
     lora = perturbed(lora, 2)  # factors, magnitudes, biases and the saved norm all move
     jpeft.save_peft(tmp_path, lora, config, params, module_name=pm.module_name)
     with open(tmp_path / "adapter_config.json") as f:
         assert json.load(f)["use_dora"] is True
-    ours = pm.flax_logits(dora.dora_merge(frozen, lora, config), ids, image)
+    ours = pm.flax_logits(jaxlora.merge(frozen, lora, config), ids, image)
     peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path).eval()
     assert peft_model.peft_config["default"].use_dora
     theirs = pm.torch_logits(peft_model, ids, image)
@@ -68,7 +68,7 @@ def test_dora_export_loads_in_peft_with_equal_logits(tmp_path, tiny, use_rslora)
 def test_dora_file_layout(tmp_path, tiny):
     _, params, _ = tiny
     config = pm.lora_config(DORA_TARGETS)
-    _, lora = dora.dora_split(params, config, jax.random.key(1))
+    _, lora = jaxlora.split(params, config, jax.random.key(1), variant="dora")
     jpeft.save_peft(tmp_path, lora, config, params, module_name=pm.module_name)
     shapes = {k: v.shape for k, v in load_file(tmp_path / "adapter_model.safetensors").items()}
     p = "base_model.model."
@@ -91,7 +91,7 @@ def test_peft_made_dora_adapter_loads_with_equal_logits(tmp_path, tiny):
     assert lora["proj"]["lora_magnitude"].shape == (2, 3)
     assert lora["blocks"]["fc"]["lora_magnitude"].shape == (pm.LAYERS, pm.DIM)
     assert lora["conv"]["lora_magnitude"].shape == (pm.CHANNELS,)
-    ours = pm.flax_logits(dora.dora_merge(params, lora, config), ids, image)
+    ours = pm.flax_logits(jaxlora.merge(params, lora, config), ids, image)
     theirs = pm.torch_logits(peft_model, ids, image)
     diff = np.abs(ours - theirs).max()
     print(f"DoRA import: max |logit diff| {diff:.3g}")
@@ -104,7 +104,7 @@ def test_peft_initial_magnitude_is_jaxlora_column_norm(tmp_path, tiny):
     _, params, _ = tiny
     _peft_dora(tmp_path, copy.deepcopy(tiny[0]), init_lora_weights=True, perturb=False)
     lora, config = pm.load(tmp_path, params)
-    _, ours = dora.dora_split(params, config, jax.random.key(0))
+    _, ours = jaxlora.split(params, config, jax.random.key(0), variant="dora")
     for module in (("blocks", "fc"), ("proj",), ("conv",)):
         theirs = paths.get_in(lora, module + ("lora_magnitude",))
         mine = paths.get_in(ours, module + ("lora_magnitude",))
@@ -114,7 +114,7 @@ def test_peft_initial_magnitude_is_jaxlora_column_norm(tmp_path, tiny):
 def test_dora_round_trip_is_exact(tmp_path, tiny):
     _, params, _ = tiny
     config = pm.lora_config(DORA_TARGETS)
-    _, lora = dora.dora_split(params, config, jax.random.key(5))
+    _, lora = jaxlora.split(params, config, jax.random.key(5), variant="dora")
     lora = perturbed(lora, 6)
     abstract = jax.eval_shape(lambda: params)
     jpeft.save_peft(tmp_path, lora, config, abstract, module_name=pm.module_name)
@@ -129,7 +129,7 @@ def test_dora_round_trip_is_exact(tmp_path, tiny):
 def exported(tmp_path, tiny):
     _, params, _ = tiny
     config = pm.lora_config(DORA_TARGETS)
-    _, lora = dora.dora_split(params, config, jax.random.key(1))
+    _, lora = jaxlora.split(params, config, jax.random.key(1), variant="dora")
     jpeft.save_peft(tmp_path, lora, config, params, module_name=pm.module_name)
     return tmp_path, params
 
@@ -162,7 +162,7 @@ def test_magnitudes_without_use_dora_are_unexpected(exported):
 def test_dora_export_errors(tmp_path, tiny):
     _, params, _ = tiny
     config = pm.lora_config(DORA_TARGETS)
-    _, lora = dora.dora_split(params, config, jax.random.key(1))
+    _, lora = jaxlora.split(params, config, jax.random.key(1), variant="dora")
     del lora["proj"]["lora_magnitude"]
     with pytest.raises(ValueError, match=r"`lora` does not fit `base`: `proj/lora_magnitude` miss"):
         jpeft.save_peft(tmp_path, lora, config, params, module_name=pm.module_name)

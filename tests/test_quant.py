@@ -125,7 +125,8 @@ def test_qlora_training_route_matches_float_on_dequantised_base(method):
 
     grads = jax.jit(jax.grad(loss), static_argnums=2)(lora, qfrozen, quant.merge_quantized)
     expected = jax.grad(loss)(lora, base, jaxlora.merge)
-    assert_trees_close(grads, expected, rtol=1e-5, atol=1e-6)
+    # Jitted vs eager: the gradients reach ~25, so float32 sums differ by a few 1e-6 absolute.
+    assert_trees_close(grads, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_quantize_leaves_unselected_kernels_alone():

@@ -63,7 +63,7 @@ def test_same_loss_and_gradients_as_without_remat(variant, use_jit):
         params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
     config = jaxlora.LoraConfig(**options)
     if variant == "dora":
-        frozen, lora = jaxlora.dora.dora_split(params, config, jax.random.key(1))
+        frozen, lora = jaxlora.split(params, config, jax.random.key(1), variant="dora")
     elif variant == "nf4":
         qparams = quant.quantize(params, "all-linear", "nf4", 16, double_quant=False)
         frozen, lora = quant.split_quantized(qparams, config, jax.random.key(1))

@@ -10,8 +10,7 @@ import pytest
 from flax import nnx
 
 import jaxlora
-from jaxlora import dora, quant
-from jaxlora._src.variants import base as variants
+from jaxlora import quant, variants
 from tests.treeutil import assert_trees_bitwise_equal, assert_trees_close, perturbed
 
 
@@ -26,10 +25,16 @@ def _params():
 CONFIG = jaxlora.LoraConfig(r=4, lora_alpha=8, target_modules=["fc1", "fc2"])
 
 
-def test_split_variant_dora_is_dora_split():
+def test_split_variant_dora_adds_column_norms():
     params = _params()
     _, lora = jaxlora.split(params, CONFIG, jax.random.key(1), variant="dora")
-    assert_trees_bitwise_equal(lora, dora.dora_split(params, CONFIG, jax.random.key(1))[1])
+    _, plain = jaxlora.split(params, CONFIG, jax.random.key(1))
+    for name in ("fc1", "fc2"):
+        module = dict(lora[name])
+        magnitude = module.pop(variants.LORA_MAGNITUDE)
+        assert_trees_bitwise_equal(module, plain[name])  # the same factors as plain LoRA
+        norm = jnp.sqrt(jnp.sum(params[name]["kernel"] ** 2, axis=0))
+        np.testing.assert_allclose(magnitude, norm, rtol=1e-6)
     assert variants.variants_in(lora) == {"dora"}
     assert variants.adapter_variant(lora) == "dora"
 
@@ -47,11 +52,11 @@ def test_merge_of_a_dora_adapter_is_the_dora_kernel():
     merged = jaxlora.merge(frozen, lora, CONFIG)
     for name in ("fc1", "fc2"):
         m = lora[name]
-        expected = dora.dora_kernel(
+        expected = variants.dora_kernel(
             params[name]["kernel"], m["lora_a"], m["lora_b"], m["lora_magnitude"], 2.0
         )
         np.testing.assert_array_equal(merged[name]["kernel"], expected)
-    assert_trees_bitwise_equal(merged, dora.dora_merge(frozen, lora, CONFIG))
+    assert_trees_bitwise_equal(merged, jaxlora.merge(frozen, lora, CONFIG))
 
 
 def test_unmerge_of_dora_says_it_cannot_and_what_to_do():

@@ -23,7 +23,7 @@ ModulePath: TypeAlias = tuple[str, ...]
 #: Names of the two adapter factors inside an adapted module of :data:`LoraTree`.
 LORA_A = "lora_a"
 LORA_B = "lora_b"
-#: DoRA's per-output-column magnitude, beside ``lora_a`` / ``lora_b`` (see :mod:`jaxlora.dora`).
+#: DoRA's per-output-column magnitude, beside ``lora_a`` / ``lora_b`` (see :mod:`jaxlora.variants`).
 LORA_MAGNITUDE = "lora_magnitude"
 #: Axis letters for generated einsum specs (52 distinct names).
 LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"

@@ -5,7 +5,7 @@
 :func:`load_peft` reads one back, turning PEFT's ``target_modules`` / ``rank_pattern`` /
 ``alpha_pattern`` rules into a :class:`~jaxlora.LoraConfig` that names the Flax paths. The config
 translation is ``peft_config``; where each tensor goes, and in what shape, ``peft_layout``. DoRA
-adapters (a Θ with ``lora_magnitude`` leaves, see :mod:`jaxlora.dora`) are PEFT's
+adapters (a Θ with ``lora_magnitude`` leaves, see :mod:`jaxlora.variants`) are PEFT's
 ``use_dora: true``. Only numpy and ``safetensors`` are needed; torch is never imported.
 """
 
@@ -51,7 +51,7 @@ def save_peft(
     """Writes Θ as a PEFT adapter: ``adapter_config.json`` and ``adapter_model.safetensors``.
 
     Load it in PyTorch with ``peft.PeftModel.from_pretrained(torch_model, directory)``. A Θ with
-    ``lora_magnitude`` leaves (:func:`jaxlora.dora.dora_split`) is written as a DoRA adapter
+    ``lora_magnitude`` leaves (``jaxlora.split(..., variant="dora")``) is written as a DoRA adapter
     (``use_dora: true``, each magnitude as ``<module>.lora_magnitude_vector``).
 
     Args:

@@ -80,7 +80,7 @@ def split(
         config: which modules to adapt and how.
         key: PRNG key for the adapter's initial values.
         variant: ``"lora"`` (plain LoRA) or ``"dora"`` (each module also gets DoRA's magnitude
-            ``lora_magnitude``, see :mod:`jaxlora.dora`), or another registered variant.
+            ``lora_magnitude``, see :mod:`jaxlora.variants`), or another registered variant.
 
     Returns:
         ``(frozen, lora)``: ``frozen`` is ``params`` itself (never modified); ``lora`` is a nested
@@ -198,7 +198,7 @@ def _fold(params: Params, lora: LoraTree, config: LoraConfig, sign: float, what:
 
 def merge(frozen: Params, lora: LoraTree, config: LoraConfig) -> Params:
     """Folds the adapter into the base, each adapted module through its variant: plain LoRA
-    kernels become ``W + s·A·B``, DoRA ones ``m · V / ‖V‖_c`` (:mod:`jaxlora.dora`).
+    kernels become ``W + s·A·B``, DoRA ones ``m · V / ‖V‖_c`` (:mod:`jaxlora.variants`).
 
     The update is computed in float32 and cast to W's dtype; trainable copies (biases,
     ``modules_to_save``) replace their base leaves. Quantised kernels of ``frozen``
@@ -222,15 +222,15 @@ def merge(frozen: Params, lora: LoraTree, config: LoraConfig) -> Params:
     return _fold(frozen, lora, config, 1.0, "merge")
 
 
-def unmerge(params: Params, lora: LoraTree, config: LoraConfig) -> Params:
+def unmerge(merged: Params, lora: LoraTree, config: LoraConfig) -> Params:
     """The inverse of :func:`merge` for the factors: each plain LoRA kernel becomes ``W - s·A·B``.
 
-    Trainable copies (biases, ``modules_to_save``) stay as they are in ``params``: the adapter
+    Trainable copies (biases, ``modules_to_save``) stay as they are in ``merged``: the adapter
     holds only their trained values, not the originals.
 
     Raises:
         ValueError: for a DoRA module (its merge cannot be undone: keep the base and merge again),
-            or when a leaf of ``lora`` has no counterpart in ``params`` or does not fit it.
+            or when a leaf of ``lora`` has no counterpart in ``merged`` or does not fit it.
 
     Example:
         >>> import jax, jax.numpy as jnp, jaxlora
@@ -241,7 +241,7 @@ def unmerge(params: Params, lora: LoraTree, config: LoraConfig) -> Params:
         >>> bool(jnp.allclose(back["dense"]["kernel"], 1.0, atol=1e-6))
         True
     """
-    return _fold(params, lora, config, -1.0, "unmerge")
+    return _fold(merged, lora, config, -1.0, "unmerge")
 
 
 def combine(frozen: Params, lora: LoraTree) -> dict[Any, Any]:
