@@ -104,7 +104,9 @@ def test_errors():
     with pytest.raises(
         ValueError, match=r"DoRA adapts dense and conv kernels; `emb` is an embedding"
     ):
-        jaxlora.split(params, jaxlora.LoraConfig(target_modules=["emb"]), jax.random.key(0), variant="dora")
+        jaxlora.split(
+            params, jaxlora.LoraConfig(target_modules=["emb"]), jax.random.key(0), variant="dora"
+        )
     params, config = _setup((8, 4), "io")
     frozen, lora = jaxlora.split(params, config, jax.random.key(1), variant="dora")
     bad = {"m": {**lora["m"], variants.LORA_MAGNITUDE: jnp.ones(3)}}

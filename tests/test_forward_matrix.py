@@ -19,7 +19,7 @@ import pytest
 from flax import nnx
 
 import jaxlora
-from jaxlora import quant, variants
+from jaxlora import quant
 from tests.treeutil import assert_trees_bitwise_equal, assert_trees_close, perturbed
 
 N_IN, HIDDEN, N_OUT = 64, 64, 32

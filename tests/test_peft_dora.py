@@ -16,8 +16,8 @@ import torch
 from safetensors.numpy import load_file
 
 import jaxlora
-from jaxlora import variants
 from jaxlora import peft as jpeft
+from jaxlora import variants
 from jaxlora._src import paths
 from tests import peft_models as pm
 from tests.treeutil import assert_trees_bitwise_equal, perturbed
