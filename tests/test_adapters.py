@@ -77,7 +77,7 @@ def test_bank_errors():
         bank.add("", lora, config)
     other = {**base, "l1": {"kernel": jnp.zeros((6, 9)), "bias": jnp.zeros(9)}}
     with pytest.raises(
-        ValueError, match=r"the adapter 'a' does not fit `base`: `l1/lora_b` stored"
+        ValueError, match=r"the adapter 'a' does not fit `frozen`: `l1/lora_b` stored"
     ):
         adapters.AdapterBank(other).add("a", lora, config)
 

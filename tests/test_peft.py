@@ -192,7 +192,7 @@ KEY = "base_model.model.proj.lora_A.weight"
 def test_missing_key_is_an_error(exported):
     directory, params = exported
     pm.rewrite(directory, lambda t: t.pop(KEY))
-    with pytest.raises(ValueError, match=rf"does not fit `base`: missing keys {KEY}"):
+    with pytest.raises(ValueError, match=rf"does not fit `frozen`: missing keys {KEY}"):
         pm.load(directory, params)
 
 
@@ -253,7 +253,7 @@ def test_export_errors(tmp_path, tiny):
     with pytest.raises(ValueError, match="maps two leaves to the PEFT key `base_model.model.x"):
         jpeft.save_peft(tmp_path, lora, config, params, module_name=lambda p, i: "x")
     small = {**params, "proj": {**params["proj"], "kernel": jnp.zeros((pm.DIM, 2, 4))}}
-    with pytest.raises(ValueError, match=r"`lora` does not fit `base`: `proj/lora_b` stored"):
+    with pytest.raises(ValueError, match=r"`lora` does not fit `frozen`: `proj/lora_b` stored"):
         jpeft.save_peft(tmp_path, lora, config, small, module_name=pm.module_name)
 
 

@@ -137,7 +137,7 @@ def exported(tmp_path, tiny):
 def test_missing_magnitude_is_an_error(exported):
     directory, params = exported
     pm.rewrite(directory, lambda t: t.pop(MAGNITUDE))
-    with pytest.raises(ValueError, match=rf"does not fit `base`: missing keys {MAGNITUDE}"):
+    with pytest.raises(ValueError, match=rf"does not fit `frozen`: missing keys {MAGNITUDE}"):
         pm.load(directory, params)
 
 
@@ -164,7 +164,9 @@ def test_dora_export_errors(tmp_path, tiny):
     config = pm.lora_config(DORA_TARGETS)
     _, lora = jaxlora.split(params, config, jax.random.key(1), variant="dora")
     del lora["proj"]["lora_magnitude"]
-    with pytest.raises(ValueError, match=r"`lora` does not fit `base`: `proj/lora_magnitude` miss"):
+    with pytest.raises(
+        ValueError, match=r"`lora` does not fit `frozen`: `proj/lora_magnitude` miss"
+    ):
         jpeft.save_peft(tmp_path, lora, config, params, module_name=pm.module_name)
 
 

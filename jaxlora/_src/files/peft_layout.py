@@ -281,7 +281,7 @@ def check_tensors(entries: list[TensorEntry], tensors: Mapping[str, Any], source
         problems.append(f"mis-shaped keys {paths.preview(misshaped, 8)}")
     if problems:
         raise ValueError(
-            f"{source} does not fit `base`: "
+            f"{source} does not fit `frozen`: "
             + "; ".join(problems)
             + ". Does `module_name` map the Flax paths to this model's PyTorch module names?"
         )

@@ -48,7 +48,7 @@ def check_fits(stored: Mapping[str, Any], expected: Mapping[str, Any], where: st
             )
     if problems:
         raise ValueError(
-            f"{where} does not fit `base`: "
+            f"{where} does not fit `frozen`: "
             + "; ".join(problems[:20])
             + (f"; … ({len(problems) - 20} more)" if len(problems) > 20 else "")
             + ". Was the adapter made for another model (or another size of it)?"
