@@ -24,6 +24,13 @@ def pytest_configure(config):
     )
 
 
+def pytest_collection_modifyitems(config, items):
+    # The reference models' doctests build and compile whole models: full suite only.
+    for item in items:
+        if isinstance(item, pytest.DoctestItem) and "models" in item.path.parts:
+            item.add_marker(pytest.mark.slow)
+
+
 def pytest_ignore_collect(collection_path, config):
     if config.getoption("markexpr", "").strip() != FAST_CORE or collection_path.suffix != ".py":
         return None

@@ -48,6 +48,7 @@ def _updates(params, base):
 X = jax.random.normal(jax.random.key(9), (5, 6))
 
 
+@pytest.mark.slow
 def test_switch_and_disable_are_exact():
     base = _base()
     bank = adapters.AdapterBank(base)
@@ -66,6 +67,7 @@ def test_switch_and_disable_are_exact():
     assert bank.names == ["b"]
 
 
+@pytest.mark.slow
 def test_bank_errors():
     base = _base()
     bank = adapters.AdapterBank(base)
@@ -106,6 +108,7 @@ def _dense_weighted_sum(base, triples):
 
 
 @pytest.mark.parametrize("use_jit", [False, True])
+@pytest.mark.slow
 def test_cat_is_the_exact_weighted_sum(use_jit):
     base = _base()
     triples = _three(base)
@@ -120,6 +123,7 @@ def test_cat_is_the_exact_weighted_sum(use_jit):
     assert_trees_close(got, _dense_weighted_sum(base, triples), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_svd_at_full_rank_is_exact_and_truncation_is_eckart_young():
     base = _base()
     triples = _three(base)
@@ -220,6 +224,7 @@ def _separately(base, config, lora, steps=5):
 
 
 @pytest.mark.standard_dtypes
+@pytest.mark.slow
 def test_seed_sweep_in_one_vmapped_step_equals_separate_runs():
     base, config = _base(), _config(init_lora_weights=True)
     members = [jaxlora.split(base, config, jax.random.key(s))[1] for s in range(3)]
@@ -233,6 +238,7 @@ def test_seed_sweep_in_one_vmapped_step_equals_separate_runs():
 
 
 @pytest.mark.standard_dtypes
+@pytest.mark.slow
 def test_rank_sweep_padded_in_one_vmapped_step_equals_separate_runs():
     base = _base()
     configs = [_config(r=r, lora_alpha=4, init_lora_weights=True) for r in (1, 2, 4)]
@@ -255,6 +261,7 @@ def test_rank_sweep_padded_in_one_vmapped_step_equals_separate_runs():
             np.testing.assert_allclose(b[..., :r, :], expected[name]["lora_b"], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_stack_and_pad_errors():
     base = _base()
     one = jaxlora.split(base, _config(r=2), jax.random.key(0))[1]
@@ -279,6 +286,7 @@ class _Tagger(nn.Module):
 
 
 @pytest.mark.parametrize("use_jit", [False, True])
+@pytest.mark.slow
 def test_mixed_batch_equals_separate_runs(use_jit):
     model = _Tagger()
     ids = jax.random.randint(jax.random.key(0), (6, 5), 0, 11)

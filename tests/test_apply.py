@@ -31,6 +31,7 @@ def setup(**config_kwargs):
 
 
 @pytest.mark.parametrize("use_jit", [False, True])
+@pytest.mark.slow
 def test_modes_agree(use_jit):
     model, frozen, lora, config = setup()
 
@@ -41,6 +42,7 @@ def test_modes_agree(use_jit):
     np.testing.assert_allclose(run(lora, "factored"), run(lora, "merged"), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_config_can_be_a_jit_argument():
     model, frozen, lora, config = setup()
     step = jax.jit(lambda lo, cfg: apply(model, frozen, lo, cfg, X))
@@ -48,6 +50,7 @@ def test_config_can_be_a_jit_argument():
 
 
 @pytest.mark.parametrize("mode", ["factored", "merged"])
+@pytest.mark.slow
 def test_trainable_copies_take_effect(mode):
     model, frozen, lora, config = setup(bias="all", modules_to_save=["head"])
     assert set(lora["head"]) == {"kernel", "bias"} and "bias" in lora["fc"]

@@ -57,6 +57,7 @@ def _train(lora, opt_state, frozen, optimizer, steps):
 
 
 @pytest.mark.standard_dtypes
+@pytest.mark.slow
 def test_ten_steps_save_restore_ten_steps_equals_twenty_steps_bitwise(tmp_path):
     frozen = _base()
     _, lora0 = jaxlora.split(frozen, CONFIG, jax.random.key(2))
@@ -74,6 +75,7 @@ def test_ten_steps_save_restore_ten_steps_equals_twenty_steps_bitwise(tmp_path):
     assert_trees_bitwise_equal(resumed, straight)
 
 
+@pytest.mark.slow
 def test_restore_from_abstract_base_equals_concrete(tmp_path):
     frozen = _base()
     _, lora = jaxlora.split(frozen, CONFIG, jax.random.key(3))
@@ -87,6 +89,7 @@ def test_restore_from_abstract_base_equals_concrete(tmp_path):
     assert from_abstract.opt_state is None
 
 
+@pytest.mark.slow
 def test_keep_last_n_and_best_by_metric(tmp_path):
     frozen = _base()
     _, lora = jaxlora.split(frozen, CONFIG, jax.random.key(0))
@@ -167,6 +170,7 @@ def test_sigkill_mid_write_leaves_previous_checkpoint_loadable(tmp_path):
     assert_trees_bitwise_equal(restored.lora, expected)
 
 
+@pytest.mark.slow
 def test_restore_onto_base_of_other_shapes_names_paths_and_shapes(tmp_path):
     _, lora = jaxlora.split(_base(), CONFIG, jax.random.key(0))
     with checkpoint.checkpoint_manager(tmp_path) as manager:

@@ -34,6 +34,7 @@ def _plain(x, kernel):
     lead=st.sampled_from([(), (2,)]),
     transposed=st.booleans(),
 )
+@pytest.mark.slow
 def test_outputs_and_gradients_are_the_plain_layers(rows, n_in, n_out, block, lead, transposed):
     keys = jax.random.split(jax.random.key(rows * 1000 + n_in * 100 + n_out), 3)
     x = jax.random.normal(keys[0], (*lead, rows, n_in))
@@ -56,6 +57,7 @@ def test_outputs_and_gradients_are_the_plain_layers(rows, n_in, n_out, block, le
 
 @pytest.mark.parametrize("use_bias", [False, True])
 @pytest.mark.parametrize("use_jit", [False, True])
+@pytest.mark.slow
 def test_interceptor_gives_the_layers_outputs_and_gradients(use_bias, use_jit):
     head, x = nn.Dense(300, use_bias=use_bias), jax.random.normal(jax.random.key(0), (3, 4, 64))
     params = head.init(jax.random.key(1), x)["params"]
@@ -75,6 +77,7 @@ def test_interceptor_gives_the_layers_outputs_and_gradients(use_bias, use_jit):
     assert_trees_close(grads_blocked, grads, rtol=2e-2, atol=1e-4)  # bf16 param gradients
 
 
+@pytest.mark.slow
 def test_interceptor_runs_a_tied_embedding_head_in_blocks():
     """``Embed.attend`` on a bf16 table: the layer's value and gradients, and no float32 copy of
     the whole table in XLA's temporaries."""
@@ -108,6 +111,7 @@ def _temp_bytes(fn, *args):
     return jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes
 
 
+@pytest.mark.slow
 def test_no_float32_copy_of_the_kernel():
     x = jax.random.normal(jax.random.key(0), (16, 512))
     kernel = jax.random.normal(jax.random.key(1), (512, 8192)).astype(jnp.bfloat16)
@@ -121,6 +125,7 @@ def test_no_float32_copy_of_the_kernel():
     assert _temp_bytes(grad(blocked), x, kernel) < full_copy / 4
 
 
+@pytest.mark.slow
 def test_apply_casts_a_bf16_head_in_blocks(monkeypatch):
     """Through ``jaxlora.apply`` on a bf16 base: same loss and LoRA gradients as without the
     blocks, and the head's float32 copy is gone from the temporaries."""
@@ -170,6 +175,7 @@ def _compile_seconds(n_out):
     return time.perf_counter() - start
 
 
+@pytest.mark.slow
 def test_block_count_is_bounded():
     """One column a block is asked for; a layer 128 times wider compiles about as fast, because at
     most ``MAX_BLOCKS`` blocks are unrolled (without the bound: 128 times the program)."""

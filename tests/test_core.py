@@ -24,6 +24,7 @@ def maybe_jit(fn, use_jit):
 @pytest.mark.parametrize("use_jit", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("scan", [False, True])
+@pytest.mark.slow
 def test_fresh_adapter_merges_to_identical_bits(scan, dtype, use_jit):
     _, params, layouts = decoder(scan, dtype)
     config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", layouts=layouts)
@@ -34,6 +35,7 @@ def test_fresh_adapter_merges_to_identical_bits(scan, dtype, use_jit):
 
 
 @pytest.mark.parametrize("init", [True, "gaussian"])
+@pytest.mark.slow
 def test_fresh_embedding_and_conv_adapters_are_no_ops(init):
     _, params, _ = decoder(False)
     config = LoraConfig(r=2, target_modules=["embed"], init_lora_weights=init)
@@ -57,6 +59,7 @@ def low_rank_update(params, config, seed=3):
 
 
 @pytest.mark.parametrize("scan", [False, True])
+@pytest.mark.slow
 def test_update_has_rank_at_most_r_on_targets_and_is_zero_elsewhere(scan):
     _, params, layouts = decoder(scan)
     r = 3
@@ -80,6 +83,7 @@ def test_update_has_rank_at_most_r_on_targets_and_is_zero_elsewhere(scan):
 
 @pytest.mark.parametrize("use_jit", [False, True])
 @pytest.mark.parametrize("scan", [False, True])
+@pytest.mark.slow
 def test_unmerge_inverts_merge(scan, use_jit):
     _, params, layouts = decoder(scan)
     config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", layouts=layouts)
@@ -100,6 +104,7 @@ def test_update_is_scaled_alpha_over_r(rslora):
     np.testing.assert_allclose(merged, scale * a @ b, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_rank_pattern_sets_factor_shapes():
     _, params, layouts = decoder(False)
     config = LoraConfig(
@@ -111,6 +116,7 @@ def test_rank_pattern_sets_factor_shapes():
     assert lora["layer_1"]["fc1"]["lora_b"].shape == (2, 32)
 
 
+@pytest.mark.slow
 def test_init_distributions():
     params = {"d": {"kernel": jnp.zeros((400, 300))}}
     _, lora = jaxlora.split(params, LoraConfig(r=64, target_modules=["d"]), jax.random.key(0))
@@ -127,6 +133,7 @@ def test_init_distributions():
     assert np.asarray(lora["e"]["lora_b"]).std() > 0.5
 
 
+@pytest.mark.slow
 def test_init_is_keyed_by_path():
     _, params, layouts = decoder(False)
     one = LoraConfig(target_modules=["fc1"], init_lora_weights="gaussian", layouts=layouts)
@@ -139,6 +146,7 @@ def test_init_is_keyed_by_path():
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.slow
 def test_adapter_dtype_is_config_dtype_and_merge_keeps_base_dtype(dtype):
     _, params, layouts = decoder(False, jnp.bfloat16)
     config = LoraConfig(target_modules=["fc1"], dtype=dtype, layouts=layouts)
@@ -148,6 +156,7 @@ def test_adapter_dtype_is_config_dtype_and_merge_keeps_base_dtype(dtype):
     assert jax.tree.map(lambda x: x.dtype, merged) == jax.tree.map(lambda x: x.dtype, params)
 
 
+@pytest.mark.slow
 def test_bias_modes():
     _, params, layouts = decoder(False)
     base = dict(target_modules=["fc1"], layouts=layouts)

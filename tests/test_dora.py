@@ -27,6 +27,7 @@ def _setup(shape, layout, init=True):
 
 
 @pytest.mark.parametrize("shape,layout", CASES)
+@pytest.mark.slow
 def test_fresh_adapter_is_bitwise_noop_eager_and_close_under_jit(shape, layout):
     params, config = _setup(shape, layout)
     frozen, lora = jaxlora.split(params, config, jax.random.key(1), variant="dora")
@@ -53,6 +54,7 @@ def _dense_formula(w, a, b, m, scale, layout):
 
 @pytest.mark.parametrize("use_jit", [False, True])
 @pytest.mark.parametrize("shape,layout", CASES)
+@pytest.mark.slow
 def test_merge_equals_dense_formula(shape, layout, use_jit):
     params, config = _setup(shape, layout, init=False)
     frozen, lora = jaxlora.split(params, config, jax.random.key(1), variant="dora")
@@ -67,6 +69,7 @@ def test_merge_equals_dense_formula(shape, layout, use_jit):
     np.testing.assert_array_equal(merged["m"]["bias"], params["m"]["bias"])
 
 
+@pytest.mark.slow
 def test_gradient_treats_the_norm_as_a_constant():
     params, config = _setup((16, 8), "io", init=False)
     frozen, lora = jaxlora.split(params, config, jax.random.key(1), variant="dora")
@@ -126,6 +129,7 @@ def test_errors():
         jaxlora.merge(frozen, {"x": lora["m"]}, config)
 
 
+@pytest.mark.slow
 def test_magnitude_factor_is_the_factored_form():
     params, config = _setup((16, 8), "io", init=False)
     frozen, lora = jaxlora.split(params, config, jax.random.key(1), variant="dora")
@@ -147,6 +151,7 @@ FACTORED_CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(FACTORED_CASES))
+@pytest.mark.slow
 def test_factored_dora_equals_merged_dora(case):
     make, inputs, targets = FACTORED_CASES[case]
     model, x = make(), inputs()
@@ -179,6 +184,7 @@ class NnxNet(nnx.Module):
         return self.conv(h)
 
 
+@pytest.mark.slow
 def test_factored_dora_on_nnx_equals_merged_dora():
     graphdef, state = nnx.split(NnxNet(nnx.Rngs(0)))
     x = jax.random.normal(jax.random.key(1), (5, 2, 6))

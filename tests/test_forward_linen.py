@@ -136,6 +136,7 @@ def assert_close(actual, expected, rel):
 
 @pytest.mark.parametrize("kind", sorted(MODELS))
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.slow
 def test_factored_matches_merged(kind, dtype):
     model, x, frozen, lora, config = setup(kind, dtype)
     factored = jax.jit(jax.grad(loss(factored_apply, model, frozen, config, x), has_aux=True))
@@ -148,6 +149,7 @@ def test_factored_matches_merged(kind, dtype):
 
 # Without jit (op by op, slow on CPU): outputs for every kind, gradients for the cheap ones.
 @pytest.mark.parametrize("kind", sorted(MODELS))
+@pytest.mark.slow
 def test_factored_matches_merged_without_jit(kind):
     model, x, frozen, lora, config = setup(kind)
     y_f = factored_apply(model, frozen, lora, config, x)
@@ -159,6 +161,7 @@ def test_factored_matches_merged_without_jit(kind):
 
 
 @pytest.mark.parametrize("kind", ["dense", "scan", "embed"])
+@pytest.mark.slow
 def test_fresh_adapter_is_the_base_model(kind):
     model, x, frozen, _, config = setup(kind)
     config = jaxlora.LoraConfig(**{**config.to_dict(), "init_lora_weights": True})
@@ -167,6 +170,7 @@ def test_fresh_adapter_is_the_base_model(kind):
     np.testing.assert_array_equal(y, model.apply({"params": frozen}, x))
 
 
+@pytest.mark.slow
 def test_only_adapted_layers_change():
     model, x, frozen, lora, config = setup("dense", target_modules=["proj"])
     assert set(lora) == {"proj"}
@@ -174,6 +178,7 @@ def test_only_adapted_layers_change():
     np.testing.assert_allclose(y_f, merged_apply(model, frozen, lora, config, x), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_dropout_zero_is_exact():
     model, x, frozen, lora, config = setup("scan")
     plain = factored_apply(model, frozen, lora, config, x)
@@ -185,6 +190,7 @@ def test_dropout_zero_is_exact():
     np.testing.assert_array_equal(factored_apply(model, frozen, lora, dropped, x, rngs), plain)
 
 
+@pytest.mark.slow
 def test_dropout_mean_over_keys_matches():
     model, x = nn.Dense(6), jnp.ones((2, 4))
     config = jaxlora.LoraConfig(r=3, target_modules=".*", init_lora_weights=False, lora_dropout=0.2)
@@ -203,6 +209,7 @@ def test_dropout_mean_over_keys_matches():
     np.testing.assert_allclose(samples.mean(0), base, atol=0.1 * np.abs(term).max())
 
 
+@pytest.mark.slow
 def test_dropout_in_a_scan():
     model, x, frozen, lora, config = setup("scan", lora_dropout=0.5)
     out = jax.jit(lambda k: factored_apply(model, frozen, lora, config, x, {"dropout": k}, False))
@@ -229,6 +236,7 @@ def test_missing_lora_b_is_an_error():
         factored_apply(model, frozen, lora, config, x)
 
 
+@pytest.mark.slow
 def test_factors_that_do_not_fit_the_layer():
     model, x, frozen, _, config = setup("attention", target_modules=["query"])
     wrong = jaxlora.LoraConfig(**{**config.to_dict(), "layouts": {"query": "iio"}})
@@ -237,6 +245,7 @@ def test_factors_that_do_not_fit_the_layer():
         factored_apply(model, frozen, lora, wrong, x)
 
 
+@pytest.mark.slow
 def test_einsum_with_unordered_kernel_axes():
     model = nn.Einsum((2, 3, D), "btd,hkd->bthk", name="heads")
     x = _inputs("einsum", jnp.float32)
@@ -247,6 +256,7 @@ def test_einsum_with_unordered_kernel_axes():
         factored_apply(model, frozen, lora, config, x)
 
 
+@pytest.mark.slow
 def test_grouped_conv_is_refused():
     model = nn.Conv(4, (3, 3), feature_group_count=2)
     x = jnp.ones((1, 5, 5, 4))
@@ -266,6 +276,7 @@ def _dense_reference(x, kernel, bias, a, b, scale):
 @pytest.mark.parametrize("use_bias", [True, False])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("use_jit", [True, False])
+@pytest.mark.slow
 def test_dense_fused_matches_autodiff(use_bias, dtype, use_jit):
     from jaxlora._src.forward import lowrank
 
@@ -303,6 +314,7 @@ class DenseGeneralNet(nn.Module):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.slow
 def test_dense_fast_path_matches_general_path_and_merged(dtype):
     model, x, frozen, _, config = setup("dense", dtype)
     # Factors in the layer's dtype (the default is float32), so bfloat16 takes the fast path too.

@@ -114,6 +114,7 @@ def _scaled_close(actual, expected, rel):
 
 @pytest.mark.parametrize("use_jit", [False, True])
 @pytest.mark.parametrize("combination", SUPPORTED, ids=_ids)
+@pytest.mark.slow
 def test_factored_equals_merged_in_outputs_and_gradients(combination, use_jit):
     framework, variant, base = combination
     model, frozen, lora, config = _setup(framework, variant, base)
@@ -127,6 +128,7 @@ def test_factored_equals_merged_in_outputs_and_gradients(combination, use_jit):
 
 @pytest.mark.parametrize("use_jit", [False, True])
 @pytest.mark.parametrize("combination", SUPPORTED, ids=_ids)
+@pytest.mark.slow
 def test_fresh_adapter_changes_nothing(combination, use_jit):
     framework, variant, base = combination
     model, frozen, lora, config = _setup(framework, variant, base, fresh=True)
@@ -142,6 +144,7 @@ def test_fresh_adapter_changes_nothing(combination, use_jit):
 
 @pytest.mark.parametrize("mode", ["factored", "merged"])
 @pytest.mark.parametrize("combination", SUPPORTED, ids=_ids)
+@pytest.mark.slow
 def test_base_gets_no_gradient(combination, mode):
     framework, variant, base = combination
     model, frozen, lora, config = _setup(framework, variant, base)
@@ -154,6 +157,7 @@ def test_base_gets_no_gradient(combination, mode):
 
 
 @pytest.mark.parametrize("combination", sorted(UNSUPPORTED), ids=_ids)
+@pytest.mark.slow
 def test_unsupported_combinations_say_so(combination):
     model, frozen, lora, config = _setup(*combination)
     with pytest.raises(ValueError, match=UNSUPPORTED[combination]):

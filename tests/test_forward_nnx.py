@@ -83,6 +83,7 @@ def assert_close(actual, expected, rel):
 
 @pytest.mark.parametrize(("cls", "x"), [(Net, IDS), (Stacked, XS)], ids=["kinds", "stacked"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.slow
 def test_factored_matches_merged(cls, x, dtype):
     graphdef, frozen, lora, config = setup(cls, dtype)
     x = x.astype(dtype) if cls is Stacked else x  # Net takes token ids
@@ -101,6 +102,7 @@ def test_factored_matches_merged(cls, x, dtype):
             assert np.linalg.norm(a - b) <= 0.2 * np.linalg.norm(b)  # bf16 backward, tanh layers
 
 
+@pytest.mark.slow
 def test_without_jit():
     graphdef, frozen, lora, config = setup(Net)
     y_f = apply(graphdef, frozen, lora, config, IDS)
@@ -115,6 +117,7 @@ def test_graphdef_and_state_are_untouched():
     assert isinstance(nnx.merge(graphdef, frozen).linear, nnx.Linear)
 
 
+@pytest.mark.slow
 def test_dropout_mean_and_stacked_keys():
     graphdef, frozen, lora, config = setup(Stacked, lora_dropout=0.2)
     base = apply(graphdef, frozen, lora, config, XS)
@@ -125,6 +128,7 @@ def test_dropout_mean_and_stacked_keys():
     assert np.abs(samples.mean(0) - base).max() < np.abs(samples - base).max()
 
 
+@pytest.mark.slow
 def test_errors():
     model = nnx.Sequential(nnx.Conv(4, 4, (3,), feature_group_count=2, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(model)

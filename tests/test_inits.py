@@ -22,6 +22,7 @@ CASES = [((32, 24), "io", 4), ((2, 20, 16), "sio", 3), ((3, 3, 4, 10), "wwio", 2
 
 @pytest.mark.parametrize("use_jit", [False, True])
 @pytest.mark.parametrize("shape,layout,rank", CASES)
+@pytest.mark.slow
 def test_initial_output_unchanged_and_top_singular_values_removed(shape, layout, rank, use_jit):
     params = {"m": {"kernel": _kernel(shape), "bias": jnp.zeros(shape[-1])}}
     config = jaxlora.LoraConfig(
@@ -44,6 +45,7 @@ def test_initial_output_unchanged_and_top_singular_values_removed(shape, layout,
     np.testing.assert_allclose(update.reshape(best.shape), best, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_randomised_svd_keeps_the_output_and_finds_the_top_subspace():
     params = {"d": {"kernel": _kernel((64, 48), 3)}}
     config = jaxlora.LoraConfig(r=4, lora_alpha=-8, target_modules=["d"])  # negative scale too

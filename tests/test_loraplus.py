@@ -49,6 +49,7 @@ def test_schedules_are_scaled_and_embeddings_found_in_a_combined_tree():
 
 
 @pytest.mark.standard_dtypes
+@pytest.mark.slow
 def test_adamw_factory_trains():
     _, lora, _, embeds = _lora()
     opt = loraplus.loraplus(lambda lr: optax.adamw(lr, weight_decay=0.0), 1e-3, 16.0,

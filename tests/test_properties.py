@@ -3,11 +3,15 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jaxlora
 from jaxlora import LoraConfig
+
+# Hypothesis sweeps of compiled merges: part of the full suite, not the fast core.
+pytestmark = pytest.mark.slow
 
 dims = st.integers(min_value=1, max_value=7)
 

@@ -30,6 +30,7 @@ def _run(fn, use_jit, *args):
 @pytest.mark.parametrize(
     "shape,layout", [((48, 40), "io"), ((3, 32, 24), "sio"), ((3, 3, 8, 16), "wwio")]
 )
+@pytest.mark.slow
 def test_int8_error_at_most_half_a_step_per_channel(shape, layout, use_jit):
     w = _kernel(shape)
     q = _run(lambda w: quant.quantize_kernel(w, "int8", layout), use_jit, w)
@@ -45,6 +46,7 @@ def test_int8_error_at_most_half_a_step_per_channel(shape, layout, use_jit):
 
 @pytest.mark.parametrize("use_jit", [False, True])
 @pytest.mark.parametrize("shape,block", [((64, 48), 64), ((33, 7), 64), ((2, 40, 24), 32)])
+@pytest.mark.slow
 def test_nf4_error_within_half_the_largest_gap_times_block_absmax(shape, block, use_jit):
     w = _kernel(shape, 1)
     layout = "s" * (len(shape) - 2) + "io"
@@ -62,6 +64,7 @@ def test_nf4_error_within_half_the_largest_gap_times_block_absmax(shape, block, 
     np.testing.assert_allclose(deq.reshape(flat_w.shape), nearest * absmax, rtol=1e-6, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_nf4_double_quant_adds_at_most_half_a_group_step():
     w = _kernel((256, 160), 2)  # 640 blocks of 64: three groups of 256, the last one partial
     plain = quant.quantize_kernel(w, "nf4")
@@ -86,6 +89,7 @@ def test_dequantize_keeps_dtype_and_can_cast():
     assert quant.dequantize(q, jnp.float32).dtype == jnp.float32
 
 
+@pytest.mark.slow
 def test_stacked_codes_slice_with_their_layer():
     w = _kernel((4, 32, 16), 3)
     for method in ("int8", "nf4"):
@@ -108,6 +112,7 @@ def _model_and_params():
 
 
 @pytest.mark.parametrize("method", ["int8", "nf4", "q4_1"])
+@pytest.mark.slow
 def test_qlora_training_route_matches_float_on_dequantised_base(method):
     model, params, x = _model_and_params()
     config = jaxlora.LoraConfig(r=4, target_modules=["up", "down"], init_lora_weights=False)
@@ -129,6 +134,7 @@ def test_qlora_training_route_matches_float_on_dequantised_base(method):
     assert_trees_close(grads, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_quantize_leaves_unselected_kernels_alone():
     _, params, _ = _model_and_params()
     qparams = quant.quantize(params, ["up"], "int8")
@@ -138,6 +144,7 @@ def test_quantize_leaves_unselected_kernels_alone():
 
 
 @pytest.mark.parametrize("bias", ["none", "all"])
+@pytest.mark.slow
 def test_factored_interceptor_equals_merged_path_in_value_and_gradient(bias):
     from jaxlora import lora_interceptor
 
@@ -167,6 +174,7 @@ def test_factored_interceptor_equals_merged_path_in_value_and_gradient(bias):
 
 
 @pytest.mark.parametrize("method", ["int8", "nf4"])
+@pytest.mark.slow
 def test_apply_runs_a_quantised_base_in_both_modes(method):
     model, params, x = _model_and_params()
     config = jaxlora.LoraConfig(r=4, target_modules=["up", "down"], init_lora_weights=False)
@@ -186,6 +194,7 @@ def test_apply_runs_a_quantised_base_in_both_modes(method):
         jaxlora.apply(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), qfrozen, lora, config, x)
 
 
+@pytest.mark.slow
 def test_interceptor_keeps_no_float_copy_of_every_kernel_alive():
     # XLA:CPU would otherwise dequantise every kernel at the start and keep all copies live.
     class Chain(nn.Module):
@@ -214,6 +223,7 @@ def test_interceptor_keeps_no_float_copy_of_every_kernel_alive():
     )
 
 
+@pytest.mark.slow
 def test_interceptor_in_a_scanned_model():
     class Block(nn.Module):
         @nn.compact
@@ -238,6 +248,7 @@ def test_interceptor_in_a_scanned_model():
 
 
 @pytest.mark.parametrize("method", ["int8", "nf4"])
+@pytest.mark.slow
 def test_requantize_and_its_measured_error(method):
     w = _kernel((128, 96), 4)
     config = jaxlora.LoraConfig(r=4, target_modules=["d"], init_lora_weights=False)
@@ -253,6 +264,7 @@ def test_requantize_and_its_measured_error(method):
     assert errors["d"]["weight"] < (0.01 if method == "int8" else 0.15)
 
 
+@pytest.mark.slow
 def test_q4_1_round_trip_matches_llama_cpp_rounding():
     gguf_quants = pytest.importorskip("gguf.quants")
     from gguf import GGMLQuantizationType

@@ -48,6 +48,7 @@ def _value_and_grad(model, frozen, lora, config, ids, use_jit, **kwargs):
     ["factored", "merged", "dropout", "nf4", "dora", "trainable_head",
      pytest.param("bf16", marks=pytest.mark.standard_dtypes)],
 )  # fmt: skip
+@pytest.mark.slow
 def test_same_loss_and_gradients_as_without_remat(variant, use_jit):
     model, params, ids = _llama()
     options = dict(r=4, target_modules="all-linear", init_lora_weights=False)
@@ -78,6 +79,7 @@ def test_same_loss_and_gradients_as_without_remat(variant, use_jit):
     assert_trees_close(grads_remat, grads, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_full_fine_tuning_gradients_unchanged():
     model, params, ids = _llama()
 
@@ -94,6 +96,7 @@ def test_full_fine_tuning_gradients_unchanged():
 
 
 @pytest.mark.parametrize("scan", [False, True])
+@pytest.mark.slow
 def test_blocks_with_tuple_outputs_and_scanned_stacks(scan):
     model = linen_models.Decoder(scan=scan)
     params = linen_models.init(model, linen_models.ids())
@@ -111,6 +114,7 @@ def test_blocks_with_tuple_outputs_and_scanned_stacks(scan):
     assert_trees_close(jax.grad(loss)(lora, blocks), plain, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_init_inside_the_context_is_a_plain_init():
     model, params, ids = _llama(layers=2)
     with remat.checkpointed(BLOCKS):
@@ -118,6 +122,7 @@ def test_init_inside_the_context_is_a_plain_init():
     assert_trees_close(inited, params)
 
 
+@pytest.mark.slow
 def test_model_dropout_draws_the_same_masks_when_recomputed():
     class Net(nn.Module):
         @nn.compact
@@ -146,6 +151,7 @@ def _temp_bytes(fn, *args):
 
 
 @pytest.mark.parametrize("quantized", [False, True])
+@pytest.mark.slow
 def test_remat_lowers_activation_memory(quantized):
     """XLA's temporaries for a LoRA training gradient: with every block recomputed they are well
     under half of what keeping all the activations costs (XLA:CPU keeps them all under
@@ -168,6 +174,7 @@ def test_remat_lowers_activation_memory(quantized):
     assert _temp_bytes(grad(BLOCKS), lora) < 0.5 * plain
 
 
+@pytest.mark.slow
 def test_recompute_keeps_only_inputs():
     layers, width = 8, 256
 
@@ -188,6 +195,7 @@ def test_recompute_keeps_only_inputs():
 
 
 @pytest.mark.standard_dtypes
+@pytest.mark.slow
 def test_narrow_kernels_are_not_kept_in_float32():
     """A bfloat16 base under float32 compute: the factored Dense keeps the bf16 kernel for the
     backward pass and casts again there. XLA's temporaries then match a float32 base's instead
@@ -205,6 +213,7 @@ def test_narrow_kernels_are_not_kept_in_float32():
     assert _temp_bytes(jax.grad(loss), lora, narrow) < wide_temp + kernels / 4
 
 
+@pytest.mark.slow
 def test_errors():
     model, params, ids = _llama(layers=2)
     config = jaxlora.LoraConfig(r=2, target_modules=["q_proj"])
@@ -241,6 +250,7 @@ def test_errors():
         jaxlora.apply(graphdef, nnx_frozen, nnx_lora, nnx_config, x, remat="fc")
 
 
+@pytest.mark.slow
 def test_python_arguments_of_a_selected_block_stay_static():
     """BERT's blocks take ``deterministic: bool``; with model dropout on, the recomputation must
     draw the same masks."""
@@ -261,6 +271,7 @@ def test_python_arguments_of_a_selected_block_stay_static():
     assert_trees_close(jax.grad(loss)(lora, r"bert/encoder/layer_\d+"), plain, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_scanned_stack_with_lora_dropout():
     """Inside ``nn.scan`` the dropout keys are scan-loop values: the recomputation must take them
     as inputs, not find them dead in the backward pass."""
@@ -295,6 +306,7 @@ def test_scanned_stack_with_lora_dropout():
 
 
 @pytest.mark.standard_dtypes
+@pytest.mark.slow
 def test_an_inf_in_one_row_stays_in_that_row():
     model, x = nn.Dense(4), jnp.ones((3, 8)).at[0, 0].set(jnp.inf)
     params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), linen_models.init(model, x))
@@ -306,6 +318,7 @@ def test_an_inf_in_one_row_stays_in_that_row():
 
 
 @pytest.mark.standard_dtypes
+@pytest.mark.slow
 def test_per_example_gradients_share_one_cast_kernel():
     """Under ``jax.vmap`` the tie's zero stays unbatched, so a bf16 kernel is not cast once per
     example (16 examples would need 16 float32 copies, 64 MiB)."""

@@ -157,6 +157,7 @@ def test_logical_boxes_without_rules_stay_logical():
     assert got == {"query": {"lora_a": P("embed", None), "lora_b": P(None, "heads", "kv")}}
 
 
+@pytest.mark.slow
 def test_structure_matches_split_with_trainable_copies():
     params = nn.unbox(jax.jit(Block().init)(jax.random.key(0), jnp.ones((2, 32))))["params"]
     config = jaxlora.LoraConfig(
@@ -228,6 +229,7 @@ def _mesh():
     return jax.make_mesh((1, 1, 1), MESH_AXES)
 
 
+@pytest.mark.slow
 def test_init_sharded_equals_split_and_carries_the_rule():
     params = nn.unbox(jax.jit(Block().init)(jax.random.key(0), jnp.ones((2, 32))))["params"]
     config = jaxlora.LoraConfig(

@@ -23,6 +23,7 @@ def paths_of(params, **kwargs):
     return [t.path for t in find_targets(params, LoraConfig(**kwargs))]
 
 
+@pytest.mark.slow
 def test_infer_layouts_reads_attention_and_scan(unrolled, scanned):
     _, _, layouts = unrolled
     assert layouts["layer_0/attn/query"] == "ioo"
@@ -70,6 +71,7 @@ def test_all_linear_skips_head_and_embeddings(unrolled):
     assert len(found) == 3 * 6  # q, k, v, out, fc1, fc2 per layer
 
 
+@pytest.mark.slow
 def test_all_linear_skips_conv_and_modules_to_save():
     params = lm.init(lm.ConvNet(), lm.images())
     layouts = infer_layouts(lm.ConvNet(), lm.images())

@@ -38,6 +38,7 @@ def next_token_loss(model, params, ids):
 
 @pytest.mark.standard_dtypes
 @pytest.mark.parametrize("scan", [False, True])
+@pytest.mark.slow
 def test_lora_training_lowers_loss_and_freezes_base(scan):
     model, params, config, ids = setup(scan)
     base_copy = jax.tree.map(np.array, params)
@@ -66,6 +67,7 @@ def test_lora_training_lowers_loss_and_freezes_base(scan):
 
 
 @pytest.mark.standard_dtypes
+@pytest.mark.slow
 def test_combined_tree_with_freeze_moves_only_theta():
     model, params, config, ids = setup()
     frozen, lora = jaxlora.split(params, config, jax.random.key(2))
@@ -97,6 +99,7 @@ def test_combined_tree_with_freeze_moves_only_theta():
     assert not np.allclose(trained_lora["layer_0"]["fc1"]["lora_b"], 0)
 
 
+@pytest.mark.slow
 def test_gradient_flows_only_to_theta():
     model, params, config, ids = setup()
     frozen, lora = jaxlora.split(params, config, jax.random.key(2))

@@ -25,6 +25,7 @@ def _params():
 CONFIG = jaxlora.LoraConfig(r=4, lora_alpha=8, target_modules=["fc1", "fc2"])
 
 
+@pytest.mark.slow
 def test_split_variant_dora_adds_column_norms():
     params = _params()
     _, lora = jaxlora.split(params, CONFIG, jax.random.key(1), variant="dora")
@@ -68,6 +69,7 @@ def test_unmerge_of_dora_says_it_cannot_and_what_to_do():
 
 @pytest.mark.parametrize("variant", ["lora", "dora"])
 @pytest.mark.parametrize("method", ["nf4", "int8"])
+@pytest.mark.slow
 def test_merge_on_a_quantised_base_is_merge_on_the_dequantised_base(method, variant):
     qfrozen = quant.quantize(_params(), CONFIG, method)
     base = quant.dequantize_tree(qfrozen)
@@ -92,6 +94,7 @@ class Mlp(nn.Module):
         return nn.Dense(64, name="fc2")(jnp.tanh(nn.Dense(32, name="fc1")(x)))
 
 
+@pytest.mark.slow
 def test_factored_dora_on_a_quantised_linen_base_equals_merged():
     model, x = Mlp(), jax.random.normal(jax.random.key(3), (4, 64))
     params = model.init(jax.random.key(0), x)["params"]
@@ -153,6 +156,7 @@ def gated():
 
 
 @pytest.mark.parametrize("framework", ["linen", "nnx"])
+@pytest.mark.slow
 def test_a_third_variant_is_one_registration(gated, framework):
     x = jax.random.normal(jax.random.key(3), (4, 64))
     if framework == "linen":
