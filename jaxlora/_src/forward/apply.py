@@ -154,8 +154,7 @@ def apply(
         >>> config = jaxlora.LoraConfig(r=2, target_modules=".*", lora_dropout=0.1)
         >>> frozen, lora = jaxlora.split(params, config, jax.random.key(1))
         >>> x = jnp.ones((1, 4))
-        >>> from jaxlora._src.forward.apply import apply
-        >>> y = apply(model, frozen, lora, config, x, rngs={"dropout": jax.random.key(2)})
+        >>> y = jaxlora.apply(model, frozen, lora, config, x, rngs={"dropout": jax.random.key(2)})
         >>> bool(jnp.allclose(y, model.apply({"params": params}, x)))  # B = 0: no change yet
         True
     """

@@ -38,10 +38,9 @@ class AdapterBank:
 
     Example:
         >>> import jax, jax.numpy as jnp, jaxlora
-        >>> from jaxlora._src.multi.bank import AdapterBank
         >>> frozen = {"dense": {"kernel": jnp.ones((4, 4))}}
         >>> config = jaxlora.LoraConfig(r=2, target_modules=["dense"], init_lora_weights=False)
-        >>> bank = AdapterBank(frozen)
+        >>> bank = jaxlora.AdapterBank(frozen)
         >>> for name, seed in [("fr", 0), ("de", 1)]:
         ...     bank.add(name, jaxlora.split(frozen, config, jax.random.key(seed))[1], config)
         >>> bank.names
