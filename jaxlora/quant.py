@@ -32,9 +32,9 @@ from jaxlora._src.quant.kernel import NF4_LEVELS as NF4_LEVELS
 from jaxlora._src.quant.kernel import Q4_1_BLOCK as Q4_1_BLOCK
 from jaxlora._src.quant.kernel import QuantizedKernel as QuantizedKernel
 from jaxlora._src.quant.kernel import dequantize as dequantize
+from jaxlora._src.quant.kernel import dequantize_tree as dequantize_tree
 from jaxlora._src.quant.kernel import is_quantized as is_quantized
 from jaxlora._src.quant.kernel import quantize_kernel as quantize_kernel
-from jaxlora._src.quant.tree import dequantize_tree as dequantize_tree
 from jaxlora._src.quant.tree import merge_quantized as merge_quantized
 from jaxlora._src.quant.tree import quantize as quantize
 from jaxlora._src.quant.tree import requantization_error as requantization_error

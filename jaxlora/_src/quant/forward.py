@@ -14,8 +14,7 @@ from typing import Any
 import jax
 
 from jaxlora._src.forward.ties import tie_to
-from jaxlora._src.quant.kernel import is_quantized
-from jaxlora._src.quant.tree import dequantize_tree
+from jaxlora._src.quant.kernel import dequantize_tree, is_quantized
 from jaxlora._src.types import LORA_A, LORA_B, Params
 
 

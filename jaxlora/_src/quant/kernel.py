@@ -276,3 +276,10 @@ def dequantize(leaf: QuantizedKernel, dtype: Any = None) -> jax.Array:
     shape = leaf.kernel_shape[::-1] if leaf.transposed else leaf.kernel_shape
     out = _unblock(values, stack, shape)
     return (jnp.swapaxes(out, -1, -2) if leaf.transposed else out).astype(dtype)
+
+
+def dequantize_tree(params: Any, dtype: Any = None) -> Any:
+    """``params`` with every :class:`QuantizedKernel` replaced by its float kernel."""
+    return jax.tree.map(
+        lambda x: dequantize(x, dtype) if is_quantized(x) else x, params, is_leaf=is_quantized
+    )

@@ -11,7 +11,6 @@ then :func:`requantize`) is lossy; :func:`requantization_error` measures it.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import jax
 import numpy as np
@@ -21,20 +20,13 @@ from jaxlora._src.config.lora_config import LoraConfig
 from jaxlora._src.config.targets import find_targets
 from jaxlora._src.quant.kernel import (
     check_options,
-    dequantize,
+    dequantize_tree,
     is_quantized,
     quantize_kernel,
     quantize_q4_1,
 )
 from jaxlora._src.tree import core
 from jaxlora._src.types import LoraTree, Params, PRNGKey
-
-
-def dequantize_tree(params: Params, dtype: Any = None) -> Params:
-    """``params`` with every :class:`QuantizedKernel` replaced by its float kernel."""
-    return jax.tree.map(
-        lambda x: dequantize(x, dtype) if is_quantized(x) else x, params, is_leaf=is_quantized
-    )
 
 
 def shapes(params: Params) -> Params:

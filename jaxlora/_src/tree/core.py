@@ -28,7 +28,7 @@ from jaxlora._src.config.targets import (
     find_targets,
     find_trainable_leaves,
 )
-from jaxlora._src.quant.kernel import dequantize, is_quantized
+from jaxlora._src.quant.kernel import dequantize_tree
 from jaxlora._src.types import LORA_A, LORA_B, LoraTree, Params, PRNGKey
 from jaxlora._src.variants import base as variants
 from jaxlora._src.variants.lora import delta as delta
@@ -118,13 +118,6 @@ def split(
     return params, lora
 
 
-def _dequantized(params: Params) -> Params:
-    """``params`` with each quantised kernel replaced by its float kernel."""
-    return jax.tree.map(
-        lambda x: dequantize(x) if is_quantized(x) else x, params, is_leaf=is_quantized
-    )
-
-
 def _check_factors(where: str, leaf: str, weight, a, b) -> int:
     """The number of stack axes of ``a`` / ``b``, checked to fit ``weight``."""
     n_stack = a.ndim + b.ndim - 2 - weight.ndim
@@ -186,7 +179,7 @@ def _fold(params: Params, lora: LoraTree, config: LoraConfig, sign: float, what:
                 return replacement.astype(leaf.dtype)
         return leaf
 
-    out = paths.map_with_keys(fold_leaf, _dequantized(params))
+    out = paths.map_with_keys(fold_leaf, dequantize_tree(params))
     unused = [paths.join(map(str, k)) for k, _, _ in paths.flatten(lora) if k not in used]
     if unused:
         raise ValueError(
