@@ -181,3 +181,26 @@ def test_a_third_variant_is_one_registration(gated, framework):
     )
     grads = jax.grad(lambda t: jnp.sum(jaxlora.apply(model, frozen, t, config, x) ** 2))(lora)
     assert float(jnp.abs(grads["fc1"]["lora_gate"])) > 0
+
+
+def test_registry_errors():
+    with pytest.raises(TypeError, match=r"`variant` must be a Variant, got str"):
+        variants.register("gated")
+    with pytest.raises(ValueError, match=r"a variant named `dora` is registered already"):
+        variants.register(variants.DORA)
+    with pytest.raises(ValueError, match=r"`variant` must be one of \['dora', 'lora'"):
+        variants.get("nope")
+    variants.register(Gated())
+    try:
+        clash = type("Clash", (Gated,), {"name": "clash"})()
+        with pytest.raises(ValueError, match=r"variant `clash` has the extra leaves of `gated`"):
+            variants.register(clash)
+        both = {"lora_a": 0, "lora_b": 0, "lora_magnitude": 0, "lora_gate": 0}
+        with pytest.raises(ValueError, match=r"`q` fits the variants \['dora', 'gated'\]"):
+            variants.variant_of(both, "q")
+        dora = {"lora_a": 0, "lora_b": 0, "lora_magnitude": 0}
+        gated = {"lora_a": 0, "lora_b": 0, "lora_gate": 0}
+        with pytest.raises(ValueError, match=r"`lora` mixes the variants \['dora', 'gated'\]"):
+            variants.adapter_variant({"q": dora, "k": gated})
+    finally:
+        variants.unregister("gated")
