@@ -138,8 +138,14 @@ def _check_factors(where: str, leaf: str, weight, a, b) -> int:
     return n_stack
 
 
-def _fold_module(module, names, weight, config: LoraConfig, sign: float):
-    """One adapted weight folded through its module's variant, and the module leaves it used."""
+def fold_module(module, names, weight, config: LoraConfig, sign: float):
+    """One adapted weight folded through its module's variant, and the module leaves it used.
+
+    ``module`` is the adapter's dict for the module (``lora_a``, ``lora_b``, the variant's leaves),
+    ``names`` the weight's path (module path + leaf name), ``sign`` +1 to merge, -1 to unmerge.
+    Shared by :func:`merge` / :func:`unmerge` and the factored forward, which folds the adapters
+    it cannot run factored inside the forward pass.
+    """
     where = paths.join(names[:-1])
     missing = [n for n in (LORA_A, LORA_B) if n not in module]
     if missing:
@@ -164,7 +170,7 @@ def _fold(params: Params, lora: LoraTree, config: LoraConfig, sign: float, what:
     def fold_leaf(keys, names, leaf):
         module = paths.get_in(lora, keys[:-1]) if names[-1] in (KERNEL, EMBEDDING) else None
         if isinstance(module, Mapping) and any(n in module for n in adapter):
-            out, leaves = _fold_module(module, names, leaf, config, sign)
+            out, leaves = fold_module(module, names, leaf, config, sign)
             used.update(keys[:-1] + (n,) for n in leaves)
             return out
         replacement = paths.get_in(lora, keys)
