@@ -288,7 +288,7 @@ def run_quality(steps: int, n_test: int | None, seed: int = 0) -> list[dict]:
             lora, frozen = weights
             with nn.intercept_methods(lora_interceptor(config)):
                 with nn.intercept_methods(quant.dequantizing_interceptor()):
-                    tree = {"params": jaxlora.combine(frozen, lora)}
+                    tree = {"params": jaxlora.adapted_params(frozen, lora, config)}
                     return model.apply(tree, ids, mask)
 
         def loss(lora, frozen, ids, mask, labels):

@@ -4,7 +4,8 @@ The data path, stage by stage (each stage's implementation lives in ``jaxlora/_s
 
 * config and targets: :class:`LoraConfig`, :func:`find_targets`, :func:`infer_layouts`;
 * split and merge: :func:`split`, :func:`merge`, :func:`unmerge`, :func:`delta`, :func:`count`;
-* forward paths: :func:`apply` (linen and NNX, factored or merged), :func:`lora_interceptor`;
+* forward paths: :func:`apply` (linen and NNX, factored or merged), :func:`lora_interceptor`
+  with :func:`adapted_params`;
 * optimisation: :func:`freeze`, :func:`partition`, :func:`trainable_mask`, :mod:`jaxlora.loraplus`;
 * files: :mod:`jaxlora.checkpoint` (orbax), :mod:`jaxlora.peft` (PEFT's format);
 * quantised bases: :mod:`jaxlora.quant`; variants (DoRA) and inits: :mod:`jaxlora.variants`,
@@ -30,6 +31,7 @@ from jaxlora._src.config.targets import find_targets as find_targets
 from jaxlora._src.config.targets import module_paths as module_paths
 from jaxlora._src.files.peft import load_peft as load_peft
 from jaxlora._src.files.peft import save_peft as save_peft
+from jaxlora._src.forward.adapted import adapted_params as adapted_params
 from jaxlora._src.forward.apply import apply as apply
 from jaxlora._src.forward.linen import lora_interceptor as lora_interceptor
 from jaxlora._src.multi.bank import AdapterBank as AdapterBank
@@ -58,6 +60,7 @@ __all__ = [
     "ParamCount",
     "Params",
     "Target",
+    "adapted_params",
     "adapters",
     "analysis",
     "apply",

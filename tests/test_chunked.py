@@ -145,7 +145,7 @@ def test_apply_casts_a_bf16_head_in_blocks(monkeypatch):
                 logits = jaxlora.apply(model, frozen, lora, config, ids)
             else:  # the same factored forward, without the blocks
                 with nn.intercept_methods(jaxlora.lora_interceptor(config)):
-                    tree = {"params": jaxlora.combine(frozen, lora)}
+                    tree = {"params": jaxlora.adapted_params(frozen, lora, config)}
                     logits = model.apply(tree, ids)
             return jnp.mean(jax.nn.log_softmax(logits)[..., 0])
 

@@ -96,7 +96,7 @@ def test_json_round_trip():
         ({"task_type": 3}, TypeError, "`task_type` must be a string"),
         ({"dtype": "int8"}, ValueError, "`dtype` must name a floating dtype"),
         ({"dtype": "nonsense"}, ValueError, "`dtype` must name a floating dtype"),
-        ({"layouts": {"q": "oi"}}, ValueError, r"`layouts\['q'\]` must be a layout string"),
+        ({"layouts": {"q": "ois"}}, ValueError, r"`layouts\['q'\]` must be a layout string"),
     ],
 )
 def test_every_field_is_validated(kwargs, error, match):

@@ -103,7 +103,7 @@ def setup(kind, dtype=jnp.float32, **config_kwargs):
 
 def factored_apply(model, frozen, lora, config, x, rngs=None, deterministic=True):
     with nn.intercept_methods(lora_interceptor(config, deterministic)):
-        return model.apply({"params": jaxlora.combine(frozen, lora)}, x, rngs=rngs)
+        return model.apply({"params": jaxlora.adapted_params(frozen, lora, config)}, x, rngs=rngs)
 
 
 def merged_apply(model, frozen, lora, config, x):
@@ -232,8 +232,15 @@ def test_interceptor_needs_a_config():
 def test_missing_lora_b_is_an_error():
     model, x, frozen, lora, config = setup("dense")
     del lora["fc"]["lora_b"]
-    with pytest.raises(ValueError, match="hold `lora_a` but no `lora_b`"):
+    with pytest.raises(ValueError, match="has `lora_a` but no `lora_b` at `fc`"):
         factored_apply(model, frozen, lora, config, x)
+
+
+def test_a_combine_tree_under_the_interceptor_is_an_error():
+    model, x, frozen, lora, config = setup("dense")
+    with nn.intercept_methods(lora_interceptor(config)):
+        with pytest.raises(ValueError, match="hold raw LoRA factors.*adapted_params"):
+            model.apply({"params": jaxlora.combine(frozen, lora)}, x)
 
 
 @pytest.mark.slow
@@ -257,14 +264,19 @@ def test_einsum_with_unordered_kernel_axes():
 
 
 @pytest.mark.slow
-def test_grouped_conv_is_refused():
+def test_grouped_conv_runs_on_its_merged_kernel():
+    """A grouped Conv is not one the low-rank term knows: it costs speed, not correctness."""
     model = nn.Conv(4, (3, 3), feature_group_count=2)
     x = jnp.ones((1, 5, 5, 4))
     params = model.init(jax.random.key(0), x)["params"]
-    config = jaxlora.LoraConfig(r=2, target_modules=".*", layouts={".*": "wwio"})
+    config = jaxlora.LoraConfig(
+        r=2, target_modules=".*", layouts={".*": "wwio"}, init_lora_weights=False
+    )
     frozen, lora = jaxlora.split(params, config, jax.random.key(1))
-    with pytest.raises(ValueError, match="cannot adapt the Conv.*`feature_group_count`=2"):
-        factored_apply(model, frozen, lora, config, x)
+    factored = factored_apply(model, frozen, lora, config, x)
+    merged = merged_apply(model, frozen, lora, config, x)
+    np.testing.assert_allclose(factored, merged, rtol=1e-6, atol=1e-6)
+    assert not np.allclose(merged, model.apply({"params": params}, x))
 
 
 # The Dense fast path: lowrank.dense_fused replaces layer + term, with the same results.

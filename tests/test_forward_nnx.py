@@ -129,23 +129,35 @@ def test_dropout_mean_and_stacked_keys():
 
 
 @pytest.mark.slow
-def test_errors():
-    model = nnx.Sequential(nnx.Conv(4, 4, (3,), feature_group_count=2, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(model)
-    config = jaxlora.LoraConfig(r=2, target_modules=".*", layouts={".*": "wio"})
-    frozen, lora = jaxlora.split(state, config, jax.random.key(1))
-    with pytest.raises(ValueError, match="cannot adapt the Conv.*`feature_group_count`=2"):
-        apply(graphdef, frozen, lora, config, jnp.ones((1, 5, 4)))
+def test_layers_the_term_does_not_know_run_merged():
+    """A grouped Conv and a module reading its own Param get W + s·A·B: speed, not correctness."""
 
     class Custom(nnx.Module):
         def __init__(self):
-            self.kernel = nnx.Param(jnp.ones((4, 4)))
+            self.kernel = nnx.Param(jnp.linspace(-1.0, 1.0, 16).reshape(4, 4))
 
-    graphdef, state = nnx.split(nnx.Sequential(Custom()))
+        def __call__(self, x):
+            return x @ self.kernel[...]
+
+    cases = [
+        (nnx.Conv(4, 4, (3,), feature_group_count=2, rngs=nnx.Rngs(0)), {".*": "wio"}, (1, 5, 4)),
+        (Custom(), {}, (1, 4)),
+    ]
+    for layer, layouts, shape in cases:
+        graphdef, state = nnx.split(nnx.Sequential(layer))
+        config = jaxlora.LoraConfig(
+            r=2, target_modules=".*", layouts=layouts, init_lora_weights=False
+        )
+        frozen, lora = jaxlora.split(state, config, jax.random.key(1))
+        x = jnp.ones(shape)
+        factored = apply(graphdef, frozen, lora, config, x)
+        merged = apply(graphdef, frozen, lora, config, x, mode="merged")
+        np.testing.assert_allclose(factored, merged, rtol=1e-6, atol=1e-6)
+        assert not np.allclose(merged, nnx.merge(graphdef, state)(x))
+
+
+def test_missing_lora_b_is_an_error():
     config = jaxlora.LoraConfig(r=2, target_modules=".*")
-    frozen, lora = jaxlora.split(state, config, jax.random.key(1))
-    with pytest.raises(ValueError, match="adapts `layers/0`, but that is a Custom"):
-        apply(graphdef, frozen, lora, config, jnp.ones((1, 4)))
     graphdef, state = nnx.split(nnx.Sequential(nnx.Linear(4, 4, rngs=nnx.Rngs(0))))
     frozen, lora = jaxlora.split(state, config, jax.random.key(1))
     del lora["layers"][0]["lora_b"]

@@ -160,7 +160,9 @@ def test_factored_interceptor_equals_merged_path_in_value_and_gradient(bias):
             nn.intercept_methods(lora_interceptor(config)),
             nn.intercept_methods(quant.dequantizing_interceptor()),
         ):
-            return jnp.sum(model.apply({"params": jaxlora.combine(qfrozen, lora)}, x) ** 2)
+            return jnp.sum(
+                model.apply({"params": jaxlora.adapted_params(qfrozen, lora, config)}, x) ** 2
+            )
 
     def merged(lora):
         return jnp.sum(

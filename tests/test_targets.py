@@ -75,8 +75,10 @@ def test_all_linear_skips_head_and_embeddings(unrolled):
 def test_all_linear_skips_conv_and_modules_to_save():
     params = lm.init(lm.ConvNet(), lm.images())
     layouts = infer_layouts(lm.ConvNet(), lm.images())
+    # As PEFT: without an output embedding or a task head, a dense "head" is a linear like others.
+    assert paths_of(params, target_modules="all-linear", layouts=layouts) == ["head"]
     with pytest.raises(ValueError, match="no module matched `target_modules`='all-linear'"):
-        paths_of(params, target_modules="all-linear", layouts=layouts)
+        paths_of(params, target_modules="all-linear", modules_to_save=["head"], layouts=layouts)
     found = paths_of(params, target_modules=["conv1", "conv2"], layouts=layouts)
     assert found == ["conv1", "conv2"]
 
@@ -186,7 +188,7 @@ def test_nnx_state_targets():
         ({"target_modules": ["embed"], "layouts": {"embed": "ii"}}, "must be a layout string"),
         (
             {"target_modules": ["fc1"], "modules_to_save": ["fc1"]},
-            "in both `target_modules` and `modules_to_save`",
+            r"no module matched .*`modules_to_save` .* takes layer_0/fc1",
         ),
         (
             {"target_modules": ["fc1"], "modules_to_save": ["classifier"]},

@@ -122,9 +122,15 @@ def get_in(tree: Any, keys: tuple[Any, ...], default: Any = None) -> Any:
     return tree
 
 
-def map_with_keys(fn: Callable[[tuple[Any, ...], ModulePath, Any], Any], params: Params) -> Params:
+def map_with_keys(
+    fn: Callable[[tuple[Any, ...], ModulePath, Any], Any],
+    params: Params,
+    is_leaf: Callable[[Any], bool] | None = None,
+) -> Params:
     """``jax.tree.map_with_path`` with the raw keys and string path of each leaf given to ``fn``."""
-    return jax.tree.map_with_path(lambda kp, leaf: fn(leaf_keys(kp), leaf_path(kp), leaf), params)
+    return jax.tree.map_with_path(
+        lambda kp, leaf: fn(leaf_keys(kp), leaf_path(kp), leaf), params, is_leaf=is_leaf
+    )
 
 
 def preview(paths: Iterable[str], limit: int = 12) -> str:

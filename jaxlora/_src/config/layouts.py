@@ -1,4 +1,5 @@
-"""Reading kernel layouts off a linen module by an abstract trace (no parameters are allocated)."""
+"""Reading kernel layouts off a model: a linen module by an abstract trace (no parameters are
+allocated), an NNX module by its layers' own attributes (no trace at all)."""
 
 from __future__ import annotations
 
@@ -6,27 +7,26 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+from flax import nnx
 
 from jaxlora._src import paths
 from jaxlora._src.axes import as_tuple
-from jaxlora._src.config.lora_config import LAYOUT_PATTERN
+from jaxlora._src.config import axes_order
 from jaxlora._src.config.targets import EMBEDDING, KERNEL
 
 
-def _einsum_layout(einsum_str: str) -> str | None:
-    spec = einsum_str.replace(" ", "")
+def _einsum_layout(einsum_str: str | None) -> str | None:
+    """The layout of an Einsum kernel, or None when no layout describes it (a summed-away kernel
+    axis, a batch axis after another kind, no input or no output axis)."""
+    spec = (einsum_str or "").replace(" ", "")
     if "->" not in spec or spec.count(",") != 1:
         return None
-    lhs, out = spec.split("->")
-    x, kernel = lhs.split(",")
-    letters = "".join(
-        ("s" if c in out else "i") if c in x else ("o" if c in out else "?") for c in kernel
-    )
-    return letters if LAYOUT_PATTERN.fullmatch(letters) else None
+    layout = axes_order.einsum_layout(spec)
+    return layout if axes_order.layout_problem(layout) is None else None
 
 
-def _module_layout(module: nn.Module) -> str | None:
-    """The layout of the module's own (unstacked) kernel, or None if it has none we know."""
+def _linen_layout(module: nn.Module, call_args: tuple, call_kwargs: dict) -> str | None:
+    """The layout of a linen layer's own (unstacked) kernel, or None if it has none we know."""
     if isinstance(module, nn.Dense | nn.Embed):
         return "io"
     if isinstance(module, nn.DenseGeneral):
@@ -36,39 +36,54 @@ def _module_layout(module: nn.Module) -> str | None:
     if isinstance(module, nn.Conv):
         return "w" * len(as_tuple(module.kernel_size)) + "io"
     if isinstance(module, nn.Einsum):
-        return _einsum_layout(module.einsum_str)
+        # A spec given to the call (`einsum_str=`) wins; other methods' arguments are arrays.
+        spec = call_args[1] if len(call_args) > 1 else call_kwargs.get("einsum_str")
+        return _einsum_layout(spec if isinstance(spec, str) else module.einsum_str)
     return None
 
 
-def infer_layouts(
-    module: nn.Module, *args: Any, method: Any = None, **kwargs: Any
-) -> dict[str, str]:
-    """Layouts of every Dense / DenseGeneral / Einsum / Conv / Embed kernel of a linen model.
+def _nnx_layout(module: nnx.Module) -> tuple[str, str] | None:
+    """``(weight leaf name, layout of the layer's own kernel)`` of an NNX layer, or None."""
+    if isinstance(module, nnx.Embed):
+        return EMBEDDING, "io"
+    if isinstance(module, nnx.Linear):
+        return KERNEL, "io"
+    if isinstance(module, nnx.LinearGeneral):
+        n_batch = len(module.batch_axis)
+        return KERNEL, "s" * n_batch + "i" * len(module.in_features) + "o" * len(
+            module.out_features
+        )
+    if isinstance(module, nnx.Conv):
+        return KERNEL, "w" * len(as_tuple(module.kernel_size)) + "io"
+    if isinstance(module, nnx.Einsum):
+        layout = _einsum_layout(module.einsum_str)
+        return None if layout is None else (KERNEL, layout)
+    return None
 
-    The model is initialised under ``jax.eval_shape`` with ``nn.intercept_methods`` watching
-    each layer, so nothing is allocated. Layers inside ``nn.scan`` / ``nn.vmap`` get their stacked
-    axes as leading ``s``. Einsum kernels whose axes are not ordered stack, input, output are left
-    out (the merged path cannot split them into two factors).
 
-    Args:
-        module: a linen module.
-        *args: sample inputs (arrays or ``jax.ShapeDtypeStruct``), as for ``module.init``.
-        method: the method to trace, as for ``module.init``.
-        **kwargs: keyword inputs for ``module.init``.
+def _stacked(layout: str | None, shape: tuple[int, ...]) -> str | None:
+    """``layout`` with one leading ``s`` per extra (stacked) axis of ``shape``."""
+    if layout is None or len(shape) < len(layout):
+        return None
+    return "s" * (len(shape) - len(layout)) + layout
 
-    Returns:
-        ``{module path: layout}``, ready for ``LoraConfig(layouts=...)``.
 
-    Example:
-        >>> import flax.linen as nn, jax, jax.numpy as jnp
-        >>> attn = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8)
-        >>> infer_layouts(attn, jnp.ones((1, 3, 8)))
-        {'key': 'ioo', 'out': 'iio', 'query': 'ioo', 'value': 'ioo'}
-    """
+def _infer_nnx(module: nnx.Module) -> dict[str, str]:
+    layouts = {}
+    for path, layer in nnx.iter_modules(module):
+        found = _nnx_layout(layer)
+        weight = getattr(layer, found[0], None) if found is not None else None
+        layout = _stacked(found[1], tuple(weight.shape)) if weight is not None else None
+        if layout is not None and path:
+            layouts[paths.join(str(key) for key in path)] = layout
+    return layouts
+
+
+def _infer_linen(module: nn.Module, args, method, kwargs) -> dict[str, str]:
     seen: dict[tuple[str, ...], str] = {}
 
     def record(next_fun, call_args, call_kwargs, context):
-        layout = _module_layout(context.module)
+        layout = _linen_layout(context.module, call_args, call_kwargs)
         if layout is not None and context.module.path:
             seen[tuple(context.module.path)] = layout
         return next_fun(*call_args, **call_kwargs)
@@ -78,14 +93,53 @@ def infer_layouts(
         with nn.intercept_methods(record):
             return module.init(rngs, *args, method=method, **kwargs)
 
-    variables = jax.eval_shape(init)
-    params = variables.get("params", {})
+    params = jax.eval_shape(init).get("params", {})
     layouts = {}
     for _keys, names, leaf in paths.flatten(params):
-        if names[-1] not in (KERNEL, EMBEDDING):
-            continue
-        layout = seen.get(tuple(names[:-1]))
-        n_stack = len(leaf.shape) - len(layout) if layout is not None else -1
-        if n_stack >= 0:
-            layouts[paths.join(names[:-1])] = "s" * n_stack + layout
+        if names[-1] in (KERNEL, EMBEDDING):
+            layout = _stacked(seen.get(tuple(names[:-1])), tuple(leaf.shape))
+            if layout is not None:
+                layouts[paths.join(names[:-1])] = layout
     return layouts
+
+
+def infer_layouts(
+    module: nn.Module | nnx.Module, *args: Any, method: Any = None, **kwargs: Any
+) -> dict[str, str]:
+    """Layouts of every Dense / DenseGeneral / Einsum / Conv / Embed kernel of a linen or NNX
+    model (``nnx.Linear`` / ``LinearGeneral`` / ``Einsum`` / ``Conv`` / ``Embed``).
+
+    A linen model is initialised under ``jax.eval_shape`` with ``nn.intercept_methods`` watching
+    each layer, so nothing is allocated. An NNX model already holds its layers: each one's layout
+    is read off its attributes (``in_features``, ``einsum_str``, ...) and its kernel's shape, with
+    no trace; sample inputs may be passed (so one call serves both) and are ignored. Layers inside
+    ``nn.scan`` / ``nn.vmap`` (or ``nnx.vmap`` / ``nnx.scan``) get their stacked axes as leading
+    ``s``. Einsum kernels take their axes in any order (``"btd,ndh->btnh"`` gives ``"oio"``);
+    those no layout describes (an axis summed away, a batch axis after the others) are left out.
+
+    Args:
+        module: a linen module or an NNX module.
+        *args: linen: sample inputs (arrays or ``jax.ShapeDtypeStruct``), as for ``module.init``.
+        method: linen: the method to trace, as for ``module.init``.
+        **kwargs: linen: keyword inputs for ``module.init``.
+
+    Returns:
+        ``{module path: layout}``, ready for ``LoraConfig(layouts=...)``.
+
+    Example:
+        >>> import flax.linen as nn, jax, jax.numpy as jnp
+        >>> attn = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8)
+        >>> infer_layouts(attn, jnp.ones((1, 3, 8)))
+        {'key': 'ioo', 'out': 'iio', 'query': 'ioo', 'value': 'ioo'}
+        >>> from flax import nnx
+        >>> attn = nnx.MultiHeadAttention(2, 8, decode=False, rngs=nnx.Rngs(0))
+        >>> infer_layouts(attn)
+        {'key': 'ioo', 'out': 'iio', 'query': 'ioo', 'value': 'ioo'}
+    """
+    if isinstance(module, nnx.Module):
+        return _infer_nnx(module)
+    if not isinstance(module, nn.Module):
+        raise TypeError(
+            f"`module` must be a flax.linen or an nnx Module, got {type(module).__name__}"
+        )
+    return _infer_linen(module, args, method, kwargs)

@@ -13,11 +13,12 @@ import jax
 import jax.numpy as jnp
 
 from jaxlora._src import paths
+from jaxlora._src.config import axes_order, peft_layers
 
 _BIAS_MODES = ("none", "all", "lora_only")
 _INIT_MODES = (True, False, "gaussian")
-#: Supported kernel layouts: stack, window, input, output axes, in that order.
-LAYOUT_PATTERN = re.compile(r"s*w*i+o+")
+#: Supported kernel layouts (see :mod:`jaxlora._src.config.axes_order`).
+LAYOUT_PATTERN = axes_order.LAYOUT_PATTERN
 
 
 class FrozenMap(Mapping[str, Any]):
@@ -97,11 +98,13 @@ def _check_alpha(where: str, alpha: Any) -> None:
 
 
 def _check_layout(where: str, layout: Any) -> None:
-    if not isinstance(layout, str) or not LAYOUT_PATTERN.fullmatch(layout):
+    problem = axes_order.layout_problem(layout)
+    if problem is not None:
         raise ValueError(
-            f"{where} must be a layout string of kernel axes in the order stack 's', window 'w', "
-            f"input 'i', output 'o' (e.g. 'io' Dense, 'ioo' attention query, 'iio' attention "
-            f"out, 'sio' scanned Dense, 'wwio' Conv2D), got {layout!r}"
+            f"{where} must be a layout string, one letter per kernel axis: leading stacked 's' "
+            "axes, then window 'w', input 'i' and output 'o' axes in any order (e.g. 'io' Dense, "
+            "'ioo' attention query, 'oio' a (heads, d_model, head_dim) einsum, 'sio' scanned "
+            f"Dense, 'wwio' Conv2D); got {layout!r}: {problem}"
         )
 
 
@@ -117,20 +120,34 @@ class LoraConfig:
             modules).
         target_modules: a list of module names, each matched exactly or as a ``/``-suffix of the
             module path; or a string, a regex full-matched against the ``/``-joined module path;
-            or ``"all-linear"``: every dense kernel except the output head.
+            or ``"all-linear"``: every dense kernel except the output embedding (the LM head, found
+            as :func:`jaxlora._src.config.peft_rules.output_embeddings` says).
         exclude_modules: modules never adapted; same rules as ``target_modules``.
-        modules_to_save: modules trained in full (e.g. a new classifier head), list rules.
+        modules_to_save: modules trained in full (e.g. a new classifier head), list rules. A module
+            inside one is never adapted, even when ``target_modules`` names it (as in PEFT).
         rank_pattern: ``{pattern: rank}`` overrides; a pattern matches a module path exactly, as a
             suffix, or as a regex over such a suffix. A pattern that matches no target is an error.
         alpha_pattern: ``{pattern: alpha}`` overrides, same rules as ``rank_pattern``.
         use_rslora: scale by ``lora_alpha / sqrt(r)`` (rank-stabilised LoRA).
         init_lora_weights: ``True`` (A kaiming-uniform, B zero), ``"gaussian"`` (A ~ N(0, 1/r²),
             B zero) or ``False`` (both random: the adapter is not a no-op, for debugging).
-        task_type: kept for PEFT round trips.
+        task_type: PEFT's task type; ``"SEQ_CLS"`` and ``"TOKEN_CLS"`` also train the heads
+            ``classifier`` / ``score`` in full, ``"QUESTION_ANS"`` the head ``qa_outputs`` (as if
+            in ``modules_to_save``, but a head the model lacks is no error).
         dtype: dtype of the adapter factors Θ.
         layouts: ``{pattern: layout}`` stating how a kernel's axes split, for kernels whose shape
-            alone is ambiguous (N-D ``DenseGeneral``, ``Conv``, scanned stacks). See
-            :func:`jaxlora.infer_layouts`.
+            alone is ambiguous (N-D ``DenseGeneral`` / ``Einsum``, ``Conv``, scanned stacks): one
+            letter per kernel axis, leading stacked ``s`` axes, then window ``w``, input ``i``
+            and output ``o`` axes in any order (``"oio"`` for an einsum kernel
+            ``(heads, d_model, head_dim)``). The factors keep the canonical order whatever the
+            layout: ``lora_a`` is stack + window + input + ``(r,)``, ``lora_b`` stack + ``(r,)``
+            + output. See :func:`jaxlora.infer_layouts`.
+        layers_to_transform: a layer index or a list of them: a module that a ``target_modules``
+            name matches as a suffix is adapted only in these layers. The index is read off the
+            path (``model/layers/3/q_proj`` or linen's ``layer_3/q_proj``). Needs a list
+            ``target_modules``.
+        layers_pattern: the name (a regex) of the module list whose index counts, e.g.
+            ``"layers"`` or ``["h", "block"]``; by default any list's index, as in PEFT.
 
     Example:
         >>> import jaxlora
@@ -155,6 +172,8 @@ class LoraConfig:
     task_type: str | None = None
     dtype: str = "float32"
     layouts: Mapping[str, str] = dataclasses.field(default_factory=FrozenMap)
+    layers_to_transform: int | tuple[int, ...] | None = None
+    layers_pattern: str | tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
@@ -181,6 +200,11 @@ class LoraConfig:
             )
         if self.task_type is not None and not isinstance(self.task_type, str):
             raise TypeError(f"`task_type` must be a string or None, got {self.task_type!r}")
+        set_("layers_to_transform", peft_layers.check_layers_to_transform(self.layers_to_transform))
+        set_("layers_pattern", peft_layers.check_layers_pattern(self.layers_pattern))
+        peft_layers.check_layer_fields(
+            self.target_modules, self.layers_to_transform, self.layers_pattern
+        )
         try:
             dtype = jnp.dtype(self.dtype)
         except TypeError:

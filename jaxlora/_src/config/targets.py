@@ -4,9 +4,11 @@ A kernel's axes are described by a *layout* string, one letter per axis in order
 layer axis (``nn.scan`` / ``nn.vmap``), ``w`` a convolution window axis, ``i`` a contracted input
 axis, ``o`` an output axis. A 2-D Dense kernel is ``"io"``; linen attention's query kernel
 (embed, heads, head_dim) is ``"ioo"`` and its out kernel (heads, head_dim, embed) ``"iio"``; a
-scanned Dense kernel is ``"sio"``; a Conv2D kernel ``"wwio"``. 2-D kernels and embedding tables
-need no layout; any other kernel takes one from ``LoraConfig.layouts`` (see
-:func:`jaxlora.infer_layouts`, which reads them off a linen module).
+Gemma-style query einsum kernel (heads, embed, head_dim) ``"oio"``; a scanned Dense kernel is
+``"sio"``; a Conv2D kernel ``"wwio"``. Stacked axes lead; the others come in any order
+(:mod:`jaxlora._src.config.axes_order`). 2-D kernels and embedding tables need no layout; any other
+kernel takes one from ``LoraConfig.layouts`` (see :func:`jaxlora.infer_layouts`, which reads them
+off a linen or NNX module).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import math
 from typing import Any
 
 from jaxlora._src import paths
+from jaxlora._src.config import axes_order, peft_rules
 from jaxlora._src.config.lora_config import LoraConfig
 from jaxlora._src.types import Params
 
@@ -23,15 +26,16 @@ from jaxlora._src.types import Params
 KERNEL = "kernel"
 EMBEDDING = "embedding"
 BIAS = "bias"
-#: Module names that ``target_modules="all-linear"`` treats as the output head and leaves alone.
-OUTPUT_HEAD_NAMES = ("lm_head", "head", "classifier", "score", "output_head", "logits")
 
 
 @dataclasses.dataclass(frozen=True)
 class Target:
     """One adapted kernel: where it is, how its axes split, and its rank and scale.
 
-    ``a`` has shape ``stack + window + input + (rank,)`` and ``b`` ``stack + (rank,) + output``.
+    ``shape`` is the kernel's own, in its order (``layout``); ``a`` has shape
+    ``stack + window + input + (rank,)`` and ``b`` ``stack + (rank,) + output``, the axes of each
+    group in their kernel order, whatever the order of the groups in the kernel
+    (``canonical_shape``: the kernel transposed by ``perm`` to that order).
     """
 
     keys: tuple[Any, ...]
@@ -60,18 +64,29 @@ class Target:
         return self.layout.count("o")
 
     @property
+    def perm(self) -> tuple[int, ...]:
+        """The kernel axes in the factors' order: stack, window, input, output."""
+        return axes_order.canonical_perm(self.layout)
+
+    @property
+    def canonical_shape(self) -> tuple[int, ...]:
+        """The kernel's shape in the factors' order (``shape`` when the layout is canonical)."""
+        return axes_order.canonical_shape(self.shape, self.layout)
+
+    @property
     def fan_in(self) -> int:
-        return math.prod(self.shape[self.n_stack : len(self.shape) - self.n_out])
+        shape = self.canonical_shape
+        return math.prod(shape[self.n_stack : len(shape) - self.n_out])
 
     @property
     def a_shape(self) -> tuple[int, ...]:
-        return self.shape[: len(self.shape) - self.n_out] + (self.rank,)
+        shape = self.canonical_shape
+        return shape[: len(shape) - self.n_out] + (self.rank,)
 
     @property
     def b_shape(self) -> tuple[int, ...]:
-        return (
-            self.shape[: self.n_stack] + (self.rank,) + self.shape[len(self.shape) - self.n_out :]
-        )
+        shape = self.canonical_shape
+        return shape[: self.n_stack] + (self.rank,) + shape[len(shape) - self.n_out :]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,10 +114,6 @@ def module_paths(params: Params) -> list[str]:
     return [c.path for c in _candidates(params)]
 
 
-def _is_head(path: str) -> bool:
-    return path.rsplit("/", 1)[-1] in OUTPUT_HEAD_NAMES
-
-
 def _layout(config: LoraConfig, cand: _Candidate) -> str | None:
     found = paths.first_match(config.layouts, cand.path)
     if found is not None:
@@ -124,51 +135,11 @@ def _layout(config: LoraConfig, cand: _Candidate) -> str | None:
 
 
 def _select(config: LoraConfig, cands: list[_Candidate]) -> list[_Candidate]:
-    spec = config.target_modules
-    if spec is None:
-        raise ValueError(
-            "`target_modules` is None: say which modules to adapt, e.g. ['query', 'value'], a "
-            f"regex, or 'all-linear'. Modules seen: {paths.preview(c.path for c in cands)}"
-        )
-    saved = config.modules_to_save or ()
-    if spec == "all-linear":
-        chosen = [
-            c
-            for c in cands
-            if c.leaf == KERNEL
-            and not _is_head(c.path)
-            and "w" not in (_layout(config, c) or "")
-            and not any(paths.matches_literal(name, c.path) for name in saved)
-        ]
-    else:
-        chosen = [c for c in cands if paths.match_targets(spec, c.path)]
-        clash = [c.path for c in chosen if any(paths.matches_literal(n, c.path) for n in saved)]
-        if clash:
-            raise ValueError(
-                f"modules {clash} are in both `target_modules` and `modules_to_save`; a module is "
-                "either adapted with LoRA or trained in full, not both"
-            )
-    if config.exclude_modules is not None:
-        excl = config.exclude_modules
-        if not isinstance(excl, str):
-            unused = [n for n in excl if not any(paths.matches_literal(n, c.path) for c in cands)]
-            if unused:
-                raise ValueError(
-                    f"`exclude_modules` entries {unused} match no module; modules seen: "
-                    f"{paths.preview(c.path for c in cands)}"
-                )
-        chosen = [c for c in chosen if not paths.match_targets(excl, c.path)]
-    if not chosen:
-        raise ValueError(
-            f"no module matched `target_modules`={spec!r}"
-            + (
-                f" (after `exclude_modules`={config.exclude_modules!r})"
-                if config.exclude_modules
-                else ""
-            )
-            + f"; modules seen: {paths.preview(c.path for c in cands)}"
-        )
-    return chosen
+    """PEFT's choice (:func:`peft_rules.select`); layouts are read only for ``"all-linear"``."""
+    every = config.target_modules == peft_rules.ALL_LINEAR
+    kernels = [(c.path, c.leaf, c.shape, _layout(config, c) if every else None) for c in cands]
+    chosen = peft_rules.select(config, kernels)
+    return [c for c, keep in zip(cands, chosen, strict=True) if keep]
 
 
 def _check_patterns(field: str, patterns: Any, where: list[str], what: str) -> None:
@@ -244,27 +215,28 @@ def find_targets(params: Params, config: LoraConfig) -> list[Target]:
 def find_trainable_leaves(
     params: Params, config: LoraConfig, targets: list[Target]
 ) -> list[tuple[tuple[Any, ...], str]]:
-    """Leaves trained in full: biases (per ``config.bias``) and everything in ``modules_to_save``.
+    """Leaves trained in full: biases (per ``config.bias``) and everything in ``modules_to_save``
+    or in a head of ``config.task_type`` (``classifier`` / ``score`` for ``"SEQ_CLS"`` and
+    ``"TOKEN_CLS"``, ``qa_outputs`` for ``"QUESTION_ANS"``, as PEFT; a missing head is skipped).
 
     Returns ``(raw keys, "/"-joined path)`` pairs.
     """
     target_paths = {t.path for t in targets}
-    saved = config.modules_to_save or ()
+    saved = peft_rules.saved_modules(config.modules_to_save, config.task_type)
     seen_saved: set[str] = set()
     out = []
     for keys, names, leaf in paths.flatten(params):
         if not names or not hasattr(leaf, "shape"):
             continue
         module = paths.join(names[:-1])
-        prefixes = [paths.join(names[:k]) for k in range(1, len(names))]
-        hit = [n for n in saved if any(paths.matches_literal(n, p) for p in prefixes)]
+        hit = [n for n in saved if peft_rules.within(n, module)]
         seen_saved.update(hit)
         is_bias = names[-1] == BIAS and (
             config.bias == "all" or (config.bias == "lora_only" and module in target_paths)
         )
         if hit or is_bias:
             out.append((keys, paths.join(names)))
-    missing = [n for n in saved if n not in seen_saved]
+    missing = [n for n in config.modules_to_save or () if n not in seen_saved]
     if missing:
         raise ValueError(
             f"`modules_to_save` entries {missing} match no module; modules seen: "

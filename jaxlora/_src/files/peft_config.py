@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from jaxlora._src import paths
+from jaxlora._src.config import peft_rules
 from jaxlora._src.config.lora_config import LoraConfig
 from jaxlora._src.config.targets import find_targets
 from jaxlora._src.files.peft_layout import ModuleName, named_modules, tensor_entries, torch_name
@@ -26,8 +27,6 @@ from jaxlora._src.types import LORA_A, LORA_B, Params
 _UNSUPPORTED = {
     "fan_in_fan_out": False,
     "lora_bias": False,
-    "layers_to_transform": None,
-    "layers_pattern": None,
     "target_parameters": None,
     "trainable_token_indices": None,
     "layer_replication": None,
@@ -53,14 +52,6 @@ def default_module_name(path: str, index: tuple[int, ...]) -> str:
             "`module_name=lambda path, index: ...` (e.g. f'layers.{index[0]}.attn.q_proj')"
         )
     return path.replace("/", ".")
-
-
-def _peft_targets(spec: Any, name: str) -> bool:
-    """PEFT's ``target_modules`` rule: a string is full-matched as a regex, a list entry matches
-    the whole name or a ``.``-suffix."""
-    if isinstance(spec, str):
-        return re.fullmatch(spec, name) is not None
-    return any(name == t or name.endswith("." + t) for t in spec)
 
 
 def _peft_pattern(patterns: Iterable[str], name: str) -> str | None:
@@ -140,6 +131,9 @@ def peft_config(
         "inference_mode": True,
         "base_model_name_or_path": base_model_name_or_path,
         "use_dora": use_dora,
+        # `target_modules` already names each adapted layer, which these would filter again.
+        "layers_to_transform": None,
+        "layers_pattern": None,
         **_UNSUPPORTED,
     }
 
@@ -160,17 +154,6 @@ def _check_supported(peft: Mapping[str, Any], source: str) -> None:
         )
 
 
-def _is_target(peft: Mapping[str, Any], name: str) -> bool:
-    """PEFT's choice for the module ``name``: ``target_modules`` (or ``"all-linear"``), unless
-    ``exclude_modules`` or ``modules_to_save`` takes it."""
-    spec, excluded = peft.get("target_modules"), peft.get("exclude_modules")
-    if spec is None or (excluded and _peft_targets(excluded, name)):
-        return False
-    if any(re.match(rf"(^|.*\.){m}($|\..*)", name) for m in peft.get("modules_to_save") or ()):
-        return False
-    return spec == "all-linear" or _peft_targets(spec, name)
-
-
 def _one_value(
     pattern: Mapping[str, Any], default: Any, names: list[str], field: str, where: str
 ) -> Any:
@@ -186,15 +169,21 @@ def _one_value(
 
 
 def _adapted_modules(
-    peft: Mapping[str, Any], candidates: list[tuple[str, list[str]]], source: str
+    peft: Mapping[str, Any],
+    candidates: list[tuple[str, list[str]]],
+    source: str,
+    linear: set[str] | None = None,
 ) -> tuple[list[str], dict[str, Any], dict[str, Any]]:
     """The Flax modules PEFT adapts among ``candidates`` (``(module, PyTorch names)``), with the
-    ranks and alphas that differ from ``r`` / ``lora_alpha``."""
+    ranks and alphas that differ from ``r`` / ``lora_alpha``; for ``"all-linear"``, only among
+    the ``linear`` modules (Dense kernels but the output embedding)."""
     r, alpha = peft.get("r", 8), peft.get("lora_alpha", 8)
     rank_pattern, alpha_pattern = peft.get("rank_pattern") or {}, peft.get("alpha_pattern") or {}
     chosen, ranks, alphas = [], {}, {}
     for module, names in candidates:
-        hits = [_is_target(peft, n) for n in names]
+        if linear is not None and module not in linear:
+            continue
+        hits = [peft_rules.peft_adapts(peft, n) for n in names]
         if any(hits) and not all(hits):
             raise ValueError(
                 f"{source} adapts only some layers of the stacked module `{module}` "
@@ -243,9 +232,11 @@ def config_from_peft(
     """The :class:`~jaxlora.LoraConfig` for ``frozen`` equivalent to a PEFT
     ``adapter_config.json``.
 
-    PEFT's rules are applied to the PyTorch names of ``frozen``'s modules: ``target_modules``,
-    ``exclude_modules`` and ``modules_to_save`` pick the modules, ``rank_pattern`` /
-    ``alpha_pattern`` their ranks and alphas; the result names the Flax paths explicitly.
+    PEFT's rules are applied to the PyTorch names of ``frozen``'s modules: ``target_modules``
+    (``"all-linear"`` as :func:`~jaxlora.find_targets` reads it), ``layers_to_transform`` /
+    ``layers_pattern``, ``exclude_modules``, ``modules_to_save`` and the heads of ``task_type``
+    pick the modules, ``rank_pattern`` / ``alpha_pattern`` their ranks and alphas; the result
+    names the Flax paths explicitly (so it needs no layer filter of its own).
     ``use_dora`` is accepted: DoRA lives in Θ (``lora_magnitude``), not in the config.
 
     Raises:
@@ -263,9 +254,14 @@ def config_from_peft(
     _check_supported(peft, source)
     layouts = dict(layouts or {})
     candidates = named_modules(frozen, layouts, module_name, True)
-    chosen, ranks, alphas = _adapted_modules(peft, candidates, source)
+    linear = None
+    if peft_rules.is_all_linear(peft.get("target_modules")):
+        every = LoraConfig(target_modules=peft_rules.ALL_LINEAR, layouts=layouts)
+        linear = {t.path for t in find_targets(frozen, every)}
+    chosen, ranks, alphas = _adapted_modules(peft, candidates, source, linear)
     saved = _saved_modules(
-        list(peft.get("modules_to_save") or ()), named_modules(frozen, layouts, module_name, False)
+        list(peft_rules.saved_modules(peft.get("modules_to_save"), peft.get("task_type"))),
+        named_modules(frozen, layouts, module_name, False),
     )
     known = [module for module, _ in candidates]
     rule = paths.matches_name

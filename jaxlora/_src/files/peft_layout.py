@@ -6,7 +6,8 @@ PEFT keys each tensor by the PyTorch module name: ``base_model.model.<name>.lora
 biases ``.bias``; ``modules_to_save`` as the module's own parameters (``.weight``, ``.bias``); a
 DoRA magnitude ``.lora_magnitude_vector``, ``(out,)`` (a conv's ``(1, Cout, 1, …)``).
 Flax's ``(in, out)`` kernels are the transpose of PyTorch's; N-D kernels are flattened to
-``(prod(in), prod(out))`` in C order; a conv's A is ``(r, Cin, *window)``, its B
+``(prod(in), prod(out))`` in C order, input and output axes each in kernel order whatever the
+layout (``"oio"`` (h, d, k): in ``d``, out ``h·k``); a conv's A is ``(r, Cin, *window)``, its B
 ``(Cout, r, 1, …)``.
 
 A ``module_name(path, index)`` function maps a Flax module path (``"encoder/layer_0/query"``) to the
@@ -26,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from jaxlora._src import paths
+from jaxlora._src.config import axes_order
 from jaxlora._src.config.lora_config import LoraConfig
 from jaxlora._src.config.targets import BIAS, EMBEDDING, KERNEL, find_targets, find_trainable_leaves
 from jaxlora._src.types import LORA_A, LORA_B, Params
@@ -144,6 +146,16 @@ def _lora_specs(target, a_shape, b_shape) -> list[tuple[str, str, Converter]]:
     ]
 
 
+def _in_kernel_order(convert: Converter, layout: str) -> Converter:
+    """``convert``, made for the canonical order, for a kernel whose axes ``layout`` orders."""
+    to_peft, from_peft, peft_shape = convert
+    return (
+        lambda x: to_peft(axes_order.to_canonical(x, layout)),
+        lambda y: axes_order.from_canonical(from_peft(y), layout),
+        peft_shape,
+    )
+
+
 def _copy_spec(layouts: Mapping[str, str], module: str, leaf: str, shape: tuple[int, ...]):
     """PyTorch leaf name and converter for a trainable copy (a bias, a modules_to_save leaf)."""
     if leaf == KERNEL and len(shape) >= 2:
@@ -154,9 +166,9 @@ def _copy_spec(layouts: Mapping[str, str], module: str, leaf: str, shape: tuple[
                 "to save in full; state them with `LoraConfig(layouts={...})`"
             )
         layout = layout.lstrip("s")
-        if "w" in layout:
-            return "weight", _conv(shape)
-        return "weight", _matrix(shape, layout.count("i"))
+        flat = axes_order.canonical_shape(shape, layout)
+        convert = _conv(flat) if "w" in layout else _matrix(flat, layout.count("i"))
+        return "weight", _in_kernel_order(convert, layout)
     if leaf == BIAS:
         size = math.prod(shape)
         return "bias", ((lambda x: x.reshape(-1)), (lambda y: y.reshape(shape)), (size,))

@@ -27,14 +27,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlora._src.config.lora_config import LoraConfig
-from jaxlora._src.forward import chunked, linen
+from jaxlora._src.forward import adapted, chunked, linen
 from jaxlora._src.forward import nnx as nnx_forward
 from jaxlora._src.forward import remat as remat_lib
 from jaxlora._src.quant import forward as quant_forward
 from jaxlora._src.quant.kernel import is_quantized
 from jaxlora._src.tree import core
 from jaxlora._src.types import LoraTree, Params
-from jaxlora._src.variants import base as variants
 
 MODES = ("factored", "merged")
 
@@ -47,6 +46,28 @@ def _rngs(rngs: Any) -> dict[str, jax.Array]:
     if isinstance(rngs, jax.Array):
         return {linen.DROPOUT_RNG: rngs}
     raise TypeError(f"`rngs` must be a dict of PRNG keys, a PRNG key or None, got {rngs!r}")
+
+
+def _model_kwargs(kwargs: dict[str, Any], model_kwargs: Mapping[str, Any] | None) -> dict:
+    if model_kwargs is None:
+        return dict(kwargs)
+    if not isinstance(model_kwargs, Mapping):
+        raise TypeError(f"`model_kwargs` must be a dict, got {type(model_kwargs).__name__}")
+    twice = sorted(set(kwargs) & set(model_kwargs))
+    if twice:
+        raise ValueError(f"model keywords {twice} are given both directly and in `model_kwargs`")
+    return {**kwargs, **model_kwargs}
+
+
+def _nnx_rngs(model: Any, rngs: nnx.Rngs, kwargs: dict[str, Any], wanted: bool) -> dict:
+    """An ``nnx.Rngs`` goes to the model's own ``rngs`` keyword (put in ``kwargs``); the LoRA
+    dropout key, when ``wanted``, is drawn from its ``dropout`` stream."""
+    if not isinstance(model, nnx.Module | nnx.GraphDef):
+        raise TypeError("`rngs` is an nnx.Rngs, which only NNX models take; give linen a dict")
+    if "rngs" in kwargs:
+        raise ValueError("the model's `rngs` is given twice: as `rngs` and in `model_kwargs`")
+    kwargs["rngs"] = rngs
+    return {linen.DROPOUT_RNG: rngs.dropout()} if wanted and "dropout" in rngs else {}
 
 
 def _dropout_on(config: LoraConfig, mode: str, rngs: dict, lora_deterministic: bool | None) -> bool:
@@ -82,22 +103,6 @@ def _is_quantized_tree(frozen: Params) -> bool:
     return any(is_quantized(x) for x in jax.tree.leaves(frozen, is_leaf=is_quantized))
 
 
-def _copies_only(lora: LoraTree) -> LoraTree:
-    """Θ without its adapted modules' leaves: the trainable copies (biases, ``modules_to_save``)."""
-    out = {}
-    adapter = variants.adapter_leaves()
-    for key, value in lora.items():
-        if key in adapter:
-            continue
-        if isinstance(value, Mapping):
-            inner = _copies_only(value)
-            if inner:
-                out[key] = inner
-        else:
-            out[key] = value
-    return out
-
-
 def apply(
     model: nn.Module | nnx.Module | nnx.GraphDef,
     frozen: Params,
@@ -110,6 +115,7 @@ def apply(
     method: Any = None,
     variables: Mapping[str, Any] | None = None,
     remat: str | Sequence[str] | None = None,
+    model_kwargs: Mapping[str, Any] | None = None,
     **kwargs: Any,
 ) -> Any:
     """Runs ``model`` with the adapter ``lora`` on the frozen base ``frozen``.
@@ -124,7 +130,9 @@ def apply(
         mode: ``"factored"`` (low-rank forward inside each adapted layer; supports dropout) or
             ``"merged"`` (fold ``W + s·A·B``, then the plain model).
         rngs: PRNG keys by stream, as for linen ``apply`` (a bare key means ``{"dropout": key}``).
-            LoRA dropout draws from ``"dropout"``.
+            LoRA dropout draws from ``"dropout"``. NNX: an ``nnx.Rngs`` is passed on to the
+            model's call as its own ``rngs`` keyword, and LoRA dropout draws from its
+            ``dropout`` stream when it has one.
         lora_deterministic: ``True`` turns LoRA dropout off, ``False`` on; ``None`` (default)
             turns it on exactly when a ``"dropout"`` key is given. Named apart from the
             ``deterministic`` argument many models take, which passes through ``**kwargs`` to the
@@ -136,6 +144,8 @@ def apply(
             activations (gradient checkpointing, :mod:`jaxlora.remat`), by path with the rules
             of ``target_modules``: a regular expression such as ``r"layers_\\d+"`` or a list of
             names. Same values and gradients, far less activation memory.
+        model_kwargs: keyword inputs of the model passed on untouched, for names this function
+            takes itself (a model's own ``mode``, ``method`` or ``rngs`` keyword).
         **kwargs: keyword inputs of the model.
 
     Returns:
@@ -162,6 +172,10 @@ def apply(
         raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}")
     if not isinstance(config, LoraConfig):
         raise TypeError(f"`config` must be a jaxlora.LoraConfig, got {type(config).__name__}")
+    kwargs = _model_kwargs(kwargs, model_kwargs)
+    if isinstance(rngs, nnx.Rngs):
+        wanted = config.lora_dropout > 0 and lora_deterministic is not True and mode == "factored"
+        rngs = _nnx_rngs(model, rngs, kwargs, wanted)
     rngs = _rngs(rngs)
     dropout_on = _dropout_on(config, mode, rngs, lora_deterministic)
     call = (args, kwargs, method)
@@ -194,7 +208,7 @@ def _apply_linen(model, frozen, lora, config, call, mode, rngs, dropout_on, vari
             params = core.merge(frozen, lora, config)
             return model.apply({**variables, "params": params}, *args, rngs=rngs, method=method,
                                **kwargs)  # fmt: skip
-        tree = {**variables, "params": core.combine(frozen, lora)}
+        tree = {**variables, "params": adapted.adapted_params(frozen, lora, config)}
         stack.enter_context(nn.intercept_methods(linen.lora_interceptor(config, not dropout_on)))
         if _is_quantized_tree(frozen):
             # Inside the LoRA interceptor, so the layer it wraps sees the dequantised kernel
@@ -218,12 +232,15 @@ def _apply_nnx(model, frozen, lora, config, call, mode, key):
     graphdef = model if isinstance(model, nnx.GraphDef) else nnx.graphdef(model)
     if mode == "merged":
         module = nnx.merge(graphdef, core.merge(frozen, lora, config))
-    else:
-        module = nnx.merge(graphdef, core.merge(frozen, _copies_only(lora), config))
-        nnx_forward.attach(module, lora, config, key)
-    fn = module if method is None else method
-    if isinstance(fn, str):
-        fn = getattr(module, fn)
-    elif method is not None:
-        return fn(module, *args, **kwargs)
-    return fn(*args, **kwargs)
+        return _call_nnx(module, method, args, kwargs)
+    module = nnx.merge(graphdef, nnx_forward.adapt_state(frozen, lora, config, key))
+    with nnx_forward.hooked_layers():
+        return _call_nnx(module, method, args, kwargs)
+
+
+def _call_nnx(module, method, args, kwargs):
+    if method is None:
+        return module(*args, **kwargs)
+    if isinstance(method, str):
+        return getattr(module, method)(*args, **kwargs)
+    return method(module, *args, **kwargs)

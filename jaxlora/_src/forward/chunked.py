@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxlora._src.forward.adapted import read
 from jaxlora._src.forward.ties import zero_from
 
 #: Bytes of one cast block of columns: a full cast below this size is left to the layer.
@@ -131,17 +132,19 @@ def _run_blocked(module: nn.Module, method: str, args, kwargs, block_bytes: int)
     if len(args) != 1 or kwargs:
         return None
     if method == "attend" and isinstance(module, nn.Embed):
-        found = _narrow(module, args[0], module.get_variable("params", "embedding"), block_bytes)
+        found = _narrow(
+            module, args[0], read(module.get_variable("params", "embedding")), block_bytes
+        )
         if found is None:
             return None
-        (x, dtype), table = found, module.get_variable("params", "embedding")
+        (x, dtype), table = found, read(module.get_variable("params", "embedding"))
         columns = _block_columns(table.shape[1], table.shape[0], dtype.itemsize, block_bytes)
         return dense(x, table, columns, None, True)
     if method != "__call__" or type(module) is not nn.Dense:
         return None
     if module.dot_general is not None or module.dot_general_cls is not None:
         return None
-    kernel = module.get_variable("params", "kernel")
+    kernel = read(module.get_variable("params", "kernel"))
     found = _narrow(module, args[0], kernel, block_bytes)
     if found is None:
         return None

@@ -1,12 +1,17 @@
 """The factored LoRA forward for linen: ``y = layer(x) + s·((dropout(x)·A)·B)``, never forming ΔW.
 
-An interceptor (:func:`lora_interceptor`, used through ``flax.linen.intercept_methods``) watches
-every ``Dense``, ``DenseGeneral``, ``Einsum``, ``Conv`` and ``Embed`` call. A layer whose
-``params`` hold ``lora_a`` / ``lora_b`` beside its kernel (the tree :func:`jaxlora.combine` builds)
-runs unchanged and then adds the low-rank term, contracted over the axes the layer itself
-contracts; every other layer runs untouched. Inside ``nn.scan`` the factors are sliced per layer
-with the kernel, and the module path equals the params path, so the scale is
-``config.scale_for(path, rank)`` everywhere.
+:func:`jaxlora.apply` hands the model a params tree in which each adapted weight is an
+:class:`~jaxlora._src.forward.adapted.AdaptedWeight` (W with its factors). An interceptor
+(:func:`lora_interceptor`, used through ``flax.linen.intercept_methods``) watches the calls of the
+layer methods whose maths it knows: ``Dense``, ``DenseGeneral``, ``Einsum``, ``Conv`` and
+``Embed`` (``__call__`` and ``attend``), recognised by the method itself, so a subclass that
+post-processes the layer's output (``super().__call__(x) * c``) is adapted inside, before its own
+scaling. Such a call reads W and gets the low-rank term added, contracted over the axes the layer
+itself contracts. Every other read of an adapted weight (a recurrent cell, ``ConvTranspose``,
+``ConvLocal``, a module doing ``x @ self.param("kernel", ...)``, a grouped or masked ``Conv``, a
+``Dense`` with a custom ``dot_general``) gets ``W + s·A·B`` folded inside the forward pass: the
+same result as ``mode="merged"``, at merged speed for that layer. Inside ``nn.scan`` the factors
+are sliced per layer with the kernel.
 
 A plain ``Dense`` (default ``dot_general``, unquantised kernel, input and factors of one dtype) with
 LoRA dropout off takes a fast path: layer and term run as one :func:`lowrank.dense_fused`, whose
@@ -22,7 +27,8 @@ is token ids), as in PEFT.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import flax.linen as nn
@@ -32,94 +38,139 @@ import jax.numpy as jnp
 from jaxlora._src.axes import as_tuple, normalize_axes
 from jaxlora._src.config.lora_config import LoraConfig
 from jaxlora._src.forward import lowrank
-from jaxlora._src.types import LORA_A, LORA_B
+from jaxlora._src.forward.adapted import AdaptedWeight, consuming
+from jaxlora._src.types import LORA_A
 from jaxlora._src.variants import base as variants
 
 #: The rng stream LoRA dropout draws from.
 DROPOUT_RNG = "dropout"
 
-_LAYERS = (nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Conv, nn.Embed)
+
+def _own(method: Any) -> Any:
+    """The function a linen class defines for ``method`` (linen wraps it once)."""
+    return getattr(method, "__wrapped__", method)
 
 
-def _dense_general(module: nn.DenseGeneral, x: jax.Array, a, b, scale, where: str) -> jax.Array:
-    precision = module.precision
+#: The layer methods whose output the factored path knows how to extend, by the function itself.
+_KNOWN = {
+    _own(nn.Dense.__call__): "dense",
+    _own(nn.DenseGeneral.__call__): "dense_general",
+    _own(nn.Einsum.__call__): "einsum",
+    _own(nn.Conv.__call__): "conv",
+    _own(nn.Embed.__call__): "embed",
+    _own(nn.Embed.attend): "attend",
+}
+
+
+def _kind(context: Any) -> str | None:
+    """What known layer method this call is, or None (the call then runs as it is)."""
+    kind = _KNOWN.get(getattr(context.orig_method, "func", None))
+    if kind == "conv" and not isinstance(context.module, nn.Conv):
+        return None  # ConvLocal shares the method but not the maths
+    return kind
+
+
+def _dense_general(module: nn.DenseGeneral, x: jax.Array, w: AdaptedWeight, scale) -> jax.Array:
     axis = normalize_axes(as_tuple(module.axis), x.ndim)
     batch = normalize_axes(as_tuple(module.batch_dims), x.ndim)
     layout = "s" * len(batch) + "i" * len(axis) + "o" * len(as_tuple(module.features))
-    kernel = module.get_variable("params", "kernel")
-    lowrank.check_factors(where, layout, kernel.shape, a, b)
-    return lowrank.dot(x, a, b, scale, axis, batch, precision)
+    lowrank.check_factors(w.where, layout, w.shape, w.a, w.b)
+    return lowrank.dot(x, w.a, w.b, scale, axis, batch, module.precision)
 
 
-def _einsum(module: nn.Einsum, x: jax.Array, a, b, scale, where: str, einsum_str) -> jax.Array:
-    spec = (einsum_str or module.einsum_str).replace(" ", "")
-    kernel = module.get_variable("params", "kernel")
-    return lowrank.einsum(
-        where, spec, kernel.shape, x, a, b, scale, module.precision, module.preferred_element_type
-    )
-
-
-def _conv(module: nn.Conv, x: jax.Array, a, b, scale, where: str) -> jax.Array:
-    lowrank.check_plain_conv(where, module.feature_group_count, module.mask)
-    kernel = module.get_variable("params", "kernel")
-    layout = "w" * (kernel.ndim - 2) + "io"
-    lowrank.check_factors(where, layout, kernel.shape, a, b)
+def _conv(module: nn.Conv, x: jax.Array, w: AdaptedWeight, scale) -> jax.Array:
+    lowrank.check_factors(w.where, "w" * (w.ndim - 2) + "io", w.shape, w.a, w.b)
     # The layer's own padding, strides and dilation, with A as a kernel of `r` output channels.
-    precision = module.precision
+    a = w.a
     down = module.clone(parent=None, features=a.shape[-1], use_bias=False, dtype=a.dtype)
     h = down.apply({"params": {"kernel": a}}, x)
-    return lowrank.project(h * scale, b, 0, precision)
+    return lowrank.project(h * scale, w.b, 0, module.precision)
 
 
-def _fused_dense(module, args, kwargs, a, b, scale, where: str) -> jax.Array | None:
+def _fused_dense(module, x, w: AdaptedWeight, scale) -> jax.Array | None:
     """A plain ``Dense`` call and its low-rank term as one :func:`lowrank.dense_fused`, or None.
 
-    Only for a ``Dense`` with the default ``dot_general``, a plain (not quantised) kernel, and
-    input, kernel and factors of one dtype after the layer's own promotion, so the result is what
-    the layer plus the separate low-rank term compute. Every other layer takes the general path.
+    Only for a plain (not quantised) kernel, and input, kernel and factors of one dtype after the
+    layer's own promotion, so the result is what the layer plus the separate low-rank term
+    compute. Every other layer takes the general path.
     """
-    if type(module) is not nn.Dense or module.dot_general is not None:
-        return None
-    if module.dot_general_cls is not None:
-        return None
-    kernel = module.get_variable("params", "kernel")
+    stored, a, b = w.base, w.a, w.b
     bias = module.get_variable("params", "bias") if module.use_bias else None
-    if not isinstance(kernel, jax.Array) or not (bias is None or isinstance(bias, jax.Array)):
+    if not isinstance(stored, jax.Array) or not (bias is None or isinstance(bias, jax.Array)):
         return None
-    x = args[0] if args else kwargs["inputs"]
-    stored = kernel
-    x, kernel, bias = module.promote_dtype(x, kernel, bias, dtype=module.dtype)
+    x, kernel, bias = module.promote_dtype(x, stored, bias, dtype=module.dtype)
     if not (x.dtype == kernel.dtype == a.dtype == b.dtype):
         return None
-    lowrank.check_factors(where, "io", kernel.shape, a, b)
+    lowrank.check_factors(w.where, "io", kernel.shape, a, b)
     if jnp.issubdtype(stored.dtype, jnp.floating) and stored.dtype.itemsize < x.dtype.itemsize:
         kernel = stored  # cast inside, so only the narrow kernel is kept for the backward pass
     return lowrank.dense_fused(x, kernel, bias, a, b, scale, module.precision)
 
 
-def _low_rank_term(module, method: str, args, kwargs, a, b, scale, where: str, drop) -> jax.Array:
+def _term(kind: str, module, x, einsum_str, w: AdaptedWeight, scale, drop) -> jax.Array:
     """The low-rank term ``s·(drop(x)·A)·B`` of one call, in the adapter's dtype."""
-    x = args[0] if args else kwargs["inputs"] if "inputs" in kwargs else kwargs["query"]
+    a, b = w.a, w.b
     precision = getattr(module, "precision", None)
-    if isinstance(module, nn.Embed):
-        if method == "attend":
-            return lowrank.attend(x.astype(a.dtype), a, b, scale, precision)
+    if kind == "attend":
+        return lowrank.attend(jnp.asarray(x).astype(a.dtype), a, b, scale, precision)
+    if kind == "embed":
         return lowrank.embed(x, a, b, scale, precision)
     x = drop(jnp.asarray(x).astype(a.dtype))
-    if isinstance(module, nn.Dense):
-        kernel = module.get_variable("params", "kernel")
-        lowrank.check_factors(where, "io", kernel.shape, a, b)
+    if kind == "dense":
+        lowrank.check_factors(w.where, "io", w.shape, a, b)
         return lowrank.dot(x, a, b, scale, (x.ndim - 1,), (), precision)
-    if isinstance(module, nn.DenseGeneral):
-        return _dense_general(module, x, a, b, scale, where)
-    if isinstance(module, nn.Einsum):
-        einsum_str = args[1] if len(args) > 1 else kwargs.get("einsum_str")
-        return _einsum(module, x, a, b, scale, where, einsum_str)
-    return _conv(module, x, a, b, scale, where)
+    if kind == "dense_general":
+        return _dense_general(module, x, w, scale)
+    if kind == "einsum":
+        spec = (einsum_str or module.einsum_str).replace(" ", "")
+        return lowrank.einsum(
+            w.where, spec, w.shape, x, a, b, scale, precision, module.preferred_element_type
+        )
+    return _conv(module, x, w, scale)
+
+
+def _factorable(kind: str, module: nn.Module) -> bool:
+    """Whether this call's output is linear in the weight the way the term assumes. A ``Dense``
+    with its own ``dot_general`` (e.g. a quantising one) or a grouped / masked ``Conv`` is not
+    known to be: it runs on the merged weight instead."""
+    if kind in ("dense", "dense_general", "einsum"):
+        custom = (getattr(module, n, None) for n in ("dot_general", "dot_general_cls"))
+        return all(op is None for op in custom)
+    if kind == "conv":
+        return module.feature_group_count == 1 and module.mask is None
+    if kind in ("embed", "attend"):
+        # An overridden setup may derive the table from the param; reuse W only if it is Embed's.
+        return type(module).setup is nn.Embed.setup
+    return False
+
+
+def _call_input(kind: str, args, kwargs) -> tuple[Any, Any]:
+    """The layer input and, for an ``Einsum``, the einsum string given to the call."""
+    name = "query" if kind == "attend" else "inputs"
+    x = args[0] if args else kwargs[name]
+    einsum_str = (
+        (args[1] if len(args) > 1 else kwargs.get("einsum_str")) if kind == "einsum" else None
+    )
+    return x, einsum_str
+
+
+@contextlib.contextmanager
+def _bare_table(module: nn.Embed, w: AdaptedWeight) -> Iterator[None]:
+    """``Embed`` reads its table in ``setup`` (which saw the merged table); for the call itself
+    it sees W, and the merged table is put back for anyone reading ``module.embedding`` later."""
+    merged = module.embedding
+    object.__setattr__(module, "embedding", w.base)
+    try:
+        yield
+    finally:
+        object.__setattr__(module, "embedding", merged)
 
 
 def lora_interceptor(config: LoraConfig, deterministic: bool = True) -> Callable[..., Any]:
     """A ``flax.linen.intercept_methods`` interceptor that runs adapted layers factored.
+
+    It acts on params whose adapted weights are
+    :class:`~jaxlora._src.forward.adapted.AdaptedWeight` s, as :func:`jaxlora.apply` builds them.
 
     Args:
         config: the config the adapter was made with (it gives each module's scale).
@@ -127,73 +178,58 @@ def lora_interceptor(config: LoraConfig, deterministic: bool = True) -> Callable
             from the ``"dropout"`` rng stream of the surrounding ``apply``.
 
     Returns:
-        The interceptor. Use it around an ``apply`` of the combined tree; :func:`jaxlora.apply`
-        does this for you.
-
-    Example:
-        >>> import flax.linen as nn, jax, jax.numpy as jnp, jaxlora
-        >>> model = nn.Dense(3)
-        >>> params = model.init(jax.random.key(0), jnp.ones((1, 4)))["params"]
-        >>> config = jaxlora.LoraConfig(r=2, target_modules=".*", init_lora_weights=False)
-        >>> frozen, lora = jaxlora.split(params, config, jax.random.key(1))
-        >>> with nn.intercept_methods(lora_interceptor(config)):
-        ...     y = model.apply({"params": jaxlora.combine(frozen, lora)}, jnp.ones((1, 4)))
-        >>> merged = model.apply({"params": jaxlora.merge(frozen, lora, config)}, jnp.ones((1, 4)))
-        >>> bool(jnp.allclose(y, merged, atol=1e-5))
-        True
+        The interceptor. :func:`jaxlora.apply` uses it for you.
     """
     if not isinstance(config, LoraConfig):
         raise TypeError(f"`config` must be a jaxlora.LoraConfig, got {type(config).__name__}")
     use_dropout = config.lora_dropout > 0 and not deterministic
 
     def intercept(next_fun, args, kwargs, context):
+        kind = _kind(context)
         module = context.module
-        method = context.method_name
-        if (
-            not isinstance(module, _LAYERS)
-            or method not in ("__call__", "attend")
-            or (method == "attend" and not isinstance(module, nn.Embed))
-            or not module.has_variable("params", LORA_A)
-        ):
+        leaf = "embedding" if kind in ("embed", "attend") else "kernel"
+        w = module.get_variable("params", leaf) if kind is not None else None
+        if kind is not None and module.has_variable("params", LORA_A):
+            raise ValueError(
+                f"the params of `{'/'.join(module.path)}` hold raw LoRA factors beside the "
+                "kernel (a `jaxlora.combine` tree); the interceptor runs on "
+                "`jaxlora.adapted_params(frozen, lora, config)`, or use `jaxlora.apply`"
+            )
+        if not isinstance(w, AdaptedWeight) or not _factorable(kind, module):
+            return next_fun(*args, **kwargs)  # unknown: any read of its weight gets it merged
+        variant = variants.variant_of(w.factors, w.where)
+        if variant.extra_leaves and not w.canonical:
+            # A variant that rescales the output reads W in the factors' axis order.
             return next_fun(*args, **kwargs)
-        where = "/".join(module.path)
-        a = module.get_variable("params", LORA_A)
-        b = module.get_variable("params", LORA_B)
-        if b is None:
-            raise ValueError(f"the params at `{where}` hold `{LORA_A}` but no `{LORA_B}`")
-        drop = lambda x: x  # noqa: E731
-        if use_dropout:
-            if not module.has_rng(DROPOUT_RNG):
-                raise ValueError(
-                    f"LoRA dropout ({config.lora_dropout}) is on but the apply at `{where}` has no "
-                    f"`{DROPOUT_RNG}` rng; pass `rngs={{'{DROPOUT_RNG}': key}}` or run "
-                    "deterministic"
-                )
-            key = module.make_rng(DROPOUT_RNG)
-            drop = lambda x: lowrank.dropout(x, config.lora_dropout, key)  # noqa: E731
-        scale = config.scale_for(where, int(a.shape[-1]))
-        own = {n: module.get_variable("params", n) for n in variants.adapter_leaves()
-               if module.has_variable("params", n)}  # fmt: skip
-        variant = variants.variant_of(own, where)
-        if variant.fusable and not use_dropout and method == "__call__":
-            fused = _fused_dense(module, args, kwargs, a, b, scale, where)
+        drop = lambda v: v  # noqa: E731
+        if use_dropout and kind not in ("embed", "attend"):
+            key = _dropout_key(module, config)
+            drop = lambda v: lowrank.dropout(v, config.lora_dropout, key)  # noqa: E731
+        scale = config.scale_for(w.where, int(w.a.shape[-1]))
+        x, einsum_str = _call_input(kind, args, kwargs)
+        if variant.fusable and not use_dropout and kind == "dense" and type(module) is nn.Dense:
+            fused = _fused_dense(module, x, w, scale)
             if fused is not None:
                 return fused
-        extras = {n: own[n] for n in variant.extra_leaves}
-        call = (next_fun, method, args, kwargs)
-        return _variant_call(variant, module, call, a, b, extras, scale, where, drop)
+        variant.check(leaf, w.where)
+        with (
+            consuming(w),
+            _bare_table(module, w) if leaf == "embedding" else contextlib.nullcontext(),
+        ):
+            y = next_fun(*args, **kwargs)
+        term = _term(kind, module, x, einsum_str, w, scale, drop)
+        bias = module.get_variable("params", "bias") if getattr(module, "use_bias", False) else None
+        extras = {n: w.factors[n] for n in variant.extra_leaves}
+        return variant.factored(y, term, w.base, bias, w.a, w.b, extras, scale)
 
     return intercept
 
 
-def _variant_call(variant, module, call, a, b, extras, scale, where: str, drop) -> jax.Array:
-    """One adapted call, ``call = (next_fun, method, args, kwargs)``: the layer's own output and
-    its low-rank term, combined by the module's variant (plain LoRA: their sum)."""
-    next_fun, method, args, kwargs = call
-    leaf = "embedding" if isinstance(module, nn.Embed) else "kernel"
-    variant.check(leaf, where)
-    y = next_fun(*args, **kwargs)
-    term = _low_rank_term(module, method, args, kwargs, a, b, scale, where, drop)
-    weight = module.get_variable("params", leaf)
-    bias = module.get_variable("params", "bias") if getattr(module, "use_bias", False) else None
-    return variant.factored(y, term, weight, bias, a, b, extras, scale)
+def _dropout_key(module: nn.Module, config: LoraConfig) -> jax.Array:
+    where = "/".join(module.path)
+    if not module.has_rng(DROPOUT_RNG):
+        raise ValueError(
+            f"LoRA dropout ({config.lora_dropout}) is on but the apply at `{where}` has no "
+            f"`{DROPOUT_RNG}` rng; pass `rngs={{'{DROPOUT_RNG}': key}}` or run deterministic"
+        )
+    return module.make_rng(DROPOUT_RNG)

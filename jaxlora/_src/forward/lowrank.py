@@ -14,22 +14,27 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxlora._src.config import axes_order
 from jaxlora._src.forward import ties
 from jaxlora._src.types import LETTERS
 
 
+def _factor_shapes(layout: str, kernel_shape: tuple[int, ...], rank: Any) -> tuple[tuple, tuple]:
+    """The ``(lora_a, lora_b)`` shapes for a kernel whose axes ``layout`` names, in canonical
+    order: stack + window + input + ``(rank,)`` and stack + ``(rank,)`` + output."""
+    shape = axes_order.canonical_shape(tuple(kernel_shape), layout)
+    split = len(shape) - layout.count("o")
+    return shape[:split] + (rank,), shape[: layout.count("s")] + (rank,) + shape[split:]
+
+
 def check_factors(where: str, layout: str, kernel_shape: tuple[int, ...], a: Any, b: Any) -> None:
-    """Checks that ``a`` / ``b`` fit a kernel whose axes the layer itself describes by ``layout``.
+    """Checks that ``a`` / ``b`` fit a kernel whose axes the layer itself describes by ``layout``
+    (any order: the factors take the canonical one, stack + window + input + output).
 
     Raises:
         ValueError: naming the module, the shapes expected from the layer and those found.
     """
-    n_out = layout.count("o")
-    n_stack = layout.count("s")
-    rank = a.shape[-1] if a.ndim else None
-    split = len(kernel_shape) - n_out
-    a_want = tuple(kernel_shape[:split]) + (rank,)
-    b_want = tuple(kernel_shape[:n_stack]) + (rank,) + tuple(kernel_shape[split:])
+    a_want, b_want = _factor_shapes(layout, kernel_shape, a.shape[-1] if a.ndim else None)
     if tuple(a.shape) != a_want or tuple(b.shape) != b_want:
         raise ValueError(
             f"the factors at `{where}` do not fit the layer: its kernel {tuple(kernel_shape)} has "
@@ -170,6 +175,30 @@ def _dense_fused_bwd(scale, precision, residuals, dy):
 dense_fused.defvjp(_dense_fused_fwd, _dense_fused_bwd)
 
 
+def _check_einsum(where, spec, kernel_layout, layout, kernel_shape, a, b) -> None:
+    """Checks that the factors of an Einsum kernel fit the layout its ``spec`` gives it."""
+    problem = axes_order.layout_problem(kernel_layout)
+    fitted = axes_order.for_ndim(layout, len(kernel_layout)) if layout else None
+    if problem is None and fitted is not None and fitted != kernel_layout:
+        problem = f"the adapter was split with `layouts` {layout!r}"
+    if problem is None:
+        a_want, b_want = _factor_shapes(
+            kernel_layout, kernel_shape, a.shape[-1] if a.ndim else None
+        )
+        if tuple(a.shape) != a_want or tuple(b.shape) != b_want:
+            problem = (
+                f"its factors should be `lora_a` {a_want} and `lora_b` {b_want}, got "
+                f"{tuple(a.shape)} and {tuple(b.shape)}: was the adapter split with other "
+                "`LoraConfig.layouts`?"
+            )
+    if problem is not None:
+        raise ValueError(
+            f"the factored path cannot split the Einsum kernel at `{where}`: `einsum_str`={spec!r} "
+            f"gives kernel axes {kernel_layout!r} (batch 's', contracted 'i', output 'o', summed "
+            f"'?'), and {problem}; use `mode='merged'` or fix `LoraConfig.layouts`"
+        )
+
+
 def einsum(
     where: str,
     spec: str,
@@ -180,33 +209,40 @@ def einsum(
     scale: float,
     precision: Any,
     preferred_element_type: Any = None,
+    *,
+    layout: str | None = None,
 ) -> jax.Array:
-    """``s·(x·A)·B`` for ``einsum(spec, x, kernel)``; the kernel's letters must be ordered
-    batch (in x and output), contracted (in x only), output (in output only).
+    """``s·(x·A)·B`` for ``einsum(spec, x, kernel)``, whatever the order of the kernel's axes.
+
+    The kernel's letters are read as batch ``s`` (in x and the output: they must lead the
+    kernel), contracted ``i`` (in x only) and output ``o`` (in the output only); ``a`` holds the
+    batch then contracted letters in kernel order and the rank, ``b`` the batch letters, the rank,
+    then the output letters in kernel order (the canonical order :func:`jaxlora.merge` uses).
+
+    Args:
+        layout: the layout the adapter was split with (``LoraConfig.layouts``), if known; it
+            must agree with the one ``spec`` gives (leading ``s`` of a stacked kernel aside).
 
     Raises:
-        ValueError: when the kernel's axes are not in that order, or the factors do not fit.
+        ValueError: when ``spec`` sums a kernel axis away, puts a batch axis after another kind,
+            disagrees with ``layout``, or the factors do not fit.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> x, a, b = jnp.ones((1, 4)), jnp.ones((4, 1)), jnp.ones((1, 2, 3))
+        >>> einsum("q", "bd,hdk->bhk", (2, 4, 3), x, a, b, 0.5, None).shape
+        (1, 2, 3)
     """
+    spec = spec.replace(" ", "")
+    kernel_layout = axes_order.einsum_layout(spec)
+    _check_einsum(where, spec, kernel_layout, layout, kernel_shape, a, b)
     inputs, out = spec.split("->")
     x_spec, k_spec = inputs.split(",")
-    layout = "".join(
-        ("s" if c in out else "i") if c in x_spec else ("o" if c in out else "?") for c in k_spec
-    )
-    n_out = layout.count("o")
-    if (
-        layout != "s" * layout.count("s") + "i" * layout.count("i") + "o" * n_out
-        or "i" not in layout
-    ):
-        raise ValueError(
-            f"the factored path cannot split the Einsum kernel at `{where}`: `einsum_str`={spec!r} "
-            f"gives kernel axes {layout!r}, but it needs them ordered batch ('s'), contracted "
-            "('i'), output ('o'); use `mode='merged'` for this layer"
-        )
-    check_factors(where, layout, kernel_shape, a, b)
     rank = next(c for c in LETTERS if c not in spec)
-    batch_letters = k_spec[: layout.count("s")]
-    a_spec = k_spec[: len(k_spec) - n_out] + rank
-    b_spec = batch_letters + rank + k_spec[len(k_spec) - n_out :]
+    letters = "".join(k_spec[k] for k in axes_order.canonical_perm(kernel_layout))
+    n_stack, n_out = kernel_layout.count("s"), kernel_layout.count("o")
+    a_spec = letters[: len(letters) - n_out] + rank
+    b_spec = letters[:n_stack] + rank + letters[len(letters) - n_out :]
     h_spec = "".join(c for c in x_spec if c == "." or c in out) + rank
     h = jnp.einsum(f"{x_spec},{a_spec}->{h_spec}", x, a, precision=precision)
     return jnp.einsum(

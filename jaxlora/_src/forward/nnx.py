@@ -1,78 +1,77 @@
-"""The factored LoRA forward for NNX: adapted layers of a merged module are wrapped for one call.
+"""The factored LoRA forward for NNX: adapted weights as :class:`AdaptedParam`, known layers hooked.
 
-:func:`jaxlora.apply` rebuilds the module from its ``GraphDef`` and the frozen state
-(``nnx.merge``), then :func:`attach` puts a :class:`FactoredLayer` in place of each adapted
-``nnx.Linear``, ``LinearGeneral``, ``Einsum``, ``Conv`` and ``Embed``. The wrapper holds the
-factors as variables, so a model that runs a stacked layer under ``nnx.scan`` / ``nnx.vmap`` slices
-them with the kernel; a stacked layer also gets one dropout key per slice. The wrapper calls the
-original layer and adds ``s·((dropout(x)·A)·B)`` computed by :mod:`jaxlora.lowrank`, in the
-adapter's dtype, cast to the layer's output dtype (a DoRA module then rescales each output column
-by its magnitude factor, as on the linen path). The module is thrown away after the call, so the
-user's ``GraphDef`` and state are never changed.
+:func:`jaxlora.apply` rebuilds the module from its ``GraphDef`` and a state in which each adapted
+weight is an :class:`~jaxlora._src.forward.adapted.AdaptedParam` (:func:`adapt_state`): an
+``nnx.Param`` holding W and its factors, so the factors travel with the kernel through a model's
+own ``nnx.scan`` / ``nnx.vmap``. Nothing else of the module changes: ``layer.kernel.shape``,
+``layer.in_features`` and every other attribute read as they always do.
 
-A layer is adapted where it is *called* (``__call__``, ``Embed.attend``); code that reads a kernel
-directly (``layer.kernel[...]``) sees W alone, so such models need ``mode="merged"``.
+During the call (:func:`hooked_layers`) the methods of ``nnx.Linear``, ``LinearGeneral``,
+``Einsum``, ``Conv`` and ``Embed`` (``__call__``, ``attend``) are hooked, on the class itself, so
+a subclass that post-processes its parent's output (``super().__call__(x) * c``) is adapted
+inside, before its own scaling. A hooked call whose weight is adapted reads W and adds
+``s·((dropout(x)·A)·B)`` (:mod:`jaxlora.lowrank`) in the adapter's dtype, cast to the layer's
+output dtype; a DoRA module then rescales each output column. NNX has no method interception of
+its own, hence the hook; it passes every call with a plain weight straight through, and is removed
+when the last concurrent :func:`jaxlora.apply` ends. Every other read of an adapted weight
+(``layer.kernel[...]`` in the user's code, a recurrent cell, ``ConvTranspose``) gets
+``W + s·A·B``, exactly what :func:`jaxlora.merge` gives.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import threading
 import zlib
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Iterator
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax import lax
 
-from jaxlora._src import paths
 from jaxlora._src.axes import normalize_axes
 from jaxlora._src.config.lora_config import LoraConfig
 from jaxlora._src.forward import lowrank
-from jaxlora._src.types import LORA_A, LORA_B, LoraTree
+from jaxlora._src.forward.adapted import AdaptedParam, AdaptedWeight, adapted_params, consuming
+from jaxlora._src.types import LoraTree, Params
 from jaxlora._src.variants import base as variants
 
-_LAYERS = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Conv, nnx.Embed)
 
-
-class LoraFactor(nnx.Variable):
-    """A LoRA factor (or dropout key) attached to a layer for the duration of one call."""
-
-
-def _term(base: nnx.Module, method: str, x, args, kwargs, a, b, scale: float, where: str, drop):
-    """``s·(drop(x)·A)·B`` for one call of ``base``, in the adapter's dtype."""
-    precision = getattr(base, "precision", None)
-    if isinstance(base, nnx.Embed):
-        if method == "attend":
-            return lowrank.attend(x.astype(a.dtype), a, b, scale, precision)
+def _term(kind: str, layer: nnx.Module, x, einsum_str, w: AdaptedWeight, scale, drop):
+    """``s·(drop(x)·A)·B`` for one call of ``layer``, in the adapter's dtype."""
+    a, b, where = w.a, w.b, w.where
+    precision = getattr(layer, "precision", None)
+    if kind == "attend":
+        return lowrank.attend(jnp.asarray(x).astype(a.dtype), a, b, scale, precision)
+    if kind == "embed":
         return lowrank.embed(x, a, b, scale, precision)
-    kernel_shape = tuple(base.kernel.shape)
     x = drop(jnp.asarray(x).astype(a.dtype))
-    if isinstance(base, nnx.Linear):
-        lowrank.check_factors(where, "io", kernel_shape, a, b)
+    if kind == "linear":
+        lowrank.check_factors(where, "io", w.shape, a, b)
         return lowrank.dot(x, a, b, scale, (x.ndim - 1,), (), precision)
-    if isinstance(base, nnx.LinearGeneral):
-        axis = normalize_axes(tuple(base.axis), x.ndim)
-        batch = normalize_axes(tuple(base.batch_axis.keys()), x.ndim)
-        layout = "s" * len(batch) + "i" * len(axis) + "o" * len(base.out_features)
-        lowrank.check_factors(where, layout, kernel_shape, a, b)
+    if kind == "linear_general":
+        axis = normalize_axes(tuple(layer.axis), x.ndim)
+        batch = normalize_axes(tuple(layer.batch_axis.keys()), x.ndim)
+        layout = "s" * len(batch) + "i" * len(axis) + "o" * len(layer.out_features)
+        lowrank.check_factors(where, layout, w.shape, a, b)
         return lowrank.dot(x, a, b, scale, axis, batch, precision)
-    if isinstance(base, nnx.Einsum):
-        spec = args[0] if args else kwargs.get("einsum_str")
-        spec = (spec or base.einsum_str).replace(" ", "")
+    if kind == "einsum":
+        spec = (einsum_str or layer.einsum_str).replace(" ", "")
         return lowrank.einsum(
-            where, spec, kernel_shape, x, a, b, scale, precision, base.preferred_element_type
+            where, spec, w.shape, x, a, b, scale, precision, layer.preferred_element_type
         )
-    lowrank.check_plain_conv(where, base.feature_group_count, base.mask)
-    lowrank.check_factors(where, "w" * (len(kernel_shape) - 2) + "io", kernel_shape, a, b)
+    lowrank.check_factors(where, "w" * (w.ndim - 2) + "io", w.shape, a, b)
     # Linen's Conv with A as its kernel: the layer's own padding, strides and dilation.
     down = nn.Conv(
         features=a.shape[-1],
-        kernel_size=base.kernel_size,
-        strides=base.strides,
-        padding=base.padding,
-        input_dilation=base.input_dilation,
-        kernel_dilation=base.kernel_dilation,
+        kernel_size=layer.kernel_size,
+        strides=layer.strides,
+        padding=layer.padding,
+        input_dilation=layer.input_dilation,
+        kernel_dilation=layer.kernel_dilation,
         use_bias=False,
         precision=precision,
         dtype=a.dtype,
@@ -81,98 +80,112 @@ def _term(base: nnx.Module, method: str, x, args, kwargs, a, b, scale: float, wh
     return lowrank.project(h * scale, b, 0, precision)
 
 
-class FactoredLayer(nnx.Module):
-    """An adapted layer: the original ``base`` and ``s·((dropout(x)·A)·B)``, combined by the
-    module's variant (plain LoRA: their sum; DoRA: rescaled per output column). The variant's
-    extra leaves (``extras``) are held as variables beside the factors."""
+def _factorable(kind: str, layer: nnx.Module) -> bool:
+    """Whether the call's output is linear in the weight the way the term assumes (a custom
+    ``dot_general`` / ``einsum_op`` / conv op, groups or a mask run on the merged weight)."""
+    if kind == "linear":
+        return layer.dot_general is lax.dot_general
+    if kind == "linear_general":
+        return layer.dot_general_cls is None and layer.dot_general in (None, lax.dot_general)
+    if kind == "einsum":
+        return layer.einsum_op is jnp.einsum
+    if kind == "conv":
+        plain_op = layer.conv_general_dilated is lax.conv_general_dilated
+        return plain_op and layer.feature_group_count == 1 and layer.mask is None
+    return True
 
-    def __init__(self, base: nnx.Module, a, b, scale: float, where: str, rate: float, key,
-                 extras: Mapping[str, Any] | None = None, variant: str = "lora"):  # fmt: skip
-        self.base = base
-        self.lora_a = LoraFactor(a)
-        self.lora_b = LoraFactor(b)
-        self.dropout_key = LoraFactor(key) if key is not None else None
-        self.scale = scale
-        self.where = where
-        self.rate = rate
-        self.variant = variant
-        self.extra_names = tuple(extras or ())
-        for name, value in (extras or {}).items():
-            setattr(self, name, LoraFactor(value))
 
-    def _add(self, method: str, y, x, args, kwargs):
-        a, b = self.lora_a[...], self.lora_b[...]
+def _hook(kind: str, original):
+    leaf = "embedding" if kind in ("embed", "attend") else "kernel"
+
+    @functools.wraps(original)
+    def hooked(self, *args, **kwargs):
+        var = getattr(self, leaf, None)
+        if not isinstance(var, AdaptedParam) or not _factorable(kind, self):
+            return original(self, *args, **kwargs)
+        w = var.adapted
+        variant = variants.variant_of(w.factors, w.where)
+        if variant.extra_leaves and not w.canonical:
+            # A variant that rescales the output reads W in the factors' axis order.
+            return original(self, *args, **kwargs)
+        variant.check(leaf, w.where)
+        with consuming(w):
+            y = original(self, *args, **kwargs)
+        x = args[0] if args else kwargs["query" if kind == "attend" else "inputs"]
+        einsum_str = None
+        if kind == "einsum":
+            einsum_str = args[1] if len(args) > 1 else kwargs.get("einsum_str")
+        rate = w.config.lora_dropout
         drop = lambda v: v  # noqa: E731
-        if self.dropout_key is not None:
-            key = self.dropout_key[...]
-            drop = lambda v: lowrank.dropout(v, self.rate, key)  # noqa: E731
-        term = _term(self.base, method, x, args, kwargs, a, b, self.scale, self.where, drop)
-        extras = {name: getattr(self, name)[...] for name in self.extra_names}
-        weight = self.base.embedding if isinstance(self.base, nnx.Embed) else self.base.kernel
-        bias = getattr(self.base, "bias", None)
+        if w.key is not None:
+            drop = lambda v: lowrank.dropout(v, rate, w.key)  # noqa: E731
+        scale = w.config.scale_for(w.where, int(w.a.shape[-1]))
+        term = _term(kind, self, x, einsum_str, w, scale, drop)
+        bias = getattr(self, "bias", None)
         bias = None if bias is None else bias[...]
-        variant = variants.get(self.variant)
-        return variant.factored(y, term, weight[...], bias, a, b, extras, self.scale)
+        extras = {n: w.factors[n] for n in variant.extra_leaves}
+        return variant.factored(y, term, w.base, bias, w.a, w.b, extras, scale)
 
-    def __call__(self, x, *args, **kwargs):
-        return self._add("__call__", self.base(x, *args, **kwargs), x, args, kwargs)
-
-    def attend(self, query, *args, **kwargs):
-        return self._add("attend", self.base.attend(query, *args, **kwargs), query, args, kwargs)
+    return hooked
 
 
-def _child(node: Any, key: Any) -> Any:
-    return node[key] if isinstance(key, int) or isinstance(node, Mapping) else getattr(node, key)
+_METHODS = (
+    (nnx.Linear, "__call__", "linear"),
+    (nnx.LinearGeneral, "__call__", "linear_general"),
+    (nnx.Einsum, "__call__", "einsum"),
+    (nnx.Conv, "__call__", "conv"),
+    (nnx.Embed, "__call__", "embed"),
+    (nnx.Embed, "attend", "attend"),
+)
+_ORIGINALS = {(cls, name): cls.__dict__[name] for cls, name, _ in _METHODS}
+_LOCK = threading.Lock()
+_ACTIVE = [0]
 
 
-def _set_child(node: Any, key: Any, value: Any) -> None:
-    if isinstance(key, int) or isinstance(node, Mapping):
-        node[key] = value
-    else:
-        setattr(node, key, value)
+@contextlib.contextmanager
+def hooked_layers() -> Iterator[None]:
+    """Hooks the known NNX layer methods for the duration of the block (re-entrant, thread-safe:
+    the hooks stay until the last block open in any thread ends)."""
+    with _LOCK:
+        if _ACTIVE[0] == 0:
+            for cls, name, kind in _METHODS:
+                setattr(cls, name, _hook(kind, _ORIGINALS[cls, name]))
+        _ACTIVE[0] += 1
+    try:
+        yield
+    finally:
+        with _LOCK:
+            _ACTIVE[0] -= 1
+            if _ACTIVE[0] == 0:
+                for cls, name, _ in _METHODS:
+                    setattr(cls, name, _ORIGINALS[cls, name])
 
 
-def attach(module: nnx.Module, lora: LoraTree, config: LoraConfig, key: jax.Array | None) -> None:
-    """Replaces each adapted layer of ``module`` (in place) by a :class:`FactoredLayer`.
+def _with_key(w: AdaptedWeight, key: jax.Array) -> AdaptedWeight:
+    """``w`` with a LoRA dropout key of its own: one per stacked slice of a stacked weight."""
+    layer_key = jax.random.fold_in(key, zlib.crc32(w.where.encode()) & 0x7FFFFFFF)
+    n_stack = w.a.ndim + w.b.ndim - 2 - w.ndim
+    if n_stack > 0:
+        layer_key = jax.random.split(layer_key, w.a.shape[:n_stack])
+    return w.replace(key=layer_key)
 
-    Args:
-        module: a module fresh from ``nnx.merge`` (it is modified).
-        lora: the adapter Θ.
-        config: the config Θ was made with.
-        key: a PRNG key turning LoRA dropout on, or None.
+
+def adapt_state(frozen: Params, lora: LoraTree, config: LoraConfig, key: jax.Array | None):
+    """The state the factored NNX call runs on: Θ's copies in place, each adapted weight an
+    :class:`AdaptedParam` (with a dropout key when ``key`` is given).
 
     Raises:
-        ValueError: when Θ names a module that is not an adaptable NNX layer.
+        ValueError: as :func:`jaxlora.merge` does, when Θ does not fit ``frozen``.
     """
-    for keys, names, _ in paths.flatten(lora):
-        if names[-1] != LORA_A:
-            continue
-        where = paths.join(names[:-1])
-        parent = module
-        for k in keys[:-2]:
-            parent = _child(parent, k)
-        base = _child(parent, keys[-2])
-        if not isinstance(base, _LAYERS):
-            raise ValueError(
-                f"`lora` adapts `{where}`, but that is a {type(base).__name__}; the factored path "
-                "adapts nnx.Linear, LinearGeneral, Einsum, Conv and Embed; use `mode='merged'`"
-            )
-        module_lora = paths.get_in(lora, keys[:-1])
-        a, b = module_lora[LORA_A], module_lora.get(LORA_B)
-        if b is None:
-            raise ValueError(f"`lora` has `{LORA_A}` but no `{LORA_B}` at `{where}`")
-        variant = variants.variant_of(module_lora, where)
-        variant.check("embedding" if isinstance(base, nnx.Embed) else "kernel", where)
-        extras = {name: module_lora[name] for name in variant.extra_leaves}
-        weight = base.embedding if isinstance(base, nnx.Embed) else base.kernel
-        n_stack = a.ndim + b.ndim - 2 - weight.ndim
-        layer_key = None
-        if key is not None:
-            layer_key = jax.random.fold_in(key, zlib.crc32(where.encode()) & 0x7FFFFFFF)
-            if n_stack > 0:
-                layer_key = jax.random.split(layer_key, a.shape[:n_stack])
-        scale = config.scale_for(where, int(a.shape[-1]))
-        wrapped = FactoredLayer(
-            base, a, b, scale, where, config.lora_dropout, layer_key, extras, variant.name
-        )
-        _set_child(parent, keys[-2], wrapped)
+    state = adapted_params(frozen, lora, config)
+
+    def to_param(var):
+        value = var.get_raw_value() if isinstance(var, nnx.Variable) else None
+        if not isinstance(value, AdaptedWeight):
+            return var
+        if key is not None and config.lora_dropout > 0:
+            value = _with_key(value, key)
+        metadata = {k: v for k, v in var.get_metadata().items() if k != "eager_sharding"}
+        return AdaptedParam(value, eager_sharding=False, **metadata)
+
+    return jax.tree.map(to_param, state, is_leaf=lambda x: isinstance(x, nnx.Variable))

@@ -13,9 +13,10 @@ from typing import Any
 
 import jax
 
+from jaxlora._src.forward.adapted import read
 from jaxlora._src.forward.ties import tie_to
 from jaxlora._src.quant.kernel import dequantize_tree, is_quantized
-from jaxlora._src.types import LORA_A, LORA_B, Params
+from jaxlora._src.types import Params
 
 
 def tie(tree: Params, anchor: Any) -> Params:
@@ -73,19 +74,21 @@ def dequantizing_interceptor() -> Callable[..., Any]:
 
     Enter it *inside* the LoRA interceptor, so that it is the last one called before the layer:
     ``with nn.intercept_methods(lora_interceptor(config)), nn.intercept_methods(interceptor()):``.
-    LoRA factors are not passed on to the dequantised layer; float params beside the kernel (a
-    bias, trainable or not) get their gradients as usual.
+    An adapted kernel reaches the layer as W inside its factored call (the LoRA interceptor adds
+    the term outside) and as W + s·A·B in any other call; float params beside the kernel (a bias,
+    trainable or not) get their gradients as usual.
     """
 
     def intercept(next_fun, args, kwargs, context):
         module = context.module
         params = module.variables.get("params", {}) if context.method_name in (
             "__call__", "attend") else {}  # fmt: skip
+        # An adapted kernel reads as W inside its factored call, as W + s·A·B anywhere else.
+        params = {k: read(v) for k, v in params.items()}
         if not args or not any(is_quantized(v) for v in params.values()):
             return next_fun(*args, **kwargs)
-        own = {k: v for k, v in params.items() if k not in (LORA_A, LORA_B, "lora_magnitude")}
-        qparams = {k: v for k, v in own.items() if is_quantized(v)}
-        fparams = {k: v for k, v in own.items() if not is_quantized(v)}
+        qparams = {k: v for k, v in params.items() if is_quantized(v)}
+        fparams = {k: v for k, v in params.items() if not is_quantized(v)}
         run = _dequantized_call(module.clone(parent=None), context.method_name, kwargs)
         return run(qparams, fparams, tuple(args))
 

@@ -1,7 +1,8 @@
 """Adapter shardings that follow the base: the rule for one kernel and for a whole adapter.
 
 For a kernel W sharded by ``PartitionSpec`` P (one entry per axis; a shorter P leaves the trailing
-axes replicated) and laid out as stack + window + input + output axes, the factors are sharded as
+axes replicated), P's entries are first put in the factors' axis order (stack, window, input,
+output), whatever the order of the kernel's own axes (its layout); then the factors are sharded as
 
 * ``a`` (stack + window + input + (r,)): P's stack, window and input entries, then the rank entry;
 * ``b`` (stack + (r,) + output): P's stack entries, the rank entry, then P's output entries;
@@ -74,6 +75,7 @@ def factor_specs(
             f"({spec}) but the {target.leaf} has shape {target.shape}; expected at most {ndim}"
         )
     entries = tuple(spec) + (None,) * (ndim - len(spec))
+    entries = tuple(entries[k] for k in target.perm)  # the factors' order, whatever the layout
     n_in_end = ndim - target.n_out
     a_entries = entries[:n_in_end]
     b_entries = entries[: target.n_stack] + entries[n_in_end:]

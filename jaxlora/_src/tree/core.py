@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlora._src import paths
+from jaxlora._src.config import axes_order
 from jaxlora._src.config.lora_config import LoraConfig
 from jaxlora._src.config.targets import (
     EMBEDDING,
@@ -109,7 +110,8 @@ def split(
         a, b = init_factors(target, config, key)
         paths.set_in(lora, target.keys + (LORA_A,), a)
         paths.set_in(lora, target.keys + (LORA_B,), b)
-        extras = chosen.init(target, leaves[target.keys + (target.leaf,)], config)
+        weight = axes_order.to_canonical(leaves[target.keys + (target.leaf,)], target.layout)
+        extras = chosen.init(target, weight, config)
         for name, value in extras.items():
             paths.set_in(lora, target.keys + (name,), value)
     for keys, _ in trainable:
@@ -118,8 +120,8 @@ def split(
     return params, lora
 
 
-def _check_factors(where: str, leaf: str, weight, a, b) -> int:
-    """The number of stack axes of ``a`` / ``b``, checked to fit ``weight``."""
+def _check_factors(where: str, leaf: str, weight, a, b, layout: str = "") -> int:
+    """The number of stack axes of ``a`` / ``b``, checked to fit ``weight`` (in canonical order)."""
     n_stack = a.ndim + b.ndim - 2 - weight.ndim
     ok = (
         n_stack >= 0
@@ -133,7 +135,9 @@ def _check_factors(where: str, leaf: str, weight, a, b) -> int:
             f"`lora` factors at `{where}` do not fit the {leaf} {tuple(weight.shape)}: got "
             f"{LORA_A} {tuple(a.shape)} and {LORA_B} {tuple(b.shape)}, expected {LORA_A} of shape "
             "stack + input + (r,) and "
-            f"{LORA_B} stack + (r,) + output; was the adapter made for another model?"
+            f"{LORA_B} stack + (r,) + output"
+            + (f" of the kernel's axes {layout!r} in that order" if layout else "")
+            + "; was the adapter made for another model?"
         )
     return n_stack
 
@@ -145,6 +149,10 @@ def fold_module(module, names, weight, config: LoraConfig, sign: float):
     ``names`` the weight's path (module path + leaf name), ``sign`` +1 to merge, -1 to unmerge.
     Shared by :func:`merge` / :func:`unmerge` and the factored forward, which folds the adapters
     it cannot run factored inside the forward pass.
+
+    The axis order is ``config.layouts``' for the module path (shapes are ambiguous when sizes
+    repeat; none matching: canonical, as in :func:`split`): W is transposed to the factors' order,
+    folded by the variant and transposed back (:mod:`jaxlora._src.config.axes_order`).
     """
     where = paths.join(names[:-1])
     missing = [n for n in (LORA_A, LORA_B) if n not in module]
@@ -152,16 +160,36 @@ def fold_module(module, names, weight, config: LoraConfig, sign: float):
         have = next(n for n in variants.adapter_leaves() if n in module)
         raise ValueError(f"`lora` has `{have}` but no `{'`/`'.join(missing)}` at `{where}`")
     a, b = module[LORA_A], module[LORA_B]
-    n_stack = _check_factors(where, names[-1], weight, a, b)
+    layout = axes_order.layout_at(config.layouts, where, names[-1], tuple(weight.shape))
+    weight = axes_order.to_canonical(weight, layout)
+    n_stack = _check_factors(where, names[-1], weight, a, b, layout)
     variant = variants.variant_of(module, where)
     variant.check(names[-1], where)
     extras = {n: module[n] for n in variant.extra_leaves}
     scale = config.scale_for(where, int(a.shape[-1]))
     fold = variant.merge if sign > 0 else variant.unmerge
-    return fold(weight, a, b, extras, scale, n_stack, where), (LORA_A, LORA_B, *extras)
+    out = fold(weight, a, b, extras, scale, n_stack, where)
+    return axes_order.from_canonical(out, layout), (LORA_A, LORA_B, *extras)
 
 
 def _fold(params: Params, lora: LoraTree, config: LoraConfig, sign: float, what: str) -> Params:
+    fold = lambda module, names, leaf: fold_module(module, names, leaf, config, sign)  # noqa: E731
+    return map_adapted(dequantize_tree(params), lora, config, fold, what, copy=sign > 0)
+
+
+def map_adapted(params: Params, lora: LoraTree, config: LoraConfig, fold, what: str, *,
+                copy: bool = True, is_leaf=None) -> Params:  # fmt: skip
+    """``params`` with each adapted weight replaced by ``fold(module_lora, names, weight)`` and,
+    when ``copy``, each trainable copy of Θ in place of its base leaf. ``is_leaf`` as for
+    ``jax.tree.map`` (e.g. to see a quantised kernel whole).
+
+    Every leaf of ``lora`` must find its counterpart: this is the check that an adapter fits
+    the params it is used with, shared by :func:`merge`, :func:`unmerge` and the factored forward.
+
+    Raises:
+        ValueError: naming the leaves of ``lora`` with no counterpart in ``params`` (``what`` names
+            the caller), or a copy whose shape differs from its base leaf.
+    """
     if not isinstance(config, LoraConfig):
         raise TypeError(f"`config` must be a jaxlora.LoraConfig, got {type(config).__name__}")
     used: set[tuple[Any, ...]] = set()
@@ -170,13 +198,13 @@ def _fold(params: Params, lora: LoraTree, config: LoraConfig, sign: float, what:
     def fold_leaf(keys, names, leaf):
         module = paths.get_in(lora, keys[:-1]) if names[-1] in (KERNEL, EMBEDDING) else None
         if isinstance(module, Mapping) and any(n in module for n in adapter):
-            out, leaves = fold_module(module, names, leaf, config, sign)
+            out, leaves = fold(module, names, leaf)
             used.update(keys[:-1] + (n,) for n in leaves)
             return out
         replacement = paths.get_in(lora, keys)
         if replacement is not None and not isinstance(replacement, Mapping):
             used.add(keys)
-            if sign > 0:
+            if copy:
                 if tuple(replacement.shape) != tuple(leaf.shape):
                     raise ValueError(
                         f"`lora` leaf `{paths.join(names)}` has shape {tuple(replacement.shape)} "
@@ -185,7 +213,7 @@ def _fold(params: Params, lora: LoraTree, config: LoraConfig, sign: float, what:
                 return replacement.astype(leaf.dtype)
         return leaf
 
-    out = paths.map_with_keys(fold_leaf, dequantize_tree(params))
+    out = paths.map_with_keys(fold_leaf, params, is_leaf)
     unused = [paths.join(map(str, k)) for k, _, _ in paths.flatten(lora) if k not in used]
     if unused:
         raise ValueError(
@@ -245,8 +273,9 @@ def unmerge(merged: Params, lora: LoraTree, config: LoraConfig) -> Params:
 
 def combine(frozen: Params, lora: LoraTree) -> dict[Any, Any]:
     """One nested dict holding both trees: Θ's factors beside their kernels, Θ's copies replacing
-    their base leaves. This is the tree a linen ``apply`` sees on the factored path, and the single
-    tree for users who train with one params dict and :func:`jaxlora.freeze`.
+    their base leaves: the single tree for users who train with one params dict and
+    :func:`jaxlora.freeze` (split it back with :func:`jaxlora.partition`). Models do not run on it:
+    the factored forward runs on :func:`jaxlora.adapted_params`.
 
     Example:
         >>> import jax.numpy as jnp

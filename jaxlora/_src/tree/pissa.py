@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlora._src import paths
+from jaxlora._src.config import axes_order
 from jaxlora._src.config.lora_config import LoraConfig
 from jaxlora._src.config.targets import Target, find_targets
 from jaxlora._src.tree import core
@@ -48,7 +49,8 @@ def pissa_factors(
     """
     scale = target.scale
     n_stack = target.n_stack
-    fan_out = math.prod(target.shape[len(target.shape) - target.n_out :])
+    kernel = axes_order.to_canonical(w, target.layout)  # stack, input, output in that order
+    fan_out = math.prod(kernel.shape[kernel.ndim - target.n_out :])
     if scale == 0:
         raise ValueError(f"PiSSA needs a nonzero scale; `{target.path}` has `lora_alpha`=0")
     if target.rank > min(target.fan_in, fan_out):
@@ -56,8 +58,8 @@ def pissa_factors(
             f"PiSSA rank {target.rank} at `{target.path}` exceeds the kernel's smaller side "
             f"min({target.fan_in}, {fan_out})"
         )
-    stack = target.shape[:n_stack]
-    matrix = w.astype(jnp.float32).reshape(stack + (target.fan_in, fan_out))
+    stack = tuple(kernel.shape[:n_stack])
+    matrix = kernel.astype(jnp.float32).reshape(stack + (target.fan_in, fan_out))
     key = jax.random.key(0) if key is None else key
     u, s, vt = _top_svd(matrix, target.rank, niter, key)
     root = jnp.sqrt(s / abs(scale))
@@ -65,8 +67,8 @@ def pissa_factors(
     a = (u * root[..., None, :]).astype(dtype)
     b = (math.copysign(1.0, scale) * root[..., :, None] * vt).astype(dtype)
     a, b = a.reshape(target.a_shape), b.reshape(target.b_shape)
-    residual = w.astype(jnp.float32) - scale * core.delta(a, b, n_stack)
-    return a, b, residual.astype(w.dtype)
+    residual = kernel.astype(jnp.float32) - scale * core.delta(a, b, n_stack)
+    return a, b, axes_order.from_canonical(residual.astype(w.dtype), target.layout)
 
 
 def pissa_split(
