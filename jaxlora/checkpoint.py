@@ -1,8 +1,9 @@
 """Adapter checkpoints with orbax: Θ's bytes, its config as JSON, and optionally optimizer state.
 
-:func:`checkpoint_manager` opens (or creates) a checkpoint directory, :func:`save` writes one step
-atomically, :func:`restore` reads one back and checks, before reading any bytes, that it fits the
-base it is restored onto.
+:func:`checkpoint_manager` opens a checkpoint directory (the first save creates it), :func:`save`
+writes one step atomically with a sha256 of every array and of the config, :func:`restore` reads one
+back, verifies the checksums and checks, before reading any bytes, that it fits the base it is
+restored onto.
 """
 
 from jaxlora._src.files.orbax import CONFIG_ITEM as CONFIG_ITEM

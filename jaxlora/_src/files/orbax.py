@@ -3,7 +3,9 @@
 Only the adapter is written, never the base: a checkpoint step holds the item ``lora`` (Θ), the
 item ``config`` (the :class:`~jaxlora.LoraConfig` as JSON) and, when given, ``opt_state``. Writes
 go through ``orbax.checkpoint.CheckpointManager``, which commits each step atomically (a temporary
-directory renamed into place), keeps the last N or the best N by a metric, and never pickles.
+directory renamed into place), keeps the last N or the best N by a metric, and never pickles. The
+item ``checksums`` holds the sha256 of every array and of the config; :func:`restore` verifies
+them. A step is never overwritten: saving an existing or older step is an error.
 
 Restoring needs no template: the stored config and the base params (arrays or
 ``jax.ShapeDtypeStruct``) determine the shapes Θ must have, and an optimizer determines the
@@ -13,7 +15,9 @@ structure of its state.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,13 +27,27 @@ import orbax.checkpoint as ocp
 
 from jaxlora._src import paths
 from jaxlora._src.config.lora_config import LoraConfig
+from jaxlora._src.files import checksum
+from jaxlora._src.files.orbax_manager import (
+    CHECKSUMS_ITEM,
+    CONFIG_ITEM,
+    LORA_ITEM,
+    OPT_STATE_ITEM,
+    checkpoint_manager,
+)
 from jaxlora._src.tree.fit import check_fits, expected_adapter
 from jaxlora._src.types import LoraTree, Params
 
-#: Item names inside a checkpoint step.
-LORA_ITEM = "lora"
-CONFIG_ITEM = "config"
-OPT_STATE_ITEM = "opt_state"
+__all__ = [
+    "CHECKSUMS_ITEM",
+    "CONFIG_ITEM",
+    "LORA_ITEM",
+    "OPT_STATE_ITEM",
+    "Restored",
+    "checkpoint_manager",
+    "restore",
+    "save",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,51 +60,30 @@ class Restored:
     step: int
 
 
-def checkpoint_manager(
-    directory: str | os.PathLike[str],
-    *,
-    max_to_keep: int | None = None,
-    best_metric: str | None = None,
-    best_mode: str = "min",
-    async_save: bool = False,
-    **options: Any,
-) -> ocp.CheckpointManager:
-    """An orbax ``CheckpointManager`` for adapter checkpoints.
+def _check_step(manager: ocp.CheckpointManager, step: int) -> None:
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise TypeError(f"`step` must be an int >= 0, got {step!r}")
+    steps = list(manager.all_steps())
+    if step in steps:
+        raise ValueError(
+            f"step {step} already exists in `{manager.directory}`; a checkpoint is never "
+            f"overwritten: save under a new step, or `manager.delete({step})` first"
+        )
+    if steps and step < max(steps):
+        raise ValueError(
+            f"`step`={step} is older than the latest step {max(steps)} in `{manager.directory}`; "
+            "steps must increase (restoring goes to the latest)"
+        )
 
-    Args:
-        directory: where the steps live (created if missing).
-        max_to_keep: keep at most this many steps (``None`` keeps all).
-        best_metric: with it, the steps kept are the best by ``metrics[best_metric]`` as passed to
-            :func:`save`, instead of the latest.
-        best_mode: ``"min"`` (e.g. a loss) or ``"max"`` (e.g. an accuracy).
-        async_save: write in a background thread; call ``manager.wait_until_finished()`` before
-            reading what was written.
-        **options: any other ``orbax.checkpoint.CheckpointManagerOptions`` field.
 
-    Returns:
-        The manager; close it (or use it as a context manager) when done.
-
-    Raises:
-        ValueError: when ``best_mode`` is neither ``"min"`` nor ``"max"``.
-    """
-    if best_mode not in ("min", "max"):
-        raise ValueError(f"`best_mode` must be 'min' or 'max', got {best_mode!r}")
-    best_fn = None if best_metric is None else (lambda metrics: float(metrics[best_metric]))
-    manager_options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep,
-        best_fn=best_fn,
-        best_mode=best_mode,
-        enable_async_checkpointing=async_save,
-        **options,
-    )
-    handlers = {
-        LORA_ITEM: ocp.StandardCheckpointHandler(),
-        CONFIG_ITEM: ocp.JsonCheckpointHandler(),
-        OPT_STATE_ITEM: ocp.StandardCheckpointHandler(),
-    }
-    return ocp.CheckpointManager(
-        os.fspath(directory), item_handlers=handlers, options=manager_options
-    )
+def _check_metrics(manager: ocp.CheckpointManager, metrics: Mapping[str, Any] | None) -> None:
+    best_metric = getattr(manager, "best_metric", None)
+    if best_metric is not None and (metrics is None or best_metric not in metrics):
+        given = "no `metrics`" if metrics is None else f"`metrics` keys {sorted(metrics)}"
+        raise ValueError(
+            f"the manager keeps the best steps by `best_metric`={best_metric!r}, but `save` got "
+            f"{given}; pass `metrics={{{best_metric!r}: value}}`"
+        )
 
 
 def save(
@@ -101,21 +98,29 @@ def save(
 ) -> bool:
     """Writes Θ, ``config`` and optionally ``opt_state`` as checkpoint ``step``.
 
+    The step is committed atomically (a temporary directory renamed into place) together with the
+    sha256 of every array and of the config, which :func:`restore` verifies.
+
     Args:
         manager: from :func:`checkpoint_manager` (or any orbax ``CheckpointManager``).
-        step: the training step; steps are directories under the manager's directory.
+        step: the training step, newer than every step already in the directory; steps are
+            directories under the manager's directory.
         lora: the adapter Θ.
         config: the config Θ was made with; stored as JSON beside it.
         opt_state: optimizer state to store too (restore it with ``optimizer=`` in
             :func:`restore`).
-        metrics: scalars for best-N retention (see ``best_metric``).
-        force: save even where the manager's save interval says not to.
+        metrics: scalars for best-N retention; required, with the ``best_metric`` key, when the
+            manager has a ``best_metric``.
+        force: save even where the manager's save interval (``save_interval_steps``) says not to.
 
     Returns:
-        Whether a checkpoint was started (orbax skips steps outside its save interval).
+        Whether a checkpoint was started: False only when the save interval skips ``step``.
 
     Raises:
-        TypeError: when ``config`` is not a ``LoraConfig`` or ``lora`` not a dict.
+        TypeError: when ``config`` is not a ``LoraConfig``, ``lora`` not a dict or ``step`` not
+            an int >= 0.
+        ValueError: when ``step`` already exists or is older than the latest step (nothing is
+            overwritten), or ``metrics`` lacks the manager's ``best_metric``.
 
     Example:
         >>> import tempfile, jax, jax.numpy as jnp, jaxlora
@@ -133,19 +138,103 @@ def save(
         raise TypeError(f"`config` must be a jaxlora.LoraConfig, got {type(config).__name__}")
     if not isinstance(lora, Mapping):
         raise TypeError(f"`lora` must be the adapter dict from jaxlora.split, got {type(lora)}")
-    items = {
-        LORA_ITEM: ocp.args.StandardSave(lora),
-        CONFIG_ITEM: ocp.args.JsonSave(config.to_dict()),
-    }
+    _check_step(manager, step)
+    _check_metrics(manager, metrics)
+    document = config.to_dict()
+    digests = {CONFIG_ITEM: checksum.json_digest(document), LORA_ITEM: checksum.tree_digests(lora)}
+    items = {LORA_ITEM: ocp.args.StandardSave(lora), CONFIG_ITEM: ocp.args.JsonSave(document)}
     if opt_state is not None:
         items[OPT_STATE_ITEM] = ocp.args.StandardSave(opt_state)
+        digests[OPT_STATE_ITEM] = checksum.tree_digests(opt_state)
+    items[CHECKSUMS_ITEM] = ocp.args.JsonSave(digests)
     metrics = None if metrics is None else {k: float(v) for k, v in metrics.items()}
-    return manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
+    os.makedirs(manager.directory, exist_ok=True)
+    started = manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
+    if started and hasattr(manager, "pending_step"):
+        manager.pending_step = step
+    return started
 
 
 def _stored_tree(metadata: Any) -> Any:
     # Orbax wraps the tree of ArrayMetadata in a TreeMetadata object (``.tree``) in recent versions.
     return getattr(metadata, "tree", metadata)
+
+
+def _item_path(manager: ocp.CheckpointManager, step: int, item: str) -> str:
+    directory = os.fspath(manager.directory)
+    names = [n for n in os.listdir(directory) if n == str(step) or n.endswith(f"_{step}")]
+    return os.path.join(directory, names[0] if names else str(step), item)
+
+
+def _resolve_step(manager: ocp.CheckpointManager, step: int | None) -> int:
+    directory = os.fspath(manager.directory)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"no checkpoint directory `{directory}`: it does not exist")
+    if step is None:
+        step = manager.latest_step()
+        if step is None:
+            raise ValueError(f"no adapter checkpoint in `{directory}`")
+    elif step not in manager.all_steps():
+        steps = list(manager.all_steps())
+        raise ValueError(f"`step`={step} is not in `{directory}`; steps there: {steps}")
+    return step
+
+
+def _read(manager: ocp.CheckpointManager, step: int, items: dict[str, Any] | None) -> Any:
+    """``manager.restore`` of ``items`` (their metadata for None); an unreadable file is a
+    ValueError naming its item."""
+    try:
+        if items is None:
+            return manager.item_metadata(step)
+        return manager.restore(step, args=ocp.args.Composite(**items))
+    except (ValueError, OSError, RuntimeError, json.JSONDecodeError) as err:
+        names = [LORA_ITEM, OPT_STATE_ITEM] if items is None else list(items)
+        where = ", ".join(f"`{_item_path(manager, step, item)}`" for item in names)
+        raise ValueError(
+            f"cannot read the checkpoint files at step {step} in {where} (damaged or truncated?): "
+            f"{type(err).__name__}: {err}"
+        ) from err
+
+
+def _read_config(manager: ocp.CheckpointManager, step: int) -> tuple[LoraConfig, dict | None]:
+    """The stored config, checked against its stored sha256, and the stored digests."""
+    items = {CONFIG_ITEM: ocp.args.JsonRestore()}
+    if os.path.isdir(_item_path(manager, step, CHECKSUMS_ITEM)):
+        items[CHECKSUMS_ITEM] = ocp.args.JsonRestore()
+    stored = _read(manager, step, items)
+    digests = stored[CHECKSUMS_ITEM] if CHECKSUMS_ITEM in items else None
+    if digests is None:
+        warnings.warn(
+            f"step {step} in `{manager.directory}` has no checksums (written before jaxlora "
+            "stored them): restored unverified",
+            stacklevel=3,
+        )
+    elif checksum.json_digest(stored[CONFIG_ITEM]) != digests.get(CONFIG_ITEM):
+        raise ValueError(
+            f"the config `{_item_path(manager, step, CONFIG_ITEM)}` at step {step} is corrupt: its "
+            "sha256 differs from the one stored when it was written (edited or damaged)"
+        )
+    return LoraConfig.from_dict(stored[CONFIG_ITEM]), digests
+
+
+def _optimizer_template(metadata: Any, optimizer: Any, expected: LoraTree, where: str) -> Any:
+    if metadata.get(OPT_STATE_ITEM) is None:
+        raise ValueError(
+            f"`optimizer` was given but {where} holds no optimizer state; save it with "
+            "`save(..., opt_state=...)`"
+        )
+    template = jax.eval_shape(optimizer.init, expected)
+    stored = paths.by_path(_stored_tree(metadata[OPT_STATE_ITEM]))
+    wanted = paths.by_path(template)
+    if set(stored) != set(wanted):
+        raise ValueError(
+            f"the optimizer state stored in {where} does not match `optimizer`: stored but not "
+            f"in `optimizer.init(lora)`: {paths.preview(sorted(set(stored) - set(wanted)), 8)}; "
+            f"in `optimizer.init(lora)` but not stored: "
+            f"{paths.preview(sorted(set(wanted) - set(stored)), 8)}. Was it saved with another "
+            "optimizer (or other optimizer settings)?"
+        )
+    return template
 
 
 def restore(
@@ -156,7 +245,7 @@ def restore(
     optimizer: optax.GradientTransformation | None = None,
 ) -> Restored:
     """Reads an adapter checkpoint back, with no template: shapes come from the stored config
-    applied to ``frozen``.
+    applied to ``frozen``; every array and the config are checked against their stored sha256.
 
     Args:
         manager: the manager the checkpoint was saved with (or a new one on the same directory).
@@ -169,25 +258,21 @@ def restore(
         A :class:`Restored` with ``lora``, ``config``, ``opt_state`` and ``step``.
 
     Raises:
+        FileNotFoundError: when the manager's directory does not exist (nothing is created).
         ValueError: when there is no checkpoint; when Θ as stored does not fit what the stored
             config makes for ``frozen`` (the message names every path with both shapes); when
-            ``optimizer`` is given but the step holds no optimizer state.
+            ``optimizer`` is given but the step holds no optimizer state or the state of another
+            optimizer; when a file cannot be read or an array or the config is not what was
+            written (names the file or leaf).
     """
-    if step is None:
-        step = manager.latest_step()
-        if step is None:
-            raise ValueError(f"no adapter checkpoint in `{manager.directory}`")
-    elif step not in manager.all_steps():
-        steps = list(manager.all_steps())
-        raise ValueError(f"`step`={step} is not in `{manager.directory}`; steps there: {steps}")
-    stored_json = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-    config = LoraConfig.from_dict(stored_json[CONFIG_ITEM])
+    step = _resolve_step(manager, step)
     where = f"the adapter checkpoint at step {step} in `{manager.directory}`"
+    config, digests = _read_config(manager, step)
+    metadata = _read(manager, step, None)
     try:
         expected = expected_adapter(frozen, config)
     except ValueError as err:
         raise ValueError(f"the stored config of {where} does not fit `frozen`: {err}") from None
-    metadata = manager.item_metadata(step)
     if metadata.get(LORA_ITEM) is None:
         raise ValueError(
             f"`manager` cannot read the `{LORA_ITEM}` item of {where}: open the directory with "
@@ -196,12 +281,12 @@ def restore(
     check_fits(paths.by_path(_stored_tree(metadata[LORA_ITEM])), paths.by_path(expected), where)
     items = {LORA_ITEM: ocp.args.StandardRestore(expected)}
     if optimizer is not None:
-        if metadata.get(OPT_STATE_ITEM) is None:
-            raise ValueError(
-                f"`optimizer` was given but {where} holds no optimizer state; save it with "
-                "`save(..., opt_state=...)`"
-            )
-        items[OPT_STATE_ITEM] = ocp.args.StandardRestore(jax.eval_shape(optimizer.init, expected))
-    restored = manager.restore(step, args=ocp.args.Composite(**items))
+        template = _optimizer_template(metadata, optimizer, expected, where)
+        items[OPT_STATE_ITEM] = ocp.args.StandardRestore(template)
+    restored = _read(manager, step, items)
+    for item in items:
+        if digests is not None and item in digests:
+            file = f"`{_item_path(manager, step, item)}` ({where})"
+            checksum.check_tree(restored[item], digests[item], f"the `{item}` item {file}")
     opt_state = restored[OPT_STATE_ITEM] if optimizer is not None else None
     return Restored(lora=restored[LORA_ITEM], config=config, opt_state=opt_state, step=step)

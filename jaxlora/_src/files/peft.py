@@ -11,6 +11,7 @@ adapters (a Θ with ``lora_magnitude`` leaves, see :mod:`jaxlora.variants`) are 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Mapping
@@ -22,6 +23,7 @@ import numpy as np
 
 from jaxlora._src import paths
 from jaxlora._src.config.lora_config import LoraConfig
+from jaxlora._src.files import atomic
 from jaxlora._src.files.peft_config import config_from_peft, default_module_name, peft_config
 from jaxlora._src.files.peft_layout import ModuleName, check_tensors, tensor_entries
 from jaxlora._src.tree import core
@@ -31,6 +33,26 @@ from jaxlora._src.variants import base as variants
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+#: safetensors metadata key of the sha256 over every tensor jaxlora wrote (PEFT ignores it).
+DIGEST_KEY = "jaxlora_sha256"
+
+
+def _digest(tensors: Mapping[str, np.ndarray]) -> str:
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        array = np.ascontiguousarray(tensors[key])
+        digest.update(f"{key}:{array.dtype.str}{array.shape}:".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def _write(directory: str, document: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:
+    from safetensors.numpy import save_file
+
+    with open(os.path.join(directory, CONFIG_FILE), "w") as f:
+        json.dump(document, f, indent=2, sort_keys=True)
+    metadata = {"format": "pt", DIGEST_KEY: _digest(tensors)}
+    save_file(tensors, os.path.join(directory, WEIGHTS_FILE), metadata=metadata)
 
 
 def _expected(base: Params, config: LoraConfig, variant: str) -> LoraTree:
@@ -54,8 +76,13 @@ def save_peft(
     ``lora_magnitude`` leaves (``jaxlora.split(..., variant="dora")``) is written as a DoRA adapter
     (``use_dora: true``, each magnitude as ``<module>.lora_magnitude_vector``).
 
+    The write is atomic: both files go into a temporary sibling directory, are fsynced, and the
+    sibling then takes ``directory``'s place in one rename, so a process killed at any point
+    leaves either the old complete adapter or the new one. Other files already in ``directory``
+    are kept (hard-linked into the new one).
+
     Args:
-        directory: created if missing; the two files are (over)written.
+        directory: created if missing; the two files are replaced.
         lora: the adapter Θ.
         config: the config Θ was made with.
         frozen: the base params (arrays or ``jax.ShapeDtypeStruct``), for the kernels' layouts.
@@ -67,8 +94,6 @@ def save_peft(
             needs a magnitude on every target), when a stacked module gets no name, or when two
             leaves map to one PEFT key.
     """
-    from safetensors.numpy import save_file
-
     variant = variants.adapter_variant(lora)
     use_dora = variant == "dora"
     expected = _expected(frozen, config, variant)
@@ -78,10 +103,50 @@ def save_peft(
         array = np.asarray(paths.get_in(lora, entry.lora_keys))[entry.index]
         tensors[entry.key] = np.ascontiguousarray(entry.to_peft(array))
     document = peft_config(config, frozen, module_name, base_model_name_or_path, use_dora)
-    os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, CONFIG_FILE), "w") as f:
-        json.dump(document, f, indent=2, sort_keys=True)
-    save_file(tensors, os.path.join(directory, WEIGHTS_FILE), metadata={"format": "pt"})
+    atomic.replace_directory(directory, lambda tmp: _write(tmp, document, tensors))
+
+
+def _read_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    path = os.path.join(directory, CONFIG_FILE)
+    with open(path) as f:
+        text = f.read()
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"`{path}` is not valid JSON: {err}") from None
+    if not isinstance(document, dict):
+        raise ValueError(f"`{path}` must hold a JSON object, got {type(document).__name__}")
+    return document
+
+
+def _read_tensors(directory: str | os.PathLike[str]) -> dict[str, np.ndarray]:
+    """The tensors of the safetensors file, all floating point, checked against jaxlora's digest
+    where the file has one."""
+    from safetensors import safe_open
+
+    path = os.path.join(directory, WEIGHTS_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no `{WEIGHTS_FILE}` in `{os.fspath(directory)}`: `{path}`")
+    try:
+        with safe_open(path, framework="numpy") as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except Exception as err:  # safetensors raises its own SafetensorError, and OSError
+        raise ValueError(
+            f"cannot read `{path}` (truncated or not a safetensors file): {err}"
+        ) from None
+    for key, tensor in tensors.items():
+        if not np.issubdtype(tensor.dtype, np.floating):
+            raise TypeError(
+                f"the tensor `{key}` in `{path}` is {tensor.dtype}; adapter tensors must be "
+                "floating point (an integer tensor is not a LoRA weight)"
+            )
+    if DIGEST_KEY in metadata and _digest(tensors) != metadata[DIGEST_KEY]:
+        raise ValueError(
+            f"`{path}` is corrupt: the sha256 of its tensors differs from the one jaxlora stored "
+            "when it wrote the file (changed or damaged bytes)"
+        )
+    return tensors
 
 
 def load_peft(
@@ -111,14 +176,15 @@ def load_peft(
         ``(lora, config)``, ready for :func:`jaxlora.merge` or further training.
 
     Raises:
-        ValueError: for unsupported adapters and for any key that does not fit ``frozen``.
+        FileNotFoundError: when either file is missing.
+        TypeError: for a tensor that is not floating point (names its key).
+        ValueError: for unsupported adapters, for any key that does not fit ``frozen``, for
+            invalid JSON or an unreadable (e.g. truncated) safetensors file (names the file), and
+            for tensors whose sha256 is not the one jaxlora stored when it wrote the file.
     """
-    from safetensors.numpy import load_file
-
     source = f"the PEFT adapter in `{os.fspath(directory)}`"
-    with open(os.path.join(directory, CONFIG_FILE)) as f:
-        document = json.load(f)
-    tensors = load_file(os.path.join(directory, WEIGHTS_FILE))
+    document = _read_config(directory)
+    tensors = _read_tensors(directory)
     config = config_from_peft(
         document, frozen, module_name=module_name, layouts=layouts, dtype=dtype, source=source
     )

@@ -1,0 +1,140 @@
+"""The orbax ``CheckpointManager`` behind :func:`jaxlora.checkpoint.checkpoint_manager`.
+
+What it adds to orbax's own: the directory is made absolute (orbax rejects relative paths) and is
+only created by a save, never by opening it to restore; ``max_to_keep`` must keep at least one
+step; best-N retention ranks a NaN metric worst; and an asynchronous save still unfinished when
+the interpreter exits is reported on stderr instead of vanishing as a temporary directory.
+"""
+
+from __future__ import annotations
+
+import atexit
+import math
+import os
+import sys
+import weakref
+from typing import Any
+
+import orbax.checkpoint as ocp
+
+#: Item names inside a checkpoint step.
+LORA_ITEM = "lora"
+CONFIG_ITEM = "config"
+OPT_STATE_ITEM = "opt_state"
+CHECKSUMS_ITEM = "checksums"
+
+
+class AdapterCheckpointManager(ocp.CheckpointManager):
+    """An orbax ``CheckpointManager`` that knows its ``best_metric`` and tracks async saves."""
+
+    def __init__(self, directory: str, *, best_metric: str | None, **kwargs: Any) -> None:
+        super().__init__(directory, **kwargs)
+        self.best_metric = best_metric
+        self.pending_step: int | None = None
+        self._exit_hook = None
+        if kwargs["options"].enable_async_checkpointing:
+            self._exit_hook = _exit_report(weakref.ref(self))
+            atexit.register(self._exit_hook)
+
+    def close(self) -> None:
+        """Waits for any save in flight, then releases the manager's resources."""
+        super().close()
+        self.pending_step = None
+        if self._exit_hook is not None:
+            atexit.unregister(self._exit_hook)
+            self._exit_hook = None
+
+
+def _exit_report(ref: weakref.ref[AdapterCheckpointManager]) -> Any:
+    def report() -> None:
+        manager = ref()
+        if manager is None or manager.pending_step is None:
+            return
+        step, directory = manager.pending_step, os.fspath(manager.directory)
+        names = os.listdir(directory) if os.path.isdir(directory) else []
+        if any(name == str(step) or name.endswith(f"_{step}") for name in names):
+            return
+        print(
+            f"jaxlora.checkpoint: the asynchronous save of step {step} in `{directory}` did not "
+            "finish before the interpreter exited and is LOST (only a temporary directory remains)."
+            " Close the manager (`with checkpoint_manager(...)` or `manager.close()`) or call "
+            "`manager.wait_until_finished()` before exiting.",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    return report
+
+
+def _ranked(best_metric: str, best_mode: str) -> Any:
+    """orbax's ``best_fn``: the metric, with NaN ranked below every number."""
+    worst = math.inf if best_mode == "min" else -math.inf
+
+    def rank(metrics: Any) -> float:
+        value = float(metrics[best_metric])
+        return worst if math.isnan(value) else value
+
+    return rank
+
+
+def checkpoint_manager(
+    directory: str | os.PathLike[str],
+    *,
+    max_to_keep: int | None = None,
+    best_metric: str | None = None,
+    best_mode: str = "min",
+    async_save: bool = False,
+    **options: Any,
+) -> AdapterCheckpointManager:
+    """An orbax ``CheckpointManager`` for adapter checkpoints.
+
+    Args:
+        directory: where the steps live; relative paths are made absolute. It is created by the
+            first :func:`save`, never by opening it.
+        max_to_keep: keep at most this many steps, at least 1 (``None`` keeps all).
+        best_metric: with it, the steps kept are the best by ``metrics[best_metric]`` as passed to
+            :func:`save` (which then requires it), instead of the latest. A NaN metric ranks
+            worst, so it is deleted first and is never ``manager.best_step()`` while a number is.
+        best_mode: ``"min"`` (e.g. a loss) or ``"max"`` (e.g. an accuracy).
+        async_save: write in a background thread; call ``manager.wait_until_finished()`` before
+            reading what was written, and close the manager (or use it in a ``with`` block)
+            before the interpreter exits: a save still in flight then cannot finish, and is
+            reported on stderr.
+        **options: any other ``orbax.checkpoint.CheckpointManagerOptions`` field.
+
+    Returns:
+        The manager; close it (or use it as a context manager) when done.
+
+    Raises:
+        ValueError: when ``best_mode`` is neither ``"min"`` nor ``"max"``, or ``max_to_keep`` is
+            not a positive int (0 would delete every step it writes).
+    """
+    if best_mode not in ("min", "max"):
+        raise ValueError(f"`best_mode` must be 'min' or 'max', got {best_mode!r}")
+    if max_to_keep is not None and (
+        isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int) or max_to_keep < 1
+    ):
+        raise ValueError(
+            f"`max_to_keep` must be an int >= 1 (or None to keep every step), got {max_to_keep!r}"
+        )
+    best_fn = None if best_metric is None else _ranked(best_metric, best_mode)
+    options.setdefault("create", False)
+    manager_options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep,
+        best_fn=best_fn,
+        best_mode=best_mode,
+        enable_async_checkpointing=async_save,
+        **options,
+    )
+    handlers = {
+        LORA_ITEM: ocp.StandardCheckpointHandler(),
+        CONFIG_ITEM: ocp.JsonCheckpointHandler(),
+        OPT_STATE_ITEM: ocp.StandardCheckpointHandler(),
+        CHECKSUMS_ITEM: ocp.JsonCheckpointHandler(),
+    }
+    return AdapterCheckpointManager(
+        os.path.abspath(os.fspath(directory)),
+        best_metric=best_metric,
+        item_handlers=handlers,
+        options=manager_options,
+    )

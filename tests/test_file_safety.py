@@ -1,0 +1,360 @@
+"""Files that cannot silently go wrong: every bad input is a clear error, every writer is atomic.
+
+Checkpoints (``jaxlora.checkpoint``) and PEFT exports (``save_peft`` / ``load_peft``): refused
+overwrites, retention that keeps the best, sha256 of every array and of the config verified on
+restore, readable errors for damaged files, and writers killed with SIGKILL mid-write that leave
+the last good copy loadable.
+"""
+
+import json
+import math
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+
+import hypothesis
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import strategies as st
+from safetensors.numpy import load_file, save_file
+
+import jaxlora
+from jaxlora import checkpoint
+from jaxlora import peft as jpeft
+from jaxlora._src.files import atomic
+from tests.treeutil import assert_trees_bitwise_equal
+
+CONFIG = jaxlora.LoraConfig(r=2, target_modules=["l1", "l2"], init_lora_weights=False)
+BASE = {"l1": {"kernel": jnp.ones((16, 32))}, "l2": {"kernel": jnp.ones((32, 4))}}
+
+
+def _adapter(seed):
+    return jaxlora.split(BASE, CONFIG, jax.random.key(seed))[1]
+
+
+def _listing(directory):
+    return sorted(str(p.relative_to(directory)) for p in pathlib.Path(directory).rglob("*"))
+
+
+@pytest.fixture(scope="module")
+def saved_step():
+    """One checkpoint step (with Adam state) written once; tests work on copies of it."""
+    directory = tempfile.mkdtemp()
+    lora = _adapter(0)
+    with checkpoint.checkpoint_manager(directory) as manager:
+        checkpoint.save(manager, 1, lora, CONFIG, opt_state=optax.adam(1e-3).init(lora))
+    yield directory, lora
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def _copy(saved_step, target):
+    shutil.copytree(saved_step[0], target)
+    return target
+
+
+def _restore(directory, **kwargs):
+    with checkpoint.checkpoint_manager(directory) as manager:
+        return checkpoint.restore(manager, BASE, **kwargs)
+
+
+# --- checkpoints: saving --------------------------------------------------------------------
+
+
+def test_save_of_an_existing_or_older_step_is_an_error_and_writes_nothing(tmp_path):
+    with checkpoint.checkpoint_manager(tmp_path) as manager:
+        assert checkpoint.save(manager, 5, _adapter(0), CONFIG)
+        before = _listing(tmp_path)
+        with pytest.raises(ValueError, match=r"step 5 already exists in .*`manager.delete\(5\)`"):
+            checkpoint.save(manager, 5, _adapter(1), CONFIG)
+        with pytest.raises(ValueError, match="`step`=3 is older than the latest step 5"):
+            checkpoint.save(manager, 3, _adapter(1), CONFIG)
+        with pytest.raises(TypeError, match="`step` must be an int >= 0"):
+            checkpoint.save(manager, -1, _adapter(1), CONFIG)
+    assert _listing(tmp_path) == before
+    assert_trees_bitwise_equal(_restore(tmp_path).lora, _adapter(0))
+
+
+@pytest.mark.parametrize("max_to_keep", [0, -1, 1.5, True])
+def test_max_to_keep_below_one_is_rejected(tmp_path, max_to_keep):
+    with pytest.raises(ValueError, match=r"`max_to_keep` must be an int >= 1"):
+        checkpoint.checkpoint_manager(tmp_path, max_to_keep=max_to_keep)
+
+
+def test_best_metric_needs_the_metric_in_every_save(tmp_path):
+    with checkpoint.checkpoint_manager(tmp_path, max_to_keep=1, best_metric="loss") as manager:
+        with pytest.raises(ValueError, match=r"`best_metric`='loss', but `save` got no `metrics`"):
+            checkpoint.save(manager, 1, _adapter(0), CONFIG)
+        with pytest.raises(ValueError, match=r"got `metrics` keys \['acc', 'lr'\]"):
+            checkpoint.save(manager, 1, _adapter(0), CONFIG, metrics={"lr": 1.0, "acc": 0.5})
+    assert not tmp_path.exists() or _listing(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    ("mode", "metrics", "kept", "best"),
+    [
+        ("min", [0.5, math.nan, 0.9, 0.3], [1, 4], 4),
+        ("max", [0.5, math.nan, 0.9, 0.3], [1, 3], 3),
+        ("min", [math.nan, 0.7], [2], 2),  # a NaN first step never outlives a real one
+    ],
+)
+def test_nan_metric_ranks_worst_and_the_best_step_is_kept(tmp_path, mode, metrics, kept, best):
+    with checkpoint.checkpoint_manager(
+        tmp_path, max_to_keep=len(kept), best_metric="loss", best_mode=mode
+    ) as manager:
+        for step, value in enumerate(metrics, start=1):
+            checkpoint.save(manager, step, _adapter(0), CONFIG, metrics={"loss": value})
+        assert sorted(manager.all_steps()) == kept
+        assert manager.best_step() == best
+
+
+def test_relative_directory_is_resolved(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with checkpoint.checkpoint_manager("ckpt", max_to_keep=3) as manager:
+        checkpoint.save(manager, 0, _adapter(0), CONFIG)
+        assert checkpoint.restore(manager, BASE).step == 0
+    assert (tmp_path / "ckpt" / "0").is_dir()
+
+
+# --- checkpoints: restoring -----------------------------------------------------------------
+
+
+def test_restore_from_a_missing_directory_names_it_and_creates_nothing(tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(FileNotFoundError, match=f"no checkpoint directory `{missing}`"):
+        _restore(missing)
+    assert not missing.exists()
+
+
+def test_restore_with_another_optimizer_names_the_mismatch(saved_step):
+    with pytest.raises(
+        ValueError,
+        match=r"does not match `optimizer`: stored but not in `optimizer.init\(lora\)`: 0/count,"
+        r".*but not stored: 0/trace/l1/lora_a.*another optimizer",
+    ):
+        _restore(saved_step[0], optimizer=optax.sgd(0.1, momentum=0.9))
+
+
+def test_tampered_config_is_an_error_naming_the_file(saved_step, tmp_path):
+    directory = _copy(saved_step, tmp_path / "c")
+    path = directory / "1" / "config" / "metadata"
+    document = json.loads(path.read_text())
+    path.write_text(json.dumps({**document, "lora_alpha": 64}))
+    with pytest.raises(ValueError, match=f"the config `{path.parent}` at step 1 is corrupt"):
+        _restore(directory)
+
+
+def test_invalid_config_json_is_an_error_naming_the_file(saved_step, tmp_path):
+    directory = _copy(saved_step, tmp_path / "c")
+    (directory / "1" / "config" / "metadata").write_text("{not json")
+    with pytest.raises(ValueError, match=f"`{directory}/1/config`.*JSONDecodeError"):
+        _restore(directory)
+
+
+def test_truncated_array_files_are_an_error_naming_the_path(saved_step, tmp_path):
+    directory = _copy(saved_step, tmp_path / "c")
+    for path in (directory / "1" / "lora" / "d").iterdir():
+        path.write_bytes(path.read_bytes()[:10])
+    with pytest.raises(ValueError, match=f"cannot read .* `{directory}/1/lora`.*damaged or trunc"):
+        _restore(directory)
+
+
+def test_array_not_matching_its_stored_sha256_is_an_error_naming_the_leaf(saved_step, tmp_path):
+    directory = _copy(saved_step, tmp_path / "c")
+    path = directory / "1" / "checksums" / "metadata"
+    digests = json.loads(path.read_text())
+    digests["lora"]["l2/lora_b"] = "0" * 64
+    path.write_text(json.dumps(digests))
+    with pytest.raises(ValueError, match=r"the `lora` item .* is corrupt: the sha256 of l2/lora_b"):
+        _restore(directory)
+
+
+@hypothesis.settings(max_examples=8, deadline=None)
+@hypothesis.given(data=st.data())
+def test_any_flipped_byte_in_an_array_file_is_caught_or_harmless(saved_step, data):
+    with tempfile.TemporaryDirectory() as scratch:
+        directory = _copy(saved_step, pathlib.Path(scratch) / "c")
+        files = sorted(p for p in directory.rglob("*") if p.is_file() and p.parent.name == "d")
+        path = data.draw(st.sampled_from(files))
+        content = bytearray(path.read_bytes())
+        content[data.draw(st.integers(0, len(content) - 1))] ^= 1 << data.draw(st.integers(0, 7))
+        path.write_bytes(bytes(content))
+        try:
+            restored = _restore(directory, optimizer=optax.adam(1e-3))
+        except ValueError as err:
+            assert "corrupt" in str(err) or "cannot read" in str(err)
+        else:  # orbax keeps per-process copies it does not read; never a wrong value
+            assert_trees_bitwise_equal(restored.lora, saved_step[1])
+
+
+# --- PEFT files -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def exported(tmp_path):
+    directory = tmp_path / "adapter"
+    jpeft.save_peft(directory, _adapter(0), CONFIG, BASE)
+    return directory
+
+
+def test_integer_tensor_is_a_type_error_naming_its_key(exported):
+    weights = exported / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    key = "base_model.model.l1.lora_A.weight"
+    tensors[key] = tensors[key].astype(np.int32)
+    save_file(tensors, weights)
+    with pytest.raises(TypeError, match=f"the tensor `{key}` in .* is int32"):
+        jpeft.load_peft(exported, BASE)
+
+
+def test_invalid_adapter_config_json_names_the_file(exported):
+    (exported / "adapter_config.json").write_text('{"r": 2,')
+    with pytest.raises(ValueError, match=f"`{exported}/adapter_config.json` is not valid JSON"):
+        jpeft.load_peft(exported, BASE)
+
+
+def test_truncated_safetensors_names_the_path(exported):
+    weights = exported / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-7])
+    with pytest.raises(ValueError, match=f"cannot read `{weights}` \\(truncated"):
+        jpeft.load_peft(exported, BASE)
+
+
+@hypothesis.settings(max_examples=10, deadline=None)
+@hypothesis.given(data=st.data())
+def test_any_flipped_byte_in_an_exported_adapter_is_caught_or_harmless(data):
+    with tempfile.TemporaryDirectory() as scratch:
+        directory = pathlib.Path(scratch) / "adapter"
+        jpeft.save_peft(directory, _adapter(0), CONFIG, BASE)
+        weights = directory / "adapter_model.safetensors"
+        content = bytearray(weights.read_bytes())
+        content[data.draw(st.integers(0, len(content) - 1))] ^= 1 << data.draw(st.integers(0, 7))
+        weights.write_bytes(bytes(content))
+        try:
+            lora, _ = jpeft.load_peft(directory, BASE)
+        except (ValueError, TypeError):
+            return
+        assert_trees_bitwise_equal(lora, _adapter(0))  # e.g. a flip in JSON whitespace
+
+
+def test_failed_reexport_leaves_the_old_adapter_and_keeps_other_files(exported, monkeypatch):
+    (exported / "README.md").write_text("notes")
+
+    def crash(first, second):
+        raise OSError("killed here")
+
+    monkeypatch.setattr(atomic, "exchange", crash)
+    with pytest.raises(OSError, match="killed here"):
+        jpeft.save_peft(exported, _adapter(1), CONFIG, BASE)
+    assert_trees_bitwise_equal(jpeft.load_peft(exported, BASE)[0], _adapter(0))
+    monkeypatch.undo()
+    jpeft.save_peft(exported, _adapter(1), CONFIG, BASE)
+    assert_trees_bitwise_equal(jpeft.load_peft(exported, BASE)[0], _adapter(1))
+    assert (exported / "README.md").read_text() == "notes"
+    assert sorted(os.listdir(exported.parent)) == ["adapter"]  # no temporary sibling left
+
+
+# --- writers killed with SIGKILL ------------------------------------------------------------
+
+_LOOPING_WRITER = textwrap.dedent(
+    """
+    import sys
+    import jax, jaxlora
+    from jaxlora import checkpoint, peft
+
+    writer, directory = sys.argv[1], sys.argv[2]
+    config = jaxlora.LoraConfig(r=2, target_modules=["l1", "l2"], init_lora_weights=False)
+    base = {"l1": {"kernel": jax.numpy.ones((16, 32))}, "l2": {"kernel": jax.numpy.ones((32, 4))}}
+    adapters = [jaxlora.split(base, config, jax.random.key(seed))[1] for seed in range(2)]
+    manager = checkpoint.checkpoint_manager(directory, max_to_keep=2)
+    for step in range(100000):
+        if writer == "peft":
+            peft.save_peft(directory, adapters[step % 2], config, base)
+        else:
+            checkpoint.save(manager, step, adapters[step % 2], config)
+        print(step, flush=True)
+    """
+)
+
+
+@pytest.mark.slow  # spawns and kills writer subprocesses
+@pytest.mark.parametrize("writer", ["checkpoint", "peft"])
+def test_writer_killed_mid_write_leaves_the_last_good_copy(tmp_path, writer):
+    script = tmp_path / "writer.py"
+    script.write_text(_LOOPING_WRITER)
+    directory = tmp_path / "out"
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    for delay in (0.05, 0.37):  # the kill lands at a different point of a write each time
+        child = subprocess.Popen(
+            [sys.executable, str(script), writer, str(directory)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            env=env,
+            text=True,
+        )
+        try:
+            assert child.stdout.readline().strip().isdigit()  # one complete write exists
+            time.sleep(delay)
+            os.kill(child.pid, signal.SIGKILL)
+        finally:
+            child.kill()
+            child.wait(timeout=60)
+            child.stdout.close()
+        assert child.returncode == -signal.SIGKILL
+        if writer == "peft":
+            lora, _ = jpeft.load_peft(directory, BASE)
+            assert any(_bitwise_equal(lora, _adapter(seed)) for seed in (0, 1))
+        else:
+            restored = _restore(directory)
+            assert _bitwise_equal(restored.lora, _adapter(restored.step % 2))
+            shutil.rmtree(directory)  # the next round starts again at step 0
+
+
+def _bitwise_equal(a, b):
+    return jax.tree.structure(a) == jax.tree.structure(b) and all(
+        np.asarray(x).tobytes() == np.asarray(y).tobytes()
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    )
+
+
+_UNCLOSED_ASYNC_WRITER = textwrap.dedent(
+    """
+    import sys
+    import jax, jaxlora
+    from jaxlora import checkpoint
+
+    config = jaxlora.LoraConfig(r=2, target_modules=["l1", "l2"], init_lora_weights=False)
+    base = {"l1": {"kernel": jax.numpy.ones((16, 32))}, "l2": {"kernel": jax.numpy.ones((32, 4))}}
+    manager = checkpoint.checkpoint_manager(sys.argv[1], async_save=True)
+    checkpoint.save(manager, 1, jaxlora.split(base, config, jax.random.key(0))[1], config)
+    # exits without manager.close() or wait_until_finished()
+    """
+)
+
+
+@pytest.mark.slow  # a subprocess
+def test_async_save_never_closed_is_kept_or_reported_never_silently_lost(tmp_path):
+    script = tmp_path / "writer.py"
+    script.write_text(_UNCLOSED_ASYNC_WRITER)
+    directory = tmp_path / "ckpt"
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    done = subprocess.run(
+        [sys.executable, str(script), str(directory)],
+        capture_output=True,
+        env=env,
+        text=True,
+        timeout=300,
+    )
+    if (directory / "1").is_dir():
+        assert_trees_bitwise_equal(_restore(directory).lora, _adapter(0))
+    else:
+        assert f"the asynchronous save of step 1 in `{directory}`" in done.stderr
+        assert "is LOST" in done.stderr
