@@ -6,13 +6,13 @@ back, verifies the checksums and checks, before reading any bytes, that it fits 
 restored onto.
 """
 
-from jaxlora._src.files.orbax import CONFIG_ITEM as CONFIG_ITEM
-from jaxlora._src.files.orbax import LORA_ITEM as LORA_ITEM
-from jaxlora._src.files.orbax import OPT_STATE_ITEM as OPT_STATE_ITEM
 from jaxlora._src.files.orbax import Restored as Restored
-from jaxlora._src.files.orbax import checkpoint_manager as checkpoint_manager
 from jaxlora._src.files.orbax import restore as restore
 from jaxlora._src.files.orbax import save as save
+from jaxlora._src.files.orbax_manager import CONFIG_ITEM as CONFIG_ITEM
+from jaxlora._src.files.orbax_manager import LORA_ITEM as LORA_ITEM
+from jaxlora._src.files.orbax_manager import OPT_STATE_ITEM as OPT_STATE_ITEM
+from jaxlora._src.files.orbax_manager import checkpoint_manager as checkpoint_manager
 
 __all__ = [
     "CONFIG_ITEM",

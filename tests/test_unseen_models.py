@@ -20,14 +20,20 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
 import pytest
 from flax import nnx
 
 import jaxlora
 from tests import unseen_models
+from tests.model_contract import (
+    assert_factored_gradient_matches_merged,
+    assert_factored_output_matches_merged,
+    assert_training_moves_only_the_adapter,
+    compiled,
+    probe_loss,
+    run_merged,
+    train_factored,
+)
 from tests.unseen_models import BY_ID
 
 # The fast core (`-m "not slow"`) runs the cases that exercise the guarantee's distinct reads of a
@@ -64,7 +70,7 @@ def _setup(case_id):
     )
     # split under jit (it supports it) only to save op-by-op time; ``frozen`` is ``params`` itself.
     key = jax.random.key(1)
-    _, lora = _compile(lambda params, key: jaxlora.split(params, config, key), built.params, key)(
+    _, lora = compiled(lambda params, key: jaxlora.split(params, config, key), built.params, key)(
         built.params, key
     )
     return built, config, built.params, lora
@@ -94,33 +100,7 @@ def _base_output(built):
             variables = {**(built.variables or {}), "params": params}
             return built.model.apply(variables, *built.args, rngs=built.rngs, **built.kwargs)
 
-    return _compile(base, built.params)(built.params)
-
-
-def _float_leaves(tree):
-    return [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
-
-
-def _probe(out):
-    """A scalar linear in every float leaf of the output (fixed random weights)."""
-    total = jnp.zeros((), jnp.float32)
-    for i, leaf in enumerate(_float_leaves(out)):
-        weights = jax.random.normal(jax.random.fold_in(jax.random.key(4), i), leaf.shape)
-        total = total + jnp.sum(leaf.astype(jnp.float32) * weights)
-    return total
-
-
-def _compile(fn, *args):
-    """``fn`` jitted for ``args``, compiled with :data:`unseen_models.COMPILER_OPTIONS`."""
-    return jax.jit(fn).lower(*args).compile(unseen_models.COMPILER_OPTIONS)
-
-
-def _loss(run):
-    def loss(lora):
-        out = run(lora)
-        return _probe(out), out
-
-    return loss
+    return compiled(base, built.params)(built.params)
 
 
 @functools.cache
@@ -128,132 +108,36 @@ def _factored(case_id):
     """The factored path, jitted: the output and adapter gradient at the initial adapter, and the
     adapter and base after :data:`STEPS` Adam steps (one compiled step computes all of it)."""
     built, config, frozen, lora = _setup(case_id)
-    base_before = _snapshot(frozen)
-    grad = jax.value_and_grad(_loss(_run(built, frozen, config, "factored")), has_aux=True)
-    optimizer = optax.adam(1e-2)
-
-    def step(lora, opt_state):
-        (value, out), grads = grad(lora)
-        with jax.numpy_dtype_promotion("standard"):  # optax mixes Python floats and int32 counts
-            updates, opt_state = optimizer.update(grads, opt_state, lora)
-        return optax.apply_updates(lora, updates), opt_state, value, out, grads
-
-    opt_state = optimizer.init(lora)
-    compiled = _compile(step, lora, opt_state)
-    trained, opt_state, value, out, grads = compiled(lora, opt_state)
-    values = [float(value)]
-    for _ in range(STEPS - 1):
-        trained, opt_state, value, _, _ = compiled(trained, opt_state)
-        values.append(float(value))
-    return {
-        "out": jax.tree.map(np.asarray, out),
-        "grads": jax.tree.map(np.asarray, grads),
-        "values": values,
-        "trained": _snapshot(trained),
-        "base_before": base_before,
-        "base_after": _snapshot(frozen),
-    }
+    loss = probe_loss(_run(built, frozen, config, "factored"))
+    return train_factored(loss, lora, frozen, STEPS)
 
 
 @functools.cache
 def _merged(case_id):
-    """The merged path, jitted: the output and adapter gradient at the initial adapter."""
+    """The merged path, jitted: the output and adapter gradient at the initial adapter (a dict)."""
     built, config, frozen, lora = _setup(case_id)
-    grad = jax.grad(_loss(_run(built, frozen, config, "merged")), has_aux=True)
-    grads, out = _compile(grad, lora)(lora)
-    return jax.tree.map(np.asarray, out), jax.tree.map(np.asarray, grads)
-
-
-def _paths(tree):
-    return [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
-
-
-def _assert_close(actual, expected, rtol, what):
-    """Leaf-wise |actual - expected| <= rtol * max|expected| (+ a float32-sized floor)."""
-    assert jax.tree.structure(actual) == jax.tree.structure(expected), what
-    for path, a, b in zip(
-        _paths(expected), jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True
-    ):
-        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-        assert a.shape == b.shape, f"{what} {path}: shape {a.shape} != {b.shape}"
-        atol = rtol * np.abs(b).max() + 1e-7
-        np.testing.assert_allclose(a, b, rtol=0, atol=atol, err_msg=f"{what} {path}")
-
-
-def _max_rel_diff(actual, expected):
-    diffs = [
-        np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max()
-        / max(np.abs(np.asarray(b, np.float64)).max(), 1e-12)
-        for a, b in zip(_float_leaves(actual), _float_leaves(expected), strict=True)
-    ]
-    return max(diffs)
-
-
-def _snapshot(tree):
-    """Host copies of every leaf (PRNG keys as their raw data), for bitwise comparison."""
-
-    def host(x):
-        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
-            x = jax.random.key_data(x)
-        return np.array(x, copy=True)
-
-    return jax.tree.map(host, tree)
+    loss = probe_loss(_run(built, frozen, config, "merged"))
+    return run_merged(loss, lora)
 
 
 @pytest.mark.parametrize("case_id", SUPPORTED)
 def test_factored_output_equals_merged(case_id):
     built, _, _, _ = _setup(case_id)
-    y_f = _factored(case_id)["out"]
-    y_m, _ = _merged(case_id)
-    base = _base_output(built)
-    assert _max_rel_diff(y_m, base) > 1e-3, "the adapter does not change the merged model: bad case"
-    _assert_close(y_f, y_m, OUTPUT_RTOL, "factored vs merged output")
-    assert _max_rel_diff(y_f, base) > 1e-3, "factored output is the base model's: adapter dropped"
+    assert_factored_output_matches_merged(
+        _factored(case_id), _merged(case_id), _base_output(built), OUTPUT_RTOL
+    )
 
 
 @pytest.mark.parametrize("case_id", SUPPORTED)
 def test_factored_gradient_equals_merged(case_id):
     _, _, _, lora = _setup(case_id)
-    g_f = _factored(case_id)["grads"]
-    _, g_m = _merged(case_id)
-    assert jax.tree.structure(g_f) == jax.tree.structure(lora)
-    for mode, grads in [("factored", g_f), ("merged", g_m)]:
-        zero = [
-            p for p, g in zip(_paths(grads), jax.tree.leaves(grads), strict=True) if not g.any()
-        ]
-        assert not zero, f"{mode} mode: adapter leaves with an all-zero gradient: {zero}"
-    _assert_close(g_f, g_m, GRAD_RTOL, "factored vs merged gradient")
+    assert_factored_gradient_matches_merged(lora, _factored(case_id), _merged(case_id), GRAD_RTOL)
 
 
 @pytest.mark.parametrize("case_id", SUPPORTED)
 def test_factored_training_moves_only_the_adapter(case_id):
     _, _, _, lora = _setup(case_id)
-    result = _factored(case_id)
-    values = result["values"]
-    assert np.all(np.isfinite(values)), values
-    assert values[-1] < values[0], f"the probe loss does not go down: {values}"
-    before, after = _snapshot(lora), result["trained"]
-    still = [
-        p
-        for p, a, b in zip(
-            _paths(lora), jax.tree.leaves(after), jax.tree.leaves(before), strict=True
-        )
-        if np.array_equal(a, b)
-    ]
-    assert not still, f"adapter leaves that training did not move: {still}"
-    base_before, base_after = result["base_before"], result["base_after"]
-    assert jax.tree.structure(base_after) == jax.tree.structure(base_before)
-    moved = [
-        p
-        for p, a, b in zip(
-            _paths(base_after),
-            jax.tree.leaves(base_after),
-            jax.tree.leaves(base_before),
-            strict=True,
-        )  # fmt: skip
-        if not (a.dtype == b.dtype and np.array_equal(a, b))
-    ]
-    assert not moved, f"base leaves changed: {moved}"
+    assert_training_moves_only_the_adapter(lora, _factored(case_id), loss_goes_down=True)
 
 
 def test_every_case_has_a_linen_and_an_nnx_peer():

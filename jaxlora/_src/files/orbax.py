@@ -33,21 +33,9 @@ from jaxlora._src.files.orbax_manager import (
     CONFIG_ITEM,
     LORA_ITEM,
     OPT_STATE_ITEM,
-    checkpoint_manager,
 )
 from jaxlora._src.tree.fit import check_fits, expected_adapter
 from jaxlora._src.types import LoraTree, Params
-
-__all__ = [
-    "CHECKSUMS_ITEM",
-    "CONFIG_ITEM",
-    "LORA_ITEM",
-    "OPT_STATE_ITEM",
-    "Restored",
-    "checkpoint_manager",
-    "restore",
-    "save",
-]
 
 
 @dataclasses.dataclass(frozen=True)
