@@ -93,8 +93,27 @@ def _check_rank(where: str, r: Any) -> None:
 
 
 def _check_alpha(where: str, alpha: Any) -> None:
-    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha):
-        raise ValueError(f"{where} must be a finite number (the LoRA alpha), got {alpha!r}")
+    number = not isinstance(alpha, bool) and isinstance(alpha, int | float)
+    if not number or not math.isfinite(alpha) or alpha <= 0:
+        raise ValueError(
+            f"{where} must be a finite number > 0 (the LoRA alpha: the update is scaled by "
+            "alpha / r, so 0 never trains and a negative or infinite alpha is a mistake; PEFT's "
+            f"usual choice is alpha = r or 2·r), got {alpha!r}"
+        )
+
+
+def require_config(config: Any, where: str) -> None:
+    """A TypeError unless ``config`` is a :class:`LoraConfig` (``where`` names the caller)."""
+    if not isinstance(config, LoraConfig):
+        hint = (
+            " build it with `jaxlora.LoraConfig(**config)` or `LoraConfig.from_dict(config)`;"
+            if isinstance(config, Mapping)
+            else ""
+        )
+        raise TypeError(
+            f"`config` must be a jaxlora.LoraConfig (in `{where}`), got {type(config).__name__};"
+            f"{hint} pass the config the adapter was made with"
+        )
 
 
 def _check_layout(where: str, layout: Any) -> None:
@@ -181,7 +200,7 @@ class LoraConfig:
         _check_alpha("`lora_alpha`", self.lora_alpha)
         if isinstance(self.lora_dropout, bool) or not isinstance(self.lora_dropout, int | float):
             raise TypeError(f"`lora_dropout` must be a float in [0, 1), got {self.lora_dropout!r}")
-        if not 0.0 <= self.lora_dropout < 1.0:
+        if not 0.0 <= self.lora_dropout < 1.0:  # also False for NaN
             raise ValueError(f"`lora_dropout` must be in [0, 1), got {self.lora_dropout!r}")
         if self.bias not in _BIAS_MODES:
             raise ValueError(f"`bias` must be one of {_BIAS_MODES}, got {self.bias!r}")

@@ -213,12 +213,17 @@ def select(config: Any, kernels: Sequence[Kernel]) -> list[bool]:
             "`target_modules` is None: say which modules to adapt, e.g. ['query', 'value'], a "
             f"regex, or 'all-linear'. Modules seen: {paths.preview(seen)}"
         )
-    if excluded is not None and not isinstance(excluded, str):
-        unused = [n for n in excluded if not any(paths.matches_literal(n, p) for p in seen)]
+    if excluded is not None:
+        regex = isinstance(excluded, str)
+        unused = [
+            n
+            for n in ([excluded] if regex else excluded)
+            if not any(_names_match(n if regex else [n], p, "/") for p in seen)
+        ]
         if unused:
             raise ValueError(
-                f"`exclude_modules` entries {unused} match no module; modules seen: "
-                f"{paths.preview(seen)}"
+                f"`exclude_modules` {'regex' if regex else 'entries'} {unused} match no module "
+                f"(a regex is full-matched against the path); modules seen: {paths.preview(seen)}"
             )
     saved = saved_modules(config.modules_to_save, config.task_type)
     if spec == ALL_LINEAR:

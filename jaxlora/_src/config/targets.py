@@ -18,8 +18,8 @@ import math
 from typing import Any
 
 from jaxlora._src import paths
-from jaxlora._src.config import axes_order, peft_rules
-from jaxlora._src.config.lora_config import LoraConfig
+from jaxlora._src.config import axes_order, peft_rules, target_checks
+from jaxlora._src.config.lora_config import LoraConfig, require_config
 from jaxlora._src.types import Params
 
 #: Leaf names of the weights LoRA can adapt (Flax's names for Dense/Conv/Einsum and Embed).
@@ -135,11 +135,16 @@ def _layout(config: LoraConfig, cand: _Candidate) -> str | None:
 
 
 def _select(config: LoraConfig, cands: list[_Candidate]) -> list[_Candidate]:
-    """PEFT's choice (:func:`peft_rules.select`); layouts are read only for ``"all-linear"``."""
+    """PEFT's choice (:func:`peft_rules.select`); layouts are read only for ``"all-linear"``,
+    which also skips integer and bool kernels (an explicit choice of one is an error)."""
     every = config.target_modules == peft_rules.ALL_LINEAR
+    if every:
+        cands = [c for c in cands if target_checks.is_float_kernel(c.dtype)]
     kernels = [(c.path, c.leaf, c.shape, _layout(config, c) if every else None) for c in cands]
     chosen = peft_rules.select(config, kernels)
-    return [c for c, keep in zip(cands, chosen, strict=True) if keep]
+    out = [c for c, keep in zip(cands, chosen, strict=True) if keep]
+    target_checks.check_float_targets(out)
+    return out
 
 
 def _check_patterns(field: str, patterns: Any, where: list[str], what: str) -> None:
@@ -172,6 +177,7 @@ def find_targets(params: Params, config: LoraConfig) -> list[Target]:
         >>> [t.path for t in find_targets(params, jaxlora.LoraConfig(target_modules=["query"]))]
         ['attn/query']
     """
+    require_config(config, "find_targets")
     cands = _candidates(params)
     if not cands:
         raise ValueError(
@@ -180,6 +186,7 @@ def find_targets(params: Params, config: LoraConfig) -> list[Target]:
         )
     all_paths = [c.path for c in cands]
     _check_patterns("layouts", config.layouts, all_paths, "module")
+    target_checks.check_target_entries(config, params, all_paths)
     chosen = _select(config, cands)
     chosen_paths = [c.path for c in chosen]
     _check_patterns("rank_pattern", config.rank_pattern, chosen_paths, "target module")

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlora._src import paths
-from jaxlora._src.config.lora_config import LoraConfig
+from jaxlora._src.config.lora_config import LoraConfig, require_config
 from jaxlora._src.config.targets import Target, find_targets
 from jaxlora._src.tree.core import delta, merge
 from jaxlora._src.tree.fit import check_fits, expected_adapter
@@ -189,9 +189,20 @@ def add_weighted(
         raise ValueError("`adapters` is empty; give at least one (lora, config, weight)")
     targets: dict[str, Target] = {}
     parts: dict[str, list[tuple[jax.Array, jax.Array, float]]] = {}
-    for lora, config, weight in adapters:
+    for i, item in enumerate(adapters):
+        if not (isinstance(item, tuple | list) and len(item) == 3):
+            raise TypeError(
+                f"`adapters[{i}]` must be a (lora, config, weight) triple, got {item!r:.80}"
+            )
+        lora, config, weight = item
+        require_config(config, "add_weighted")
         for target in find_targets(frozen, config):
             factors = paths.get_in(lora, target.keys)
+            if not isinstance(factors, Mapping) or not {LORA_A, LORA_B} <= set(factors):
+                raise ValueError(
+                    f"`adapters[{i}]` has no `lora_a` / `lora_b` at `{target.path}`, which its "
+                    "config targets; give each adapter with the config it was made with"
+                )
             targets.setdefault(target.path, target)
             parts.setdefault(target.path, []).append(
                 (factors[LORA_A], factors[LORA_B], weight * target.scale)

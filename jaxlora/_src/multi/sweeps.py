@@ -43,8 +43,24 @@ def stack(adapters: Sequence[LoraTree]) -> LoraTree:
 
 
 def unstack(stacked: LoraTree) -> list[LoraTree]:
-    """The inverse of :func:`stack`."""
-    n = jax.tree.leaves(stacked)[0].shape[0]
+    """The inverse of :func:`stack`.
+
+    Raises:
+        ValueError: when ``stacked`` has no leaves or its leaves differ in the leading axis.
+    """
+    leaves = paths.by_path(stacked)
+    if not leaves:
+        raise ValueError(
+            f"`stacked` has no array leaves (got {stacked!r:.60}); pass the adapter that "
+            "`jaxlora.adapters.stack` returned"
+        )
+    sizes = {p: (tuple(x.shape)[:1] or (None,))[0] for p, x in leaves.items()}
+    if None in sizes.values() or len(set(sizes.values())) != 1:
+        raise ValueError(
+            "`stacked` leaves must share one leading (member) axis, as `stack` makes them; got "
+            + ", ".join(f"`{p}` {tuple(leaves[p].shape)}" for p in list(sizes)[:6])
+        )
+    n = next(iter(sizes.values()))
     return [jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(n)]
 
 

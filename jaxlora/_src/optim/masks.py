@@ -15,7 +15,7 @@ import jax
 import optax
 
 from jaxlora._src import paths
-from jaxlora._src.config.lora_config import LoraConfig
+from jaxlora._src.config.lora_config import LoraConfig, require_config
 from jaxlora._src.config.targets import BIAS
 from jaxlora._src.types import ADAPTER_LEAVES, LORA_A, LoraTree, Params
 
@@ -40,6 +40,23 @@ def _is_trainable(combined: Params, config: LoraConfig, keys: tuple[Any, ...], n
     )
 
 
+def _check_saved(combined: Params, config: LoraConfig, where: str) -> None:
+    """As :func:`jaxlora.split`: each ``modules_to_save`` entry must name a module of the tree."""
+    require_config(config, where)
+    modules = {paths.join(names[:k]) for _, names, _ in paths.flatten(combined)
+               for k in range(1, len(names))}  # fmt: skip
+    missing = [n for n in config.modules_to_save or () if not any(_saved_in(n, m) for m in modules)]
+    if missing:
+        raise ValueError(
+            f"`modules_to_save` entries {missing} match no module of the tree given to `{where}`; "
+            f"modules seen: {paths.preview(sorted(modules))}"
+        )
+
+
+def _saved_in(name: str, module: str) -> bool:
+    return paths.matches_literal(name, module)
+
+
 def trainable_mask(combined: Params, config: LoraConfig) -> Params:
     """A tree of bools, True on Θ's leaves, for ``optax.masked``.
 
@@ -49,6 +66,7 @@ def trainable_mask(combined: Params, config: LoraConfig) -> Params:
         >>> trainable_mask(tree, jaxlora.LoraConfig(bias="lora_only"))
         {'d': {'bias': True, 'kernel': False, 'lora_a': True, 'lora_b': True}}
     """
+    _check_saved(combined, config, "trainable_mask")
     return jax.tree.map_with_path(
         lambda kp, _: _is_trainable(combined, config, paths.leaf_keys(kp), paths.leaf_path(kp)),
         combined,
@@ -78,9 +96,55 @@ def freeze(
         >>> sum(x.size for x in jax.tree.leaves(state) if x.ndim) // 2  # Adam's two moments
         8
     """
-    return optax.multi_transform(
-        {TRAINABLE: optimizer, FROZEN: optax.set_to_zero()},
-        lambda tree: trainable_labels(tree, config),
+    if not (
+        callable(getattr(optimizer, "init", None)) and callable(getattr(optimizer, "update", None))
+    ):
+        raise TypeError(
+            f"`optimizer` must be an optax GradientTransformation, got {optimizer!r:.60} "
+            f"({type(optimizer).__name__}); build it first, e.g. `optax.adam(1e-3)`"
+        )
+    require_config(config, "freeze")
+    inner = optax.multi_transform(
+        {TRAINABLE: optimizer, FROZEN: optax.set_to_zero()}, lambda tree: _labels(tree, config)
+    )
+
+    def update(updates, state, params=None, **extra):
+        if params is not None and jax.tree.structure(updates) != jax.tree.structure(params):
+            raise ValueError(_structure_message("`updates` do not have the structure of "
+                                                "`params`", updates, params))  # fmt: skip
+        try:
+            return inner.update(updates, state, params, **extra)
+        except (ValueError, TypeError) as err:
+            if "tree" not in str(err) and "structure" not in str(err):
+                raise
+            raise ValueError(
+                "`updates` given to `freeze(...).update` do not have the structure of the tree "
+                "given to `init`: pass gradients w.r.t. that same combined tree (`jax.grad` of the "
+                "loss w.r.t. `jaxlora.combine(frozen, lora)`), with the state `init` made for it"
+            ) from err
+
+    return optax.GradientTransformation(inner.init, update)
+
+
+def _labels(tree: Params, config: LoraConfig) -> Params:
+    labels = trainable_labels(tree, config)
+    if TRAINABLE not in jax.tree.leaves(labels):
+        raise ValueError(
+            "`freeze`: the tree given to the optimizer has no trainable leaf (no `lora_a` / "
+            f"`lora_b`, no bias per `bias`={config.bias!r}, no `modules_to_save`), so every "
+            "update would be zero; pass the combined tree `jaxlora.combine(frozen, lora)`, not "
+            "the base params"
+        )
+    return labels
+
+
+def _structure_message(head: str, got: Params, want: Params) -> str:
+    got_paths = {paths.join(n) for _, n, _ in paths.flatten(got)}
+    want_paths = {paths.join(n) for _, n, _ in paths.flatten(want)}
+    extra, missing = sorted(got_paths - want_paths), sorted(want_paths - got_paths)
+    return (
+        f"{head}: extra leaves {paths.preview(extra, 6) or 'none'}; missing leaves "
+        f"{paths.preview(missing, 6) or 'none'}. Pass gradients w.r.t. the same combined tree"
     )
 
 
@@ -89,6 +153,7 @@ def partition(combined: Params, config: LoraConfig) -> tuple[Params, LoraTree]:
 
     ``frozen`` keeps every leaf but the factors; ``lora`` holds the trainable leaves.
     """
+    _check_saved(combined, config, "partition")
     frozen: dict[Any, Any] = {}
     lora: LoraTree = {}
     for keys, names, leaf in paths.flatten(combined):

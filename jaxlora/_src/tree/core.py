@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from jaxlora._src import paths
 from jaxlora._src.config import axes_order
-from jaxlora._src.config.lora_config import LoraConfig
+from jaxlora._src.config.lora_config import LoraConfig, require_config
 from jaxlora._src.config.targets import (
     EMBEDDING,
     KERNEL,
@@ -30,6 +30,7 @@ from jaxlora._src.config.targets import (
     find_trainable_leaves,
 )
 from jaxlora._src.quant.kernel import dequantize_tree
+from jaxlora._src.tree import checks
 from jaxlora._src.types import LORA_A, LORA_B, LoraTree, Params, PRNGKey
 from jaxlora._src.variants import base as variants
 from jaxlora._src.variants.lora import delta as delta
@@ -101,6 +102,7 @@ def split(
         >>> jax.tree.map(jnp.shape, lora)
         {'query': {'lora_a': (4, 2), 'lora_b': (2, 6)}}
     """
+    require_config(config, "split")
     chosen = variants.get(variant)
     targets = find_targets(params, config)
     trainable = find_trainable_leaves(params, config, targets)
@@ -190,8 +192,9 @@ def map_adapted(params: Params, lora: LoraTree, config: LoraConfig, fold, what: 
         ValueError: naming the leaves of ``lora`` with no counterpart in ``params`` (``what`` names
             the caller), or a copy whose shape differs from its base leaf.
     """
-    if not isinstance(config, LoraConfig):
-        raise TypeError(f"`config` must be a jaxlora.LoraConfig, got {type(config).__name__}")
+    require_config(config, what)
+    checks.check_lora_tree(lora, what)
+    checks.check_adapter_config(params, lora, config, what)
     used: set[tuple[Any, ...]] = set()
     adapter = variants.adapter_leaves()
 
@@ -282,10 +285,7 @@ def combine(frozen: Params, lora: LoraTree) -> dict[Any, Any]:
         >>> combine({"d": {"kernel": 1, "bias": 2}}, {"d": {"lora_a": 3, "bias": 4}})
         {'d': {'kernel': 1, 'bias': 4, 'lora_a': 3}}
     """
-    if not isinstance(frozen, Mapping):
-        raise TypeError(
-            f"`frozen` must be a (nested) dict of params to combine, got {type(frozen).__name__}"
-        )
+    checks.require_dicts(frozen=frozen, lora=lora)
     out = {
         key: (combine(value, {}) if isinstance(value, Mapping) else value)
         for key, value in frozen.items()

@@ -4,14 +4,65 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from typing import Any
+
+import jax
 
 from jaxlora._src import paths
-from jaxlora._src.types import ADAPTER_LEAVES, LoraTree, Params
+from jaxlora._src.config.targets import EMBEDDING, KERNEL
+from jaxlora._src.quant.kernel import is_quantized
+from jaxlora._src.tree import checks
+from jaxlora._src.types import ADAPTER_LEAVES, LORA_A, LORA_B, LoraTree, Params
 
 
 def _size(leaf) -> int:
-    return math.prod(getattr(leaf, "shape", ()))
+    return math.prod(leaf.shape)
+
+
+def _base_leaves(frozen: Params) -> dict[tuple[str, ...], Any]:
+    """``{string path: leaf}`` of ``frozen``, a quantised kernel as one leaf of its float shape.
+
+    Raises:
+        TypeError: for a leaf that is not an array (a string, an object): it is no parameter.
+    """
+    flat = jax.tree_util.tree_flatten_with_path(frozen, is_leaf=is_quantized)[0]
+    out = {}
+    for keypath, leaf in flat:
+        names = paths.leaf_path(keypath)
+        if isinstance(leaf, int | float) and not isinstance(leaf, bool):
+            leaf = jax.ShapeDtypeStruct((), type(leaf))
+        if not (hasattr(leaf, "shape") and hasattr(leaf, "dtype")):
+            raise TypeError(
+                f"`frozen` leaf `{paths.join(names)}` is a {type(leaf).__name__}, not an array: "
+                "`count` takes a params tree of arrays or `jax.ShapeDtypeStruct`s (pass the "
+                "model's `params` collection, without non-array metadata)"
+            )
+        out[names] = leaf
+    return out
+
+
+def _check_factors_fit(base: dict, lora: LoraTree, names: tuple[str, ...]) -> None:
+    """A ValueError unless ``frozen`` holds a weight at the module that the factors fit."""
+    module = paths.join(names[:-1])
+    weight = base.get(names[:-1] + (KERNEL,), base.get(names[:-1] + (EMBEDDING,)))
+    factors = paths.get_in(lora, tuple(names[:-1]))
+    a, b = factors.get(LORA_A), factors.get(LORA_B)
+    fits = weight is not None and b is not None
+    if fits:
+        n_stack = a.ndim + b.ndim - 2 - len(weight.shape)
+        stack = math.prod(b.shape[:n_stack]) if n_stack >= 0 else 0
+        r = a.shape[-1]
+        fits = (
+            n_stack >= 0
+            and b.shape[n_stack] == r
+            and _size(a) * _size(b) == (_size(weight) * r * r * stack)
+        )
+    if not fits:
+        have = "no kernel or embedding" if weight is None else f"a {tuple(weight.shape)} weight"
+        raise ValueError(
+            f"`lora` factors at `{module}` do not fit `frozen`, which has {have} there; was the "
+            "adapter made for another model (or another size of it)?"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,21 +127,30 @@ def count(frozen: Params, lora: LoraTree | None = None) -> ParamCount:
         >>> print(jaxlora.count(*jaxlora.split(params, config, jax.random.key(0))))
         trainable params: 800 || all params: 20,800 || trainable%: 3.8462
     """
-    lora = lora or {}
+    base = _base_leaves(frozen)
     base_by_module: dict[str, int] = {}
-    for _, names, leaf in paths.flatten(frozen):
+    for names, leaf in base.items():
         module = paths.join(names[:-1])
         base_by_module[module] = base_by_module.get(module, 0) + _size(leaf)
+    if lora is not None:
+        checks.check_lora_tree(lora, "count")
     adapter_by_module: dict[str, int] = {}
     trainable_by_module: dict[str, int] = {}
-    for keys, names, leaf in paths.flatten(lora):
+    for _, names, leaf in paths.flatten(lora or {}):
         module = paths.join(names[:-1])
         size = _size(leaf)
         trainable_by_module[module] = trainable_by_module.get(module, 0) + size
         if names[-1] in ADAPTER_LEAVES:
             adapter_by_module[module] = adapter_by_module.get(module, 0) + size
-        elif not isinstance(paths.get_in(lora, keys), Mapping) and module not in base_by_module:
-            raise ValueError(f"`lora` leaf `{paths.join(names)}` has no counterpart in `frozen`")
+            if names[-1] == LORA_A:
+                _check_factors_fit(base, lora, names)
+        elif names not in base or tuple(base[names].shape) != tuple(leaf.shape):
+            found = f"of shape {tuple(base[names].shape)}" if names in base else "no such leaf"
+            raise ValueError(
+                f"`lora` leaf `{paths.join(names)}` has no counterpart in `frozen` (it is "
+                f"{tuple(leaf.shape)}, `frozen` has {found}); was the adapter made for another "
+                "model?"
+            )
     rows = tuple(
         ModuleCount(m, base_by_module.get(m, 0), adapter_by_module.get(m, 0), trainable)
         for m, trainable in trainable_by_module.items()

@@ -25,6 +25,7 @@ def delta(a: jax.Array, b: jax.Array, n_stack: int = 0) -> jax.Array:
         >>> delta(jnp.ones((3, 2)), jnp.ones((2, 4))).shape
         (3, 4)
     """
+    _check_delta_factors(a, b, n_stack)
     n_in = a.ndim - 1 - n_stack
     n_out = b.ndim - 1 - n_stack
     stack, rest = LETTERS[:n_stack], LETTERS[n_stack + 1 :]
@@ -36,6 +37,24 @@ def delta(a: jax.Array, b: jax.Array, n_stack: int = 0) -> jax.Array:
         b.astype(jnp.float32),
         precision=jax.lax.Precision.HIGHEST,
     )
+
+
+def _check_delta_factors(a, b, n_stack: int) -> None:
+    for name, x in (("a", a), ("b", b)):
+        if not (hasattr(x, "shape") and hasattr(x, "ndim")):
+            raise TypeError(f"`{name}` must be an array, got {type(x).__name__}")
+    if isinstance(n_stack, bool) or not isinstance(n_stack, int) or n_stack < 0:
+        raise ValueError(f"`n_stack` must be an int >= 0, got {n_stack!r}")
+    ok = a.ndim >= n_stack + 2 and b.ndim >= n_stack + 2
+    if ok and (a.shape[-1] != b.shape[n_stack] or a.shape[:n_stack] != b.shape[:n_stack]):
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"`a` {tuple(a.shape)} and `b` {tuple(b.shape)} do not pair up with "
+            f"`n_stack`={n_stack}: `a` must be stack + input + (r,) and `b` stack + (r,) + "
+            "output, with the same rank r (a's last axis, b's axis after the stack) and the same "
+            "stack axes"
+        )
 
 
 def add_delta(weight: jax.Array, a: jax.Array, b: jax.Array, scale: float, n_stack: int):

@@ -1,0 +1,94 @@
+"""Checks that every module a ``LoraConfig`` names exists and is a kernel LoRA can adapt.
+
+PEFT raises only when *no* module matches ``target_modules``, so a typo beside a good name
+(``["up", "dwon"]``) silently adapts less than asked. Here each list entry must name at least one
+adaptable kernel, and an adapted kernel must be floating point: ``W + s·A·B`` cast back to an
+integer or bool dtype would truncate the update.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Sequence
+from typing import Any
+
+import jax.numpy as jnp
+
+from jaxlora._src import paths
+from jaxlora._src.types import Params
+
+
+def _leaf_names(params: Params) -> dict[str, list[str]]:
+    """``{module path: [its leaf names]}`` for every module of ``params`` that holds leaves."""
+    modules: dict[str, list[str]] = {}
+    for _, names, _ in paths.flatten(params):
+        if names:
+            modules.setdefault(paths.join(names[:-1]), []).append(names[-1])
+    return modules
+
+
+def _why_not(entry: str, modules: dict[str, list[str]], kernel_paths: Sequence[str]) -> str:
+    """Why the ``target_modules`` entry ``entry`` names no adaptable kernel, with a suggestion."""
+    hits = [m for m in modules if paths.matches_literal(entry, m)]
+    if hits:
+        leaves = sorted({n for m in hits for n in modules[m]})
+        return (
+            f"`{hits[0]}` holds only {leaves}, no 2+-D 'kernel' or 'embedding' for LoRA to "
+            "adapt (a norm or bias-only module); drop it from `target_modules` or train it in "
+            "full with `modules_to_save`"
+        )
+    inner = [p for p in kernel_paths if f"/{entry}/" in f"/{p}/"]
+    if inner:
+        return (
+            f"it is a module holding the kernels {paths.preview(inner, 6)}, not a kernel itself; "
+            "name those layers (their last path segment) instead"
+        )
+    names = sorted({p.rsplit("/", 1)[-1] for p in kernel_paths} | set(kernel_paths))
+    close = difflib.get_close_matches(entry, names, n=3, cutoff=0.6)
+    return f"did you mean {close}?" if close else "no module of that name"
+
+
+def check_target_entries(config: Any, params: Params, kernel_paths: Sequence[str]) -> None:
+    """Raises a ValueError naming each list entry of ``target_modules`` that matches no kernel.
+
+    Only list entries are checked: a regex is one pattern and already fails when it matches
+    nothing, as does a list none of whose names exists anywhere (:func:`peft_rules.select`).
+    ``kernel_paths`` are the module paths holding an adaptable kernel or embedding.
+    """
+    spec = config.target_modules
+    if spec is None or isinstance(spec, str):
+        return
+    unmatched = [n for n in spec if not any(paths.matches_literal(n, p) for p in kernel_paths)]
+    if not unmatched:
+        return
+    modules = _leaf_names(params)
+    if len(unmatched) == len(spec) and not any(
+        paths.matches_literal(n, m) or f"/{n}/" in f"/{m}/" for n in spec for m in modules
+    ):
+        return  # plain names that exist nowhere: `peft_rules.select`'s "no module matched"
+    reasons = "; ".join(f"{n!r}: {_why_not(n, modules, kernel_paths)}" for n in unmatched)
+    raise ValueError(
+        f"no module matched `target_modules` entries {unmatched} ({reasons}). Every entry must "
+        f"name at least one adaptable kernel; modules with kernels: {paths.preview(kernel_paths)}"
+    )
+
+
+def is_float_kernel(dtype: Any) -> bool:
+    """Whether a kernel of ``dtype`` can take a LoRA update (floating point only)."""
+    try:
+        return bool(jnp.issubdtype(jnp.dtype(dtype), jnp.floating))
+    except TypeError:
+        return False
+
+
+def check_float_targets(chosen: Sequence[Any]) -> None:
+    """Raises a ValueError when a chosen kernel (``path``, ``leaf``, ``dtype``) is not float."""
+    bad = [c for c in chosen if not is_float_kernel(c.dtype)]
+    if bad:
+        listing = ", ".join(f"`{c.path}` ({c.leaf}, {jnp.dtype(c.dtype).name})" for c in bad[:8])
+        raise ValueError(
+            f"`target_modules` selects integer or bool weights {listing}; W + s·A·B cast back "
+            "to that dtype would truncate the update. Adapt floating-point kernels only: remove "
+            "them from `target_modules` or add them to `exclude_modules` (a quantised base is "
+            "quantised after `split`, see `jaxlora.quant`)"
+        )

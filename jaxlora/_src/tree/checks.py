@@ -1,0 +1,104 @@
+"""Checks that an adapter Θ and a config belong together, before anything is folded.
+
+``merge`` and the factored forward take the rank from the factors and alpha from the config, so
+an adapter paired with another config would be scaled wrong without a word. These checks run in
+:func:`jaxlora._src.tree.core.map_adapted`, which both paths share.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+
+from jaxlora._src import paths
+from jaxlora._src.config.lora_config import LoraConfig
+from jaxlora._src.config.targets import Target, find_targets, module_paths
+from jaxlora._src.quant.kernel import is_quantized
+from jaxlora._src.types import LORA_A, LoraTree, Params
+
+
+def check_lora_tree(lora: Any, what: str, name: str = "lora") -> None:
+    """Raises a TypeError unless ``lora`` is a nested mapping whose leaves are arrays.
+
+    Python lists or scalars as factors would otherwise fail deep inside an einsum, and ``None``
+    would merge to the bare base.
+    """
+    if not isinstance(lora, Mapping):
+        raise TypeError(
+            f"`{name}` of `{what}` must be the adapter Θ, a nested dict of arrays (the second "
+            f"value of `jaxlora.split`), got {type(lora).__name__}"
+        )
+    stack: list[tuple[tuple[str, ...], Any]] = [((), lora)]
+    while stack:
+        keys, node = stack.pop()
+        for key, value in node.items():
+            where = keys + (str(key),)
+            if isinstance(value, Mapping):
+                stack.append((where, value))
+            elif not (hasattr(value, "shape") and hasattr(value, "dtype")):
+                raise TypeError(
+                    f"`{name}` leaf `{paths.join(where)}` is a {type(value).__name__}, not an "
+                    "array; adapter leaves must be arrays (convert with `jnp.asarray`)"
+                )
+
+
+def require_dicts(**trees: Any) -> None:
+    """A TypeError naming the first of ``trees`` (argument name -> value) that is no mapping."""
+    for name, tree in trees.items():
+        if not isinstance(tree, Mapping):
+            raise TypeError(
+                f"`{name}` must be a nested dict (as `split` returns), got {tree!r:.60}"
+            )
+
+
+def _abstract(params: Params) -> Params:
+    """``params`` with each quantised kernel seen as the float kernel it stands for."""
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if is_quantized(x) else x,
+        params,
+        is_leaf=is_quantized,
+    )
+
+
+def _describe_rank(config: LoraConfig, path: str) -> str:
+    found = paths.first_match(config.rank_pattern, path)
+    return f"`rank_pattern[{found[0]!r}]`" if found else f"`r`={config.r}"
+
+
+def check_adapter_config(params: Params, lora: LoraTree, config: LoraConfig, what: str) -> None:
+    """Raises a ValueError when a module adapted in ``lora`` is not a target of ``config`` for
+    ``params``, or when its factors' rank differs from the rank ``config`` gives its path.
+
+    Modules of ``lora`` that ``params`` lacks are left to :func:`~core.map_adapted`'s own check.
+    """
+    adapted = {
+        paths.join(names[:-1]): leaf
+        for _, names, leaf in paths.flatten(lora)
+        if names and names[-1] == LORA_A
+    }
+    if not adapted:
+        return
+    abstract = _abstract(params)
+    present = set(module_paths(abstract))
+    if not present & set(adapted):
+        return
+    targets: dict[str, Target] = {t.path: t for t in find_targets(abstract, config)}
+    untargeted = [p for p in adapted if p in present and p not in targets]
+    if untargeted:
+        raise ValueError(
+            f"`lora` adapts {paths.preview(untargeted)}, which `config` does not target "
+            f"(`target_modules`={config.target_modules!r}); `{what}` would fold an update the "
+            "config does not describe. Pass the config the adapter was made with"
+        )
+    for path, a in adapted.items():
+        target = targets.get(path)
+        rank = int(a.shape[-1]) if getattr(a, "ndim", 0) else None
+        if target is not None and rank is not None and rank != target.rank:
+            raise ValueError(
+                f"`lora` factors at `{path}` have rank {rank} but `config` gives rank "
+                f"{target.rank} there ({_describe_rank(config, path)}), so `{what}` would use "
+                f"the scale of rank {target.rank}, not the one the adapter was trained with. Pass "
+                "the config the adapter was trained with"
+            )
