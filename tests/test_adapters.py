@@ -266,7 +266,7 @@ def test_stack_and_pad_errors():
     base = _base()
     one = jaxlora.split(base, _config(r=2), jax.random.key(0))[1]
     two = jaxlora.split(base, _config(r=3), jax.random.key(0))[1]
-    with pytest.raises(ValueError, match=r"`adapters\[1\]` \(vs `adapters\[0\]`\) does not fit"):
+    with pytest.raises(ValueError, match=r"`adapters\[1\]` differs from `adapters\[0\]`"):
         adapters.stack([one, two])
     with pytest.raises(ValueError, match="`adapters` is empty"):
         adapters.stack([])

@@ -28,6 +28,13 @@ import orbax.checkpoint as ocp
 from jaxlora._src import paths
 from jaxlora._src.config.lora_config import LoraConfig
 from jaxlora._src.files import checksum
+from jaxlora._src.files.orbax_checks import (
+    check_adapter_matches,
+    check_manager,
+    check_metrics,
+    check_optimizer,
+    check_step,
+)
 from jaxlora._src.files.orbax_manager import (
     CHECKSUMS_ITEM,
     CONFIG_ITEM,
@@ -46,32 +53,6 @@ class Restored:
     config: LoraConfig
     opt_state: Any
     step: int
-
-
-def _check_step(manager: ocp.CheckpointManager, step: int) -> None:
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise TypeError(f"`step` must be an int >= 0, got {step!r}")
-    steps = list(manager.all_steps())
-    if step in steps:
-        raise ValueError(
-            f"step {step} already exists in `{manager.directory}`; a checkpoint is never "
-            f"overwritten: save under a new step, or `manager.delete({step})` first"
-        )
-    if steps and step < max(steps):
-        raise ValueError(
-            f"`step`={step} is older than the latest step {max(steps)} in `{manager.directory}`; "
-            "steps must increase (restoring goes to the latest)"
-        )
-
-
-def _check_metrics(manager: ocp.CheckpointManager, metrics: Mapping[str, Any] | None) -> None:
-    best_metric = getattr(manager, "best_metric", None)
-    if best_metric is not None and (metrics is None or best_metric not in metrics):
-        given = "no `metrics`" if metrics is None else f"`metrics` keys {sorted(metrics)}"
-        raise ValueError(
-            f"the manager keeps the best steps by `best_metric`={best_metric!r}, but `save` got "
-            f"{given}; pass `metrics={{{best_metric!r}: value}}`"
-        )
 
 
 def save(
@@ -105,10 +86,11 @@ def save(
         Whether a checkpoint was started: False only when the save interval skips ``step``.
 
     Raises:
-        TypeError: when ``config`` is not a ``LoraConfig``, ``lora`` not a dict or ``step`` not
-            an int >= 0.
+        TypeError: when ``manager`` is no ``CheckpointManager``, ``config`` not a
+            ``LoraConfig``, ``lora`` not a dict, ``step`` not an int >= 0 or a metric no number.
         ValueError: when ``step`` already exists or is older than the latest step (nothing is
-            overwritten), or ``metrics`` lacks the manager's ``best_metric``.
+            overwritten), ``metrics`` lacks the manager's ``best_metric``, or ``lora`` adapts a
+            module ``config`` does not target or at another rank than ``config`` gives it.
 
     Example:
         >>> import tempfile, jax, jax.numpy as jnp, jaxlora
@@ -122,12 +104,14 @@ def save(
         >>> restored.step, restored.config == config
         (10, True)
     """
+    check_manager(manager)
     if not isinstance(config, LoraConfig):
         raise TypeError(f"`config` must be a jaxlora.LoraConfig, got {type(config).__name__}")
     if not isinstance(lora, Mapping):
         raise TypeError(f"`lora` must be the adapter dict from jaxlora.split, got {type(lora)}")
-    _check_step(manager, step)
-    _check_metrics(manager, metrics)
+    check_step(manager, step)
+    metrics = check_metrics(manager, metrics)
+    check_adapter_matches(lora, config)
     document = config.to_dict()
     digests = {CONFIG_ITEM: checksum.json_digest(document), LORA_ITEM: checksum.tree_digests(lora)}
     items = {LORA_ITEM: ocp.args.StandardSave(lora), CONFIG_ITEM: ocp.args.JsonSave(document)}
@@ -135,7 +119,6 @@ def save(
         items[OPT_STATE_ITEM] = ocp.args.StandardSave(opt_state)
         digests[OPT_STATE_ITEM] = checksum.tree_digests(opt_state)
     items[CHECKSUMS_ITEM] = ocp.args.JsonSave(digests)
-    metrics = None if metrics is None else {k: float(v) for k, v in metrics.items()}
     os.makedirs(manager.directory, exist_ok=True)
     started = manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
     if started and hasattr(manager, "pending_step"):
@@ -253,6 +236,13 @@ def restore(
             optimizer; when a file cannot be read or an array or the config is not what was
             written (names the file or leaf).
     """
+    check_manager(manager)
+    check_optimizer(optimizer)
+    if not isinstance(frozen, Mapping):
+        raise TypeError(
+            "`frozen` must be the base params (a nested dict of arrays or ShapeDtypeStructs), "
+            f"got {type(frozen).__name__}"
+        )
     step = _resolve_step(manager, step)
     where = f"the adapter checkpoint at step {step} in `{manager.directory}`"
     config, digests = _read_config(manager, step)

@@ -17,6 +17,8 @@ from typing import Any
 
 import orbax.checkpoint as ocp
 
+from jaxlora._src.files.orbax_checks import check_manager_options
+
 #: Item names inside a checkpoint step.
 LORA_ITEM = "lora"
 CONFIG_ITEM = "config"
@@ -106,9 +108,12 @@ def checkpoint_manager(
         The manager; close it (or use it as a context manager) when done.
 
     Raises:
+        TypeError: when ``directory`` is no path, ``best_metric`` no string or ``async_save``
+            no bool.
         ValueError: when ``best_mode`` is neither ``"min"`` nor ``"max"``, or ``max_to_keep`` is
             not a positive int (0 would delete every step it writes).
     """
+    check_manager_options(directory, best_metric, async_save)
     if best_mode not in ("min", "max"):
         raise ValueError(f"`best_mode` must be 'min' or 'max', got {best_mode!r}")
     if max_to_keep is not None and (

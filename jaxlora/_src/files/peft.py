@@ -24,6 +24,14 @@ import numpy as np
 from jaxlora._src import paths
 from jaxlora._src.config.lora_config import LoraConfig
 from jaxlora._src.files import atomic
+from jaxlora._src.files.peft_checks import (
+    check_directory,
+    check_document,
+    check_frozen,
+    check_layouts,
+    check_module_name,
+    check_save_args,
+)
 from jaxlora._src.files.peft_config import config_from_peft, default_module_name, peft_config
 from jaxlora._src.files.peft_layout import ModuleName, check_tensors, tensor_entries
 from jaxlora._src.tree import core
@@ -94,6 +102,9 @@ def save_peft(
             needs a magnitude on every target), when a stacked module gets no name, or when two
             leaves map to one PEFT key.
     """
+    check_directory(directory)
+    check_save_args(lora, module_name, base_model_name_or_path)
+    check_frozen(frozen)
     variant = variants.adapter_variant(lora)
     use_dora = variant == "dora"
     expected = _expected(frozen, config, variant)
@@ -116,6 +127,7 @@ def _read_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
         raise ValueError(f"`{path}` is not valid JSON: {err}") from None
     if not isinstance(document, dict):
         raise ValueError(f"`{path}` must hold a JSON object, got {type(document).__name__}")
+    check_document(document, path)
     return document
 
 
@@ -182,6 +194,10 @@ def load_peft(
             invalid JSON or an unreadable (e.g. truncated) safetensors file (names the file), and
             for tensors whose sha256 is not the one jaxlora stored when it wrote the file.
     """
+    check_directory(directory)
+    check_module_name(module_name)
+    check_layouts(layouts)
+    check_frozen(frozen)
     source = f"the PEFT adapter in `{os.fspath(directory)}`"
     document = _read_config(directory)
     tensors = _read_tensors(directory)

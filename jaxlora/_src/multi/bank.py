@@ -17,8 +17,10 @@ in ``sweeps``; :mod:`jaxlora.adapters` exports both.
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +28,7 @@ import jax.numpy as jnp
 from jaxlora._src import paths
 from jaxlora._src.config.lora_config import LoraConfig, require_config
 from jaxlora._src.config.targets import Target, find_targets
+from jaxlora._src.tree.checks import check_lora_tree, require_dicts
 from jaxlora._src.tree.core import delta, merge
 from jaxlora._src.tree.fit import check_fits, expected_adapter
 from jaxlora._src.types import LORA_A, LORA_B, LoraTree, Params
@@ -52,6 +55,7 @@ class AdapterBank:
     """
 
     def __init__(self, frozen: Params):
+        require_dicts(frozen=frozen)
         self.frozen = frozen
         self._adapters: dict[str, tuple[LoraTree, LoraConfig]] = {}
 
@@ -97,6 +101,15 @@ class AdapterBank:
         self, weights: Mapping[str, float], method: str = "cat", rank: int | None = None
     ) -> tuple[LoraTree, LoraConfig]:
         """:func:`add_weighted` of the named adapters, ``{name: weight}``."""
+        if not isinstance(weights, Mapping):
+            raise TypeError(
+                "`weights` must be a dict {adapter name: weight}, got "
+                f"{type(weights).__name__}; e.g. `bank.add_weighted({{'fr': 0.5, 'de': 0.5}})`"
+            )
+        if not weights:
+            raise ValueError(
+                f"`weights` is empty; name at least one adapter of the bank ({self.names})"
+            )
         chosen = [(*self.get(name), weight) for name, weight in weights.items()]
         return add_weighted(self.frozen, chosen, method=method, rank=rank)
 
@@ -187,6 +200,8 @@ def add_weighted(
         )
     if not adapters:
         raise ValueError("`adapters` is empty; give at least one (lora, config, weight)")
+    require_dicts(frozen=frozen)
+    _check_rank(method, rank)
     targets: dict[str, Target] = {}
     parts: dict[str, list[tuple[jax.Array, jax.Array, float]]] = {}
     for i, item in enumerate(adapters):
@@ -196,7 +211,11 @@ def add_weighted(
             )
         lora, config, weight = item
         require_config(config, "add_weighted")
-        for target in find_targets(frozen, config):
+        _check_weight(weight, i)
+        check_lora_tree(lora, "add_weighted", f"adapters[{i}]")
+        expected = paths.by_path(expected_adapter(frozen, config))
+        check_fits(paths.by_path(lora), expected, f"`adapters[{i}]`")
+        for target in find_targets(frozen, config, argument="frozen", caller="add_weighted"):
             factors = paths.get_in(lora, target.keys)
             if not isinstance(factors, Mapping) or not {LORA_A, LORA_B} <= set(factors):
                 raise ValueError(
@@ -226,6 +245,33 @@ def add_weighted(
     config = _combined_config(targets, ranks, [c for _, c, _ in adapters])
     _combine_copies(frozen, out, config, adapters)
     return out, config
+
+
+def _check_rank(method: str, rank: Any) -> None:
+    if rank is None:
+        return
+    if isinstance(rank, bool) or not isinstance(rank, int):
+        raise TypeError(f"`rank` must be a positive int or None, got {rank!r}")
+    if rank <= 0:
+        raise ValueError(f"`rank` must be a positive int (the rank to keep), got {rank}")
+    if method != "svd":
+        raise ValueError(
+            f"`rank`={rank} is only used by method='svd' (method={method!r} keeps every rank, "
+            "Σ r_i); pass method='svd' or drop `rank`"
+        )
+
+
+def _check_weight(weight: Any, i: int) -> None:
+    """A TypeError / ValueError unless ``weight`` is a finite real number (or a scalar array)."""
+    if isinstance(weight, jax.core.Tracer):
+        return
+    scalar = getattr(weight, "shape", None) == () and jnp.issubdtype(
+        getattr(weight, "dtype", None) or jnp.float32, jnp.number
+    )
+    if not scalar and (isinstance(weight, bool) or not isinstance(weight, numbers.Real)):
+        raise TypeError(f"the weight of `adapters[{i}]` must be a real number, got {weight!r:.40}")
+    if not math.isfinite(float(weight)):
+        raise ValueError(f"the weight of `adapters[{i}]` must be finite, got {float(weight)}")
 
 
 def _combine_copies(frozen, out, config, adapters) -> None:

@@ -8,16 +8,17 @@ columns stay zero; a per-member multiplier, applied by :func:`scale_b`, keeps ea
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from jaxlora._src import paths
-from jaxlora._src.config.lora_config import LoraConfig
+from jaxlora._src.config.lora_config import LoraConfig, require_config
 from jaxlora._src.config.targets import find_targets
-from jaxlora._src.tree.fit import check_fits
+from jaxlora._src.tree.checks import check_lora_tree
+from jaxlora._src.tree.fit import check_fits, describe, expected_adapter
 from jaxlora._src.types import LORA_A, LORA_B, LoraTree, Params
 
 
@@ -34,12 +35,37 @@ def stack(adapters: Sequence[LoraTree]) -> LoraTree:
         >>> stacked["d"]["lora_a"].shape, len(unstack(stacked))
         ((4, 3, 2), 4)
     """
+    if isinstance(adapters, Mapping) or not isinstance(adapters, Sequence):
+        raise TypeError(
+            "`adapters` must be a list of adapters (each a nested dict of arrays), got "
+            f"{type(adapters).__name__}; to stack one adapter, pass `[lora]`"
+        )
     if not adapters:
-        raise ValueError("`adapters` is empty")
+        raise ValueError("`adapters` is empty; give at least one adapter")
+    for i, lora in enumerate(adapters):
+        check_lora_tree(lora, "stack", f"adapters[{i}]")
     first = paths.by_path(adapters[0])
     for i, lora in enumerate(adapters[1:], 1):
-        check_fits(paths.by_path(lora), first, f"`adapters[{i}]` (vs `adapters[0]`)")
+        _check_same(paths.by_path(lora), first, i)
     return jax.tree.map(lambda *xs: jnp.stack(xs), *adapters)
+
+
+def _check_same(other: Mapping[str, Any], first: Mapping[str, Any], i: int) -> None:
+    """A ValueError listing each leaf where ``adapters[i]`` and ``adapters[0]`` differ."""
+    problems = []
+    for path in sorted(set(other) | set(first)):
+        if path not in other:
+            problems.append(f"`{path}` missing (in `adapters[0]`: {describe(first[path])})")
+        elif path not in first:
+            problems.append(f"`{path}` not in `adapters[0]` ({describe(other[path])})")
+        elif describe(other[path]) != describe(first[path]):
+            problems.append(f"`{path}` {describe(other[path])} vs {describe(first[path])}")
+    if problems:
+        raise ValueError(
+            f"`adapters[{i}]` differs from `adapters[0]` in structure, shape or dtype: "
+            + "; ".join(problems[:12])
+            + ". `stack` needs same-shaped adapters of one model (use `pad_rank` for mixed ranks)"
+        )
 
 
 def unstack(stacked: LoraTree) -> list[LoraTree]:
@@ -81,13 +107,20 @@ def pad_rank(
     Raises:
         ValueError: when ``rank`` is below a module's rank.
     """
+    require_config(config, "pad_rank")
+    if isinstance(rank, bool) or not isinstance(rank, int):
+        raise TypeError(f"`rank` must be a positive int (the rank to pad to), got {rank!r}")
+    if rank <= 0:
+        raise ValueError(f"`rank` must be a positive int (the rank to pad to), got {rank}")
+    check_lora_tree(lora, "pad_rank")
+    check_fits(paths.by_path(lora), paths.by_path(expected_adapter(frozen, config)), "`lora`")
     padded_config = LoraConfig(
         **{**config.to_dict(), "r": rank, "rank_pattern": {}, "alpha_pattern": {}}
     )
     out = jax.tree.map(lambda x: x, lora)
     multiplier: LoraTree = {}
     padded_scales = {t.path: t.scale for t in find_targets(frozen, padded_config)}
-    for target in find_targets(frozen, config):
+    for target in find_targets(frozen, config, argument="frozen", caller="pad_rank"):
         if target.rank > rank:
             raise ValueError(
                 f"`rank`={rank} is below the rank {target.rank} of `{target.path}`; pad to at "
@@ -105,11 +138,52 @@ def pad_rank(
 
 
 def scale_b(lora: LoraTree, multiplier: LoraTree) -> LoraTree:
-    """Θ with each ``lora_b`` multiplied by its entry of ``multiplier`` (see :func:`pad_rank`)."""
+    """Θ with each ``lora_b`` multiplied by its entry of ``multiplier`` (see :func:`pad_rank`).
+
+    Raises:
+        TypeError: when ``lora`` or ``multiplier`` is not a nested dict, or a factor is no number.
+        ValueError: when ``multiplier`` names a ``lora_b`` that ``lora`` lacks.
+    """
+    check_lora_tree(lora, "scale_b")
+    if not isinstance(multiplier, Mapping):
+        raise TypeError(
+            "`multiplier` must be the nested dict of per-module factors that `pad_rank` "
+            f"returns, got {type(multiplier).__name__}"
+        )
+    for keys, names, factor in paths.flatten(multiplier):
+        where = paths.join(names)
+        if names[-1] != LORA_B or paths.get_in(lora, keys) is None:
+            raise ValueError(
+                f"`multiplier` has `{where}`, which is no `lora_b` of `lora`; pass the "
+                "multiplier `pad_rank` returned for this adapter"
+            )
+        if isinstance(factor, str) or not jnp.issubdtype(jnp.result_type(factor), jnp.number):
+            raise TypeError(f"`multiplier` leaf `{where}` must be a number, got {factor!r:.40}")
     out = jax.tree.map(lambda x: x, lora)
     for keys, _, factor in paths.flatten(multiplier):
         paths.set_in(out, keys, paths.get_in(lora, keys) * factor)
     return out
+
+
+def _check_index(index: Any, stacked: LoraTree) -> jax.Array:
+    """``index`` as an int array; a concrete index must lie in ``[0, number of adapters)``."""
+    if index is None or not jnp.issubdtype(jnp.result_type(index), jnp.integer):
+        raise TypeError(
+            "`index` must be an int array (one adapter index per example), got "
+            f"{'None' if index is None else jnp.result_type(index)}"
+        )
+    index = jnp.asarray(index)
+    sizes = {jnp.shape(x)[0] for x in jax.tree.leaves(stacked) if jnp.ndim(x)}
+    if isinstance(index, jax.core.Tracer) or len(sizes) != 1 or not index.size:
+        return index
+    n = sizes.pop()
+    low, high = int(index.min()), int(index.max())
+    if low < 0 or high >= n:
+        raise ValueError(
+            f"`index` must lie in [0, {n}) for a stack of {n} adapters, got values from {low} "
+            f"to {high}; negative indices are not supported"
+        )
+    return index
 
 
 def apply_mixed(
@@ -145,7 +219,7 @@ def apply_mixed(
     """
     from jaxlora._src.forward.apply import apply
 
-    index = jnp.asarray(index)
+    index = _check_index(index, stacked)
     sizes = {jnp.shape(x)[0] for x in jax.tree.leaves(args)}
     if index.ndim != 1 or sizes != {index.shape[0]}:
         raise ValueError(

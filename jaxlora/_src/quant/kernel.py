@@ -107,21 +107,31 @@ def is_quantized(leaf: Any) -> bool:
     return isinstance(leaf, QuantizedKernel)
 
 
-def check_options(method: str, block_size: int, double_quant: bool) -> None:
+def check_options(method: str, block_size: int | None, double_quant: bool) -> None:
     """Checks the options of :func:`quantize_kernel` (and of :func:`jaxlora.quant.quantize`).
 
     Raises:
-        ValueError: for an unknown ``method``, a ``block_size`` that is not an even int >= 2, or
-            ``double_quant`` with a method other than NF4.
+        ValueError: for an unknown ``method``, a ``block_size`` that is not an even int >= 2 (or
+            not 32 for Q4_1), or ``double_quant`` with a method other than NF4.
+        TypeError: when ``double_quant`` is not a bool.
     """
     if method not in METHODS:
         raise ValueError(f"`method` must be one of {METHODS}, got {method!r}")
+    if not isinstance(double_quant, bool):
+        raise TypeError(f"`double_quant` must be True or False, got {double_quant!r}")
+    if double_quant and method != "nf4":
+        raise ValueError(f"`double_quant=True` applies to `method='nf4'` only, got {method!r}")
+    if method == "q4_1" and block_size not in (None, Q4_1_BLOCK):
+        raise ValueError(
+            f"`block_size`={block_size!r} does not apply to 'q4_1', whose blocks are always "
+            f"{Q4_1_BLOCK} elements (GGUF); leave `block_size` out"
+        )
+    if block_size is None:
+        return
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 2:
         raise ValueError(f"`block_size` must be an even int >= 2, got {block_size!r}")
     if block_size % 2:
         raise ValueError(f"`block_size` must be even (two 4-bit codes per byte), got {block_size}")
-    if double_quant and method != "nf4":
-        raise ValueError(f"`double_quant=True` applies to `method='nf4'` only, got {method!r}")
 
 
 def _pack(codes: jax.Array) -> jax.Array:
@@ -221,7 +231,7 @@ def quantize_kernel(
     w: jax.Array,
     method: str = "nf4",
     layout: str | None = None,
-    block_size: int = 64,
+    block_size: int | None = None,
     double_quant: bool = False,
 ) -> QuantizedKernel:
     """Quantises one kernel; ``layout`` (default ``"io"`` for 2-D) names its axes.
@@ -244,7 +254,7 @@ def quantize_kernel(
     if method == "int8":
         return _int8(w, layout)
     if method == "nf4":
-        return _nf4(w, layout, block_size, double_quant)
+        return _nf4(w, layout, block_size or 64, double_quant)
     return quantize_q4_1(w, layout, transposed=False)
 
 

@@ -10,9 +10,10 @@ then :func:`requantize`) is lossy; :func:`requantization_error` measures it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxlora._src import paths
@@ -42,7 +43,7 @@ def quantize(
     params: Params,
     targets: LoraConfig | str | Sequence[str] = "all-linear",
     method: str = "nf4",
-    block_size: int = 64,
+    block_size: int | None = None,
     double_quant: bool = False,
 ) -> Params:
     """Replaces the selected kernels of ``params`` by :class:`QuantizedKernel` leaves.
@@ -53,7 +54,7 @@ def quantize(
             ``target_modules`` value (list of names, regex, or ``"all-linear"``, the default,
             which like QLoRA quantises every dense kernel except the output head).
         method: ``"int8"``, ``"nf4"`` or ``"q4_1"``.
-        block_size: elements per absmax block for NF4 (Q4_1 blocks are always 32).
+        block_size: elements per absmax block for NF4 (default 64; Q4_1 blocks are always 32).
         double_quant: store NF4 absmax values as int8 too (NF4 only).
 
     Returns:
@@ -61,7 +62,9 @@ def quantize(
         :func:`split_quantized` (or split the float params first, then quantise the frozen tree).
 
     Raises:
-        ValueError: for an unknown ``method``, a bad ``block_size``, or targets matching nothing.
+        ValueError: for an unknown ``method``, a bad ``block_size``, targets matching nothing, or
+            a chosen kernel holding NaN or infinity.
+        TypeError: for a ``double_quant`` that is no bool, or a kernel that is no array.
 
     Example:
         >>> import jax.numpy as jnp
@@ -72,14 +75,36 @@ def quantize(
     """
     check_options(method, block_size, double_quant)
     config = targets if isinstance(targets, LoraConfig) else LoraConfig(target_modules=targets)
-    chosen = {t.keys + (t.leaf,): t.layout for t in find_targets(params, config)}
+    _check_kernels(params)
+    chosen = {t.keys + (t.leaf,): t.layout for t in find_targets(params, config, caller="quantize")}
 
-    def convert(keys, _, leaf):
+    def convert(keys, names, leaf):
         if keys not in chosen:
             return leaf
+        if not isinstance(leaf, jax.core.Tracer) and not bool(jnp.isfinite(leaf).all()):
+            raise ValueError(
+                f"`params` kernel `{paths.join(names)}` holds NaN or infinity, which cannot be "
+                "quantised (every block would turn NaN); fix the weights before `quantize`"
+            )
         return quantize_kernel(leaf, method, chosen[keys], block_size, double_quant)
 
     return paths.map_with_keys(convert, params)
+
+
+def _check_kernels(params: Params) -> None:
+    """A TypeError naming the first ``kernel`` / ``embedding`` that is a Python list or tuple."""
+    stack = [((), params)]
+    while stack:
+        keys, node = stack.pop()
+        if not isinstance(node, Mapping):
+            continue
+        for key, value in node.items():
+            if key in ("kernel", "embedding") and isinstance(value, list | tuple):
+                raise TypeError(
+                    f"`params` leaf `{paths.join(keys + (str(key),))}` is a "
+                    f"{type(value).__name__}, not an array; convert it with `jnp.asarray`"
+                )
+            stack.append((keys + (str(key),), value))
 
 
 def requantize(params: Params, like: Params) -> Params:

@@ -20,11 +20,12 @@ names ``rules`` maps to mesh axes as ``nn.logical_to_mesh_sharding`` does.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
 from jaxlora._src import paths
 from jaxlora._src.config.lora_config import LoraConfig
@@ -141,6 +142,33 @@ def _check_rank_divides(target: Target, rank_axis: AxisEntry, mesh: Mesh | None)
         )
 
 
+def _check_options(frozen: Any, rank_axis: Any, mesh: Any, rules: Any) -> None:
+    """TypeErrors naming ``frozen``, ``rank_axis``, ``mesh`` or ``rules`` when of a wrong type."""
+    if not isinstance(frozen, Mapping):
+        raise TypeError(
+            f"`frozen` must be the base params, a nested dict (for `target_modules` to match), "
+            f"got {type(frozen).__name__}"
+        )
+    names = rank_axis if isinstance(rank_axis, tuple | list) else (rank_axis,)
+    if rank_axis is not None and not all(isinstance(n, str) for n in names):
+        raise TypeError(
+            f"`rank_axis` must be None or a mesh axis name (or a tuple of them), got {rank_axis!r}"
+        )
+    if mesh is not None and not isinstance(mesh, Mesh | AbstractMesh):
+        raise TypeError(
+            f"`mesh` must be a jax.sharding.Mesh (e.g. `jax.make_mesh((n,), ('model',))`) or "
+            f"None, got {type(mesh).__name__}"
+        )
+    pairs = isinstance(rules, tuple | list) and all(
+        isinstance(r, tuple | list) and len(r) == 2 and isinstance(r[0], str) for r in rules
+    )
+    if rules is not None and not pairs:
+        raise TypeError(
+            "`rules` must be Flax logical axis rules, a sequence of (logical name, mesh axes) "
+            f"pairs such as (('embed', 'fsdp'), ('mlp', 'model')), got {rules!r:.60}"
+        )
+
+
 def lora_shardings(
     frozen: Params,
     config: LoraConfig,
@@ -182,6 +210,7 @@ def lora_shardings(
         >>> lora_shardings(frozen, config, specs)
         {'up': {'lora_a': P('fsdp', None), 'lora_b': P(None, 'model'), 'bias': P('model',)}}
     """
+    _check_options(frozen, rank_axis, mesh, rules)
     by_keys = _as_specs(frozen if shardings is None else shardings, rules)
     frozen = nn.unbox(frozen)
 
@@ -195,7 +224,7 @@ def lora_shardings(
         spec, own_mesh = by_keys[keys]
         return spec, own_mesh if own_mesh is not None else mesh
 
-    targets = find_targets(frozen, config)
+    targets = find_targets(frozen, config, argument="frozen", caller="lora_shardings")
     out: LoraTree = {}
     for target in targets:
         spec, where = lookup(target.keys + (target.leaf,))
