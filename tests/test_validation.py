@@ -199,7 +199,7 @@ def test_other_obscure_messages_name_the_argument(trained):
     frozen, lora, config = trained
     both = LoraConfig(r=4, lora_alpha=8, target_modules=["up", "down"])
     _, lora_both = jaxlora.split(frozen, both, KEY)
-    with pytest.raises(ValueError, match=r"`adapters\[0\]` has no `lora_a` / `lora_b` at `down`"):
+    with pytest.raises(ValueError, match=r"`adapters\[0\]`.*`down"):
         jaxlora.adapters.add_weighted(frozen, [(lora, both, 0.5), (lora_both, both, 0.5)])
     with pytest.raises(TypeError, match=r"`adapters\[0\]` must be a \(lora, config, weight\)"):
         jaxlora.adapters.add_weighted(frozen, [lora])
@@ -302,3 +302,129 @@ def test_any_broken_adapter_is_an_error_naming_lora(which, fn):
     with pytest.raises((ValueError, TypeError)) as info:
         call[fn](frozen, broken, config)
     assert "`lora`" in str(info.value), (name, str(info.value))
+
+
+# --- inputs the bad-input battery found accepted or obscure ----------------------------------
+
+
+class _MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(2, name="down")(nn.relu(nn.Dense(6, name="up")(x)))
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    model, x = _MLP(), jnp.ones((3, 4))
+    params = model.init(KEY, x)["params"]
+    config = LoraConfig(r=2, target_modules=["up", "down"], init_lora_weights=False)
+    frozen, lora = jaxlora.split(params, config, KEY)
+    return model, x, frozen, lora, config
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (
+            {"task_type": "SEQ_CLASS"},
+            ValueError,
+            r"`task_type`='SEQ_CLASS'.*mean 'SEQ_CLS'",
+        ),
+        ({"dtype": None}, TypeError, r"`dtype` must name a floating dtype"),
+    ],
+)
+def test_config_task_type_and_dtype_are_checked(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        LoraConfig(**kwargs)
+
+
+def test_config_from_dict_and_json_name_the_problem():
+    for data in ([1], None):
+        with pytest.raises(TypeError, match=r"`LoraConfig.from_dict` needs a dict"):
+            LoraConfig.from_dict(data)
+    for text in ("{x", ""):
+        with pytest.raises(ValueError, match=r"`LoraConfig.from_json`: the text is not valid JSON"):
+            LoraConfig.from_json(text)
+
+
+@pytest.mark.parametrize("fn", [jaxlora.merge, jaxlora.unmerge])
+def test_merge_rejects_adapters_that_cannot_be_right(mlp, fn):
+    _, _, frozen, lora, config = mlp
+    int_a = {**lora, "up": {**lora["up"], "lora_a": lora["up"]["lora_a"].astype(jnp.int32)}}
+    with pytest.raises(TypeError, match=r"`lora` leaf `up/lora_a` has dtype int32"):
+        fn(frozen, int_a, config)
+    for no_factors in ({}, frozen):
+        with pytest.raises(ValueError, match=r"holds no `lora_a` / `lora_b` factors"):
+            fn(frozen, no_factors, config)
+    with pytest.raises(ValueError, match=r"lacks the trainable copies .*`bias`='all'"):
+        fn(frozen, lora, LoraConfig(r=2, target_modules=["up", "down"], bias="all"))
+    with pytest.raises(TypeError, match=r"`(frozen|merged)` must be a nested dict"):
+        fn("params", lora, config)
+
+
+def test_apply_checks_its_keywords_and_the_model(mlp):
+    model, x, frozen, lora, config = mlp
+    run = lambda **kw: jaxlora.apply(model, frozen, lora, config, x, **kw)  # noqa: E731
+    with pytest.raises(TypeError, match=r"`lora_deterministic` must be True, False or None"):
+        run(lora_deterministic="yes")
+    with pytest.raises(TypeError, match=r"`rngs\['dropout'\]` must be a PRNG key"):
+        run(rngs={"dropout": 5})
+    with pytest.raises(ValueError, match=r"`method`='nope' is not a method.*'__call__'"):
+        run(method="nope")
+    with pytest.raises(TypeError, match=r"`variables` must be a dict"):
+        run(variables=5)
+    graphdef, _ = nnx_split_other()
+    with pytest.raises(ValueError, match=r"`frozen` does not fit the NNX `model`"):
+        jaxlora.apply(graphdef, frozen, lora, config, x)
+
+
+def nnx_split_other():
+    from flax import nnx
+
+    class Other(nnx.Module):
+        def __init__(self, rngs):
+            self.query = nnx.Linear(4, 4, rngs=rngs)
+
+        def __call__(self, x):
+            return self.query(x)
+
+    return nnx.split(Other(nnx.Rngs(0)))
+
+
+def test_count_and_combine_check_the_adapter_fits(mlp):
+    _, _, frozen, lora, _ = mlp
+    with pytest.raises(ValueError, match=r"looks like the frozen base itself"):
+        jaxlora.count(frozen, frozen)
+    with pytest.raises(ValueError, match=r"`lora`.*(`frozen`|no counterpart)"):
+        jaxlora.combine(lora, frozen)
+    with pytest.raises(ValueError, match=r"`ghost"):
+        jaxlora.combine(frozen, {**lora, "ghost": lora["up"]})
+
+
+def test_partition_and_trainable_mask_name_combined(mlp):
+    _, _, frozen, lora, config = mlp
+    for fn in (jaxlora.partition, jaxlora.trainable_mask):
+        with pytest.raises(TypeError, match=r"`combined` \(in `\w+`\) must be the combined"):
+            fn(None, config)
+        with pytest.raises(ValueError, match=r"`combined` \(in `\w+`\) holds no `lora_a`"):
+            fn(frozen, config)
+    other = {"query": {"kernel": jnp.ones((4, 4))}}
+    other_config = LoraConfig(r=2, target_modules=["query"])
+    combined = jaxlora.combine(*jaxlora.split(other, other_config, KEY))
+    with pytest.raises(ValueError, match=r"`target_modules`"):
+        jaxlora.partition(combined, config)
+
+
+def test_find_targets_names_the_callers_argument():
+    config = LoraConfig(target_modules=["up"])
+    with pytest.raises(ValueError, match=r"`frozen` \(in `lora_shardings`\) holds no 'kernel'"):
+        jaxlora.find_targets({"w": jnp.ones(3)}, config, argument="frozen", caller="lora_shardings")
+    with pytest.raises(TypeError, match=r"`params` \(in `find_targets`\) must be the model's"):
+        jaxlora.find_targets(None, config)
+
+
+def test_pissa_names_a_quantised_kernel():
+    base = {"up": {"kernel": jnp.ones((64, 64))}, "down": {"kernel": jnp.ones((64, 8))}}
+    quantised = jaxlora.quant.quantize(base, ["up"], "nf4")
+    with pytest.raises(ValueError, match=r"`params` kernels up/kernel are quantised"):
+        jaxlora.inits.pissa_split(quantised, LoraConfig(r=2, target_modules=["up"]), KEY)

@@ -80,6 +80,12 @@ def _infer_nnx(module: nnx.Module) -> dict[str, str]:
 
 
 def _infer_linen(module: nn.Module, args, method, kwargs) -> dict[str, str]:
+    cls = type(module)
+    if isinstance(method, str) and not callable(getattr(cls, method, None)):
+        own = sorted(n for n in set(dir(cls)) - set(dir(nn.Module)) if callable(getattr(cls, n)))
+        raise ValueError(
+            f"`method`={method!r} is not a method of the model ({cls.__name__}); its methods: {own}"
+        )
     seen: dict[tuple[str, ...], str] = {}
 
     def record(next_fun, call_args, call_kwargs, context):

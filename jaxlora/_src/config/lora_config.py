@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlora._src import paths
-from jaxlora._src.config import axes_order, peft_layers
+from jaxlora._src.config import axes_order, peft_layers, peft_rules
 
 _BIAS_MODES = ("none", "all", "lora_only")
 _INIT_MODES = (True, False, "gaussian")
@@ -217,13 +217,14 @@ class LoraConfig:
                 "`init_lora_weights` must be True, False or 'gaussian', "
                 f"got {self.init_lora_weights!r}"
             )
-        if self.task_type is not None and not isinstance(self.task_type, str):
-            raise TypeError(f"`task_type` must be a string or None, got {self.task_type!r}")
+        peft_rules.check_task_type(self.task_type)
         set_("layers_to_transform", peft_layers.check_layers_to_transform(self.layers_to_transform))
         set_("layers_pattern", peft_layers.check_layers_pattern(self.layers_pattern))
         peft_layers.check_layer_fields(
             self.target_modules, self.layers_to_transform, self.layers_pattern
         )
+        if self.dtype is None:
+            raise TypeError("`dtype` must name a floating dtype (e.g. 'float32'), got None")
         try:
             dtype = jnp.dtype(self.dtype)
         except TypeError:
@@ -263,6 +264,11 @@ class LoraConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> LoraConfig:
         """The inverse of :meth:`to_dict`; unknown keys are an error."""
+        if not isinstance(data, Mapping):
+            raise TypeError(
+                "`LoraConfig.from_dict` needs a dict of config fields (as `to_dict` returns), got "
+                f"{type(data).__name__}"
+            )
         known = {field.name for field in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -276,7 +282,18 @@ class LoraConfig:
     @classmethod
     def from_json(cls, text: str) -> LoraConfig:
         """Reads a config written by :meth:`to_json`."""
-        return cls.from_dict(json.loads(text))
+        if not isinstance(text, str | bytes | bytearray):
+            raise TypeError(
+                f"`LoraConfig.from_json` needs the JSON text (a str), got {type(text).__name__}"
+            )
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(
+                f"`LoraConfig.from_json`: the text is not valid JSON ({err}); pass the string "
+                "`LoraConfig.to_json` wrote"
+            ) from None
+        return cls.from_dict(data)
 
 
 # The config is static metadata: it can be passed straight to a jitted function.

@@ -12,6 +12,7 @@ The order of PEFT's decision, kept here: ``exclude_modules`` first, then ``modul
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -43,6 +44,27 @@ OUTPUT_EMBEDDING_NAMES = (
     "predictions/decoder",
     "generator_lm_head",
 )
+
+
+#: PEFT's ``TaskType`` values.
+TASK_TYPES = (
+    "SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION"
+)  # fmt: skip
+
+
+def check_task_type(task_type: Any) -> None:
+    """A TypeError / ValueError unless ``task_type`` is None or one of PEFT's task types."""
+    if task_type is None:
+        return
+    if not isinstance(task_type, str):
+        raise TypeError(f"`task_type` must be a string or None, got {task_type!r}")
+    if task_type.upper() not in TASK_TYPES:
+        close = difflib.get_close_matches(task_type.upper(), TASK_TYPES, n=1, cutoff=0.4)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(
+            f"`task_type`={task_type!r} is not one of PEFT's task types {TASK_TYPES} (or None)"
+            f"{hint}"
+        )
 
 
 def task_heads(task_type: str | None) -> tuple[str, ...]:

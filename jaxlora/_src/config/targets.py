@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from typing import Any
 
 from jaxlora._src import paths
@@ -155,13 +156,17 @@ def _check_patterns(field: str, patterns: Any, where: list[str], what: str) -> N
             )
 
 
-def find_targets(params: Params, config: LoraConfig) -> list[Target]:
+def find_targets(
+    params: Params, config: LoraConfig, *, argument: str = "params", caller: str | None = None
+) -> list[Target]:
     """The kernels of ``params`` that ``config`` adapts, in the tree's flattening order.
 
     Args:
         params: a params pytree (linen ``params`` dict, ``nnx.State``, nested dicts); its leaves
             may be arrays or ``jax.ShapeDtypeStruct``.
         config: the LoRA config.
+        argument: the caller's name for ``params``, used in error messages (e.g. ``"frozen"``).
+        caller: the public function that called, named in error messages (default: this one).
 
     Returns:
         One :class:`Target` per adapted kernel.
@@ -177,11 +182,17 @@ def find_targets(params: Params, config: LoraConfig) -> list[Target]:
         >>> [t.path for t in find_targets(params, jaxlora.LoraConfig(target_modules=["query"]))]
         ['attn/query']
     """
-    require_config(config, "find_targets")
+    where = f"`{argument}` (in `{caller or 'find_targets'}`)"
+    require_config(config, caller or "find_targets")
+    if not isinstance(params, Mapping):
+        raise TypeError(
+            f"{where} must be the model's params, a nested dict or nnx.State of arrays, got "
+            f"{type(params).__name__}; pass the model's `params` collection (variables['params'])"
+        )
     cands = _candidates(params)
     if not cands:
         raise ValueError(
-            "`params` holds no 'kernel' or 'embedding' leaf of 2 or more dimensions, so nothing "
+            f"{where} holds no 'kernel' or 'embedding' leaf of 2 or more dimensions, so nothing "
             "can be adapted; pass the model's `params` collection (variables['params'])"
         )
     all_paths = [c.path for c in cands]

@@ -38,10 +38,22 @@ from jaxlora._src.types import LoraTree, Params
 MODES = ("factored", "merged")
 
 
+def _is_key(value: Any) -> bool:
+    dtype = getattr(value, "dtype", None)
+    if dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key):
+        return True
+    return dtype == jnp.uint32 and tuple(getattr(value, "shape", ())) == (2,)
+
+
 def _rngs(rngs: Any) -> dict[str, jax.Array]:
     if rngs is None:
         return {}
     if isinstance(rngs, Mapping):
+        for name, key in rngs.items():
+            if not _is_key(key):
+                raise TypeError(
+                    f"`rngs[{name!r}]` must be a PRNG key (`jax.random.key(seed)`), got {key!r:.60}"
+                )
         return dict(rngs)
     if isinstance(rngs, jax.Array):
         return {linen.DROPOUT_RNG: rngs}
@@ -170,6 +182,10 @@ def apply(
     """
     if mode not in MODES:
         raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}")
+    if lora_deterministic is not None and not isinstance(lora_deterministic, bool):
+        raise TypeError(
+            f"`lora_deterministic` must be True, False or None, got {lora_deterministic!r}"
+        )
     if not isinstance(config, LoraConfig):
         raise TypeError(f"`config` must be a jaxlora.LoraConfig, got {type(config).__name__}")
     kwargs = _model_kwargs(kwargs, model_kwargs)
@@ -200,6 +216,7 @@ def apply(
 def _apply_linen(model, frozen, lora, config, call, mode, rngs, dropout_on, variables, remat):
     """:func:`apply` for a linen model; ``call = (args, kwargs, method)``."""
     args, kwargs, method = call
+    _check_linen_inputs(model, frozen, method, variables)
     variables = dict(variables or {})
     with contextlib.ExitStack() as stack:
         if remat is not None:
@@ -231,16 +248,50 @@ def _apply_nnx(model, frozen, lora, config, call, mode, key):
         )
     graphdef = model if isinstance(model, nnx.GraphDef) else nnx.graphdef(model)
     if mode == "merged":
-        module = nnx.merge(graphdef, core.merge(frozen, lora, config))
+        module = _merge_nnx(graphdef, core.merge(frozen, lora, config))
         return _call_nnx(module, method, args, kwargs)
-    module = nnx.merge(graphdef, nnx_forward.adapt_state(frozen, lora, config, key))
+    module = _merge_nnx(graphdef, nnx_forward.adapt_state(frozen, lora, config, key))
     with nnx_forward.hooked_layers():
         return _call_nnx(module, method, args, kwargs)
+
+
+def _check_method(cls: type, base: type, method: Any) -> None:
+    if isinstance(method, str) and not callable(getattr(cls, method, None)):
+        own = sorted(n for n in set(dir(cls)) - set(dir(base)) if callable(getattr(cls, n, None)))
+        raise ValueError(
+            f"`method`={method!r} is not a method of the model ({cls.__name__}); its methods: {own}"
+        )
+
+
+def _check_linen_inputs(model, frozen, method, variables) -> None:
+    if isinstance(frozen, nnx.State):
+        raise TypeError(
+            "`frozen` is an nnx.State, but `model` is a linen Module: pass the NNX model (or its "
+            "GraphDef) the state was split from, or the linen model's `params` collection"
+        )
+    if variables is not None and not isinstance(variables, Mapping):
+        raise TypeError(
+            "`variables` must be a dict of the model's other collections (e.g. "
+            f"{{'batch_stats': ...}}) or None, got {type(variables).__name__}"
+        )
+    _check_method(type(model), nn.Module, method)
+
+
+def _merge_nnx(graphdef: nnx.GraphDef, state: Any) -> nnx.Module:
+    try:
+        return nnx.merge(graphdef, state)
+    except (ValueError, TypeError, KeyError) as err:
+        raise ValueError(
+            f"`frozen` does not fit the NNX `model` ({type(err).__name__}: {str(err)[:200]}); "
+            "pass the state from `nnx.split(model)` that the adapter was made with (a linen "
+            "params dict belongs with a linen model)"
+        ) from err
 
 
 def _call_nnx(module, method, args, kwargs):
     if method is None:
         return module(*args, **kwargs)
     if isinstance(method, str):
+        _check_method(type(module), nnx.Module, method)
         return getattr(module, method)(*args, **kwargs)
     return method(module, *args, **kwargs)

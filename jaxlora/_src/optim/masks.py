@@ -16,7 +16,7 @@ import optax
 
 from jaxlora._src import paths
 from jaxlora._src.config.lora_config import LoraConfig, require_config
-from jaxlora._src.config.targets import BIAS
+from jaxlora._src.config.targets import BIAS, find_targets
 from jaxlora._src.types import ADAPTER_LEAVES, LORA_A, LoraTree, Params
 
 TRAINABLE = "trainable"
@@ -40,9 +40,26 @@ def _is_trainable(combined: Params, config: LoraConfig, keys: tuple[Any, ...], n
     )
 
 
+def _check_combined(combined: Any, config: LoraConfig, where: str, factors: bool = True) -> None:
+    """``combined`` must be a tree (with factors, when ``factors`` and ``config`` targets any)."""
+    require_config(config, where)
+    if not isinstance(combined, Mapping):
+        raise TypeError(
+            f"`combined` (in `{where}`) must be the combined params tree, a nested dict from "
+            f"`jaxlora.combine(frozen, lora)`, got {type(combined).__name__}"
+        )
+    _check_saved(combined, config, where)
+    names = {n[-1] for _, n, _ in paths.flatten(combined) if n}
+    if factors and config.target_modules is not None and LORA_A not in names:
+        raise ValueError(
+            f"`combined` (in `{where}`) holds no `lora_a` / `lora_b` factors, but `config` "
+            f"targets modules (`target_modules`={config.target_modules!r}): it looks like the "
+            "plain base. Pass `jaxlora.combine(frozen, lora)`"
+        )
+
+
 def _check_saved(combined: Params, config: LoraConfig, where: str) -> None:
     """As :func:`jaxlora.split`: each ``modules_to_save`` entry must name a module of the tree."""
-    require_config(config, where)
     modules = {paths.join(names[:k]) for _, names, _ in paths.flatten(combined)
                for k in range(1, len(names))}  # fmt: skip
     missing = [n for n in config.modules_to_save or () if not any(_saved_in(n, m) for m in modules)]
@@ -66,7 +83,11 @@ def trainable_mask(combined: Params, config: LoraConfig) -> Params:
         >>> trainable_mask(tree, jaxlora.LoraConfig(bias="lora_only"))
         {'d': {'bias': True, 'kernel': False, 'lora_a': True, 'lora_b': True}}
     """
-    _check_saved(combined, config, "trainable_mask")
+    _check_combined(combined, config, "trainable_mask")
+    return _mask(combined, config)
+
+
+def _mask(combined: Params, config: LoraConfig) -> Params:
     return jax.tree.map_with_path(
         lambda kp, _: _is_trainable(combined, config, paths.leaf_keys(kp), paths.leaf_path(kp)),
         combined,
@@ -127,7 +148,8 @@ def freeze(
 
 
 def _labels(tree: Params, config: LoraConfig) -> Params:
-    labels = trainable_labels(tree, config)
+    _check_combined(tree, config, "freeze", factors=False)
+    labels = jax.tree.map(lambda flag: TRAINABLE if flag else FROZEN, _mask(tree, config))
     if TRAINABLE not in jax.tree.leaves(labels):
         raise ValueError(
             "`freeze`: the tree given to the optimizer has no trainable leaf (no `lora_a` / "
@@ -153,7 +175,7 @@ def partition(combined: Params, config: LoraConfig) -> tuple[Params, LoraTree]:
 
     ``frozen`` keeps every leaf but the factors; ``lora`` holds the trainable leaves.
     """
-    _check_saved(combined, config, "partition")
+    _check_combined(combined, config, "partition")
     frozen: dict[Any, Any] = {}
     lora: LoraTree = {}
     for keys, names, leaf in paths.flatten(combined):
@@ -161,4 +183,14 @@ def partition(combined: Params, config: LoraConfig) -> tuple[Params, LoraTree]:
             paths.set_in(lora, keys, leaf)
         if names[-1] not in ADAPTER_LEAVES:
             paths.set_in(frozen, keys, leaf)
+    adapted = {paths.join(n[:-1]) for _, n, _ in paths.flatten(lora) if n and n[-1] == LORA_A}
+    if config.target_modules is not None:
+        targets = find_targets(frozen, config, argument="combined", caller="partition")
+        untargeted = sorted(adapted - {t.path for t in targets})
+        if untargeted:
+            raise ValueError(
+                f"`combined` (in `partition`) has factors at {paths.preview(untargeted)}, which "
+                f"`config` does not target (`target_modules`={config.target_modules!r}); pass "
+                "the config the adapter was made with"
+            )
     return frozen, lora

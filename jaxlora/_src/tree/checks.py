@@ -11,12 +11,18 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from jaxlora._src import paths
 from jaxlora._src.config.lora_config import LoraConfig
-from jaxlora._src.config.targets import Target, find_targets, module_paths
+from jaxlora._src.config.targets import (
+    Target,
+    find_targets,
+    find_trainable_leaves,
+    module_paths,
+)
 from jaxlora._src.quant.kernel import is_quantized
-from jaxlora._src.types import LORA_A, LoraTree, Params
+from jaxlora._src.types import ADAPTER_LEAVES, LORA_A, LoraTree, Params
 
 
 def check_lora_tree(lora: Any, what: str, name: str = "lora") -> None:
@@ -41,6 +47,11 @@ def check_lora_tree(lora: Any, what: str, name: str = "lora") -> None:
                 raise TypeError(
                     f"`{name}` leaf `{paths.join(where)}` is a {type(value).__name__}, not an "
                     "array; adapter leaves must be arrays (convert with `jnp.asarray`)"
+                )
+            elif str(key) in ADAPTER_LEAVES and not jnp.issubdtype(value.dtype, jnp.floating):
+                raise TypeError(
+                    f"`{name}` leaf `{paths.join(where)}` has dtype {value.dtype}; adapter "
+                    "factors must be floating (convert with `.astype(jnp.float32)`)"
                 )
 
 
@@ -79,12 +90,14 @@ def check_adapter_config(params: Params, lora: LoraTree, config: LoraConfig, wha
         if names and names[-1] == LORA_A
     }
     if not adapted:
+        _check_no_factors(lora, config, what)
         return
     abstract = _abstract(params)
     present = set(module_paths(abstract))
     if not present & set(adapted):
         return
-    targets: dict[str, Target] = {t.path: t for t in find_targets(abstract, config)}
+    found = find_targets(abstract, config, caller=what)
+    targets: dict[str, Target] = {t.path: t for t in found}
     untargeted = [p for p in adapted if p in present and p not in targets]
     if untargeted:
         raise ValueError(
@@ -102,3 +115,34 @@ def check_adapter_config(params: Params, lora: LoraTree, config: LoraConfig, wha
                 f"the scale of rank {target.rank}, not the one the adapter was trained with. Pass "
                 "the config the adapter was trained with"
             )
+    _check_copies(abstract, lora, config, found, what)
+
+
+def _check_no_factors(lora: LoraTree, config: LoraConfig, what: str) -> None:
+    """A ValueError for an adapter without factors when ``config`` targets modules."""
+    if config.target_modules is None:
+        return
+    names = {n[-1] for _, n, _ in paths.flatten(lora) if n}
+    hint = (
+        " It holds 'kernel' leaves: is it the frozen base (the first value of `split`)?"
+        if names & {"kernel", "embedding"}
+        else ""
+    )
+    raise ValueError(
+        f"`lora` given to `{what}` holds no `lora_a` / `lora_b` factors, but `config` targets "
+        f"modules (`target_modules`={config.target_modules!r}).{hint} Pass the adapter Θ, the "
+        "second value of `jaxlora.split(params, config, key)`"
+    )
+
+
+def _check_copies(abstract: Params, lora: LoraTree, config: LoraConfig, targets, what: str) -> None:
+    """A ValueError when ``lora`` lacks a leaf ``config`` trains in full (biases, saved modules)."""
+    have = {keys for keys, _, _ in paths.flatten(lora)}
+    trainable = find_trainable_leaves(abstract, config, targets)
+    missing = [path for keys, path in trainable if keys not in have]
+    if missing:
+        raise ValueError(
+            f"`lora` lacks the trainable copies {paths.preview(missing)} that `config` trains in "
+            f"full (`bias`={config.bias!r}, `modules_to_save`={config.modules_to_save!r}), so "
+            f"`{what}` would use the base values there. Pass the config the adapter was made with"
+        )

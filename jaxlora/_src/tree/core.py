@@ -30,7 +30,7 @@ from jaxlora._src.config.targets import (
     find_trainable_leaves,
 )
 from jaxlora._src.quant.kernel import dequantize_tree
-from jaxlora._src.tree import checks
+from jaxlora._src.tree import checks, count
 from jaxlora._src.types import LORA_A, LORA_B, LoraTree, Params, PRNGKey
 from jaxlora._src.variants import base as variants
 from jaxlora._src.variants.lora import delta as delta
@@ -136,8 +136,7 @@ def _check_factors(where: str, leaf: str, weight, a, b, layout: str = "") -> int
         raise ValueError(
             f"`lora` factors at `{where}` do not fit the {leaf} {tuple(weight.shape)}: got "
             f"{LORA_A} {tuple(a.shape)} and {LORA_B} {tuple(b.shape)}, expected {LORA_A} of shape "
-            "stack + input + (r,) and "
-            f"{LORA_B} stack + (r,) + output"
+            f"stack + input + (r,) and {LORA_B} stack + (r,) + output"
             + (f" of the kernel's axes {layout!r} in that order" if layout else "")
             + "; was the adapter made for another model?"
         )
@@ -175,6 +174,7 @@ def fold_module(module, names, weight, config: LoraConfig, sign: float):
 
 
 def _fold(params: Params, lora: LoraTree, config: LoraConfig, sign: float, what: str) -> Params:
+    checks.require_dicts(**{"frozen" if sign > 0 else "merged": params})
     fold = lambda module, names, leaf: fold_module(module, names, leaf, config, sign)  # noqa: E731
     return map_adapted(dequantize_tree(params), lora, config, fold, what, copy=sign > 0)
 
@@ -281,18 +281,20 @@ def combine(frozen: Params, lora: LoraTree) -> dict[Any, Any]:
     the factored forward runs on :func:`jaxlora.adapted_params`.
 
     Example:
-        >>> import jax.numpy as jnp
-        >>> combine({"d": {"kernel": 1, "bias": 2}}, {"d": {"lora_a": 3, "bias": 4}})
-        {'d': {'kernel': 1, 'bias': 4, 'lora_a': 3}}
+        >>> import jax, jax.numpy as jnp, jaxlora
+        >>> config = jaxlora.LoraConfig(r=1, target_modules=["d"])
+        >>> params, key = {"d": {"kernel": jnp.ones((2, 2))}}, jax.random.key(0)
+        >>> frozen, lora = jaxlora.split(params, config, key)
+        >>> sorted(combine(frozen, lora)["d"])
+        ['kernel', 'lora_a', 'lora_b']
     """
     checks.require_dicts(frozen=frozen, lora=lora)
-    out = {
-        key: (combine(value, {}) if isinstance(value, Mapping) else value)
-        for key, value in frozen.items()
-    }
+    count.check_fits(count.base_leaves(frozen), lora, "combine")
+    return _combine(frozen, lora)
+
+
+def _combine(frozen: Params, lora: LoraTree) -> dict[Any, Any]:
+    out = {k: _combine(v, {}) if isinstance(v, Mapping) else v for k, v in frozen.items()}
     for key, value in lora.items():
-        if isinstance(value, Mapping):
-            out[key] = combine(out.get(key, {}), value)
-        else:
-            out[key] = value
+        out[key] = _combine(out.get(key, {}), value) if isinstance(value, Mapping) else value
     return out

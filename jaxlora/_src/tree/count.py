@@ -19,7 +19,7 @@ def _size(leaf) -> int:
     return math.prod(leaf.shape)
 
 
-def _base_leaves(frozen: Params) -> dict[tuple[str, ...], Any]:
+def base_leaves(frozen: Params) -> dict[tuple[str, ...], Any]:
     """``{string path: leaf}`` of ``frozen``, a quantised kernel as one leaf of its float shape.
 
     Raises:
@@ -63,6 +63,33 @@ def _check_factors_fit(base: dict, lora: LoraTree, names: tuple[str, ...]) -> No
             f"`lora` factors at `{module}` do not fit `frozen`, which has {have} there; was the "
             "adapter made for another model (or another size of it)?"
         )
+
+
+def check_fits(base: dict, lora: LoraTree, what: str) -> None:
+    """Checks, without a config, that ``lora`` fits the base (``base``: :func:`_base_leaves` of
+    ``frozen``): its factors fit a weight of ``frozen`` and each other leaf replaces a leaf of
+    ``frozen`` of the same shape. ``frozen`` itself passed as ``lora`` is an error.
+    """
+    checks.check_lora_tree(lora, what)
+    flat = list(paths.flatten(lora))
+    if flat and not any(n[-1] in ADAPTER_LEAVES for _, n, _ in flat) and len(flat) == len(base):
+        raise ValueError(
+            f"`lora` given to `{what}` holds every leaf of `frozen` ('kernel' included) and no "
+            "`lora_a` / `lora_b` factors: it looks like the frozen base itself. Pass the adapter "
+            "Θ, the second value of `jaxlora.split(params, config, key)`"
+        )
+    for _, names, leaf in flat:
+        if names[-1] == LORA_A:
+            _check_factors_fit(base, lora, names)
+        elif names[-1] in ADAPTER_LEAVES:
+            continue
+        elif names not in base or tuple(base[names].shape) != tuple(leaf.shape):
+            found = f"of shape {tuple(base[names].shape)}" if names in base else "no such leaf"
+            raise ValueError(
+                f"`lora` leaf `{paths.join(names)}` has no counterpart in `frozen` (it is "
+                f"{tuple(leaf.shape)}, `frozen` has {found}); was the adapter made for another "
+                f"model? (in `{what}`)"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,13 +154,13 @@ def count(frozen: Params, lora: LoraTree | None = None) -> ParamCount:
         >>> print(jaxlora.count(*jaxlora.split(params, config, jax.random.key(0))))
         trainable params: 800 || all params: 20,800 || trainable%: 3.8462
     """
-    base = _base_leaves(frozen)
+    base = base_leaves(frozen)
     base_by_module: dict[str, int] = {}
     for names, leaf in base.items():
         module = paths.join(names[:-1])
         base_by_module[module] = base_by_module.get(module, 0) + _size(leaf)
     if lora is not None:
-        checks.check_lora_tree(lora, "count")
+        check_fits(base, lora, "count")
     adapter_by_module: dict[str, int] = {}
     trainable_by_module: dict[str, int] = {}
     for _, names, leaf in paths.flatten(lora or {}):
@@ -142,15 +169,6 @@ def count(frozen: Params, lora: LoraTree | None = None) -> ParamCount:
         trainable_by_module[module] = trainable_by_module.get(module, 0) + size
         if names[-1] in ADAPTER_LEAVES:
             adapter_by_module[module] = adapter_by_module.get(module, 0) + size
-            if names[-1] == LORA_A:
-                _check_factors_fit(base, lora, names)
-        elif names not in base or tuple(base[names].shape) != tuple(leaf.shape):
-            found = f"of shape {tuple(base[names].shape)}" if names in base else "no such leaf"
-            raise ValueError(
-                f"`lora` leaf `{paths.join(names)}` has no counterpart in `frozen` (it is "
-                f"{tuple(leaf.shape)}, `frozen` has {found}); was the adapter made for another "
-                "model?"
-            )
     rows = tuple(
         ModuleCount(m, base_by_module.get(m, 0), adapter_by_module.get(m, 0), trainable)
         for m, trainable in trainable_by_module.items()

@@ -17,6 +17,7 @@ from jaxlora._src import paths
 from jaxlora._src.config import axes_order
 from jaxlora._src.config.lora_config import LoraConfig
 from jaxlora._src.config.targets import Target, find_targets
+from jaxlora._src.quant.kernel import is_quantized
 from jaxlora._src.tree import core
 from jaxlora._src.types import LORA_A, LORA_B, LoraTree, Params, PRNGKey
 
@@ -71,6 +72,18 @@ def pissa_factors(
     return a, b, axes_order.from_canonical(residual.astype(w.dtype), target.layout)
 
 
+def _check_float_base(params: Params) -> None:
+    """A ValueError naming the quantised kernels of ``params``: PiSSA needs the float kernel."""
+    flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)[0]
+    quantised = [paths.join(paths.leaf_path(kp)) for kp, leaf in flat if is_quantized(leaf)]
+    if quantised:
+        raise ValueError(
+            f"`params` kernels {paths.preview(quantised)} are quantised; PiSSA needs the float "
+            "kernel to take its SVD: run `pissa_split` on the float params, then quantise the "
+            "residual (`jaxlora.quant.quantize(residual, ...)`)"
+        )
+
+
 def pissa_split(
     params: Params, config: LoraConfig, key: PRNGKey, niter: int | None = None
 ) -> tuple[Params, LoraTree]:
@@ -103,11 +116,19 @@ def pissa_split(
     """
     if niter is not None and (isinstance(niter, bool) or not isinstance(niter, int) or niter < 0):
         raise ValueError(f"`niter` must be None or an int >= 0, got {niter!r}")
+    _check_float_base(params)
     _, lora = core.split(params, config, key)
     residuals = {}
     leaves = {keys: leaf for keys, _, leaf in paths.flatten(params)}
     for target in find_targets(params, config):
         keys = target.keys + (target.leaf,)
+        kernel = leaves[keys]
+        concrete = isinstance(kernel, jax.Array) and not isinstance(kernel, jax.core.Tracer)
+        if concrete and not bool(jnp.isfinite(kernel).all()):
+            raise ValueError(
+                f"`params` {target.leaf} at `{target.path}` holds NaN or inf values; PiSSA's SVD "
+                "needs a finite kernel: check the checkpoint the params were loaded from"
+            )
         a, b, residual = pissa_factors(leaves[keys], target, niter, core.path_key(key, target.path))
         paths.set_in(lora, target.keys + (LORA_A,), a.astype(config.dtype))
         paths.set_in(lora, target.keys + (LORA_B,), b.astype(config.dtype))
