@@ -90,8 +90,9 @@ def check_adapter_config(params: Params, lora: LoraTree, config: LoraConfig, wha
         if names and names[-1] == LORA_A
     }
     if not adapted:
-        _check_no_factors(lora, config, what)
-        return
+        if not any(names and names[-1] in ADAPTER_LEAVES for _, names, _ in paths.flatten(lora)):
+            _check_no_factors(lora, config, what)
+        return  # a module with some adapter leaves but no `lora_a`: fold_module names it
     abstract = _abstract(params)
     present = set(module_paths(abstract))
     if not present & set(adapted):
