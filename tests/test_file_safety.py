@@ -33,6 +33,9 @@ from jaxlora import peft as jpeft
 from jaxlora._src.files import atomic
 from tests.treeutil import assert_trees_bitwise_equal
 
+# The full suite only (writes and corrupts many checkpoints).
+pytestmark = pytest.mark.slow
+
 CONFIG = jaxlora.LoraConfig(r=2, target_modules=["l1", "l2"], init_lora_weights=False)
 BASE = {"l1": {"kernel": jnp.ones((16, 32))}, "l2": {"kernel": jnp.ones((32, 4))}}
 

@@ -18,6 +18,10 @@ from jaxlora._src import paths
 from jaxlora._src.files.peft_layout import tensor_entries
 from jaxlora._src.forward import lowrank
 
+# The full suite only (91 compiled cases); tests/test_apply_guarantee.py has 'oio' cases in the
+# fast core.
+pytestmark = pytest.mark.slow
+
 B, T, D, H, K, C = 2, 5, 8, 2, 4, 3
 
 #: name: (einsum_str, kernel shape, input shape, layout the einsum gives its kernel)

@@ -19,6 +19,9 @@ from jaxlora._src.config import peft_layers, peft_rules
 from jaxlora._src.config.targets import find_trainable_leaves
 from jaxlora.peft import config_from_peft, peft_config
 
+# The full suite only (imports torch, transformers and PEFT).
+pytestmark = pytest.mark.slow
+
 peft = pytest.importorskip("peft")
 torch = pytest.importorskip("torch")
 tuners_utils = pytest.importorskip("peft.tuners.tuners_utils")

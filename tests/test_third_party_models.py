@@ -50,6 +50,9 @@ from tests.model_contract import (  # noqa: E402
     train_factored,
 )
 
+# The full suite only (compiles three third-party models).
+pytestmark = pytest.mark.slow
+
 OUTPUT_RTOL = 1e-5
 GRAD_RTOL = 1e-4
 STEPS = 2

@@ -10,6 +10,9 @@ import pytest
 import jaxlora
 from jaxlora import adapters, checkpoint, quant
 
+# The full suite only (writes checkpoints and PEFT directories).
+pytestmark = pytest.mark.slow
+
 FROZEN = {"up": {"kernel": jnp.ones((4, 6))}, "down": {"kernel": jnp.ones((6, 4))}}
 CONFIG = jaxlora.LoraConfig(r=2, target_modules=["up", "down"], init_lora_weights=False)
 
