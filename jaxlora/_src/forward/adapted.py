@@ -71,6 +71,17 @@ def _bare(weight: Any) -> Any:
     return meta.unbox(weight) if isinstance(weight, meta.AxisMetadata) else weight
 
 
+def call_input(kind: str, args, kwargs) -> tuple[Any, Any]:
+    """The layer input of a known layer call (``query`` for ``attend``) and, for an ``Einsum``,
+    the einsum string given to the call; shared by the linen and NNX factored paths."""
+    name = "query" if kind == "attend" else "inputs"
+    x = args[0] if args else kwargs[name]
+    einsum_str = (
+        (args[1] if len(args) > 1 else kwargs.get("einsum_str")) if kind == "einsum" else None
+    )
+    return x, einsum_str
+
+
 class AdaptedWeight(struct.PyTreeNode, meta.AxisMetadata):
     """A base weight and its adapter, as one pytree node (W first, so shape checks see W).
 
@@ -116,6 +127,11 @@ class AdaptedWeight(struct.PyTreeNode, meta.AxisMetadata):
     @property
     def b(self) -> jax.Array:
         return self.factors[LORA_B]
+
+    @property
+    def scale(self) -> float:
+        """The module's scale ``s`` from the config, at the factors' rank."""
+        return self.config.scale_for(self.where, int(self.a.shape[-1]))
 
     @property
     def canonical(self) -> bool:

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 from jaxlora._src.axes import as_tuple, normalize_axes
 from jaxlora._src.config.lora_config import LoraConfig
 from jaxlora._src.forward import lowrank
-from jaxlora._src.forward.adapted import AdaptedWeight, consuming
+from jaxlora._src.forward.adapted import AdaptedWeight, call_input, consuming
 from jaxlora._src.types import LORA_A
 from jaxlora._src.variants import base as variants
 
@@ -144,16 +144,6 @@ def _factorable(kind: str, module: nn.Module) -> bool:
     return False
 
 
-def _call_input(kind: str, args, kwargs) -> tuple[Any, Any]:
-    """The layer input and, for an ``Einsum``, the einsum string given to the call."""
-    name = "query" if kind == "attend" else "inputs"
-    x = args[0] if args else kwargs[name]
-    einsum_str = (
-        (args[1] if len(args) > 1 else kwargs.get("einsum_str")) if kind == "einsum" else None
-    )
-    return x, einsum_str
-
-
 @contextlib.contextmanager
 def _bare_table(module: nn.Embed, w: AdaptedWeight) -> Iterator[None]:
     """``Embed`` reads its table in ``setup`` (which saw the merged table); for the call itself
@@ -205,8 +195,8 @@ def lora_interceptor(config: LoraConfig, deterministic: bool = True) -> Callable
         if use_dropout and kind not in ("embed", "attend"):
             key = _dropout_key(module, config)
             drop = lambda v: lowrank.dropout(v, config.lora_dropout, key)  # noqa: E731
-        scale = config.scale_for(w.where, int(w.a.shape[-1]))
-        x, einsum_str = _call_input(kind, args, kwargs)
+        scale = w.scale
+        x, einsum_str = call_input(kind, args, kwargs)
         if variant.fusable and not use_dropout and kind == "dense" and type(module) is nn.Dense:
             fused = _fused_dense(module, x, w, scale)
             if fused is not None:

@@ -35,7 +35,13 @@ from jax import lax
 from jaxlora._src.axes import normalize_axes
 from jaxlora._src.config.lora_config import LoraConfig
 from jaxlora._src.forward import lowrank
-from jaxlora._src.forward.adapted import AdaptedParam, AdaptedWeight, adapted_params, consuming
+from jaxlora._src.forward.adapted import (
+    AdaptedParam,
+    AdaptedWeight,
+    adapted_params,
+    call_input,
+    consuming,
+)
 from jaxlora._src.types import LoraTree, Params
 from jaxlora._src.variants import base as variants
 
@@ -111,15 +117,12 @@ def _hook(kind: str, original):
         variant.check(leaf, w.where)
         with consuming(w):
             y = original(self, *args, **kwargs)
-        x = args[0] if args else kwargs["query" if kind == "attend" else "inputs"]
-        einsum_str = None
-        if kind == "einsum":
-            einsum_str = args[1] if len(args) > 1 else kwargs.get("einsum_str")
+        x, einsum_str = call_input(kind, args, kwargs)
         rate = w.config.lora_dropout
         drop = lambda v: v  # noqa: E731
         if w.key is not None:
             drop = lambda v: lowrank.dropout(v, rate, w.key)  # noqa: E731
-        scale = w.config.scale_for(w.where, int(w.a.shape[-1]))
+        scale = w.scale
         term = _term(kind, self, x, einsum_str, w, scale, drop)
         bias = getattr(self, "bias", None)
         bias = None if bias is None else bias[...]
