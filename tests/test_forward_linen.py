@@ -279,7 +279,7 @@ def test_grouped_conv_runs_on_its_merged_kernel():
     assert not np.allclose(merged, model.apply({"params": params}, x))
 
 
-# The Dense fast path: lowrank.dense_fused replaces layer + term, with the same results.
+# The Dense fast path: fused.dense replaces layer + term, with the same results.
 def _dense_reference(x, kernel, bias, a, b, scale):
     y = x @ kernel + scale * ((x @ a) @ b)
     return y if bias is None else y + bias.reshape((1,) * (y.ndim - 1) + (-1,))
@@ -290,7 +290,7 @@ def _dense_reference(x, kernel, bias, a, b, scale):
 @pytest.mark.parametrize("use_jit", [True, False])
 @pytest.mark.slow
 def test_dense_fused_matches_autodiff(use_bias, dtype, use_jit):
-    from jaxlora._src.forward import lowrank
+    from jaxlora._src.forward import fused as fused_lib
 
     keys = jax.random.split(jax.random.key(7), 6)
     x = jax.random.normal(keys[0], (2, 5, 6), dtype)
@@ -306,7 +306,9 @@ def test_dense_fused_matches_autodiff(use_bias, dtype, use_jit):
         grad = jax.grad(run, argnums=(0, 1, 2, 3, 4))
         return jax.jit(grad) if use_jit else grad
 
-    fused = lambda x, k, bias, a, b, s: lowrank.dense_fused(x, k, bias, a, b, s, None)  # noqa: E731
+    def fused(x, k, bias, a, b, s):
+        return fused_lib.dense(x, k, bias, a, b, None, s, 0.0, None)
+
     got = loss(fused)(x, kernel, bias, a, b)
     want = loss(_dense_reference)(x, kernel, bias, a, b)
     assert_close(got, want, 1e-5 if dtype == jnp.float32 else 3e-2)
@@ -317,12 +319,15 @@ def test_dense_fused_matches_autodiff(use_bias, dtype, use_jit):
     )
 
 
-class DenseGeneralNet(nn.Module):
-    """DenseNet's layers as ``DenseGeneral``: the same params, on the general factored path."""
+def _general_path(apply_fn):
+    """``apply_fn`` with the fast path switched off: layer call plus separate low-rank term."""
+    from jaxlora._src.forward import fused
 
-    @nn.compact
-    def __call__(self, x):
-        return nn.DenseGeneral(6, name="proj")(nn.tanh(nn.DenseGeneral(D, name="fc")(x)))
+    def run(*args):
+        with fused.disabled():
+            return apply_fn(*args)
+
+    return run
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -333,12 +338,8 @@ def test_dense_fast_path_matches_general_path_and_merged(dtype):
     config = jaxlora.LoraConfig(**{**config.to_dict(), "dtype": jnp.dtype(dtype).name})
     _, lora = jaxlora.split(frozen, config, jax.random.key(1))
     results = [
-        jax.jit(jax.grad(loss(apply_fn, net, frozen, config, x), has_aux=True))(lora)
-        for apply_fn, net in [
-            (factored_apply, model),  # plain Dense: the fast path
-            (factored_apply, DenseGeneralNet()),  # the general path
-            (merged_apply, model),
-        ]
+        jax.jit(jax.grad(loss(apply_fn, model, frozen, config, x), has_aux=True))(lora)
+        for apply_fn in [factored_apply, _general_path(factored_apply), merged_apply]
     ]
     (g_fast, y_fast), *others = results
     for g, y in others:

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 
 from jaxlora._src.axes import as_tuple, normalize_axes
 from jaxlora._src.config.lora_config import LoraConfig
-from jaxlora._src.forward import lowrank
+from jaxlora._src.forward import fused, lowrank
 from jaxlora._src.forward.adapted import AdaptedWeight, call_input, consuming
 from jaxlora._src.types import LORA_A
 from jaxlora._src.variants import base as variants
@@ -87,24 +87,25 @@ def _conv(module: nn.Conv, x: jax.Array, w: AdaptedWeight, scale) -> jax.Array:
     return lowrank.project(h * scale, w.b, 0, module.precision)
 
 
-def _fused_dense(module, x, w: AdaptedWeight, scale) -> jax.Array | None:
-    """A plain ``Dense`` call and its low-rank term as one :func:`lowrank.dense_fused`, or None.
-
-    Only for a plain (not quantised) kernel, and input, kernel and factors of one dtype after the
-    layer's own promotion, so the result is what the layer plus the separate low-rank term
-    compute. Every other layer takes the general path.
-    """
-    stored, a, b = w.base, w.a, w.b
-    bias = module.get_variable("params", "bias") if module.use_bias else None
-    if not isinstance(stored, jax.Array) or not (bias is None or isinstance(bias, jax.Array)):
+def _fused(kind: str, module, x, w: AdaptedWeight, keep, rate: float) -> jax.Array | None:
+    """A ``Dense`` / ``DenseGeneral`` call and its low-rank term as one :func:`fused.dense`, or
+    None where the fast path does not apply (see :func:`fused.layer_call`; a ``DenseGeneral``
+    qualifies when it contracts the trailing axes of its input in order, without batch axes)."""
+    if kind not in ("dense", "dense_general") or not w.canonical:
         return None
-    x, kernel, bias = module.promote_dtype(x, stored, bias, dtype=module.dtype)
-    if not (x.dtype == kernel.dtype == a.dtype == b.dtype):
-        return None
-    lowrank.check_factors(w.where, "io", kernel.shape, a, b)
-    if jnp.issubdtype(stored.dtype, jnp.floating) and stored.dtype.itemsize < x.dtype.itemsize:
-        kernel = stored  # cast inside, so only the narrow kernel is kept for the backward pass
-    return lowrank.dense_fused(x, kernel, bias, a, b, scale, module.precision)
+    x = jnp.asarray(x)
+    n_in = 1
+    if kind == "dense_general":
+        axis = normalize_axes(as_tuple(module.axis), x.ndim)
+        n_in = len(axis)
+        if as_tuple(module.batch_dims) or axis != tuple(range(x.ndim - n_in, x.ndim)):
+            return None
+    lowrank.check_factors(w.where, "i" * n_in + "o" * (w.ndim - n_in), w.shape, w.a, w.b)
+    bias = nn.meta.unbox(module.get_variable("params", "bias")) if module.use_bias else None
+    promote = lambda *t: module.promote_dtype(*t, dtype=module.dtype)  # noqa: E731
+    return fused.layer_call(
+        x, w.base, bias, promote, w.a, w.b, keep, w.scale, rate, module.precision, n_in
+    )
 
 
 def _term(kind: str, module, x, einsum_str, w: AdaptedWeight, scale, drop) -> jax.Array:
@@ -191,22 +192,22 @@ def lora_interceptor(config: LoraConfig, deterministic: bool = True) -> Callable
         if variant.extra_leaves and not w.canonical:
             # A variant that rescales the output reads W in the factors' axis order.
             return next_fun(*args, **kwargs)
-        drop = lambda v: v  # noqa: E731
-        if use_dropout and kind not in ("embed", "attend"):
-            key = _dropout_key(module, config)
-            drop = lambda v: lowrank.dropout(v, config.lora_dropout, key)  # noqa: E731
-        scale = w.scale
         x, einsum_str = call_input(kind, args, kwargs)
-        if variant.fusable and not use_dropout and kind == "dense" and type(module) is nn.Dense:
-            fused = _fused_dense(module, x, w, scale)
-            if fused is not None:
-                return fused
+        keep, rate = None, config.lora_dropout
+        if use_dropout and kind not in ("embed", "attend"):
+            keep = fused.keep_mask(_dropout_key(module, config), rate, jnp.shape(x))
+        drop = lambda v: fused.apply_mask(v, keep, rate)  # noqa: E731
+        if variant.fusable:
+            y = _fused(kind, module, x, w, keep, rate)
+            if y is not None:
+                return y
         variant.check(leaf, w.where)
         with (
             consuming(w),
             _bare_table(module, w) if leaf == "embedding" else contextlib.nullcontext(),
         ):
             y = next_fun(*args, **kwargs)
+        scale = w.scale
         term = _term(kind, module, x, einsum_str, w, scale, drop)
         bias = module.get_variable("params", "bias") if getattr(module, "use_bias", False) else None
         extras = {n: w.factors[n] for n in variant.extra_leaves}

@@ -7,7 +7,6 @@ tensor) and then projected by B.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
@@ -15,7 +14,6 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxlora._src.config import axes_order
-from jaxlora._src.forward import ties
 from jaxlora._src.types import LETTERS
 
 
@@ -94,85 +92,6 @@ def dot(
     a_batch = tuple(range(n_batch))
     h = lax.dot_general(x, a, ((contract, a_contract), (batch, a_batch)), precision=precision)
     return project(h * scale, b, n_batch, precision)
-
-
-def _rows(t: jax.Array) -> jax.Array:
-    """``t`` as a 2-D ``(rows, last axis)`` matrix."""
-    return t.reshape(-1, t.shape[-1])
-
-
-def _contract_rows(u: jax.Array, v: jax.Array, precision: Any) -> jax.Array:
-    """``uᵀ·v`` over the shared row axis of two 2-D matrices."""
-    return lax.dot_general(u, v, (((0,), (0,)), ((), ())), precision=precision)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def dense_fused(
-    x: jax.Array,
-    kernel: jax.Array,
-    bias: jax.Array | None,
-    a: jax.Array,
-    b: jax.Array,
-    scale: float,
-    precision: Any,
-) -> jax.Array:
-    """``x·W + bias + s·(x·A)·B``: a ``Dense`` layer and its low-rank term as one ``custom_vjp``.
-
-    The forward is the layer's own contraction plus the rank-r term. The backward works on 2-D
-    ``(rows, features)`` views, so every weight-gradient (``dA = xᵀ·dh``, ``dB = hᵀ·dy``) is one
-    GEMM contracting a single row axis. Autodiff of the N-D form instead contracts the batch and
-    sequence axes together, which XLA:CPU compiles far worse inside a training step: on the
-    benchmark GPT (all-linear, r 8) the step is 0.89x of full fine-tuning that way, 0.79x with this
-    ``custom_vjp`` but an N-D ``dA``, and 0.64x as written. The kernel's cotangent is computed too
-    and removed by XLA's dead-code elimination when the kernel is frozen. ``x``, ``a`` and ``b``
-    must share one dtype (the interceptor checks this before taking this path). The kernel may be
-    stored in a narrower float type (a bfloat16 base under float32 compute): it is cast to ``x``'s
-    dtype inside the forward and again inside the backward, so only the stored kernel is kept
-    between them, never a float32 copy.
-
-    Example:
-        >>> import jax.numpy as jnp
-        >>> x, w, a, b = jnp.ones((2, 4)), jnp.ones((4, 3)), jnp.ones((4, 1)), jnp.ones((1, 3))
-        >>> dense_fused(x, w, None, a, b, 0.5, None)
-        Array([[6., 6., 6.],
-               [6., 6., 6.]], dtype=float32)
-    """
-    return _dense_fused_fwd(x, kernel, bias, a, b, scale, precision)[0]
-
-
-def _compute_kernel(kernel: jax.Array, like: jax.Array) -> jax.Array:
-    """``kernel`` in ``like``'s dtype; a cast copy is made to depend on ``like``, so that XLA can
-    neither hoist it to the start of the step nor share the forward's copy with the backward."""
-    if kernel.dtype == like.dtype:
-        return kernel
-    return ties.tie_to(kernel, like).astype(like.dtype)
-
-
-def _dense_fused_fwd(x, kernel, bias, a, b, scale, precision):
-    dims = (((x.ndim - 1,), (0,)), ((), ()))
-    y = lax.dot_general(x, _compute_kernel(kernel, x), dims, precision=precision)
-    h = lax.dot_general(x, a, dims, precision=precision) * jnp.asarray(scale, x.dtype)
-    y = y + project(h, b, 0, precision)
-    if bias is not None:
-        y = y + bias.reshape((1,) * (y.ndim - 1) + (-1,))
-    return y, (x, kernel, a, h, b, bias)
-
-
-def _dense_fused_bwd(scale, precision, residuals, dy):
-    x, kernel, a, h, b, bias = residuals
-    dy2, x2 = _rows(dy), _rows(x)
-    transposed = (((1,), (1,)), ((), ()))
-    dh = lax.dot_general(dy2, b, transposed, precision=precision) * jnp.asarray(scale, dy.dtype)
-    dx = lax.dot_general(dy2, _compute_kernel(kernel, dy2), transposed, precision=precision)
-    dx = dx + lax.dot_general(dh, a, transposed, precision=precision)
-    d_kernel = _contract_rows(x2, dy2, precision).astype(kernel.dtype)
-    d_a = _contract_rows(x2, dh, precision)
-    d_b = _contract_rows(_rows(h), dy2, precision)
-    d_bias = None if bias is None else jnp.sum(dy2, axis=0)
-    return dx.reshape(x.shape), d_kernel, d_bias, d_a, d_b
-
-
-dense_fused.defvjp(_dense_fused_fwd, _dense_fused_bwd)
 
 
 def _check_einsum(where, spec, kernel_layout, layout, kernel_shape, a, b) -> None:
@@ -264,11 +183,3 @@ def attend(query: jax.Array, a: jax.Array, b: jax.Array, scale: float, precision
     """``s·(q·Bᵀ)·Aᵀ``, the low-rank part of ``q·(E + s·A·B)ᵀ`` (a tied output head)."""
     h = lax.dot_general(query, b, (((query.ndim - 1,), (1,)), ((), ())), precision=precision)
     return lax.dot_general(h * scale, a, (((h.ndim - 1,), (1,)), ((), ())), precision=precision)
-
-
-def dropout(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
-    """Inverted dropout: zero each entry with probability ``rate``, scale the rest by
-    ``1 / (1 - rate)``."""
-    keep = 1.0 - rate
-    mask = jax.random.bernoulli(key, keep, x.shape)
-    return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros((), x.dtype))

@@ -34,7 +34,7 @@ from jax import lax
 
 from jaxlora._src.axes import normalize_axes
 from jaxlora._src.config.lora_config import LoraConfig
-from jaxlora._src.forward import lowrank
+from jaxlora._src.forward import fused, lowrank
 from jaxlora._src.forward.adapted import (
     AdaptedParam,
     AdaptedWeight,
@@ -101,6 +101,30 @@ def _factorable(kind: str, layer: nnx.Module) -> bool:
     return True
 
 
+def _fused(kind: str, layer, x, w: AdaptedWeight, keep, rate: float, kwargs) -> jax.Array | None:
+    """A ``Linear`` / ``LinearGeneral`` call and its low-rank term as one :func:`fused.dense`, or
+    None where the fast path does not apply (see :func:`fused.layer_call`; a ``LinearGeneral``
+    qualifies when it contracts the trailing axes of its input in order, without batch axes; an
+    ``out_sharding`` or ``preferred_element_type`` keeps the layer's own call)."""
+    if kind not in ("linear", "linear_general") or not w.canonical:
+        return None
+    if kwargs.get("out_sharding") is not None or layer.preferred_element_type is not None:
+        return None
+    x = jnp.asarray(x)
+    n_in = 1
+    if kind == "linear_general":
+        axis = normalize_axes(tuple(layer.axis), x.ndim)
+        n_in = len(axis)
+        if layer.batch_axis or axis != tuple(range(x.ndim - n_in, x.ndim)):
+            return None
+    lowrank.check_factors(w.where, "i" * n_in + "o" * (w.ndim - n_in), w.shape, w.a, w.b)
+    bias = None if layer.bias is None else layer.bias[...]
+    promote = lambda *t: layer.promote_dtype(t, dtype=layer.dtype)  # noqa: E731
+    return fused.layer_call(
+        x, w.base, bias, promote, w.a, w.b, keep, w.scale, rate, layer.precision, n_in
+    )
+
+
 def _hook(kind: str, original):
     leaf = "embedding" if kind in ("embed", "attend") else "kernel"
 
@@ -114,14 +138,18 @@ def _hook(kind: str, original):
         if variant.extra_leaves and not w.canonical:
             # A variant that rescales the output reads W in the factors' axis order.
             return original(self, *args, **kwargs)
+        x, einsum_str = call_input(kind, args, kwargs)
+        rate, keep = w.config.lora_dropout, None
+        if w.key is not None and kind not in ("embed", "attend"):
+            keep = fused.keep_mask(w.key, rate, jnp.shape(x))
+        if variant.fusable:
+            y = _fused(kind, self, x, w, keep, rate, kwargs)
+            if y is not None:
+                return y
         variant.check(leaf, w.where)
         with consuming(w):
             y = original(self, *args, **kwargs)
-        x, einsum_str = call_input(kind, args, kwargs)
-        rate = w.config.lora_dropout
-        drop = lambda v: v  # noqa: E731
-        if w.key is not None:
-            drop = lambda v: lowrank.dropout(v, rate, w.key)  # noqa: E731
+        drop = lambda v: fused.apply_mask(v, keep, rate)  # noqa: E731
         scale = w.scale
         term = _term(kind, self, x, einsum_str, w, scale, drop)
         bias = getattr(self, "bias", None)

@@ -1,0 +1,265 @@
+"""The dense fast path (``jaxlora._src.forward.fused``): one ``custom_vjp`` per adapted dense call.
+
+Laws: the kernel's maths equals autodiff of ``x·W + b + s·(drop(x)·A)·B`` for any shapes, masks and
+dtypes; through :func:`jaxlora.apply` every dense layer kind of linen and NNX takes it, with LoRA
+dropout on, under scanned stacks, and gives the outputs and gradients of the general path (same
+dropout masks) and, without dropout, of the merged path.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import jaxlora
+from jaxlora._src.forward import fused
+
+D, H = 8, 2
+
+
+def _reference(x, kernel, bias, a, b, keep, scale, rate, precision=None):
+    x_lora = fused.apply_mask(x.astype(a.dtype), keep, rate)
+    y = x @ kernel.astype(x.dtype) + (scale * ((x_lora @ a) @ b)).astype(x.dtype)
+    return y if bias is None else y + bias.reshape((1,) * (y.ndim - 1) + (-1,))
+
+
+def _grads(fn, x, kernel, bias, a, b, keep, weights):
+    def loss(x, bias, a, b):
+        y = fn(x, kernel, bias, a, b, keep, 0.5, 0.25, None)
+        return jnp.sum(y.astype(jnp.float32) * weights), y
+
+    return jax.grad(loss, argnums=(0, 1, 2, 3), has_aux=True)(x, bias, a, b)
+
+
+@pytest.mark.slow
+@settings(max_examples=15, deadline=None)
+@given(
+    lead=st.lists(st.integers(1, 3), min_size=0, max_size=2),
+    k=st.integers(1, 6),
+    n=st.integers(1, 5),
+    r=st.integers(1, 3),
+    use_bias=st.booleans(),
+    use_dropout=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_kernel_matches_autodiff_for_all_shapes(lead, k, n, r, use_bias, use_dropout, seed):
+    keys = jax.random.split(jax.random.key(seed), 7)
+    shape = (*lead, k)
+    x = jax.random.normal(keys[0], shape)
+    kernel = jax.random.normal(keys[1], (k, n))
+    bias = jax.random.normal(keys[2], (n,)) if use_bias else None
+    a, b = jax.random.normal(keys[3], (k, r)), jax.random.normal(keys[4], (r, n))
+    keep = fused.keep_mask(keys[5], 0.25, shape) if use_dropout else None
+    weights = jax.random.normal(keys[6], (*lead, n))
+    got, y = _grads(fused.dense, x, kernel, bias, a, b, keep, weights)
+    want, y_ref = _grads(_reference, x, kernel, bias, a, b, keep, weights)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    for g, w in zip(got, want, strict=True):
+        if w is not None:
+            np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "x_dtype,kernel_dtype,factor_dtype",
+    [
+        (jnp.bfloat16, jnp.bfloat16, jnp.bfloat16),
+        (jnp.bfloat16, jnp.bfloat16, jnp.float32),  # bf16 model, float32 adapter
+        (jnp.float32, jnp.bfloat16, jnp.float32),  # bf16 stored base under float32 compute
+    ],
+)
+def test_kernel_dtypes(x_dtype, kernel_dtype, factor_dtype):
+    keys = jax.random.split(jax.random.key(3), 6)
+    x = jax.random.normal(keys[0], (2, 3, 6), x_dtype)
+    kernel = jax.random.normal(keys[1], (6, 4), kernel_dtype)
+    bias = jax.random.normal(keys[2], (4,), x_dtype)
+    a = jax.random.normal(keys[3], (6, 2), factor_dtype)
+    b = jax.random.normal(keys[4], (2, 4), factor_dtype)
+    keep = fused.keep_mask(keys[5], 0.25, x.shape)
+    weights = jnp.ones((2, 3, 4))
+    (dx, dbias, da, db), y = _grads(fused.dense, x, kernel, bias, a, b, keep, weights)
+    want, y_ref = _grads(_reference, x, kernel, bias, a, b, keep, weights)
+    assert y.dtype == x_dtype and dx.dtype == x_dtype and dbias.dtype == x_dtype
+    assert da.dtype == db.dtype == factor_dtype
+    tol = 5e-2 if jnp.bfloat16 in (x_dtype, factor_dtype) else 1e-5
+    for g, w in zip((dx, dbias, da, db, y), (*want, y_ref), strict=True):
+        np.testing.assert_allclose(
+            np.asarray(g, np.float32), np.asarray(w, np.float32), rtol=tol, atol=tol
+        )
+
+
+# Models: each adapted layer is one dense kind; `fused_calls` is how many take the fast path.
+class LinenDense(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(4, name="out")(nn.tanh(nn.Dense(D, name="fc")(x)))
+
+
+class LinenDenseGeneral(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = nn.DenseGeneral((H, D // H), name="split")(x)  # (…, D) -> (…, H, D/H)
+        return nn.DenseGeneral(4, axis=(-2, -1), name="merge")(nn.tanh(h))
+
+
+class LinenAttention(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.MultiHeadDotProductAttention(H, name="attn")(x, x)
+
+
+class LinenScan(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        class Layer(nn.Module):
+            @nn.compact
+            def __call__(self, x, _):
+                return nn.tanh(nn.Dense(D, name="fc")(x)), None
+
+        stack = nn.scan(Layer, variable_axes={"params": 0}, split_rngs={"params": True,
+                        "dropout": True}, length=3)  # fmt: skip
+        return stack(name="layers")(x, None)[0]
+
+
+class NnxMlp(nnx.Module):
+    def __init__(self, rngs):
+        self.fc = nnx.Linear(D, D, rngs=rngs)
+        self.split = nnx.LinearGeneral(D, (H, D // H), rngs=rngs)
+        self.merge = nnx.LinearGeneral((H, D // H), 4, axis=(-2, -1), rngs=rngs)
+
+    def __call__(self, x):
+        return self.merge(nnx.tanh(self.split(nnx.tanh(self.fc(x)))))
+
+
+class NnxAttention(nnx.Module):
+    def __init__(self, rngs):
+        self.attn = nnx.MultiHeadAttention(H, D, decode=False, rngs=rngs)
+
+    def __call__(self, x):
+        return self.attn(x)
+
+
+class NnxScan(nnx.Module):
+    def __init__(self, rngs):
+        @nnx.split_rngs(splits=3)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make(rngs):
+            return nnx.Linear(D, D, rngs=rngs)
+
+        self.layers = make(rngs)
+
+    def __call__(self, x):
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+        def body(x, layer):
+            return nnx.tanh(layer(x))
+
+        return body(x, self.layers)
+
+
+LINEN = {
+    "dense": (LinenDense, 2),
+    "dense_general": (LinenDenseGeneral, 2),
+    "attention": (LinenAttention, 4),
+    "scan": (LinenScan, 2),  # nn.scan traces its body twice: two calls in the jaxpr, one layer
+}
+NNX = {"mlp": (NnxMlp, 3), "attention": (NnxAttention, 4), "scan": (NnxScan, 1)}
+
+
+def _model(framework, name):
+    x = jax.random.normal(jax.random.key(5), (2, 3, D))
+    if framework == "linen":
+        cls, n_fused = LINEN[name]
+        model = cls()
+        params = model.init(jax.random.key(0), x)["params"]
+        layouts = jaxlora.infer_layouts(model, x)
+    else:
+        cls, n_fused = NNX[name]
+        module = cls(nnx.Rngs(0))
+        layouts = jaxlora.infer_layouts(module)
+        model, params = nnx.split(module)
+    config = jaxlora.LoraConfig(
+        r=2,
+        lora_alpha=4,
+        target_modules="all-linear",
+        lora_dropout=0.3,
+        init_lora_weights=False,
+        layouts=layouts,
+    )
+    frozen, lora = jaxlora.split(params, config, jax.random.key(1))
+    return model, x, frozen, lora, config, n_fused
+
+
+def _loss(model, x, frozen, config, **kwargs):
+    def loss(lora):
+        y = jaxlora.apply(model, frozen, lora, config, x, **kwargs)
+        return jnp.sum(y * jnp.cos(jnp.arange(y.size).reshape(y.shape))), y
+
+    return loss
+
+
+def _loss_and_grad(model, x, frozen, config, **kwargs):
+    return jax.value_and_grad(_loss(model, x, frozen, config, **kwargs), has_aux=True)
+
+
+def _fused_calls(fn, *args) -> int:
+    """How many ``custom_vjp`` calls (fast-path layers) the forward jaxpr of ``fn`` has."""
+    return str(jax.make_jaxpr(fn)(*args)).count("custom_vjp_call")
+
+
+# One case of each framework in the fast core, the rest in the full suite.
+CASES = [
+    pytest.param(f, n, marks=() if n in ("dense", "mlp") else pytest.mark.slow)
+    for f, names in (("linen", LINEN), ("nnx", NNX))
+    for n in names
+]
+
+
+@pytest.mark.parametrize("framework,name", CASES)
+def test_fast_path_with_dropout_matches_general_path(framework, name):
+    model, x, frozen, lora, config, n_fused = _model(framework, name)
+    rngs = {"dropout": jax.random.key(9)}
+    assert _fused_calls(_loss(model, x, frozen, config, rngs=rngs), lora) == n_fused
+    fast = _loss_and_grad(model, x, frozen, config, rngs=rngs)
+    (_, y_fast), g_fast = jax.jit(fast)(lora)
+    with fused.disabled():
+        general = _loss_and_grad(model, x, frozen, config, rngs=rngs)
+        assert _fused_calls(_loss(model, x, frozen, config, rngs=rngs), lora) == 0
+        (_, y_general), g_general = jax.jit(general)(lora)
+    np.testing.assert_allclose(y_fast, y_general, rtol=1e-5, atol=1e-5)
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5),
+                 g_fast, g_general)  # fmt: skip
+    # Dropout really acts: another key gives another output.
+    other = _loss_and_grad(model, x, frozen, config, rngs={"dropout": jax.random.key(10)})
+    (_, y_other), _ = jax.jit(other)(lora)
+    assert not np.allclose(y_fast, y_other)
+
+
+@pytest.mark.parametrize("framework,name", CASES)
+def test_fast_path_without_dropout_matches_merged(framework, name):
+    model, x, frozen, lora, config, _ = _model(framework, name)
+    (_, y_fast), g_fast = jax.jit(_loss_and_grad(model, x, frozen, config))(lora)
+    (_, y_merged), g_merged = jax.jit(_loss_and_grad(model, x, frozen, config, mode="merged"))(lora)
+    np.testing.assert_allclose(y_fast, y_merged, rtol=1e-5, atol=1e-5)
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5),
+                 g_fast, g_merged)  # fmt: skip
+
+
+def test_bf16_model_takes_fast_path():
+    model, x, frozen, lora, config, n_fused = _model("linen", "dense")
+    frozen = jax.tree.map(lambda p: p.astype(jnp.bfloat16), frozen)
+    x = x.astype(jnp.bfloat16)
+    forward = lambda t: jnp.sum(jaxlora.apply(model, frozen, t, config, x).astype(float))  # noqa: E731
+    assert _fused_calls(forward, lora) == n_fused
+    fast = jax.grad(forward)
+    with fused.disabled():
+        general = jax.grad(
+            lambda t: jnp.sum(jaxlora.apply(model, frozen, t, config, x).astype(float))
+        )
+        want = general(lora)
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=5e-2, atol=5e-2),
+                 fast(lora), want)  # fmt: skip
