@@ -5,6 +5,12 @@
 * :mod:`jaxlora.models.llama`: a Llama decoder and greedy :func:`~jaxlora.models.llama.generate`;
   :func:`~jaxlora.models.llama_weights.load_smollm2` loads SmolLM2-135M-Instruct from a GGUF file,
   :func:`~jaxlora.models.llama_gguf.load_gguf_llama` the same file with its Q4_1 kernels kept 4-bit.
+* :mod:`jaxlora.models.hf_llama`: :func:`~jaxlora.models.hf_llama.load_hf` reads a local Hugging
+  Face checkpoint directory (Llama 2/3, Mistral, Qwen2/2.5, Qwen3, SmolLM) straight into its
+  shardings; :func:`~jaxlora.models.hf_export.save_hf_merged` writes a model with LoRA merged in
+  back out for ``transformers``. :mod:`jaxlora.models.hf_checkpoint` is the generic reader.
+* :mod:`jaxlora.models.kv_cache`: the :class:`~jaxlora.models.kv_cache.KVCache` the decoders take
+  as ``cache=``.
 * :mod:`jaxlora.models.data`: the Rotten Tomatoes snippets and Hamlet, and batch tokenisation.
 * :mod:`jaxlora.models.shapes`: abstract parameter trees of the LoRA paper's models (GPT-3 175B
   included), for counting without allocating.
@@ -25,6 +31,13 @@ from jaxlora.models.data import encode_batch as encode_batch
 from jaxlora.models.data import hamlet_text as hamlet_text
 from jaxlora.models.data import rotten_tomatoes as rotten_tomatoes
 from jaxlora.models.data import train_test_split as train_test_split
+from jaxlora.models.hf_export import save_hf as save_hf
+from jaxlora.models.hf_export import save_hf_merged as save_hf_merged
+from jaxlora.models.hf_llama import load_hf as load_hf
+from jaxlora.models.hf_llama import load_hf_llama as load_hf_llama
+from jaxlora.models.hf_llama import peft_module_name as peft_module_name
+from jaxlora.models.kv_cache import KVCache as KVCache
+from jaxlora.models.llama import Llama3RopeScaling as Llama3RopeScaling
 from jaxlora.models.llama import LlamaConfig as LlamaConfig
 from jaxlora.models.llama import LlamaForCausalLM as LlamaForCausalLM
 from jaxlora.models.llama import generate as generate
@@ -37,19 +50,26 @@ __all__ = [
     "BertClassifier",
     "BertConfig",
     "BertEncoder",
+    "KVCache",
+    "Llama3RopeScaling",
     "LlamaConfig",
     "LlamaForCausalLM",
     "chat_prompt",
     "encode_batch",
     "generate",
     "hamlet_text",
+    "load_hf",
+    "load_hf_llama",
     "load_gguf_llama",
     "load_minilm",
     "load_minilm_tokenizer",
     "load_smollm2",
     "load_smollm2_tokenizer",
     "mean_pool",
+    "peft_module_name",
     "rotten_tomatoes",
+    "save_hf",
+    "save_hf_merged",
     "shapes",
     "train_test_split",
 ]

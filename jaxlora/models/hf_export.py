@@ -1,0 +1,280 @@
+"""Writing a Llama-family model, LoRA merged in, as a Hugging Face checkpoint directory.
+
+:func:`save_hf_merged` folds the adapter into the base (``W + s·A·B`` by :func:`jaxlora.merge`, in
+the base dtype) and :func:`save_hf` writes ``config.json`` and safetensors shards (with
+``model.safetensors.index.json`` when there is more than one) that
+``transformers.AutoModelForCausalLM.from_pretrained`` loads. :func:`config_to_hf` is the inverse of
+:func:`jaxlora.models.hf_llama.config_from_hf`.
+
+Example (a tiny random model; writes one ``model.safetensors``):
+    >>> import tempfile, jax, jax.numpy as jnp
+    >>> from jaxlora.models.llama import LlamaConfig, LlamaForCausalLM
+    >>> cfg = LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=8, num_layers=1,
+    ...                   num_heads=2, num_kv_heads=1, head_dim=4, rope_interleaved=False)
+    >>> params = LlamaForCausalLM(cfg).init(jax.random.key(0), jnp.ones((1, 2), int))["params"]
+    >>> d = tempfile.mkdtemp()
+    >>> save_hf(d, cfg, params)
+    >>> sorted(os.listdir(d))
+    ['config.json', 'model.safetensors']
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+from flax import traverse_util
+
+from jaxlora._src.config.lora_config import LoraConfig
+from jaxlora._src.tree.core import merge
+from jaxlora.models.hf_checkpoint import CONFIG_FILE, INDEX_FILE, SINGLE_FILE
+from jaxlora.models.hf_llama import config_from_hf, expected_tensors
+from jaxlora.models.llama import LlamaConfig
+
+__all__ = ["config_to_hf", "model_type", "save_hf", "save_hf_merged"]
+
+_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20}
+_UNITS["GIB"] = 2**30
+_WRITTEN = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?")
+
+
+def model_type(config: LlamaConfig) -> str:
+    """The Hugging Face ``model_type`` that has exactly ``config``'s features.
+
+    Raises:
+        ValueError: for the GGUF RoPE layout (``rope_interleaved=True``) or a mix of features no
+            Hugging Face Llama-family model has.
+    """
+    if config.rope_interleaved:
+        raise ValueError(
+            "`config.rope_interleaved` is True (GGUF's q/k row order); Hugging Face needs the "
+            "rotate-half layout: load the model with `hf_layout=True` / `rope_interleaved=False`"
+        )
+    windowed = config.sliding_window is not None
+    biases = (config.qkv_bias, config.o_proj_bias, config.mlp_bias)
+    if config.qk_norm and not config.mlp_bias and config.qkv_bias == config.o_proj_bias:
+        return "qwen3"
+    if biases == (True, False, False) and not config.qk_norm:
+        return "qwen2"
+    if windowed and not any(biases) and not config.full_attention_layers:
+        return "mistral"
+    if not windowed and config.qkv_bias == config.o_proj_bias and not config.qk_norm:
+        return "llama"
+    raise ValueError(
+        f"no Hugging Face Llama-family model has this mix of features: {config}; pass the base "
+        "model's own config.json as `hf_config`"
+    )
+
+
+def _rope(config: LlamaConfig) -> dict[str, Any]:
+    scaling = None
+    if config.rope_scaling is not None:
+        s = config.rope_scaling
+        scaling = {
+            "rope_type": "llama3",
+            "factor": s.factor,
+            "low_freq_factor": s.low_freq_factor,
+            "high_freq_factor": s.high_freq_factor,
+            "original_max_position_embeddings": s.original_max_position_embeddings,
+        }
+    parameters = {"rope_type": "default", **(scaling or {}), "rope_theta": config.rope_theta}
+    return {"rope_theta": config.rope_theta, "rope_scaling": scaling, "rope_parameters": parameters}
+
+
+def _sliding(config: LlamaConfig, kind: str) -> dict[str, Any]:
+    if kind == "mistral":
+        return {"sliding_window": config.sliding_window}
+    if kind == "llama" or config.sliding_window is None:
+        return {"use_sliding_window": False, "sliding_window": None} if kind != "llama" else {}
+    types = [
+        "full_attention" if i in config.full_attention_layers else "sliding_attention"
+        for i in range(config.num_layers)
+    ]
+    return {
+        "use_sliding_window": True,
+        "sliding_window": config.sliding_window,
+        "layer_types": types,
+    }
+
+
+def config_to_hf(config: LlamaConfig, dtype: str = "float32") -> dict[str, Any]:
+    """The ``config.json`` dict for ``config`` (``model_type`` from :func:`model_type`).
+
+    Example:
+        >>> doc = config_to_hf(LlamaConfig(rope_interleaved=False))
+        >>> doc["model_type"], doc["num_key_value_heads"], doc["tie_word_embeddings"]
+        ('llama', 3, True)
+    """
+    kind = model_type(config)
+    document = {
+        "architectures": [_ARCHITECTURES[kind]],
+        "model_type": kind,
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.num_kv_heads,
+        "head_dim": config.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": config.max_position_embeddings,
+        "rms_norm_eps": config.rms_norm_eps,
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": config.eos_token_id,
+        "torch_dtype": dtype,
+        **_rope(config),
+        **_sliding(config, kind),
+    }
+    if kind in ("llama", "qwen3"):
+        document["attention_bias"] = config.qkv_bias
+    if kind == "llama":
+        document["mlp_bias"] = config.mlp_bias
+    return document
+
+
+def _shard_size(max_shard_size: int | str) -> int:
+    if isinstance(max_shard_size, int) and not isinstance(max_shard_size, bool):
+        size = max_shard_size
+    else:
+        match = re.fullmatch(r"\s*(\d+)\s*([KMG]I?B|B)?\s*", str(max_shard_size).upper())
+        if match is None:
+            raise ValueError(
+                f"`max_shard_size` must be a byte count or a string such as '5GB' or '500MB', "
+                f"got {max_shard_size!r}"
+            )
+        size = int(match[1]) * _UNITS[match[2] or ""]
+    if size < 1:
+        raise ValueError(f"`max_shard_size` must be positive, got {max_shard_size!r}")
+    return size
+
+
+def _plan(sizes: Mapping[str, int], limit: int) -> list[list[str]]:
+    """Tensor names in shards of at most ``limit`` bytes (a larger tensor gets its own)."""
+    shards, current, total = [], [], 0
+    for name, size in sizes.items():
+        if current and total + size > limit:
+            shards.append(current)
+            current, total = [], 0
+        current.append(name)
+        total += size
+    return [*shards, current] if current else shards
+
+
+def _hf_config(config: LlamaConfig, hf_config: Mapping[str, Any] | None, dtype: str) -> dict:
+    if hf_config is None:
+        return config_to_hf(config, dtype)
+    if config_from_hf(hf_config) != config:
+        raise ValueError(
+            f"`hf_config` describes {config_from_hf(hf_config)}, not the model's `config` {config}"
+        )
+    return {**hf_config, "torch_dtype": dtype}
+
+
+def save_hf(
+    directory: str | os.PathLike[str],
+    config: LlamaConfig,
+    params: Mapping[str, Any],
+    *,
+    max_shard_size: int | str = "5GB",
+    hf_config: Mapping[str, Any] | None = None,
+) -> None:
+    """Writes ``LlamaForCausalLM(config)`` params as a Hugging Face checkpoint directory.
+
+    Args:
+        directory: created if missing; earlier ``model*.safetensors`` files and index in it are
+            replaced, other files (a tokenizer) kept.
+        config: the model's config.
+        params: its params (every tensor :func:`~jaxlora.models.hf_llama.expected_tensors` names).
+        max_shard_size: bytes per safetensors file (an int, or e.g. ``"500MB"``); more than one
+            file adds ``model.safetensors.index.json``.
+        hf_config: the base checkpoint's ``config.json`` dict, written instead of
+            :func:`config_to_hf` (keeps its token ids and other fields); must describe ``config``.
+
+    Raises:
+        ValueError: for a params tree that does not fit ``config`` (naming the path), a bad
+            ``max_shard_size``, or a config Hugging Face has no model for.
+    """
+    from safetensors.numpy import save_file
+
+    limit = _shard_size(max_shard_size)
+    if hf_config is None:
+        model_type(config)  # fails early for a config Hugging Face has no model for
+    specs = expected_tensors(config)
+    flat = traverse_util.flatten_dict(dict(params))
+    wanted = {spec.path for spec in specs.values()}
+    if set(flat) != wanted:
+        missing = sorted("/".join(p) for p in wanted - set(flat))
+        extra = sorted("/".join(p) for p in set(flat) - wanted)
+        raise ValueError(f"`params` do not fit `config`: missing {missing}, unexpected {extra}")
+    for name, spec in specs.items():
+        if tuple(flat[spec.path].shape) != spec.target_shape:
+            raise ValueError(
+                f"`params` leaf {'/'.join(spec.path)} ({name}) has shape "
+                f"{tuple(flat[spec.path].shape)}, expected {spec.target_shape}"
+            )
+    dtypes = {str(np.dtype(leaf.dtype)) for leaf in flat.values()}
+    dtype = dtypes.pop() if len(dtypes) == 1 else "float32"
+    document = _hf_config(config, hf_config, dtype)
+    sizes = {n: int(np.prod(s.target_shape)) * np.dtype(flat[s.path].dtype).itemsize
+             for n, s in specs.items()}  # fmt: skip
+    shards = _plan(sizes, limit)
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    names = (
+        [SINGLE_FILE]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
+    for file, shard in zip(names, shards, strict=True):
+        tensors = {}
+        for name in shard:
+            spec = specs[name]
+            array = np.asarray(jax.device_get(flat[spec.path]))
+            tensors[name] = np.ascontiguousarray(
+                array if spec.inverse is None else spec.inverse(array)
+            )
+        save_file(tensors, os.path.join(directory, file), metadata={"format": "pt"})
+    if len(shards) > 1:
+        index = {
+            "metadata": {"total_size": sum(sizes.values())},
+            "weight_map": {n: f for f, shard in zip(names, shards, strict=True) for n in shard},
+        }
+        with open(os.path.join(directory, INDEX_FILE), "w", encoding="utf-8") as f:
+            json.dump(index, f, indent=2, sort_keys=True)
+        names.append(INDEX_FILE)
+    with open(os.path.join(directory, CONFIG_FILE), "w", encoding="utf-8") as f:
+        json.dump(document, f, indent=2, sort_keys=True)
+    for stale in os.listdir(directory):
+        if _WRITTEN.fullmatch(stale) and stale not in names:
+            os.remove(os.path.join(directory, stale))
+
+
+def save_hf_merged(
+    directory: str | os.PathLike[str],
+    config: LlamaConfig,
+    frozen: Mapping[str, Any],
+    lora: Mapping[str, Any],
+    lora_config: LoraConfig,
+    *,
+    max_shard_size: int | str = "5GB",
+    hf_config: Mapping[str, Any] | None = None,
+) -> None:
+    """Merges the adapter into the base (:func:`jaxlora.merge`) and writes it with :func:`save_hf`.
+
+    The merged weights keep the base's dtype (a bf16 base gives a bf16 checkpoint). Arguments as
+    :func:`save_hf`; ``frozen``, ``lora`` and ``lora_config`` as for :func:`jaxlora.merge`.
+    """
+    merged = merge(frozen, lora, lora_config)
+    save_hf(directory, config, merged, max_shard_size=max_shard_size, hf_config=hf_config)
