@@ -9,6 +9,9 @@
   Face checkpoint directory (Llama 2/3, Mistral, Qwen2/2.5, Qwen3, SmolLM) straight into its
   shardings; :func:`~jaxlora.models.hf_export.save_hf_merged` writes a model with LoRA merged in
   back out for ``transformers``. :mod:`jaxlora.models.hf_checkpoint` is the generic reader.
+* :mod:`jaxlora.models.gemma`: Gemma 1/2/3 decoders (scaled tied embeddings, soft-capping,
+  sliding-window layers); :func:`~jaxlora.models.gemma_weights.load_hf_gemma` reads their Hugging
+  Face checkpoints (``load_hf`` dispatches to it).
 * :mod:`jaxlora.models.kv_cache`: the :class:`~jaxlora.models.kv_cache.KVCache` the decoders take
   as ``cache=``.
 * :mod:`jaxlora.models.data`: the Rotten Tomatoes snippets and Hamlet, and batch tokenisation.
@@ -31,6 +34,9 @@ from jaxlora.models.data import encode_batch as encode_batch
 from jaxlora.models.data import hamlet_text as hamlet_text
 from jaxlora.models.data import rotten_tomatoes as rotten_tomatoes
 from jaxlora.models.data import train_test_split as train_test_split
+from jaxlora.models.gemma import GemmaConfig as GemmaConfig
+from jaxlora.models.gemma import GemmaForCausalLM as GemmaForCausalLM
+from jaxlora.models.gemma_weights import load_hf_gemma as load_hf_gemma
 from jaxlora.models.hf_export import save_hf as save_hf
 from jaxlora.models.hf_export import save_hf_merged as save_hf_merged
 from jaxlora.models.hf_llama import load_hf as load_hf
@@ -50,6 +56,8 @@ __all__ = [
     "BertClassifier",
     "BertConfig",
     "BertEncoder",
+    "GemmaConfig",
+    "GemmaForCausalLM",
     "KVCache",
     "Llama3RopeScaling",
     "LlamaConfig",
@@ -59,6 +67,7 @@ __all__ = [
     "generate",
     "hamlet_text",
     "load_hf",
+    "load_hf_gemma",
     "load_hf_llama",
     "load_gguf_llama",
     "load_minilm",

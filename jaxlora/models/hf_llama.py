@@ -40,7 +40,7 @@ __all__ = [
 
 LLAMA_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 #: Handed to ``jaxlora.models.gemma_weights.load_hf_gemma`` when that module exists.
-GEMMA_MODEL_TYPES = ("gemma", "gemma2", "gemma3_text")
+GEMMA_MODEL_TYPES = ("gemma", "gemma2", "gemma3_text", "gemma3")
 #: Checkpoint tensors that are derived buffers, not weights (older Llama checkpoints keep them).
 IGNORED = r"rotary_emb\.inv_freq$"
 
