@@ -1,6 +1,7 @@
 """The PyTorch / PEFT side of the benchmark: the same GPT-2-style decoder and the same LoRA work.
 
-Imported by ``bench_train_step.py --peft`` so both frameworks run interleaved in one process.
+Run by ``bench_train_step.py --peft`` as a worker process of its own (:func:`serve`), so PyTorch's
+and XLA's thread pools never share a process; the driver alternates the frameworks' turns.
 Needs the ``bench`` extra (torch, transformers, peft); nothing here is used by the library.
 """
 
@@ -55,10 +56,12 @@ class GPT(nn.Module):
 class Runner:
     """One configuration: a model (full or PEFT-wrapped), its AdamW, and timed step / forward."""
 
-    def __init__(self, c: GPTConfig, base: GPT, targets, r: int, alpha: float, batch: int):
+    def __init__(
+        self, c: GPTConfig, base: GPT, targets, r: int, alpha: float, batch: int, dropout=0.0
+    ):
         model = copy.deepcopy(base)
         if targets is not None:
-            config = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0)
+            config = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=dropout)
             model = get_peft_model(model, config)
         self.model = model
         params = [p for p in model.parameters() if p.requires_grad]
@@ -93,6 +96,7 @@ def runners(c: GPTConfig, r: int, alpha: float, batch: int) -> dict[str, Runner]
         "torch full FT": Runner(c, base, None, r, alpha, batch),
         "PEFT LoRA q,v": Runner(c, base, ["q_proj", "v_proj"], r, alpha, batch),
         "PEFT LoRA all-linear": Runner(c, base, ALL_LINEAR, r, alpha, batch),
+        "PEFT LoRA all-linear, dropout 0.1": Runner(c, base, ALL_LINEAR, r, alpha, batch, 0.1),
     }
 
 
@@ -101,17 +105,17 @@ def serve(argv=None) -> None:
     with the seconds taken (or ``trainable NAME``). ``bench_train_step.py --peft`` drives it, so
     PyTorch never shares a process (and its thread pools) with XLA, yet the steps interleave."""
     import argparse
+    import json
     import sys
 
-    from experiments.models_gpt import TINY
-
     parser = argparse.ArgumentParser()
-    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--model", default="{}", help="GPTConfig fields as JSON")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--r", type=int, default=8)
     parser.add_argument("--alpha", type=float, default=16.0)
     args = parser.parse_args(argv)
-    all_runners = runners(TINY if args.tiny else GPTConfig(), args.r, args.alpha, args.batch)
+    config = GPTConfig(**json.loads(args.model))
+    all_runners = runners(config, args.r, args.alpha, args.batch)
     print("ready", flush=True)
     for line in sys.stdin:
         name, what = line.rstrip("\n").split("\t")

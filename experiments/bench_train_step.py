@@ -1,17 +1,29 @@
-"""Train-step and inference benchmark: full fine-tuning vs LoRA merged vs factored (vs PEFT).
+"""Train-step benchmark: LoRA against full fine-tuning of the same model, and against PyTorch/PEFT.
 
-GPT-2-style decoder (``models_gpt.py``: d_model 768, 12 heads, 4 layers, MLP 3072, vocab 8192),
-batch 8 x seq 128, float32, AdamW, LoRA r=8 alpha=16 on q,v and on all linear layers. Every
-configuration is compiled first, then all are stepped round-robin (interleaved), so machine noise
-hits them alike; the table reports median milliseconds and ratios to full fine-tuning of the same
-framework in the same run. With ``--peft`` the PyTorch twin (full FT and PEFT LoRA) runs in a worker
-process (so XLA's and PyTorch's thread pools never share a process), stepped in the same rounds,
-and jaxlora/PEFT ratios are printed.
+The model is the GPT-2-style decoder of ``models_gpt.py`` (d_model 768, 12 heads, 4 layers, MLP
+3072, vocab 8192, 34.7M parameters), batch 8 x seq 128, AdamW, LoRA r 8 alpha 16 on q,v and on all
+linear layers, in several groups (``bench_runners.py``): the linen GPT with ``nn.Dense`` layers, the
+same with Flax's ``nn.MultiHeadDotProductAttention``, the NNX GPT (with qwix's LoRA when installed),
+a bfloat16 group, and inference forwards. Each row is a ratio to the full fine-tuning of its own
+group, measured in the same run.
+
+How it measures (so that the numbers can be defended):
+
+* every configuration is compiled first, then they are stepped in rounds; each round runs every
+  JAX configuration once, in a fresh random order (so no row always follows the same neighbour);
+* with ``--peft`` the PyTorch side (full fine-tuning and PEFT, fused AdamW, PyTorch's default
+  threads, no shim) runs in its own worker process; the frameworks alternate turns (all JAX rows,
+  then all PyTorch rows, then JAX again ...), so each has the machine to itself while it steps;
+* ``--mkl-shim`` adds a second PyTorch worker whose MKL is made to take its AVX2 kernels on AMD
+  CPUs (see :func:`_mkl_amd_shim`), reported as separate labelled rows;
+* min and median of each row are reported; the load average is recorded before and after, and a
+  warning is printed when the machine was busy (then the run is not worth publishing).
 
 Run (from the repository root)::
 
-    python -m experiments.bench_train_step --peft            # full size, ~10 min on 2 cores
-    python -m experiments.bench_train_step --tiny --rounds 2 # seconds; what the smoke test runs
+    python -m experiments.bench_train_step --peft          # everything, ~15 min on 2 cores
+    python -m experiments.bench_train_step --quick         # a smaller model, key rows, < 3 min
+    python -m experiments.bench_train_step --tiny --rounds 2   # seconds: the smoke test
 
 Writes ``experiments/results/bench_train_step[_TAG].json`` and ``.md``.
 """
@@ -23,6 +35,7 @@ import atexit
 import json
 import os
 import platform
+import random
 import resource
 import shutil
 import statistics
@@ -30,91 +43,16 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import jax
-import optax
 
-import jaxlora
-from experiments import models_gpt
-from jaxlora import apply
+from experiments import bench_runners, models_gpt
 
-QV = ["q_proj", "v_proj"]
 RESULTS = Path(__file__).parent / "results"
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
-
-
-def _xla_memory(compiled) -> dict[str, float]:
-    stats = compiled.memory_analysis()
-    if stats is None:
-        return {}
-    mb = lambda n: round(n / 2**20, 1)  # noqa: E731
-    return {
-        "argument_mb": mb(stats.argument_size_in_bytes),
-        "output_mb": mb(stats.output_size_in_bytes),
-        "temp_mb": mb(stats.temp_size_in_bytes),
-        "alias_mb": mb(stats.alias_size_in_bytes),
-    }
-
-
-class JaxRunner:
-    """One JAX configuration, compiled ahead of time; ``step`` / ``forward`` return seconds."""
-
-    def __init__(self, name, model, params, batch, config=None, mode=None, kind="train"):
-        rss_before = _rss_mb()
-        self.name, self.kind = name, kind
-        inputs, targets = batch[:, :-1], batch[:, 1:]
-        opt = optax.adamw(1e-4)
-        if config is None:
-            # A copy: the step donates its trainable tree, and the other runners share `params`.
-            trainable = jax.tree.map(lambda x: x.copy(), params)
-            frozen, self.trainable = None, jaxlora.count(params).total
-
-            def forward(trainable, frozen):
-                return model.apply({"params": trainable}, inputs)
-        else:
-            frozen, trainable = jaxlora.split(params, config, jax.random.key(1))
-            self.trainable = jaxlora.count(frozen, trainable).trainable
-
-            def forward(trainable, frozen):
-                return apply(model, frozen, trainable, config, inputs, mode=mode)
-
-        if kind == "train":
-
-            def step(trainable, opt_state, frozen):
-                loss_fn = lambda t: models_gpt.next_token_loss(forward(t, frozen), targets)  # noqa: E731
-                loss, grads = jax.value_and_grad(loss_fn)(trainable)
-                updates, opt_state = opt.update(grads, opt_state, trainable)
-                return optax.apply_updates(trainable, updates), opt_state, loss
-
-            self.args = [trainable, opt.init(trainable), frozen]
-            self.fn = jax.jit(step, donate_argnums=(0, 1)).lower(*self.args).compile()
-        else:
-            if mode == "merged-weights":  # deployment: merge once, then the plain model
-                trainable = jax.tree.map(lambda x: x + 0.01, trainable)  # a non-trivial adapter
-                trainable = jaxlora.merge(frozen, trainable, config)
-                frozen, config = None, None
-                forward = lambda t, f: model.apply({"params": t}, inputs)  # noqa: E731
-            self.args = [trainable, frozen]
-            self.fn = jax.jit(forward).lower(*self.args).compile()
-        self.memory = _xla_memory(self.fn)
-        self.run()  # first run outside the timings
-        self.memory["rss_delta_mb"] = round(_rss_mb() - rss_before, 1)
-        self.times: list[float] = []
-
-    def run(self) -> float:
-        start = time.perf_counter()
-        if self.kind == "train":
-            out = self.fn(*self.args)
-            self.args[:2] = out[:2]
-        else:
-            out = self.fn(*self.args)
-        jax.block_until_ready(out)
-        return time.perf_counter() - start
+QUICK = models_gpt.GPTConfig(vocab=4096, d_model=384, heads=6, layers=2, mlp=1536, seq=128)
+BUSY_LOAD = 1.5  # load average above which a 2-core machine is not quiet
 
 
 def _mkl_amd_shim() -> str | None:
@@ -142,16 +80,15 @@ def _mkl_amd_shim() -> str | None:
 
 
 class TorchWorker:
-    """The PyTorch side in its own process (``bench_peft.serve``), stepped in the same rounds."""
+    """The PyTorch side in its own process (``bench_peft.serve``)."""
 
-    def __init__(self, args, batch_size: int):
+    def __init__(self, args, c: models_gpt.GPTConfig, batch_size: int, shim: str | None = None):
         cmd = [sys.executable, "-m", "experiments.bench_peft", "--batch", str(batch_size)]
-        cmd += ["--r", str(args.r), "--alpha", str(args.alpha)] + ["--tiny"] * args.tiny
-        root = Path(__file__).resolve().parent.parent
+        cmd += ["--r", str(args.r), "--alpha", str(args.alpha), "--model", json.dumps(asdict(c))]
         env = dict(os.environ)
-        self.mkl_shim = None if args.no_mkl_shim else _mkl_amd_shim()
-        if self.mkl_shim:
-            env["LD_PRELOAD"] = " ".join(filter(None, [self.mkl_shim, env.get("LD_PRELOAD")]))
+        if shim:
+            env["LD_PRELOAD"] = " ".join(filter(None, [shim, env.get("LD_PRELOAD")]))
+        root = Path(__file__).resolve().parent.parent
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True, cwd=root, env=env)  # fmt: skip
         if self.proc.stdout.readline().strip() != "ready":
@@ -164,9 +101,10 @@ class TorchWorker:
 
 
 class TorchRunner:
-    def __init__(self, name, worker, runner_name, kind):
-        self.name, self.kind, self.worker, self.runner_name = name, kind, worker, runner_name
-        self.trainable = int(worker.ask(runner_name, "trainable"))
+    def __init__(self, name, group, worker, runner_name, kind):
+        self.name, self.group, self.kind = name, group, kind
+        self.worker, self.runner_name = worker, runner_name
+        self.trainable = int(worker.ask(runner_name, "trainable")) if kind == "train" else 0
         self.memory: dict[str, float] = {}
         for _ in range(3):  # PyTorch's first steps are ~1 s slower (allocator, lazy AdamW state)
             self.run()
@@ -176,128 +114,149 @@ class TorchRunner:
         return self.worker.ask(self.runner_name, "step" if self.kind == "train" else "forward")
 
 
-def build(args) -> list:
-    c = models_gpt.TINY if args.tiny else models_gpt.GPTConfig()
-    batch_size = 2 if args.tiny else args.batch
-    model, params = models_gpt.init(c, jax.random.key(0))
-    batch = jax.random.randint(jax.random.key(2), (batch_size, c.seq + 1), 0, c.vocab)
-    qv = jaxlora.LoraConfig(r=args.r, lora_alpha=args.alpha, target_modules=QV)
-    all_linear = jaxlora.LoraConfig(r=args.r, lora_alpha=args.alpha, target_modules="all-linear")
-    runners = [
-        JaxRunner("jax full FT", model, params, batch),
-        JaxRunner("jaxlora merged q,v", model, params, batch, qv, "merged"),
-        JaxRunner("jaxlora factored q,v", model, params, batch, qv, "factored"),
-        JaxRunner("jaxlora merged all-linear", model, params, batch, all_linear, "merged"),
-        JaxRunner("jaxlora factored all-linear", model, params, batch, all_linear, "factored"),
-        JaxRunner("jax inference base", model, params, batch, kind="infer"),
-        JaxRunner(
-            "jaxlora inference merged q,v", model, params, batch, qv, "merged-weights", "infer"
-        ),
-        JaxRunner("jaxlora inference factored q,v", model, params, batch, qv, "factored", "infer"),
-        JaxRunner(
-            "jaxlora inference factored all-linear",
-            model,
-            params,
-            batch,
-            all_linear,
-            "factored",
-            "infer",
-        ),  # fmt: skip
-    ]
-    if args.peft:
-        worker = TorchWorker(args, batch_size)  # torch and peft: the `bench` extra
-        args.torch_mkl_amd_shim = worker.mkl_shim is not None
-        for name in ("torch full FT", "PEFT LoRA q,v", "PEFT LoRA all-linear"):
-            runners.append(TorchRunner(name, worker, name, "train"))
-        runners.append(TorchRunner("torch inference base", worker, "torch full FT", "infer"))
-        for name in ("PEFT LoRA q,v", "PEFT LoRA all-linear"):
-            runners.append(TorchRunner(f"{name} inference (unmerged)", worker, name, "infer"))
-    return runners
+def torch_runners(args, c, batch_size, shim=None) -> list[TorchRunner]:
+    label = " (MKL AMD shim)" if shim else ""
+    group = "torch" + label
+    worker = TorchWorker(args, c, batch_size, shim)
+    names = ["PEFT LoRA q,v", "PEFT LoRA all-linear", "PEFT LoRA all-linear, dropout 0.1"]
+    rows = [TorchRunner("full FT", group, worker, "torch full FT", "train")]
+    rows += [TorchRunner(n, group, worker, n, "train") for n in names]
+    rows.append(TorchRunner("inference base", group, worker, "torch full FT", "infer"))
+    rows.append(TorchRunner("PEFT q,v inference (unmerged)", group, worker, names[0], "infer"))
+    return rows
+
+
+def _load() -> dict:
+    one, five, fifteen = os.getloadavg()
+    return {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "load_1m": one,
+            "load_5m": five, "load_15m": fifteen}  # fmt: skip
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="a tiny model (smoke test)")
-    parser.add_argument("--rounds", type=int, default=20, help="timed steps per configuration")
+    parser.add_argument("--quick", action="store_true", help="smaller model, key rows, < 3 min")
+    parser.add_argument("--rounds", type=int, default=None, help="timed steps per configuration")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--r", type=int, default=8)
     parser.add_argument("--alpha", type=float, default=16.0)
-    parser.add_argument("--peft", action="store_true", help="also run PyTorch / PEFT (bench extra)")
-    parser.add_argument(
-        "--no-mkl-shim",
-        action="store_true",
-        help="run PyTorch's MKL on its generic kernels on AMD CPUs (see `_mkl_amd_shim`)",
-    )
+    groups = ",".join(bench_runners.GROUPS)
+    parser.add_argument("--groups", default=None, help=f"comma-separated subset of {groups}")
+    parser.add_argument("--peft", action="store_true", help="also run PyTorch / PEFT (torch extra)")
+    shim_help = "also PyTorch with MKL's AVX2 kernels forced on AMD (labelled rows)"
+    parser.add_argument("--mkl-shim", action="store_true", help=shim_help)
     parser.add_argument("--tag", default="", help="suffix of the result files")
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--seed", type=int, default=0, help="seed of the per-round orders")
     args = parser.parse_args(argv)
-    runners = build(args)
+    if args.quick:
+        args.groups = args.groups or "linen,nnx"
+        args.rounds = args.rounds or 4
+        args.batch = 4
+    args.rounds = args.rounds or 8
+    args.groups = (args.groups or ",".join(bench_runners.GROUPS)).split(",")
+    unknown = sorted(set(args.groups) - set(bench_runners.GROUPS))
+    if unknown:
+        parser.error(f"unknown --groups {unknown}; choose from {bench_runners.GROUPS}")
+    c = models_gpt.TINY if args.tiny else QUICK if args.quick else models_gpt.GPTConfig()
+    batch_size = 2 if args.tiny else args.batch
+    batch = jax.random.randint(jax.random.key(2), (batch_size, c.seq + 1), 0, c.vocab)
+    load_before = _load()
+    teams = [bench_runners.build(args, c, batch)]
+    if args.peft:
+        teams.append(torch_runners(args, c, batch_size))
+        if args.mkl_shim:
+            shim = _mkl_amd_shim()
+            if shim is None:
+                print("no MKL shim on this machine (not AMD, or no C compiler): rows skipped")
+            else:
+                teams.append(torch_runners(args, c, batch_size, shim))
+    order = random.Random(args.seed)
     for _ in range(args.rounds):
-        for runner in runners:
-            runner.times.append(runner.run())
-    return report(args, runners)
+        for team in teams:  # the frameworks take turns: A B A B ...
+            for runner in order.sample(team, len(team)):
+                runner.times.append(runner.run())
+    return report(args, c, [r for team in teams for r in team], load_before, _load())
 
 
-def report(args, runners) -> dict:
-    rows = {}
+def report(args, c, runners, load_before, load_after) -> dict:
+    rows: dict[str, dict] = {}
     for r in runners:
-        rows[r.name] = {
+        rows[f"{r.group} | {r.name}"] = {
+            "group": r.group,
+            "name": r.name,
             "kind": r.kind,
             "median_ms": round(1e3 * statistics.median(r.times), 2),
             "min_ms": round(1e3 * min(r.times), 2),
             "trainable": r.trainable,
             **r.memory,
         }
-
-    def ratio(name, ref):
-        if name in rows and ref in rows:
-            rows[name]["ratio"] = round(rows[name]["median_ms"] / rows[ref]["median_ms"], 3)
-
-    for name, row in rows.items():
-        ref = {
-            ("train", True): "jax full FT",
-            ("infer", True): "jax inference base",
-            ("train", False): "torch full FT",
-            ("infer", False): "torch inference base",
-        }[(row["kind"], name.startswith("jax"))]
-        ratio(name, ref)
-    vs_peft = {}
+    for row in rows.values():
+        ref_name = "full FT" if row["kind"] == "train" else "base"
+        if row["group"].startswith("torch") and row["kind"] == "infer":
+            ref_name = "inference base"
+        ref = rows.get(f"{row['group']} | {ref_name}")
+        if ref is not None:
+            row["ratio"] = round(row["median_ms"] / ref["median_ms"], 3)
+            row["ratio_of_min"] = round(row["min_ms"] / ref["min_ms"], 3)
+    same_work = {}
     for ours, theirs in [
-        ("jaxlora factored q,v", "PEFT LoRA q,v"),
-        ("jaxlora factored all-linear", "PEFT LoRA all-linear"),
-        ("jax full FT", "torch full FT"),
+        ("linen | jaxlora factored q,v", "PEFT LoRA q,v"),
+        ("linen | jaxlora factored all-linear", "PEFT LoRA all-linear"),
+        ("linen | jaxlora factored all-linear, dropout 0.1", "PEFT LoRA all-linear, dropout 0.1"),
+        ("linen | full FT", "full FT"),
+        ("nnx | jaxlora factored q,v", "nnx | qwix q,v"),
+        ("nnx | jaxlora factored all-linear", "nnx | qwix all-linear"),
     ]:
-        if ours in rows and theirs in rows:
-            vs_peft[ours] = round(rows[ours]["median_ms"] / rows[theirs]["median_ms"], 3)
+        for group in ("torch", "torch (MKL AMD shim)"):
+            other = theirs if theirs.startswith("nnx") else f"{group} | {theirs}"
+            if ours in rows and other in rows:
+                same_work[f"{ours} / {other}"] = {
+                    "median": round(rows[ours]["median_ms"] / rows[other]["median_ms"], 3),
+                    "min": round(rows[ours]["min_ms"] / rows[other]["min_ms"], 3),
+                }
+    busy = max(load_before["load_1m"], load_after["load_1m"]) > BUSY_LOAD
     result = {
         "rows": rows,
-        "jax_over_torch": vs_peft,
+        "same_work": same_work,
+        "model": asdict(c),
+        "load": {"before": load_before, "after": load_after, "busy": busy},
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "machine": {"cpus": os.cpu_count(), "arch": platform.machine()},
         "versions": {"python": platform.python_version(), "jax": jax.__version__},
         "command": " ".join(["python -m experiments.bench_train_step"] + sys.argv[1:]),
     }
     write(args, result)
+    if busy:
+        print(f"WARNING: load average above {BUSY_LOAD} during the run: not a quiet machine")
     return result
 
 
 def table(result) -> str:
     lines = [
-        "| configuration | trainable | median ms | ratio | XLA temp MB | RSS delta MB |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| group | configuration | trainable | min ms | median ms | ratio (median) | "
+        "ratio (min) | XLA temp MB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, row in result["rows"].items():
+    for row in result["rows"].values():
         lines.append(
-            f"| {name} | {row['trainable']:,} | {row['median_ms']:.1f} | {row.get('ratio', '')} "
-            f"| {row.get('temp_mb', '')} | {row.get('rss_delta_mb', '')} |"
+            f"| {row['group']} | {row['name']} | {row['trainable']:,} | {row['min_ms']:.1f} | "
+            f"{row['median_ms']:.1f} | {row.get('ratio', '')} | {row.get('ratio_of_min', '')} | "
+            f"{row.get('temp_mb', '')} |"
         )
-    if result["jax_over_torch"]:
-        lines += ["", "| jax / torch (same work) | ratio |", "|---|---:|"]
-        lines += [f"| {k} | {v} |" for k, v in result["jax_over_torch"].items()]
-    lines += ["", f"peak RSS of the process: {result['peak_rss_mb']} MB"]
-    if "torch_mkl_amd_shim" in result["settings"]:
-        shim = "on" if result["settings"]["torch_mkl_amd_shim"] else "off"
-        lines += [f"PyTorch: fused AdamW; MKL AMD shim (`_mkl_amd_shim`) {shim}"]
+    if result["same_work"]:
+        lines += ["", "| same work | ratio (median) | ratio (min) |", "|---|---:|---:|"]
+        lines += [f"| {k} | {v['median']} | {v['min']} |" for k, v in result["same_work"].items()]
+    load = result["load"]
+    lines += [
+        "",
+        f"load average (1 min) before {load['before']['load_1m']:.2f}, after "
+        f"{load['after']['load_1m']:.2f}" + (" — BUSY, do not publish" if load["busy"] else ""),
+        f"peak RSS of the JAX process: {result['peak_rss_mb']} MB; "
+        f"{result['settings']['rounds']} rounds, random order within each round, frameworks in "
+        "alternating turns; PyTorch: fused AdamW, default threads",
+    ]
     return "\n".join(lines)
 
 

@@ -15,6 +15,7 @@ import dataclasses
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,3 +77,81 @@ def next_token_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:
     """Mean cross-entropy of the next token."""
     logp = jax.nn.log_softmax(logits.astype(jnp.float32))
     return -jnp.mean(jnp.take_along_axis(logp, targets[..., None], axis=-1))
+
+
+class AttentionBlock(nn.Module):
+    """:class:`Block` with Flax's own ``nn.MultiHeadDotProductAttention`` (``DenseGeneral``
+    projections ``attn/query|key|value|out``) in place of the four ``Dense`` layers."""
+
+    config: GPTConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+        c = self.config
+        h = nn.LayerNorm(name="ln_1")(x)
+        x = x + nn.MultiHeadDotProductAttention(c.heads, name="attn")(h, h, mask=mask)
+        h = nn.LayerNorm(name="ln_2")(x)
+        h = nn.gelu(nn.Dense(c.mlp, name="fc_in")(h), approximate=True)
+        return x + nn.Dense(c.d_model, name="fc_out")(h)
+
+
+class AttentionGPT(nn.Module):
+    """:class:`GPT` built from :class:`AttentionBlock` s (Flax's attention module, causal)."""
+
+    config: GPTConfig = GPTConfig()
+
+    @nn.compact
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        c = self.config
+        embed = nn.Embed(c.vocab, c.d_model, name="wte")
+        positions = nn.Embed(c.seq, c.d_model, name="wpe")(jnp.arange(ids.shape[1]))
+        x = embed(ids) + positions[None]
+        mask = nn.make_causal_mask(ids)
+        for i in range(c.layers):
+            x = AttentionBlock(c, name=f"h_{i}")(x, mask)
+        return embed.attend(nn.LayerNorm(name="ln_f")(x))
+
+
+class NnxBlock(nnx.Module):
+    """The NNX block: ``nnx.MultiHeadAttention`` (``LinearGeneral`` query/key/value/out) and an
+    ``nnx.Linear`` MLP ``fc_in`` / ``fc_out``."""
+
+    def __init__(self, c: GPTConfig, rngs: nnx.Rngs):
+        self.ln_1 = nnx.LayerNorm(c.d_model, rngs=rngs)
+        self.attn = nnx.MultiHeadAttention(c.heads, c.d_model, decode=False, rngs=rngs)
+        self.ln_2 = nnx.LayerNorm(c.d_model, rngs=rngs)
+        self.fc_in = nnx.Linear(c.d_model, c.mlp, rngs=rngs)
+        self.fc_out = nnx.Linear(c.mlp, c.d_model, rngs=rngs)
+
+    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+        x = x + self.attn(self.ln_1(x), mask=mask)
+        return x + self.fc_out(nnx.gelu(self.fc_in(self.ln_2(x)), approximate=True))
+
+
+class NnxGPT(nnx.Module):
+    """The benchmark GPT in Flax NNX (tied head through ``nnx.Embed.attend``)."""
+
+    def __init__(self, c: GPTConfig, rngs: nnx.Rngs):
+        self.wte = nnx.Embed(c.vocab, c.d_model, rngs=rngs)
+        self.wpe = nnx.Embed(c.seq, c.d_model, rngs=rngs)
+        self.blocks = nnx.List([NnxBlock(c, rngs) for _ in range(c.layers)])
+        self.ln_f = nnx.LayerNorm(c.d_model, rngs=rngs)
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        x = self.wte(ids) + self.wpe(jnp.arange(ids.shape[1]))[None]
+        mask = nnx.make_causal_mask(ids)
+        for block in self.blocks:
+            x = block(x, mask)
+        return self.wte.attend(self.ln_f(x))
+
+
+def init_attention(config: GPTConfig, key: jax.Array):
+    """:class:`AttentionGPT` and its ``params``."""
+    model = AttentionGPT(config)
+    params = model.init(key, jnp.zeros((1, config.seq), jnp.int32))["params"]
+    return model, params
+
+
+def init_nnx(config: GPTConfig, seed: int = 0) -> NnxGPT:
+    """A fresh :class:`NnxGPT`."""
+    return NnxGPT(config, nnx.Rngs(seed))

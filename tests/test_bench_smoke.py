@@ -12,28 +12,39 @@ pytestmark = pytest.mark.slow  # runs experiments/bench_train_step.py (and PyTor
 @pytest.mark.standard_dtypes  # optax's AdamW
 def test_tiny_benchmark_writes_results(tmp_path):
     argv = ["--tiny", "--rounds", "1", "--tag", "smoke", "--out", str(tmp_path)]
-    if _has_peft():
+    if _has("torch") and _has("peft"):
         argv.append("--peft")
     result = bench_train_step.main(argv)
     saved = json.loads((tmp_path / "bench_train_step_smoke.json").read_text())
     assert saved["rows"].keys() == result["rows"].keys()
     rows = saved["rows"]
-    assert rows["jax full FT"]["ratio"] == 1.0
-    assert (
-        rows["jaxlora factored q,v"]["trainable"] < rows["jaxlora factored all-linear"]["trainable"]
-    )
-    assert rows["jaxlora merged q,v"]["trainable"] == rows["jaxlora factored q,v"]["trainable"]
-    assert "temp_mb" in rows["jaxlora factored q,v"]
-    assert "| jaxlora factored all-linear |" in (tmp_path / "bench_train_step_smoke.md").read_text()
-    if _has_peft():
-        assert rows["PEFT LoRA q,v"]["trainable"] == rows["jaxlora factored q,v"]["trainable"]
-        assert "jaxlora factored q,v" in saved["jax_over_torch"]
+    for group in ("linen", "linen-mha", "nnx", "bf16"):
+        assert rows[f"{group} | full FT"]["ratio"] == 1.0
+    assert rows["inference | base"]["ratio"] == 1.0
+    qv = rows["linen | jaxlora factored q,v"]["trainable"]
+    assert qv < rows["linen | jaxlora factored all-linear"]["trainable"]
+    # The same work in every framework: the same trainable count.
+    assert rows["linen | jaxlora merged q,v"]["trainable"] == qv
+    assert rows["linen-mha | jaxlora factored q,v"]["trainable"] == qv
+    assert rows["nnx | jaxlora factored q,v"]["trainable"] == qv
+    all_linear = rows["linen | jaxlora factored all-linear"]["trainable"]
+    assert rows["nnx | jaxlora factored all-linear"]["trainable"] == all_linear
+    assert "temp_mb" in rows["linen | jaxlora factored q,v"]
+    assert saved["load"]["before"]["load_1m"] >= 0
+    text = (tmp_path / "bench_train_step_smoke.md").read_text()
+    assert "| linen | jaxlora factored all-linear, dropout 0.1 |" in text
+    if _has("qwix"):
+        assert rows["nnx | qwix q,v"]["trainable"] == qv
+        assert rows["nnx | qwix all-linear"]["trainable"] == all_linear
+    if "--peft" in argv:
+        assert rows["torch | PEFT LoRA q,v"]["trainable"] == qv
+        assert rows["torch | PEFT LoRA all-linear"]["trainable"] == all_linear
+        assert "linen | jaxlora factored q,v / torch | PEFT LoRA q,v" in saved["same_work"]
 
 
-def _has_peft() -> bool:
+def _has(module: str) -> bool:
     try:
-        import peft  # noqa: F401
-        import torch  # noqa: F401
+        __import__(module)
     except ImportError:
         return False
     return True
