@@ -48,3 +48,18 @@ def _has(module: str) -> bool:
     except ImportError:
         return False
     return True
+
+
+@pytest.mark.standard_dtypes
+def test_tiny_profile_writes_results(tmp_path):
+    from experiments import profile_step
+
+    if not (_has("torch") and _has("peft")):
+        pytest.skip("the profile compares against PyTorch/PEFT (the bench extra)")
+    result = profile_step.main(["--tiny", "--out", str(tmp_path)])
+    steps = json.loads((tmp_path / "profile_step_tiny.json").read_text())["steps"]
+    assert steps.keys() == result["steps"].keys() == {
+        "JAX full FT", "jaxlora all-linear", "PyTorch full FT", "PEFT all-linear"
+    }  # fmt: skip
+    for summary in steps.values():
+        assert summary["total_ms"] > 0 and summary["groups_ms"]["matmul"] > 0

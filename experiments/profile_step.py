@@ -1,0 +1,167 @@
+"""Where a training step's time goes, op by op: XLA:CPU (JAX) against PyTorch on the same work.
+
+Profiles the benchmark GPT (``models_gpt.py``, batch 8 x seq 128, fp32, AdamW) for full fine-tuning
+and LoRA r 8 all-linear (jaxlora factored; PEFT), a few steps each, and sums the time of each
+operation per step:
+
+* JAX: ``jax.profiler`` traces the compiled step; every XLA:CPU thunk (a GEMM, a fusion, a copy,
+  ...) is an event of the trace, read back with ``jax.profiler.ProfileData``;
+* PyTorch: ``torch.profiler``'s self CPU time per ``aten::`` op.
+
+Operations are grouped as ``matmul`` (dots, GEMMs, matmul fusions), ``elementwise / fusion``,
+``reduce``, ``copy / layout`` and ``other``, so the table shows which part of XLA:CPU is slower
+than PyTorch's kernels and by how many milliseconds. Run it alone on the machine::
+
+    python -m experiments.profile_step            # ~3 min on 2 cores
+    python -m experiments.profile_step --tiny     # seconds (the smoke test)
+
+Writes ``experiments/results/profile_step.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+STEPS = 3
+
+
+def category(name: str) -> str:
+    """The group of an XLA thunk or a PyTorch op, by its name."""
+    n = name.lower()
+    if any(k in n for k in ("dot", "gemm", "ynn", "mm", "matmul", "linear", "convolution")):
+        return "matmul"
+    if any(k in n for k in ("reduce", "sum", "mean", "softmax")):
+        return "reduce"
+    if any(k in n for k in ("copy", "transpose", "bitcast", "reshape", "slice", "concat", "view")):
+        return "copy / layout"
+    elementwise = ("fusion", "wrapped", "add", "mul", "div", "tanh", "gelu", "exp", "sqrt",
+                   "where", "select", "norm", "adam", "lerp", "foreach")  # fmt: skip
+    if any(k in n for k in elementwise):
+        return "elementwise / fusion"
+    return "other"
+
+
+def profile_jax(tiny: bool) -> dict[str, dict[str, float]]:
+    import jax
+    from jax.profiler import ProfileData
+
+    from experiments import bench_runners, models_gpt
+
+    c = models_gpt.TINY if tiny else models_gpt.GPTConfig()
+    batch = jax.random.randint(jax.random.key(2), (2 if tiny else 8, c.seq + 1), 0, c.vocab)
+    args = argparse.Namespace(r=8, alpha=16.0, quick=True)
+    runners = bench_runners.linen_group(args, c, batch)
+    wanted = {"full FT": "JAX full FT", "jaxlora factored all-linear": "jaxlora all-linear"}
+    out = {}
+    for runner in runners:
+        if runner.name not in wanted:
+            continue
+        folder = tempfile.mkdtemp(prefix="jaxprof_")
+        with jax.profiler.trace(folder):
+            for _ in range(STEPS):
+                runner.run()
+        data = ProfileData.from_file(glob.glob(f"{folder}/**/*.xplane.pb", recursive=True)[0])
+        ops: dict[str, float] = collections.defaultdict(float)
+        for plane in data.planes:
+            for line in plane.lines:
+                if line.name == "python":
+                    continue
+                for event in line.events:
+                    if event.name.startswith(("ThreadpoolListener", "end: ", "ThunkExecutor")):
+                        continue
+                    ops[event.name] += event.duration_ns / 1e6 / STEPS
+        out[wanted[runner.name]] = dict(ops)
+    return out
+
+
+def profile_torch(tiny: bool) -> dict[str, dict[str, float]]:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from experiments import bench_peft, models_gpt
+
+    c = models_gpt.TINY if tiny else models_gpt.GPTConfig()
+    runners = bench_peft.runners(c, 8, 16.0, 2 if tiny else 8)
+    wanted = {"torch full FT": "PyTorch full FT", "PEFT LoRA all-linear": "PEFT all-linear"}
+    out = {}
+    for name, label in wanted.items():
+        runner = runners[name]
+        for _ in range(3):
+            runner.step()  # allocator and lazy AdamW state
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(STEPS):
+                runner.step()
+        ops = {e.key: e.self_cpu_time_total / 1e3 / STEPS for e in prof.key_averages()}
+        out[label] = {k: v for k, v in ops.items() if v > 0}
+    del torch
+    return out
+
+
+def summarise(ops: dict[str, float], top: int = 8) -> dict:
+    groups: dict[str, float] = collections.defaultdict(float)
+    for name, ms in ops.items():
+        groups[category(name)] += ms
+    largest = sorted(ops.items(), key=lambda kv: -kv[1])[:top]
+    return {
+        "total_ms": round(sum(ops.values()), 1),
+        "groups_ms": {k: round(v, 1) for k, v in sorted(groups.items(), key=lambda kv: -kv[1])},
+        "top_ops_ms": [[k, round(v, 2)] for k, v in largest],
+    }
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--worker", choices=["jax", "torch"], help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:  # one framework per process, so neither's threads disturb the other
+        fn = profile_jax if args.worker == "jax" else profile_torch
+        print(json.dumps(fn(args.tiny)))
+        return {}
+    load_before = os.getloadavg()[0]
+    profiles = {}
+    for worker in ("jax", "torch"):
+        cmd = [sys.executable, "-m", "experiments.profile_step", "--worker", worker]
+        done = subprocess.run(cmd + ["--tiny"] * args.tiny, capture_output=True, text=True,
+                              check=True, cwd=Path(__file__).resolve().parent.parent)  # fmt: skip
+        profiles.update(json.loads(done.stdout.strip().splitlines()[-1]))
+    result = {
+        "steps": {name: summarise(ops) for name, ops in profiles.items()},
+        "load_1m": {"before": load_before, "after": os.getloadavg()[0]},
+        "command": " ".join(["python -m experiments.profile_step"] + sys.argv[1:]),
+    }
+    write(Path(args.out), "profile_step_tiny" if args.tiny else "profile_step", result)
+    return result
+
+
+def write(out: Path, stem: str, result: dict) -> None:
+    names = list(result["steps"])
+    groups = sorted({g for s in result["steps"].values() for g in s["groups_ms"]})
+    lines = [f"`{result['command']}` (ms per step, summed over ops; load {result['load_1m']})", ""]
+    lines += ["| ms per step | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    for g in groups:
+        cells = [str(result["steps"][n]["groups_ms"].get(g, 0.0)) for n in names]
+        lines.append(f"| {g} | " + " | ".join(cells) + " |")
+    lines.append("| **total** | " + " | ".join(str(result["steps"][n]["total_ms"]) for n in names)
+                 + " |")  # fmt: skip
+    for n in names:
+        top = ", ".join(f"`{k}` {v}" for k, v in result["steps"][n]["top_ops_ms"])
+        lines += ["", f"Largest ops, {n}: {top}"]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
