@@ -11,7 +11,8 @@ both the older ``rope_theta`` / ``rope_scaling`` / ``rope_local_base_freq`` keys
 shardings: every tensor the model needs must be present with its shape and no other may be, or the
 error names it (a multimodal Gemma 3's vision tower and projector are skipped). Linear weights
 ``(out, in)`` become Dense kernels ``(in, out)``; norm weights are kept as they are (the model
-multiplies by ``1 + scale``).
+multiplies by ``1 + scale``). :func:`jaxlora.models.hf_export.save_hf` (with
+:mod:`jaxlora.models.gemma_export`) writes such a directory back, LoRA merged in or not.
 
 Example (a checkpoint that ``transformers`` saved; not run here)::
 

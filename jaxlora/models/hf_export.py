@@ -1,10 +1,12 @@
-"""Writing a Llama-family model, LoRA merged in, as a Hugging Face checkpoint directory.
+"""Writing a Llama-family or Gemma model, LoRA merged in, as a Hugging Face checkpoint directory.
 
 :func:`save_hf_merged` folds the adapter into the base (``W + s·A·B`` by :func:`jaxlora.merge`, in
 the base dtype) and :func:`save_hf` writes ``config.json`` and safetensors shards (with
 ``model.safetensors.index.json`` when there is more than one) that
 ``transformers.AutoModelForCausalLM.from_pretrained`` loads. :func:`config_to_hf` is the inverse of
-:func:`jaxlora.models.hf_llama.config_from_hf`.
+:func:`jaxlora.models.hf_llama.config_from_hf`. A :class:`~jaxlora.models.gemma.GemmaConfig`
+goes through :mod:`jaxlora.models.gemma_export` and
+:func:`jaxlora.models.gemma_weights.expected_tensors` instead.
 
 Example (a tiny random model; writes one ``model.safetensors``):
     >>> import tempfile, jax, jax.numpy as jnp
@@ -32,6 +34,8 @@ from flax import traverse_util
 
 from jaxlora._src.config.lora_config import LoraConfig
 from jaxlora._src.tree.core import merge
+from jaxlora.models import gemma_export, gemma_weights
+from jaxlora.models.gemma import GemmaConfig
 from jaxlora.models.hf_checkpoint import CONFIG_FILE, INDEX_FILE, SINGLE_FILE
 from jaxlora.models.hf_llama import config_from_hf, expected_tensors
 from jaxlora.models.llama import LlamaConfig
@@ -108,14 +112,32 @@ def _sliding(config: LlamaConfig, kind: str) -> dict[str, Any]:
     }
 
 
-def config_to_hf(config: LlamaConfig, dtype: str = "float32") -> dict[str, Any]:
-    """The ``config.json`` dict for ``config`` (``model_type`` from :func:`model_type`).
+def _family(config: Any) -> tuple[Any, Any, Any]:
+    """``(expected_tensors, config_to_hf, config_from_hf)`` of ``config``'s model family."""
+    if isinstance(config, GemmaConfig):
+        return (
+            gemma_weights.expected_tensors,
+            gemma_export.config_to_hf,
+            gemma_weights.config_from_hf,
+        )
+    if isinstance(config, LlamaConfig):
+        return expected_tensors, _llama_config_to_hf, config_from_hf
+    raise TypeError(f"`config` must be a LlamaConfig or a GemmaConfig, got {type(config).__name__}")
+
+
+def config_to_hf(config: LlamaConfig | GemmaConfig, dtype: str = "float32") -> dict[str, Any]:
+    """The ``config.json`` dict for ``config`` (``model_type`` from :func:`model_type`, or
+    :func:`jaxlora.models.gemma_export.model_type` for a Gemma).
 
     Example:
         >>> doc = config_to_hf(LlamaConfig(rope_interleaved=False))
         >>> doc["model_type"], doc["num_key_value_heads"], doc["tie_word_embeddings"]
         ('llama', 3, True)
     """
+    return _family(config)[1](config, dtype)
+
+
+def _llama_config_to_hf(config: LlamaConfig, dtype: str = "float32") -> dict[str, Any]:
     kind = model_type(config)
     document = {
         "architectures": [_ARCHITECTURES[kind]],
@@ -172,46 +194,52 @@ def _plan(sizes: Mapping[str, int], limit: int) -> list[list[str]]:
     return [*shards, current] if current else shards
 
 
-def _hf_config(config: LlamaConfig, hf_config: Mapping[str, Any] | None, dtype: str) -> dict:
+def _hf_config(config: Any, hf_config: Mapping[str, Any] | None, dtype: str) -> dict:
+    _, to_hf, from_hf = _family(config)
     if hf_config is None:
-        return config_to_hf(config, dtype)
-    if config_from_hf(hf_config) != config:
+        return to_hf(config, dtype)
+    if from_hf(hf_config) != config:
         raise ValueError(
-            f"`hf_config` describes {config_from_hf(hf_config)}, not the model's `config` {config}"
+            f"`hf_config` describes {from_hf(hf_config)}, not the model's `config` {config}"
         )
     return {**hf_config, "torch_dtype": dtype}
 
 
 def save_hf(
     directory: str | os.PathLike[str],
-    config: LlamaConfig,
+    config: LlamaConfig | GemmaConfig,
     params: Mapping[str, Any],
     *,
     max_shard_size: int | str = "5GB",
     hf_config: Mapping[str, Any] | None = None,
 ) -> None:
-    """Writes ``LlamaForCausalLM(config)`` params as a Hugging Face checkpoint directory.
+    """Writes ``LlamaForCausalLM(config)`` or ``GemmaForCausalLM(config)`` params as a Hugging
+    Face checkpoint directory.
 
     Args:
         directory: created if missing; earlier ``model*.safetensors`` files and index in it are
             replaced, other files (a tokenizer) kept.
-        config: the model's config.
-        params: its params (every tensor :func:`~jaxlora.models.hf_llama.expected_tensors` names).
+        config: the model's config: a :class:`~jaxlora.models.llama.LlamaConfig` or a
+            :class:`~jaxlora.models.gemma.GemmaConfig`.
+        params: its params (every tensor :func:`~jaxlora.models.hf_llama.expected_tensors`, or
+            :func:`~jaxlora.models.gemma_weights.expected_tensors`, names).
         max_shard_size: bytes per safetensors file (an int, or e.g. ``"500MB"``); more than one
             file adds ``model.safetensors.index.json``.
         hf_config: the base checkpoint's ``config.json`` dict, written instead of
             :func:`config_to_hf` (keeps its token ids and other fields); must describe ``config``.
 
     Raises:
+        TypeError: for a ``config`` of another model family.
         ValueError: for a params tree that does not fit ``config`` (naming the path), a bad
             ``max_shard_size``, or a config Hugging Face has no model for.
     """
     from safetensors.numpy import save_file
 
+    tensors_of, to_hf, _ = _family(config)
     limit = _shard_size(max_shard_size)
     if hf_config is None:
-        model_type(config)  # fails early for a config Hugging Face has no model for
-    specs = expected_tensors(config)
+        to_hf(config)  # fails early for a config Hugging Face has no model for
+    specs = tensors_of(config)
     flat = traverse_util.flatten_dict(dict(params))
     wanted = {spec.path for spec in specs.values()}
     if set(flat) != wanted:
@@ -263,7 +291,7 @@ def save_hf(
 
 def save_hf_merged(
     directory: str | os.PathLike[str],
-    config: LlamaConfig,
+    config: LlamaConfig | GemmaConfig,
     frozen: Mapping[str, Any],
     lora: Mapping[str, Any],
     lora_config: LoraConfig,
@@ -276,5 +304,6 @@ def save_hf_merged(
     The merged weights keep the base's dtype (a bf16 base gives a bf16 checkpoint). Arguments as
     :func:`save_hf`; ``frozen``, ``lora`` and ``lora_config`` as for :func:`jaxlora.merge`.
     """
+    _family(config)  # a config of another family fails before the merge
     merged = merge(frozen, lora, lora_config)
     save_hf(directory, config, merged, max_shard_size=max_shard_size, hf_config=hf_config)
