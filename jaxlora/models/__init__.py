@@ -7,8 +7,9 @@
   :func:`~jaxlora.models.llama_gguf.load_gguf_llama` the same file with its Q4_1 kernels kept 4-bit.
 * :mod:`jaxlora.models.hf_llama`: :func:`~jaxlora.models.hf_llama.load_hf` reads a local Hugging
   Face checkpoint directory (Llama 2/3, Mistral, Qwen2/2.5, Qwen3, SmolLM) straight into its
-  shardings; :func:`~jaxlora.models.hf_export.save_hf_merged` writes a Llama-family or Gemma model with LoRA merged in
-  back out for ``transformers``. :mod:`jaxlora.models.hf_checkpoint` is the generic reader.
+  shardings; :func:`~jaxlora.models.hf_export.save_hf_merged` writes a Llama-family or Gemma
+  model with LoRA merged in back out for ``transformers``. :mod:`jaxlora.models.hf_checkpoint` is
+  the generic reader.
 * :mod:`jaxlora.models.gemma`: Gemma 1/2/3 decoders (scaled tied embeddings, soft-capping,
   sliding-window layers); :func:`~jaxlora.models.gemma_weights.load_hf_gemma` reads their Hugging
   Face checkpoints (``load_hf`` dispatches to it).
