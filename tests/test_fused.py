@@ -263,3 +263,18 @@ def test_bf16_model_takes_fast_path():
         want = general(lora)
     jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=5e-2, atol=5e-2),
                  fast(lora), want)  # fmt: skip
+
+
+@pytest.mark.parametrize("rate", [0.05, 0.1, 0.5])
+def test_keep_mask_statistics(rate):
+    key = jax.random.key(11)
+    mask = np.asarray(fused.keep_mask(key, rate, (512, 1024)))
+    n = mask.size
+    assert abs(1 - mask.mean() - rate) < 5 * np.sqrt(rate * (1 - rate) / n)  # 5 sigma
+    m = mask.astype(float)
+    for a, b in [(m[:, :-1], m[:, 1:]), (m[:-1], m[1:])]:  # neighbours along each axis
+        assert abs(np.corrcoef(a.ravel(), b.ravel())[0, 1]) < 0.01
+    np.testing.assert_array_equal(mask, fused.keep_mask(key, rate, (512, 1024)))
+    other = np.asarray(fused.keep_mask(jax.random.key(12), rate, (512, 1024)))
+    assert 0.5 * rate < (mask != other).mean() < 3 * rate  # independent masks differ often
+    assert fused.keep_mask(key, 0.0, (3, 4)).all()
