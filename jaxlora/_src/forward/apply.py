@@ -7,10 +7,12 @@ and what a deployed model runs. Both give the same outputs and gradients within 
 only the factored mode can apply LoRA dropout. Each adapted module runs its own variant on both
 paths and both frameworks (a DoRA module rescales each output column by its magnitude factor).
 
-On a linen model the factored mode also keeps a low-memory base low: quantised kernels are
-dequantised inside each layer call (:mod:`jaxlora.quant`), and big bfloat16 layers without LoRA
-(an output head) are cast a block of columns at a time (:mod:`jaxlora.chunked`). ``remat=``
-recomputes chosen blocks in the backward pass (:mod:`jaxlora.remat`). These are custom VJPs,
+The factored mode runs on a quantised base (:mod:`jaxlora.quant`): each layer reads its kernel
+dequantised inside its call (linen keeps only the codes for the backward pass); on a linen model
+big bfloat16 layers without LoRA (an output head) are cast a block of columns at a time
+(:mod:`jaxlora.chunked`). ``remat=`` recomputes chosen blocks in the backward pass, on linen and
+NNX (:mod:`jaxlora.remat`); ``mutable=`` returns the batch statistics and RNG state a training
+step updates (:mod:`jaxlora._src.forward.state`). The memory savers are custom VJPs,
 made for reverse-mode training (``jax.grad``, ``jax.vjp``); for forward-mode derivatives
 (``jax.jvp``, ``jax.jacfwd``) use ``mode="merged"`` without ``remat``.
 """
@@ -27,9 +29,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlora._src.config.lora_config import LoraConfig
-from jaxlora._src.forward import adapted, chunked, linen
+from jaxlora._src.forward import adapted, chunked, linen, nnx_remat
 from jaxlora._src.forward import nnx as nnx_forward
 from jaxlora._src.forward import remat as remat_lib
+from jaxlora._src.forward import state as state_lib
 from jaxlora._src.quant import forward as quant_forward
 from jaxlora._src.quant.kernel import is_quantized
 from jaxlora._src.tree import core
@@ -127,6 +130,7 @@ def apply(
     method: Any = None,
     variables: Mapping[str, Any] | None = None,
     remat: str | Sequence[str] | None = None,
+    mutable: Any = False,
     model_kwargs: Mapping[str, Any] | None = None,
     **kwargs: Any,
 ) -> Any:
@@ -152,22 +156,33 @@ def apply(
         method: linen: the method to apply, as for ``Module.apply``; NNX: a method name or a
             function ``f(module, *args, **kwargs)``.
         variables: linen only: other variable collections (e.g. ``batch_stats``).
-        remat: linen only: modules to recompute in the backward pass instead of keeping their
-            activations (gradient checkpointing, :mod:`jaxlora.remat`), by path with the rules
-            of ``target_modules``: a regular expression such as ``r"layers_\\d+"`` or a list of
-            names. Same values and gradients, far less activation memory.
+        remat: modules to recompute in the backward pass instead of keeping their activations
+            (gradient checkpointing, :mod:`jaxlora.remat`), by path with the rules of
+            ``target_modules``: a regular expression such as ``r"layers_\\d+"`` or a list of
+            names (NNX paths as ``nnx.iter_modules`` gives them, e.g. ``"blocks/0"``). Same
+            values and gradients, far less activation memory.
+        mutable: which non-parameter state the call may update and returns, as
+            ``(output, updates)``: ``True`` for all of it (the same call on linen and NNX), or
+            linen: collection names (``["batch_stats"]``); NNX: an NNX filter
+            (``nnx.BatchStat``, ``(nnx.BatchStat, nnx.RngState)``). Parameters are never part
+            of ``updates``. Fold them back for the next step: NNX
+            ``frozen = nnx.merge_state(frozen, updates)`` (batch statistics, the model's own RNG
+            counters, so each step draws new dropout masks); linen
+            ``variables = {**variables, **updates}``. ``False`` (default): the output alone,
+            and an NNX call's state updates are discarded.
         model_kwargs: keyword inputs of the model passed on untouched, for names this function
             takes itself (a model's own ``mode``, ``method`` or ``rngs`` keyword).
         **kwargs: keyword inputs of the model.
 
     Returns:
-        What the model returns (NNX: state updates inside the call are discarded).
+        What the model returns; with ``mutable``, ``(output, updates)``.
 
     Raises:
         ValueError: for an unknown ``mode``, for ``mode="merged"`` with LoRA dropout on, for
             dropout on without a ``"dropout"`` key, for a ``remat`` that matches no module, or
-            for a quantised base on the factored path of an NNX model.
-        TypeError: when ``model`` is neither a linen nor an NNX model.
+            for a ``mutable`` that names the ``params`` collection.
+        TypeError: when ``model`` is neither a linen nor an NNX model, or for a ``mutable``
+            the framework cannot read.
 
     Example:
         >>> import flax.linen as nn, jax, jax.numpy as jnp, jaxlora
@@ -196,17 +211,16 @@ def apply(
     dropout_on = _dropout_on(config, mode, rngs, lora_deterministic)
     call = (args, kwargs, method)
     if isinstance(model, nn.Module):
+        if mutable is not False and mutable is not None:
+            kwargs["mutable"] = state_lib.linen_mutable(mutable)
         return _apply_linen(model, frozen, lora, config, call, mode, rngs, dropout_on,
                             variables, remat)  # fmt: skip
     if isinstance(model, nnx.Module | nnx.GraphDef):
         if variables is not None:
             raise ValueError("`variables` is for linen models; an NNX model's state is `frozen`")
-        if remat is not None:
-            raise ValueError(
-                "`remat` is for linen models; for an NNX model wrap the blocks in `nnx.remat`"
-            )
         key = rngs.get(linen.DROPOUT_RNG) if dropout_on else None
-        return _apply_nnx(model, frozen, lora, config, call, mode, key)
+        options = (mode, key, remat, state_lib.nnx_mutable(mutable))
+        return _apply_nnx(model, frozen, lora, config, call, options)
     raise TypeError(
         "`model` must be a flax.linen Module, an nnx.Module or an nnx.GraphDef, got "
         f"{type(model).__name__}"
@@ -237,22 +251,29 @@ def _apply_linen(model, frozen, lora, config, call, mode, rngs, dropout_on, vari
         return model.apply(tree, *args, rngs=rngs, method=method, **kwargs)
 
 
-def _apply_nnx(model, frozen, lora, config, call, mode, key):
-    """:func:`apply` for an NNX module or ``GraphDef``; ``key`` turns LoRA dropout on."""
+def _apply_nnx(model, frozen, lora, config, call, options):
+    """:func:`apply` for an NNX module or ``GraphDef``; ``options = (mode, key, remat,
+    mutable)``: ``key`` turns LoRA dropout on, ``mutable`` is an NNX filter or None."""
     args, kwargs, method = call
-    if mode == "factored" and _is_quantized_tree(frozen):
-        raise ValueError(
-            "`frozen` holds quantised kernels; quantised bases run on linen models only in "
-            "`mode='factored'`. For an NNX model pass `mode='merged'` (it dequantises) or "
-            "`jaxlora.quant.dequantize_tree(frozen)`"
-        )
+    mode, key, remat, mutable = options
     graphdef = model if isinstance(model, nnx.GraphDef) else nnx.graphdef(model)
-    if mode == "merged":
-        module = _merge_nnx(graphdef, core.merge(frozen, lora, config))
-        return _call_nnx(module, method, args, kwargs)
-    module = _merge_nnx(graphdef, nnx_forward.adapt_state(frozen, lora, config, key))
-    with nnx_forward.hooked_layers():
-        return _call_nnx(module, method, args, kwargs)
+    with contextlib.ExitStack() as stack:
+        if mode == "merged":
+            module = _merge_nnx(graphdef, quant_forward.dequantizing_state(
+                core.merge(frozen, lora, config)))  # fmt: skip
+        else:
+            state = nnx_forward.adapt_state(frozen, lora, config, key)
+            module = _merge_nnx(graphdef, quant_forward.dequantizing_state(state))
+            stack.enter_context(nnx_forward.hooked_layers())
+            if _is_quantized_tree(frozen):
+                # Inside the hooks: the quantised layers' calls, LoRA term included, keep only
+                # the codes for the backward pass.
+                stack.enter_context(quant_forward.dequantizing_layers(module))
+        if remat is not None:
+            # Entered after the hooks, so a recomputed block re-runs the LoRA term too.
+            stack.enter_context(nnx_remat.checkpointed(module, remat))
+        out = _call_nnx(module, method, args, kwargs)
+    return out if mutable is None else (out, state_lib.updates(module, mutable))
 
 
 def _check_method(cls: type, base: type, method: Any) -> None:

@@ -13,7 +13,8 @@ block's input. It is what ``flax.linen.remat`` does, with two differences:
   inputs through :func:`tie_to`, a zero that depends on the incoming cotangent, so it cannot run
   before the backward pass reaches the block, whatever a backend does with barriers.
 
-:func:`jaxlora.apply` takes ``remat=`` and does this for you.
+:func:`jaxlora.apply` takes ``remat=`` and does this for you, on NNX models too
+(:mod:`jaxlora._src.forward.nnx_remat`, built on :func:`recompute` and :func:`hoisting_convert`).
 """
 
 from __future__ import annotations
@@ -116,7 +117,7 @@ def _state_ids(module: nn.Module) -> dict[str, list[int]]:
     return {k: [id(x) for x in jax.tree.leaves(v)] for k, v in variables.items() if k != "params"}
 
 
-def _hoisting_convert(call: Callable[..., Any], leaves: list) -> tuple[Callable[..., Any], list]:
+def hoisting_convert(call: Callable[..., Any], leaves: list) -> tuple[Callable[..., Any], list]:
     """``jax.closure_convert`` that hoists *every* traced value ``call`` closes over: params,
     PRNG keys and batched values alike (``closure_convert`` leaves the non-differentiable ones in
     the trace, where the backward pass would find them dead)."""
@@ -153,7 +154,7 @@ def _selection_interceptor(selected: _Selection) -> Callable[..., Any]:
         # replays this trace. Python values (flags, sizes) stay static; the module's params and
         # rngs are hoisted out as explicit inputs, so their gradients flow through the custom VJP.
         before = _state_ids(module)
-        converted, consts = _hoisting_convert(call, leaves)
+        converted, consts = hoisting_convert(call, leaves)
         after = _state_ids(module)
         written = sorted(k for k in after if after[k] != before.get(k))
         if written:

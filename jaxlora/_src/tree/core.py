@@ -78,7 +78,9 @@ def split(
     """Splits ``params`` into the frozen base and a fresh adapter Θ.
 
     Args:
-        params: a params pytree (linen ``params`` dict, ``nnx.State``, nested dicts).
+        params: a params pytree (linen ``params`` dict, ``nnx.State``, nested dicts). Of a
+            full ``nnx.State`` only the ``nnx.Param`` variables are adapted or trained, never
+            batch statistics, RNG state or other variables.
         config: which modules to adapt and how.
         key: PRNG key for the adapter's initial values.
         variant: ``"lora"`` (plain LoRA) or ``"dora"`` (each module also gets DoRA's magnitude
@@ -104,9 +106,11 @@ def split(
     """
     require_config(config, "split")
     chosen = variants.get(variant)
-    targets = find_targets(params, config)
-    trainable = find_trainable_leaves(params, config, targets)
-    leaves = {keys: leaf for keys, _, leaf in paths.flatten(params)}
+    # Of a full nnx.State, only the parameters: batch statistics and RNG state never train.
+    view = count.params_only(params)
+    targets = find_targets(view, config)
+    trainable = find_trainable_leaves(view, config, targets)
+    leaves = {keys: leaf for keys, _, leaf in paths.flatten(view)}
     lora: LoraTree = {}
     for target in targets:
         a, b = init_factors(target, config, key)

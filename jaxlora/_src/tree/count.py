@@ -7,6 +7,7 @@ import math
 from typing import Any
 
 import jax
+from flax import nnx
 
 from jaxlora._src import paths
 from jaxlora._src.config.targets import EMBEDDING, KERNEL
@@ -19,13 +20,42 @@ def _size(leaf) -> int:
     return math.prod(leaf.shape)
 
 
+def _is_variable(x: Any) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def params_only(tree: Params) -> Params:
+    """``tree`` without the NNX variables that are not parameters (``nnx.BatchStat``, ``RngKey``,
+    ``RngCount``, caches, ...): what a full ``nnx.State`` from ``nnx.split(model)`` holds that LoRA
+    neither counts nor adapts nor trains. ``nnx.Param`` and its subclasses stay, at their paths;
+    a tree without NNX variables (a linen ``params`` dict) is returned as it is.
+
+    Example:
+        >>> from flax import nnx
+        >>> _, state = nnx.split(nnx.BatchNorm(3, rngs=nnx.Rngs(0)))
+        >>> sorted(params_only(state))
+        ['bias', 'scale']
+    """
+    leaves = jax.tree.leaves(tree, is_leaf=_is_variable)
+    if not any(_is_variable(x) and not isinstance(x, nnx.Param) for x in leaves):
+        return tree
+    if isinstance(tree, nnx.State):
+        return nnx.filter_state(tree, nnx.Param)
+
+    def keep(x):
+        return None if _is_variable(x) and not isinstance(x, nnx.Param) else x
+
+    return jax.tree.map(keep, tree, is_leaf=_is_variable)
+
+
 def base_leaves(frozen: Params) -> dict[tuple[str, ...], Any]:
-    """``{string path: leaf}`` of ``frozen``, a quantised kernel as one leaf of its float shape.
+    """``{string path: leaf}`` of ``frozen``, a quantised kernel as one leaf of its float shape;
+    of an ``nnx.State``, its parameters only (:func:`params_only`).
 
     Raises:
         TypeError: for a leaf that is not an array (a string, an object): it is no parameter.
     """
-    flat = jax.tree_util.tree_flatten_with_path(frozen, is_leaf=is_quantized)[0]
+    flat = jax.tree_util.tree_flatten_with_path(params_only(frozen), is_leaf=is_quantized)[0]
     out = {}
     for keypath, leaf in flat:
         names = paths.leaf_path(keypath)
@@ -140,7 +170,9 @@ def count(frozen: Params, lora: LoraTree | None = None) -> ParamCount:
     """Counts total and trainable parameters; leaves may be arrays or ``ShapeDtypeStruct``.
 
     Args:
-        frozen: the base params.
+        frozen: the base params: a linen ``params`` dict, or a full ``nnx.State`` from
+            ``nnx.split(model)``, of which only the parameters (``nnx.Param`` and subclasses)
+            count; batch statistics, RNG state and other variables do not.
         lora: the adapter Θ from :func:`jaxlora.split` (``None`` counts the base alone).
 
     Returns:
