@@ -577,21 +577,13 @@ def apply_cases(w: World) -> list[Case]:
                               ("model_kwargs",)))  # fmt: skip
             cases.append(Case(func, "method='nope'", lambda _, c=call: c(method="nope"),
                               ("method", "nope")))  # fmt: skip
+            cases.append(Case(func, "remat matching no module",
+                              lambda _, c=call: c(remat="nothing_here"), ("remat",)))  # fmt: skip
+            cases.append(Case(func, "remat=5", lambda _, c=call: c(remat=5), ("remat",)))
             if kind == "linen":
-                cases.append(
-                    Case(
-                        func,
-                        "remat matching no module",
-                        lambda _, c=call: c(remat="nothing_here"),
-                        ("remat",),
-                    )
-                )
-                cases.append(Case(func, "remat=5", lambda _, c=call: c(remat=5), ("remat",)))
                 cases.append(Case(func, "variables=5", lambda _, c=call: c(variables=5),
                                   ("variables",)))  # fmt: skip
             else:
-                cases.append(Case(func, "remat given to an NNX model (linen only)",
-                                  lambda _, c=call: c(remat="up"), ("remat",)))  # fmt: skip
                 cases.append(Case(func, "variables given to an NNX model (linen only)",
                                   lambda _, c=call: c(variables={"batch_stats": {}}),
                                   ("variables",)))  # fmt: skip
