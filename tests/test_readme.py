@@ -29,6 +29,14 @@ def test_quickstart_runs_and_trains(capsys):
     assert namespace["deployed"]["up"]["kernel"].shape == (8, 64)
 
 
+@pytest.mark.slow  # transformers writes a tiny checkpoint; jaxlora loads, adapts, exports it
+def test_hf_models_block_runs(tmp_path):
+    code = block("hf-models").replace("/tmp/", f"{tmp_path}/")
+    exec(compile(code, str(README), "exec"), {})
+    assert (tmp_path / "tiny-qwen2-merged" / "config.json").exists()
+    assert (tmp_path / "tiny-qwen2-adapter" / "adapter_model.safetensors").exists()
+
+
 def test_ci_runs_the_readme_test_command():
     ci = (README.parent / ".ci" / "run").read_text()
     assert "test-command" in ci
