@@ -30,6 +30,7 @@ from flax import nnx
 
 from jaxlora._src.config.lora_config import LoraConfig
 from jaxlora._src.forward import adapted, chunked, linen, nnx_remat
+from jaxlora._src.forward import apply_inputs as inputs
 from jaxlora._src.forward import nnx as nnx_forward
 from jaxlora._src.forward import remat as remat_lib
 from jaxlora._src.forward import state as state_lib
@@ -39,70 +40,6 @@ from jaxlora._src.tree import core
 from jaxlora._src.types import LoraTree, Params
 
 MODES = ("factored", "merged")
-
-
-def _is_key(value: Any) -> bool:
-    dtype = getattr(value, "dtype", None)
-    if dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key):
-        return True
-    return dtype == jnp.uint32 and tuple(getattr(value, "shape", ())) == (2,)
-
-
-def _rngs(rngs: Any) -> dict[str, jax.Array]:
-    if rngs is None:
-        return {}
-    if isinstance(rngs, Mapping):
-        for name, key in rngs.items():
-            if not _is_key(key):
-                raise TypeError(
-                    f"`rngs[{name!r}]` must be a PRNG key (`jax.random.key(seed)`), got {key!r:.60}"
-                )
-        return dict(rngs)
-    if isinstance(rngs, jax.Array):
-        return {linen.DROPOUT_RNG: rngs}
-    raise TypeError(f"`rngs` must be a dict of PRNG keys, a PRNG key or None, got {rngs!r}")
-
-
-def _model_kwargs(kwargs: dict[str, Any], model_kwargs: Mapping[str, Any] | None) -> dict:
-    if model_kwargs is None:
-        return dict(kwargs)
-    if not isinstance(model_kwargs, Mapping):
-        raise TypeError(f"`model_kwargs` must be a dict, got {type(model_kwargs).__name__}")
-    twice = sorted(set(kwargs) & set(model_kwargs))
-    if twice:
-        raise ValueError(f"model keywords {twice} are given both directly and in `model_kwargs`")
-    return {**kwargs, **model_kwargs}
-
-
-def _nnx_rngs(model: Any, rngs: nnx.Rngs, kwargs: dict[str, Any], wanted: bool) -> dict:
-    """An ``nnx.Rngs`` goes to the model's own ``rngs`` keyword (put in ``kwargs``); the LoRA
-    dropout key, when ``wanted``, is drawn from its ``dropout`` stream."""
-    if not isinstance(model, nnx.Module | nnx.GraphDef):
-        raise TypeError("`rngs` is an nnx.Rngs, which only NNX models take; give linen a dict")
-    if "rngs" in kwargs:
-        raise ValueError("the model's `rngs` is given twice: as `rngs` and in `model_kwargs`")
-    kwargs["rngs"] = rngs
-    return {linen.DROPOUT_RNG: rngs.dropout()} if wanted and "dropout" in rngs else {}
-
-
-def _dropout_on(config: LoraConfig, mode: str, rngs: dict, lora_deterministic: bool | None) -> bool:
-    """Whether LoRA dropout acts in this call; errors where it was asked for but cannot."""
-    wanted = (linen.DROPOUT_RNG in rngs) if lora_deterministic is None else not lora_deterministic
-    if not wanted or config.lora_dropout == 0:
-        return False
-    if mode == "merged":
-        raise ValueError(
-            f"`mode='merged'` cannot apply LoRA dropout (`lora_dropout`={config.lora_dropout}): "
-            "dropout acts on the LoRA input, which merged weights no longer have; train with "
-            "`mode='factored'`, or pass `lora_deterministic=True` (evaluation), or set "
-            "`lora_dropout=0`"
-        )
-    if linen.DROPOUT_RNG not in rngs:
-        raise ValueError(
-            f"`lora_deterministic=False` with `lora_dropout`={config.lora_dropout} needs a "
-            f"`rngs={{'{linen.DROPOUT_RNG}': key}}`; got rngs for {sorted(rngs)}"
-        )
-    return True
 
 
 def _has_narrow_floats(frozen: Params) -> bool:
@@ -203,12 +140,12 @@ def apply(
         )
     if not isinstance(config, LoraConfig):
         raise TypeError(f"`config` must be a jaxlora.LoraConfig, got {type(config).__name__}")
-    kwargs = _model_kwargs(kwargs, model_kwargs)
+    kwargs = inputs.with_model_kwargs(kwargs, model_kwargs)
     if isinstance(rngs, nnx.Rngs):
         wanted = config.lora_dropout > 0 and lora_deterministic is not True and mode == "factored"
-        rngs = _nnx_rngs(model, rngs, kwargs, wanted)
-    rngs = _rngs(rngs)
-    dropout_on = _dropout_on(config, mode, rngs, lora_deterministic)
+        rngs = inputs.nnx_rngs(model, rngs, kwargs, wanted)
+    rngs = inputs.normalized_rngs(rngs)
+    dropout_on = inputs.dropout_on(config, mode, rngs, lora_deterministic)
     call = (args, kwargs, method)
     if isinstance(model, nn.Module):
         if mutable is not False and mutable is not None:
@@ -230,7 +167,7 @@ def apply(
 def _apply_linen(model, frozen, lora, config, call, mode, rngs, dropout_on, variables, remat):
     """:func:`apply` for a linen model; ``call = (args, kwargs, method)``."""
     args, kwargs, method = call
-    _check_linen_inputs(model, frozen, method, variables)
+    inputs.check_linen_inputs(model, frozen, method, variables)
     variables = dict(variables or {})
     with contextlib.ExitStack() as stack:
         if remat is not None:
@@ -276,28 +213,6 @@ def _apply_nnx(model, frozen, lora, config, call, options):
     return out if mutable is None else (out, state_lib.updates(module, mutable))
 
 
-def _check_method(cls: type, base: type, method: Any) -> None:
-    if isinstance(method, str) and not callable(getattr(cls, method, None)):
-        own = sorted(n for n in set(dir(cls)) - set(dir(base)) if callable(getattr(cls, n, None)))
-        raise ValueError(
-            f"`method`={method!r} is not a method of the model ({cls.__name__}); its methods: {own}"
-        )
-
-
-def _check_linen_inputs(model, frozen, method, variables) -> None:
-    if isinstance(frozen, nnx.State):
-        raise TypeError(
-            "`frozen` is an nnx.State, but `model` is a linen Module: pass the NNX model (or its "
-            "GraphDef) the state was split from, or the linen model's `params` collection"
-        )
-    if variables is not None and not isinstance(variables, Mapping):
-        raise TypeError(
-            "`variables` must be a dict of the model's other collections (e.g. "
-            f"{{'batch_stats': ...}}) or None, got {type(variables).__name__}"
-        )
-    _check_method(type(model), nn.Module, method)
-
-
 def _merge_nnx(graphdef: nnx.GraphDef, state: Any) -> nnx.Module:
     try:
         return nnx.merge(graphdef, state)
@@ -313,6 +228,6 @@ def _call_nnx(module, method, args, kwargs):
     if method is None:
         return module(*args, **kwargs)
     if isinstance(method, str):
-        _check_method(type(module), nnx.Module, method)
+        inputs.check_method(type(module), nnx.Module, method)
         return getattr(module, method)(*args, **kwargs)
     return method(module, *args, **kwargs)
