@@ -41,7 +41,7 @@ from jaxlora._src.optim.masks import trainable_labels as trainable_labels
 from jaxlora._src.optim.masks import trainable_mask as trainable_mask
 from jaxlora._src.sharding.init import init_sharded as init_sharded
 from jaxlora._src.sharding.specs import lora_shardings as lora_shardings
-from jaxlora._src.tree.core import combine as combine
+from jaxlora._src.tree.combined import combine as combine
 from jaxlora._src.tree.core import delta as delta
 from jaxlora._src.tree.core import merge as merge
 from jaxlora._src.tree.core import split as split
