@@ -5,14 +5,19 @@
 * :mod:`jaxlora.models.llama`: a Llama decoder and greedy :func:`~jaxlora.models.llama.generate`;
   :func:`~jaxlora.models.llama_weights.load_smollm2` loads SmolLM2-135M-Instruct from a GGUF file,
   :func:`~jaxlora.models.llama_gguf.load_gguf_llama` the same file with its Q4_1 kernels kept 4-bit.
+  Its parts: :mod:`~jaxlora.models.llama_config`, :mod:`~jaxlora.models.llama_layers` and
+  :mod:`~jaxlora.models.rope`.
 * :mod:`jaxlora.models.hf_llama`: :func:`~jaxlora.models.hf_llama.load_hf` reads a local Hugging
   Face checkpoint directory (Llama 2/3, Mistral, Qwen2/2.5, Qwen3, SmolLM) straight into its
   shardings; :func:`~jaxlora.models.hf_export.save_hf_merged` writes a Llama-family or Gemma
   model with LoRA merged in back out for ``transformers``. :mod:`jaxlora.models.hf_checkpoint` is
-  the generic reader.
+  the generic reader; :mod:`~jaxlora.models.hf_llama_config` and
+  :mod:`~jaxlora.models.hf_llama_export` translate the Llama-family ``config.json`` both ways.
 * :mod:`jaxlora.models.gemma`: Gemma 1/2/3 decoders (scaled tied embeddings, soft-capping,
   sliding-window layers); :func:`~jaxlora.models.gemma_weights.load_hf_gemma` reads their Hugging
-  Face checkpoints (``load_hf`` dispatches to it).
+  Face checkpoints (``load_hf`` dispatches to it). Its parts: :mod:`~jaxlora.models.gemma_config`,
+  :mod:`~jaxlora.models.gemma_layers`, :mod:`~jaxlora.models.gemma_hf_config` (``config.json``
+  in) and :mod:`~jaxlora.models.gemma_export` (out).
 * :mod:`jaxlora.models.kv_cache`: the :class:`~jaxlora.models.kv_cache.KVCache` the decoders take
   as ``cache=``.
 * :mod:`jaxlora.models.data`: the Rotten Tomatoes snippets and Hamlet, and batch tokenisation.
@@ -67,10 +72,10 @@ __all__ = [
     "encode_batch",
     "generate",
     "hamlet_text",
+    "load_gguf_llama",
     "load_hf",
     "load_hf_gemma",
     "load_hf_llama",
-    "load_gguf_llama",
     "load_minilm",
     "load_minilm_tokenizer",
     "load_smollm2",

@@ -4,7 +4,8 @@
 the base dtype) and :func:`save_hf` writes ``config.json`` and safetensors shards (with
 ``model.safetensors.index.json`` when there is more than one) that
 ``transformers.AutoModelForCausalLM.from_pretrained`` loads. :func:`config_to_hf` is the inverse of
-:func:`jaxlora.models.hf_llama.config_from_hf`. A :class:`~jaxlora.models.gemma.GemmaConfig`
+:func:`jaxlora.models.hf_llama.config_from_hf` (a Llama-family config goes through
+:mod:`jaxlora.models.hf_llama_export`). A :class:`~jaxlora.models.gemma.GemmaConfig`
 goes through :mod:`jaxlora.models.gemma_export` and
 :func:`jaxlora.models.gemma_weights.expected_tensors` instead.
 
@@ -38,78 +39,18 @@ from jaxlora.models import gemma_export, gemma_weights
 from jaxlora.models.gemma import GemmaConfig
 from jaxlora.models.hf_checkpoint import CONFIG_FILE, INDEX_FILE, SINGLE_FILE
 from jaxlora.models.hf_llama import config_from_hf, expected_tensors
+
+# Kept under its old name for code that reads it here; use hf_llama_export.ARCHITECTURES.
+from jaxlora.models.hf_llama_export import ARCHITECTURES as _ARCHITECTURES  # noqa: F401
+from jaxlora.models.hf_llama_export import config_to_hf as _llama_config_to_hf
+from jaxlora.models.hf_llama_export import model_type as model_type
 from jaxlora.models.llama import LlamaConfig
 
 __all__ = ["config_to_hf", "model_type", "save_hf", "save_hf_merged"]
 
-_ARCHITECTURES = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM",
-}
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20}
 _UNITS["GIB"] = 2**30
 _WRITTEN = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?")
-
-
-def model_type(config: LlamaConfig) -> str:
-    """The Hugging Face ``model_type`` that has exactly ``config``'s features.
-
-    Raises:
-        ValueError: for the GGUF RoPE layout (``rope_interleaved=True``) or a mix of features no
-            Hugging Face Llama-family model has.
-    """
-    if config.rope_interleaved:
-        raise ValueError(
-            "`config.rope_interleaved` is True (GGUF's q/k row order); Hugging Face needs the "
-            "rotate-half layout: load the model with `hf_layout=True` / `rope_interleaved=False`"
-        )
-    windowed = config.sliding_window is not None
-    biases = (config.qkv_bias, config.o_proj_bias, config.mlp_bias)
-    if config.qk_norm and not config.mlp_bias and config.qkv_bias == config.o_proj_bias:
-        return "qwen3"
-    if biases == (True, False, False) and not config.qk_norm:
-        return "qwen2"
-    if windowed and not any(biases) and not config.full_attention_layers:
-        return "mistral"
-    if not windowed and config.qkv_bias == config.o_proj_bias and not config.qk_norm:
-        return "llama"
-    raise ValueError(
-        f"no Hugging Face Llama-family model has this mix of features: {config}; pass the base "
-        "model's own config.json as `hf_config`"
-    )
-
-
-def _rope(config: LlamaConfig) -> dict[str, Any]:
-    scaling = None
-    if config.rope_scaling is not None:
-        s = config.rope_scaling
-        scaling = {
-            "rope_type": "llama3",
-            "factor": s.factor,
-            "low_freq_factor": s.low_freq_factor,
-            "high_freq_factor": s.high_freq_factor,
-            "original_max_position_embeddings": s.original_max_position_embeddings,
-        }
-    parameters = {"rope_type": "default", **(scaling or {}), "rope_theta": config.rope_theta}
-    return {"rope_theta": config.rope_theta, "rope_scaling": scaling, "rope_parameters": parameters}
-
-
-def _sliding(config: LlamaConfig, kind: str) -> dict[str, Any]:
-    if kind == "mistral":
-        return {"sliding_window": config.sliding_window}
-    if kind == "llama" or config.sliding_window is None:
-        return {"use_sliding_window": False, "sliding_window": None} if kind != "llama" else {}
-    types = [
-        "full_attention" if i in config.full_attention_layers else "sliding_attention"
-        for i in range(config.num_layers)
-    ]
-    return {
-        "use_sliding_window": True,
-        "sliding_window": config.sliding_window,
-        "layer_types": types,
-    }
 
 
 def _family(config: Any) -> tuple[Any, Any, Any]:
@@ -135,35 +76,6 @@ def config_to_hf(config: LlamaConfig | GemmaConfig, dtype: str = "float32") -> d
         ('llama', 3, True)
     """
     return _family(config)[1](config, dtype)
-
-
-def _llama_config_to_hf(config: LlamaConfig, dtype: str = "float32") -> dict[str, Any]:
-    kind = model_type(config)
-    document = {
-        "architectures": [_ARCHITECTURES[kind]],
-        "model_type": kind,
-        "vocab_size": config.vocab_size,
-        "hidden_size": config.hidden_size,
-        "intermediate_size": config.intermediate_size,
-        "num_hidden_layers": config.num_layers,
-        "num_attention_heads": config.num_heads,
-        "num_key_value_heads": config.num_kv_heads,
-        "head_dim": config.head_dim,
-        "hidden_act": "silu",
-        "max_position_embeddings": config.max_position_embeddings,
-        "rms_norm_eps": config.rms_norm_eps,
-        "tie_word_embeddings": config.tie_word_embeddings,
-        "bos_token_id": config.bos_token_id,
-        "eos_token_id": config.eos_token_id,
-        "torch_dtype": dtype,
-        **_rope(config),
-        **_sliding(config, kind),
-    }
-    if kind in ("llama", "qwen3"):
-        document["attention_bias"] = config.qkv_bias
-    if kind == "llama":
-        document["mlp_bias"] = config.mlp_bias
-    return document
 
 
 def _shard_size(max_shard_size: int | str) -> int:
@@ -205,6 +117,23 @@ def _hf_config(config: Any, hf_config: Mapping[str, Any] | None, dtype: str) -> 
     return {**hf_config, "torch_dtype": dtype}
 
 
+def _fitting_leaves(params: Mapping[str, Any], specs: Mapping[str, Any]) -> dict[tuple, Any]:
+    """``params`` flattened, once every leaf is checked against ``specs`` (path and shape)."""
+    flat = traverse_util.flatten_dict(dict(params))
+    wanted = {spec.path for spec in specs.values()}
+    if set(flat) != wanted:
+        missing = sorted("/".join(p) for p in wanted - set(flat))
+        extra = sorted("/".join(p) for p in set(flat) - wanted)
+        raise ValueError(f"`params` do not fit `config`: missing {missing}, unexpected {extra}")
+    for name, spec in specs.items():
+        if tuple(flat[spec.path].shape) != spec.target_shape:
+            raise ValueError(
+                f"`params` leaf {'/'.join(spec.path)} ({name}) has shape "
+                f"{tuple(flat[spec.path].shape)}, expected {spec.target_shape}"
+            )
+    return flat
+
+
 def save_hf(
     directory: str | os.PathLike[str],
     config: LlamaConfig | GemmaConfig,
@@ -240,18 +169,7 @@ def save_hf(
     if hf_config is None:
         to_hf(config)  # fails early for a config Hugging Face has no model for
     specs = tensors_of(config)
-    flat = traverse_util.flatten_dict(dict(params))
-    wanted = {spec.path for spec in specs.values()}
-    if set(flat) != wanted:
-        missing = sorted("/".join(p) for p in wanted - set(flat))
-        extra = sorted("/".join(p) for p in set(flat) - wanted)
-        raise ValueError(f"`params` do not fit `config`: missing {missing}, unexpected {extra}")
-    for name, spec in specs.items():
-        if tuple(flat[spec.path].shape) != spec.target_shape:
-            raise ValueError(
-                f"`params` leaf {'/'.join(spec.path)} ({name}) has shape "
-                f"{tuple(flat[spec.path].shape)}, expected {spec.target_shape}"
-            )
+    flat = _fitting_leaves(params, specs)
     dtypes = {str(np.dtype(leaf.dtype)) for leaf in flat.values()}
     dtype = dtypes.pop() if len(dtypes) == 1 else "float32"
     document = _hf_config(config, hf_config, dtype)

@@ -3,8 +3,9 @@
 
 :func:`load_hf` reads a local checkpoint directory (``config.json`` + safetensors, single or
 sharded), picking the loader by ``config.json``'s ``model_type``; :func:`load_hf_llama` is the
-Llama-family loader, :func:`config_from_hf` the config translation and :func:`expected_tensors`
-the name map (Hugging Face tensor -> Flax path, shape and transpose). Loading goes through
+Llama-family loader, :func:`config_from_hf` the config translation (from
+:mod:`jaxlora.models.hf_llama_config`) and :func:`expected_tensors` the name map (Hugging Face
+tensor -> Flax path, shape and transpose). Loading goes through
 :func:`jaxlora.models.hf_checkpoint.read_checkpoint`: tensor by tensor, straight into the target
 shardings.
 
@@ -19,14 +20,15 @@ from __future__ import annotations
 import importlib
 import os
 import re
-from collections.abc import Mapping
 from typing import Any
 
 from jax.sharding import Mesh
 from jax.typing import DTypeLike
 
 from jaxlora.models.hf_checkpoint import Shardings, TensorSpec, read_checkpoint, read_config
-from jaxlora.models.llama import Llama3RopeScaling, LlamaConfig
+from jaxlora.models.hf_llama_config import LLAMA_MODEL_TYPES as LLAMA_MODEL_TYPES
+from jaxlora.models.hf_llama_config import config_from_hf as config_from_hf
+from jaxlora.models.llama import LlamaConfig
 
 __all__ = [
     "GEMMA_MODEL_TYPES",
@@ -38,118 +40,10 @@ __all__ = [
     "peft_module_name",
 ]
 
-LLAMA_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 #: Handed to ``jaxlora.models.gemma_weights.load_hf_gemma`` when that module exists.
 GEMMA_MODEL_TYPES = ("gemma", "gemma2", "gemma3_text", "gemma3")
 #: Checkpoint tensors that are derived buffers, not weights (older Llama checkpoints keep them).
 IGNORED = r"rotary_emb\.inv_freq$"
-
-
-def _get(document: Mapping[str, Any], key: str, default: Any = None) -> Any:
-    value = document.get(key, default)
-    return default if value is None else value
-
-
-def _require(document: Mapping[str, Any], key: str) -> Any:
-    if document.get(key) is None:
-        raise ValueError(f"config.json has no `{key}`; it is needed for a Llama-family model")
-    return document[key]
-
-
-def _rope(document: Mapping[str, Any]) -> tuple[float, Llama3RopeScaling | None]:
-    """``(theta, scaling)`` from ``rope_parameters`` (transformers 5) or ``rope_theta`` +
-    ``rope_scaling`` (earlier)."""
-    params = dict(_get(document, "rope_scaling", {}))
-    params.update(_get(document, "rope_parameters", {}))
-    theta = float(_get(params, "rope_theta", _get(document, "rope_theta", 10000.0)))
-    kind = _get(params, "rope_type", _get(params, "type", "default"))
-    if kind == "default":
-        return theta, None
-    if kind == "llama3":
-        return theta, Llama3RopeScaling(
-            factor=float(params["factor"]),
-            low_freq_factor=float(params["low_freq_factor"]),
-            high_freq_factor=float(params["high_freq_factor"]),
-            original_max_position_embeddings=int(params["original_max_position_embeddings"]),
-        )
-    raise ValueError(
-        f"config.json's RoPE type {kind!r} is not supported; supported: 'default', 'llama3'"
-    )
-
-
-def _sliding(document: Mapping[str, Any], kind: str, layers: int) -> dict[str, Any]:
-    window = document.get("sliding_window")
-    if kind == "mistral":
-        return {"sliding_window": None if window is None else int(window)}
-    if kind in ("qwen2", "qwen3") and document.get("use_sliding_window") and window is not None:
-        types = document.get("layer_types")
-        if types is None:
-            start = int(_get(document, "max_window_layers", layers))
-            types = ["full_attention" if i < start else "sliding_attention" for i in range(layers)]
-        full = tuple(i for i, t in enumerate(types) if t != "sliding_attention")
-        return {"sliding_window": int(window), "full_attention_layers": full}
-    return {}
-
-
-def _token_id(value: Any, default: int) -> int:
-    if isinstance(value, list):
-        value = value[0] if value else None
-    return default if value is None else int(value)
-
-
-def config_from_hf(document: Mapping[str, Any]) -> LlamaConfig:
-    """A :class:`LlamaConfig` from a Llama-family ``config.json`` (as a dict).
-
-    ``bos_token_id`` / ``eos_token_id`` take the first of a list and keep
-    :class:`LlamaConfig`'s defaults when absent (they only matter for generation).
-
-    Raises:
-        ValueError: for a ``model_type`` outside :data:`LLAMA_MODEL_TYPES`, a missing size, an
-            activation other than SiLU, or an unsupported RoPE type.
-
-    Example:
-        >>> cfg = config_from_hf({"model_type": "qwen2", "vocab_size": 32, "hidden_size": 16,
-        ...     "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-        ...     "num_key_value_heads": 2, "tie_word_embeddings": True})
-        >>> cfg.head_dim, cfg.qkv_bias, cfg.o_proj_bias, cfg.rope_interleaved
-        (4, True, False, False)
-    """
-    kind = document.get("model_type")
-    if kind not in LLAMA_MODEL_TYPES:
-        raise ValueError(
-            f"config.json's `model_type` must be one of {LLAMA_MODEL_TYPES}, got {kind!r}"
-        )
-    act = _get(document, "hidden_act", "silu")
-    if act not in ("silu", "swish"):
-        raise ValueError(f"config.json's `hidden_act` must be 'silu', got {act!r}")
-    hidden = int(_require(document, "hidden_size"))
-    heads = int(_require(document, "num_attention_heads"))
-    layers = int(_require(document, "num_hidden_layers"))
-    theta, scaling = _rope(document)
-    bias = bool(_get(document, "attention_bias", False))
-    defaults = LlamaConfig()
-    return LlamaConfig(
-        vocab_size=int(_require(document, "vocab_size")),
-        hidden_size=hidden,
-        intermediate_size=int(_require(document, "intermediate_size")),
-        num_layers=layers,
-        num_heads=heads,
-        num_kv_heads=int(_get(document, "num_key_value_heads", heads)),
-        head_dim=int(_get(document, "head_dim", hidden // heads)),
-        rope_theta=theta,
-        rope_interleaved=False,
-        rms_norm_eps=float(_get(document, "rms_norm_eps", 1e-6)),
-        tie_word_embeddings=bool(_get(document, "tie_word_embeddings", False)),
-        max_position_embeddings=int(_get(document, "max_position_embeddings", 2048)),
-        bos_token_id=_token_id(document.get("bos_token_id"), defaults.bos_token_id),
-        eos_token_id=_token_id(document.get("eos_token_id"), defaults.eos_token_id),
-        qkv_bias=True if kind == "qwen2" else bias and kind != "mistral",
-        o_proj_bias=bias and kind in ("llama", "qwen3"),
-        mlp_bias=bool(_get(document, "mlp_bias", False)) and kind == "llama",
-        qk_norm=kind == "qwen3",
-        rope_scaling=scaling,
-        **_sliding(document, kind, layers),
-    )
 
 
 def expected_tensors(config: LlamaConfig) -> dict[str, TensorSpec]:

@@ -7,14 +7,16 @@ Every projection is a plain 2-D ``nn.Dense`` without bias; module paths follow H
     layers_{i}/input_layernorm, layers_{i}/post_attention_layernorm
     layers_{i}/self_attn/{q,k,v,o}_proj, layers_{i}/mlp/{gate,up,down}_proj
 
-RoPE comes in two layouts. GGUF files store the q/k rows of each head permuted so that rotary
-pairs are adjacent dimensions (0&1, 2&3, …); :attr:`LlamaConfig.rope_interleaved` = True matches
-that. Hugging Face checkpoints pair dimension i with i + head_dim/2 ("rotate half"); set it False.
+RoPE comes in two layouts (:mod:`jaxlora.models.rope`). GGUF files store the q/k rows of each head
+permuted so that rotary pairs are adjacent dimensions (0&1, 2&3, …);
+:attr:`LlamaConfig.rope_interleaved` = True matches that. Hugging Face checkpoints pair dimension i
+with i + head_dim/2 ("rotate half"); set it False.
 :func:`jaxlora.models.llama_weights.load_smollm2` can give either.
 
-The config also covers the rest of the family that :func:`jaxlora.models.hf_llama.load_hf` reads:
-q/k/v (and o) biases (Qwen2), per-head q/k RMS norms (Qwen3), Llama 3.x RoPE scaling
-(:class:`Llama3RopeScaling`) and sliding-window attention (Mistral). Each defaults to off.
+The config (:mod:`jaxlora.models.llama_config`) also covers the rest of the family that
+:func:`jaxlora.models.hf_llama.load_hf` reads: q/k/v (and o) biases (Qwen2), per-head q/k RMS norms
+(Qwen3), Llama 3.x RoPE scaling (:class:`Llama3RopeScaling`) and sliding-window attention
+(Mistral). Each defaults to off. The decoder block is in :mod:`jaxlora.models.llama_layers`.
 
 Passing a :class:`~jaxlora.models.kv_cache.KVCache` (from :func:`init_cache`) as ``cache=`` makes
 the model process only the new tokens and return ``(logits, new_cache)``.
@@ -22,7 +24,6 @@ the model process only the new tokens and return ``(logits, new_cache)``.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Sequence
 from typing import Any
@@ -33,6 +34,11 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike, DTypeLike
 
 from jaxlora.models.kv_cache import KVCache, cache_positions
+from jaxlora.models.llama_config import LlamaConfig as LlamaConfig
+from jaxlora.models.llama_layers import LlamaBlock, cache_masks, full_masks
+from jaxlora.models.rope import Llama3RopeScaling as Llama3RopeScaling
+from jaxlora.models.rope import apply_rope as apply_rope
+from jaxlora.models.rope import rope_frequencies as rope_frequencies
 
 __all__ = [
     "Llama3RopeScaling",
@@ -43,239 +49,6 @@ __all__ = [
     "init_cache",
     "rope_frequencies",
 ]
-
-
-@dataclasses.dataclass(frozen=True)
-class Llama3RopeScaling:
-    """Llama 3.1's RoPE frequency scaling (Hugging Face ``rope_type: "llama3"``).
-
-    Wavelengths longer than ``original_max_position_embeddings / low_freq_factor`` are divided by
-    ``factor``; shorter than ``… / high_freq_factor`` kept; in between, interpolated smoothly.
-    """
-
-    factor: float
-    low_freq_factor: float
-    high_freq_factor: float
-    original_max_position_embeddings: int
-
-    def __post_init__(self) -> None:
-        if self.high_freq_factor <= self.low_freq_factor:
-            raise ValueError(
-                f"`high_freq_factor` ({self.high_freq_factor}) must exceed `low_freq_factor` "
-                f"({self.low_freq_factor})"
-            )
-
-
-@dataclasses.dataclass(frozen=True)
-class LlamaConfig:
-    """Hyper-parameters of a Llama decoder; the defaults are those of SmolLM2-135M(-Instruct).
-
-    The family features (all off by default) are: ``qkv_bias`` (biases on q/k/v, Qwen2; with
-    ``o_proj_bias`` Llama's ``attention_bias``), ``mlp_bias``, ``qk_norm`` (RMSNorm over each
-    head of q and k before RoPE, Qwen3), ``rope_scaling`` (Llama 3.x) and ``sliding_window``
-    (query p sees keys p - window < j <= p, Mistral), which the layers listed in
-    ``full_attention_layers`` do not use (Qwen's per-layer ``layer_types``).
-    """
-
-    vocab_size: int = 49152
-    hidden_size: int = 576
-    intermediate_size: int = 1536
-    num_layers: int = 30
-    num_heads: int = 9
-    num_kv_heads: int = 3
-    head_dim: int = 64
-    rope_theta: float = 100000.0
-    rope_interleaved: bool = True
-    rms_norm_eps: float = 1e-5
-    tie_word_embeddings: bool = True
-    max_position_embeddings: int = 8192
-    bos_token_id: int = 1
-    eos_token_id: int = 2
-    qkv_bias: bool = False
-    o_proj_bias: bool = False
-    mlp_bias: bool = False
-    qk_norm: bool = False
-    rope_scaling: Llama3RopeScaling | None = None
-    sliding_window: int | None = None
-    full_attention_layers: tuple[int, ...] = ()
-
-    def __post_init__(self) -> None:
-        if self.sliding_window is not None and self.sliding_window < 1:
-            raise ValueError(f"`sliding_window` must be None or >= 1, got {self.sliding_window}")
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError(
-                f"`num_heads` ({self.num_heads}) must be a multiple of "
-                f"`num_kv_heads` ({self.num_kv_heads})"
-            )
-        if self.head_dim % 2:
-            raise ValueError(f"`head_dim` must be even for RoPE, got {self.head_dim}")
-
-
-def rope_frequencies(
-    head_dim: int, theta: float, scaling: Llama3RopeScaling | None = None
-) -> jax.Array:
-    """``float32[head_dim/2]``: pair k turns by ``theta ** (-2k / head_dim)`` per position.
-
-    With ``scaling`` the low frequencies are slowed down as Llama 3.1 does.
-    """
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    if scaling is None:
-        return inv_freq
-    wavelength = 2.0 * jnp.pi / inv_freq
-    context = scaling.original_max_position_embeddings
-    slowed = inv_freq / scaling.factor
-    # 0 at the long-wavelength edge, 1 at the short one.
-    blend = (context / wavelength - scaling.low_freq_factor) / (
-        scaling.high_freq_factor - scaling.low_freq_factor
-    )
-    medium = (1.0 - blend) * slowed + blend * inv_freq
-    out = jnp.where(wavelength > context / scaling.low_freq_factor, slowed, inv_freq)
-    in_between = (wavelength >= context / scaling.high_freq_factor) & (
-        wavelength <= context / scaling.low_freq_factor
-    )
-    return jnp.where(in_between, medium, out)
-
-
-def apply_rope(
-    x: jax.Array,
-    positions: jax.Array,
-    theta: float,
-    interleaved: bool,
-    scaling: Llama3RopeScaling | None = None,
-) -> jax.Array:
-    """Rotates ``x[batch, length, heads, head_dim]`` by its positions (rotary embedding).
-
-    Pair k (frequency :func:`rope_frequencies`) is dimensions (2k, 2k+1) if ``interleaved``,
-    else (k, k + head_dim/2).
-    """
-    half = x.shape[-1] // 2
-    inv_freq = rope_frequencies(x.shape[-1], theta, scaling)
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq[None, None, :]  # (b, len, half)
-    cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
-    if interleaved:
-        first, second = x[..., 0::2], x[..., 1::2]
-    else:
-        first, second = x[..., :half], x[..., half:]
-    rotated_first = first * cos - second * sin
-    rotated_second = first * sin + second * cos
-    if interleaved:
-        return jnp.stack([rotated_first, rotated_second], axis=-1).reshape(x.shape)
-    return jnp.concatenate([rotated_first, rotated_second], axis=-1)
-
-
-class LlamaAttention(nn.Module):
-    """Causal grouped-query attention: ``num_heads`` queries share ``num_kv_heads`` key/values."""
-
-    config: LlamaConfig
-
-    @nn.compact
-    def __call__(
-        self,
-        x: jax.Array,
-        positions: jax.Array,
-        mask: jax.Array,
-        cache: KVCache | None = None,
-        layer: int = 0,
-    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-        """Returns the output and, with ``cache``, this layer's updated key/value buffers."""
-        cfg = self.config
-        batch, length, _ = x.shape
-        groups = cfg.num_heads // cfg.num_kv_heads
-
-        def project(name: str, heads: int) -> jax.Array:
-            y = nn.Dense(heads * cfg.head_dim, use_bias=cfg.qkv_bias, name=name)(x)
-            y = y.reshape(batch, length, heads, cfg.head_dim)
-            if cfg.qk_norm and name != "v_proj":
-                # Qwen3: RMSNorm over each head's vector, before RoPE.
-                y = nn.RMSNorm(epsilon=cfg.rms_norm_eps, name=name[0] + "_norm")(y)
-            return y
-
-        def rope(y: jax.Array) -> jax.Array:
-            return apply_rope(y, positions, cfg.rope_theta, cfg.rope_interleaved, cfg.rope_scaling)
-
-        q = rope(project("q_proj", cfg.num_heads))
-        k = rope(project("k_proj", cfg.num_kv_heads))
-        v = project("v_proj", cfg.num_kv_heads)
-        kv = None
-        if cache is not None:
-            k, v = kv = cache.write(layer, k, v)
-            k, v = k.astype(q.dtype), v.astype(q.dtype)
-        # Query head h reads key/value head h // groups, as Hugging Face's repeat_kv does.
-        q = q.reshape(batch, length, cfg.num_kv_heads, groups, cfg.head_dim)
-        scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k) / jnp.sqrt(jnp.float32(cfg.head_dim))
-        scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
-        probs = jax.nn.softmax(scores, axis=-1)
-        out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v)
-        out = out.reshape(batch, length, cfg.num_heads * cfg.head_dim)
-        return nn.Dense(cfg.hidden_size, use_bias=cfg.o_proj_bias, name="o_proj")(out), kv
-
-
-class LlamaMLP(nn.Module):
-    """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))``."""
-
-    config: LlamaConfig
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        cfg = self.config
-        dense = functools.partial(nn.Dense, use_bias=cfg.mlp_bias)
-        gate = dense(cfg.intermediate_size, name="gate_proj")(x)
-        up = dense(cfg.intermediate_size, name="up_proj")(x)
-        return dense(cfg.hidden_size, name="down_proj")(nn.silu(gate) * up)
-
-
-class LlamaBlock(nn.Module):
-    """One pre-norm decoder block."""
-
-    config: LlamaConfig
-
-    @nn.compact
-    def __call__(
-        self,
-        x: jax.Array,
-        positions: jax.Array,
-        mask: jax.Array,
-        cache: KVCache | None = None,
-        layer: int = 0,
-    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-        eps = self.config.rms_norm_eps
-        h = nn.RMSNorm(epsilon=eps, name="input_layernorm")(x)
-        attention = LlamaAttention(self.config, name="self_attn")
-        attended, kv = attention(h, positions, mask, cache, layer)
-        x = x + attended
-        h = nn.RMSNorm(epsilon=eps, name="post_attention_layernorm")(x)
-        return x + LlamaMLP(self.config, name="mlp")(h), kv
-
-
-def _window(config: LlamaConfig, layer: int) -> int | None:
-    if config.sliding_window is None or layer in config.full_attention_layers:
-        return None
-    return config.sliding_window
-
-
-def _full_masks(
-    config: LlamaConfig, length: int, attention_mask: ArrayLike | None
-) -> list[jax.Array]:
-    """Per layer ``bool[batch|1, 1, 1, length, length]``: causal, padding and window masks."""
-    query = jnp.arange(length)[:, None]
-    key = jnp.arange(length)[None, :]
-    masks = {}
-    for window in {_window(config, i) for i in range(config.num_layers)}:
-        seen = key <= query
-        if window is not None:
-            seen = seen & (query - key < window)
-        mask = seen[None, None, None]
-        if attention_mask is not None:
-            mask = mask & (jnp.asarray(attention_mask) > 0)[:, None, None, None, :]
-        masks[window] = mask
-    return [masks[_window(config, i)] for i in range(config.num_layers)]
-
-
-def _cache_masks(config: LlamaConfig, cache: KVCache, new_valid: jax.Array) -> list[jax.Array]:
-    """Per layer ``bool[batch, 1, 1, T, max_length]`` for the new tokens."""
-    windows = {_window(config, i) for i in range(config.num_layers)}
-    masks = {w: cache.attention_mask(new_valid, w)[:, :, None] for w in windows}
-    return [masks[_window(config, i)] for i in range(config.num_layers)]
 
 
 class LlamaForCausalLM(nn.Module):
@@ -334,7 +107,7 @@ class LlamaForCausalLM(nn.Module):
         if cache is None:
             if positions is None:
                 positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), input_ids.shape)
-            masks = _full_masks(self.config, length, attention_mask)
+            masks = full_masks(self.config, length, attention_mask)
         else:
             new_valid = (
                 jnp.ones(input_ids.shape, bool)
@@ -343,7 +116,7 @@ class LlamaForCausalLM(nn.Module):
             )
             if positions is None:
                 positions = cache_positions(cache, new_valid)
-            masks = _cache_masks(self.config, cache, new_valid)
+            masks = cache_masks(self.config, cache, new_valid)
         x = self.embed_tokens(input_ids)
         keys, values = [], []
         for i, layer in enumerate(self.layers):
