@@ -70,7 +70,7 @@ def _torch_model(family):
 _SAVED = {}
 
 
-def _checkpoint(family, tmp_path_factory):
+def checkpoint_dir(family, tmp_path_factory):
     """``(family, torch model, directory, config, params)``, built once per family."""
     if family not in _SAVED:
         model = _torch_model(family)
@@ -83,14 +83,14 @@ def _checkpoint(family, tmp_path_factory):
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def checkpoint(request, tmp_path_factory):
-    return _checkpoint(request.param, tmp_path_factory)
+    return checkpoint_dir(request.param, tmp_path_factory)
 
 
-def _ids(batch=2, seed=0):
+def sample_ids(batch=2, seed=0):
     return np.random.default_rng(seed).integers(1, VOCAB, (batch, LENGTH))
 
 
-def _torch_logits(model, ids, mask=None, positions=None):
+def torch_logits(model, ids, mask=None, positions=None):
     tensor = lambda a: None if a is None else torch.tensor(np.asarray(a))  # noqa: E731
     with torch.no_grad():
         out = model(tensor(ids), attention_mask=tensor(mask), position_ids=tensor(positions))
@@ -98,7 +98,7 @@ def _torch_logits(model, ids, mask=None, positions=None):
 
 
 def _left_padded():
-    ids = _ids()
+    ids = sample_ids()
     mask = np.ones_like(ids)
     mask[1, :3] = 0  # row 1: three padding tokens, then six real ones
     ids[1, :3] = 0
@@ -129,7 +129,7 @@ def test_logits_match_transformers(checkpoint):
         {"params": params}, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(positions)
     )
     assert logits.dtype == jnp.float32
-    expected = _torch_logits(model, ids, mask, positions)
+    expected = torch_logits(model, ids, mask, positions)
     real = mask.astype(bool)
     assert real[0].all() and not real[1].all()
     np.testing.assert_allclose(np.asarray(logits)[real], expected[real], atol=1e-4, rtol=0)
@@ -140,7 +140,7 @@ def test_sliding_window_changes_the_answer(checkpoint):
     if family == "gemma":  # Gemma 1 attends to everything on every layer
         assert config.sliding_window is None and set(config.layer_types) == {gemma.FULL}
         return
-    ids = jnp.asarray(_ids())
+    ids = jnp.asarray(sample_ids())
     wide = dataclasses.replace(config, sliding_window=LENGTH)
     narrow = gemma.GemmaForCausalLM(config).apply({"params": params}, ids)
     full = gemma.GemmaForCausalLM(wide).apply({"params": params}, ids)
@@ -172,7 +172,7 @@ def test_cached_decode_equals_uncached_forward(checkpoint):
     np.testing.assert_allclose(np.asarray(cached)[real], np.asarray(uncached)[real], atol=1e-5)
 
 
-def _trained_adapter(params, lora_config):
+def trained_adapter(params, lora_config):
     """``split``, then random factors: a fresh B is zero, which would make a check vacuous."""
     frozen, lora = jaxlora.split(params, lora_config, jax.random.key(0))
     leaves, treedef = jax.tree.flatten(lora)
@@ -183,13 +183,13 @@ def _trained_adapter(params, lora_config):
 
 def test_lora_factored_equals_merged(tmp_path_factory):
     # Gemma 3: the family with the most kinds of module (q/k norms beside the adapted q/v).
-    _, _, _, config, params = _checkpoint("gemma3", tmp_path_factory)
+    _, _, _, config, params = checkpoint_dir("gemma3", tmp_path_factory)
     lora_config = jaxlora.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
     targets = {t.path for t in jaxlora.find_targets(params, lora_config)}
     assert len(targets) == 2 * config.num_layers
-    frozen, lora = _trained_adapter(params, lora_config)
+    frozen, lora = trained_adapter(params, lora_config)
     model = gemma.GemmaForCausalLM(config)
-    ids = jnp.asarray(_ids())
+    ids = jnp.asarray(sample_ids())
     base = jax.jit(model.apply)({"params": params}, ids)
 
     @functools.partial(jax.jit, static_argnames="mode")
@@ -208,17 +208,17 @@ def test_lora_factored_equals_merged(tmp_path_factory):
 def test_peft_export_runs_in_transformers(tmp_path_factory, tmp_path):
     import peft
 
-    _, _, directory, config, params = _checkpoint("gemma2", tmp_path_factory)
+    _, _, directory, config, params = checkpoint_dir("gemma2", tmp_path_factory)
     lora_config = jaxlora.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
-    frozen, lora = _trained_adapter(params, lora_config)
+    frozen, lora = trained_adapter(params, lora_config)
     model = gemma.GemmaForCausalLM(config)
-    ids = _ids()
+    ids = sample_ids()
     adapted = jax.jit(lambda lora: jaxlora.apply(model, frozen, lora, lora_config, ids))(lora)
     name = gemma_weights.peft_module_name
     jaxlora.save_peft(tmp_path, lora, lora_config, frozen, module_name=name)
     base = transformers.AutoModelForCausalLM.from_pretrained(directory, attn_implementation="eager")
     peft_model = peft.PeftModel.from_pretrained(base, tmp_path).eval()
-    np.testing.assert_allclose(_torch_logits(peft_model, ids), adapted, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(torch_logits(peft_model, ids), adapted, atol=1e-4, rtol=0)
     back, _ = jaxlora.load_peft(tmp_path, frozen, module_name=name)
     jax.tree.map(np.testing.assert_array_equal, back, lora)
 
@@ -271,7 +271,7 @@ def test_hub_configs_read_as_transformers_reads_them(model_type):
 
 @pytest.fixture(scope="module")
 def gemma2_dir(tmp_path_factory):
-    return _checkpoint("gemma2", tmp_path_factory)[2]
+    return checkpoint_dir("gemma2", tmp_path_factory)[2]
 
 
 def _edited_copy(source, target, edit):
@@ -365,15 +365,15 @@ def test_multimodal_gemma3_gives_its_text_decoder(tmp_path):
     model.save_pretrained(tmp_path)
     loaded, params = gemma_weights.load_hf_gemma(tmp_path)
     assert loaded.qk_norm and loaded.vocab_size == VOCAB + 8
-    ids = _ids()  # text tokens only: below the image tokens
+    ids = sample_ids()  # text tokens only: below the image tokens
     logits = jax.jit(gemma.GemmaForCausalLM(loaded).apply)({"params": params}, jnp.asarray(ids))
-    np.testing.assert_allclose(logits, _torch_logits(model, ids), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(logits, torch_logits(model, ids), atol=1e-4, rtol=0)
 
 
 def test_greedy_generation_matches_transformers(tmp_path_factory):
     # Gemma 2: soft-caps and alternating windows, over a prompt plus new tokens past the window.
-    _, model, _, config, params = _checkpoint("gemma2", tmp_path_factory)
-    prompt = _ids(batch=1)[:, :5]
+    _, model, _, config, params = checkpoint_dir("gemma2", tmp_path_factory)
+    prompt = sample_ids(batch=1)[:, :5]
     with torch.no_grad():
         out = model.generate(
             torch.tensor(prompt),
@@ -395,11 +395,11 @@ def test_greedy_generation_matches_transformers(tmp_path_factory):
 
 
 def test_bfloat16_loading(tmp_path_factory):
-    _, model, directory, config, _ = _checkpoint("gemma3", tmp_path_factory)
+    _, model, directory, config, _ = checkpoint_dir("gemma3", tmp_path_factory)
     _, params = gemma_weights.load_hf_gemma(directory, dtype=jnp.bfloat16)
     assert {leaf.dtype for leaf in jax.tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}
-    ids = _ids()
+    ids = sample_ids()
     logits = jax.jit(gemma.GemmaForCausalLM(config).apply)({"params": params}, jnp.asarray(ids))
     assert logits.dtype == jnp.float32
     # bfloat16 rounding only: transformers' own bfloat16 model is 0.17 off its float32 one here.
-    np.testing.assert_allclose(logits, _torch_logits(model, ids), atol=0.2, rtol=0)
+    np.testing.assert_allclose(logits, torch_logits(model, ids), atol=0.2, rtol=0)

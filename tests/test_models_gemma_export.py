@@ -13,7 +13,7 @@ from safetensors.numpy import load_file
 
 import jaxlora
 from jaxlora.models import gemma, gemma_export, gemma_weights, hf_export
-from tests.test_models_gemma import _checkpoint, _ids, _torch_logits, _trained_adapter
+from tests.test_models_gemma import checkpoint_dir, sample_ids, torch_logits, trained_adapter
 
 pytestmark = pytest.mark.slow  # builds and runs PyTorch transformers models
 
@@ -26,7 +26,7 @@ EVERY_LINEAR = jaxlora.LoraConfig(
 
 @pytest.fixture(scope="module", params=sorted(ARCHITECTURES))
 def checkpoint(request, tmp_path_factory):
-    return _checkpoint(request.param, tmp_path_factory)
+    return checkpoint_dir(request.param, tmp_path_factory)
 
 
 def _read_tensors(directory):
@@ -39,10 +39,10 @@ def _read_tensors(directory):
 
 def test_merged_export_runs_in_transformers(checkpoint, tmp_path):
     family, _, _, config, params = checkpoint
-    frozen, lora = _trained_adapter(params, EVERY_LINEAR)
+    frozen, lora = trained_adapter(params, EVERY_LINEAR)
     assert len(jaxlora.find_targets(params, EVERY_LINEAR)) == 7 * config.num_layers
     model = gemma.GemmaForCausalLM(config)
-    ids = _ids()
+    ids = sample_ids()
     adapted = jax.jit(lambda lora: jaxlora.apply(model, frozen, lora, EVERY_LINEAR, ids))(lora)
     base = jax.jit(model.apply)({"params": params}, jnp.asarray(ids))
     assert float(jnp.abs(adapted - base).max()) > 1e-3  # the adapter acts
@@ -54,7 +54,7 @@ def test_merged_export_runs_in_transformers(checkpoint, tmp_path):
     ).eval()
     assert type(loaded).__name__ == f"{ARCHITECTURES[family]}ForCausalLM"
     assert loaded.config.model_type == MODEL_TYPES[family]
-    np.testing.assert_allclose(_torch_logits(loaded, ids), adapted, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(torch_logits(loaded, ids), adapted, atol=1e-4, rtol=0)
     # And back: the exported directory reads as the same config.
     assert gemma_weights.load_hf_gemma(tmp_path)[0] == config
 
@@ -85,12 +85,12 @@ def test_config_round_trip(checkpoint):
 
 def test_untied_bfloat16_export_keeps_the_dtype(tmp_path_factory, tmp_path):
     # Gemma 2 with its own lm_head, loaded in bfloat16: the merged checkpoint stays bfloat16.
-    _, _, _, config, params = _checkpoint("gemma2", tmp_path_factory)
+    _, _, _, config, params = checkpoint_dir("gemma2", tmp_path_factory)
     untied = dataclasses.replace(config, tie_word_embeddings=False)
     rng = np.random.default_rng(3)
     head = rng.normal(size=(config.hidden_size, config.vocab_size)).astype(np.float32)
     params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), {**params, "lm_head": {"kernel": head}})
-    frozen, lora = _trained_adapter(params, EVERY_LINEAR)
+    frozen, lora = trained_adapter(params, EVERY_LINEAR)
     hf_export.save_hf_merged(tmp_path, untied, frozen, lora, EVERY_LINEAR)
     stored = load_file(os.path.join(tmp_path, "model.safetensors"))
     assert "lm_head.weight" in stored
@@ -108,7 +108,7 @@ def test_untied_bfloat16_export_keeps_the_dtype(tmp_path_factory, tmp_path):
 
 def test_other_configs_are_a_type_error(checkpoint, tmp_path):
     _, _, _, config, params = checkpoint
-    frozen, lora = _trained_adapter(params, EVERY_LINEAR)
+    frozen, lora = trained_adapter(params, EVERY_LINEAR)
     with pytest.raises(TypeError, match="`config` must be a LlamaConfig or a GemmaConfig"):
         hf_export.save_hf(tmp_path, dataclasses.asdict(config), params)
     with pytest.raises(TypeError, match="`config`.*BertConfig"):
@@ -139,7 +139,7 @@ def test_configs_no_generation_has_are_refused(changes, match, tmp_path):
 
 
 def test_bad_gemma_params_and_hf_config_are_named(tmp_path_factory, tmp_path):
-    _, _, directory, config, params = _checkpoint("gemma3", tmp_path_factory)
+    _, _, directory, config, params = checkpoint_dir("gemma3", tmp_path_factory)
     broken = {**params, "layers_1": {**params["layers_1"], "pre_feedforward_layernorm": {}}}
     with pytest.raises(ValueError, match=r"missing \['layers_1/pre_feedforward_layernorm/scale"):
         hf_export.save_hf(tmp_path, config, broken)

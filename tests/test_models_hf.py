@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 import jaxlora
-from jaxlora.models import hf_export, hf_llama, llama
+from jaxlora.models import hf_export, hf_llama, hf_llama_export, llama
 
 pytestmark = pytest.mark.slow
 
@@ -217,7 +217,7 @@ def test_merged_export_loads_in_transformers(saved, family, tmp_path):
     loaded = transformers.AutoModelForCausalLM.from_pretrained(
         tmp_path, attn_implementation="eager"
     )
-    assert type(loaded).__name__ == hf_export._ARCHITECTURES[family]
+    assert type(loaded).__name__ == hf_llama_export.ARCHITECTURES[family]
     np.testing.assert_allclose(_torch_logits(loaded.float().eval()), adapted, atol=1e-4)
     # And back again: the exported directory loads into the same config.
     assert hf_llama.load_hf(tmp_path)[0] == config

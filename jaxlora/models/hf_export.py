@@ -39,9 +39,6 @@ from jaxlora.models import gemma_export, gemma_weights
 from jaxlora.models.gemma import GemmaConfig
 from jaxlora.models.hf_checkpoint import CONFIG_FILE, INDEX_FILE, SINGLE_FILE
 from jaxlora.models.hf_llama import config_from_hf, expected_tensors
-
-# Kept under its old name for code that reads it here; use hf_llama_export.ARCHITECTURES.
-from jaxlora.models.hf_llama_export import ARCHITECTURES as _ARCHITECTURES  # noqa: F401
 from jaxlora.models.hf_llama_export import config_to_hf as _llama_config_to_hf
 from jaxlora.models.hf_llama_export import model_type as model_type
 from jaxlora.models.llama import LlamaConfig
