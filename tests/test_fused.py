@@ -278,3 +278,27 @@ def test_keep_mask_statistics(rate):
     other = np.asarray(fused.keep_mask(jax.random.key(12), rate, (512, 1024)))
     assert 0.5 * rate < (mask != other).mean() < 3 * rate  # independent masks differ often
     assert fused.keep_mask(key, 0.0, (3, 4)).all()
+
+
+@pytest.mark.parametrize("framework", ["linen", "nnx"])
+def test_fast_path_under_shard_map(framework):
+    """Inside ``shard_map`` the cotangents of replicated inputs (frozen kernel, factors) are
+    summed over the data axis, as autodiff would: the gradient equals the merged path's."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    name = "dense" if framework == "linen" else "mlp"
+    model, x, frozen, lora, config, _ = _model(framework, name)
+    mesh = jax.make_mesh((1,), ("data",))
+
+    def grads(mode):
+        def body(lora, frozen, x):
+            loss = lambda t: jnp.sum(jaxlora.apply(model, frozen, t, config, x, mode=mode) ** 2)  # noqa: E731
+            return jax.grad(loss)(lora)
+
+        sharded = jax.shard_map(body, mesh=mesh, in_specs=(P(), P(), P("data")), out_specs=P())
+        put = lambda t, s: jax.device_put(t, NamedSharding(mesh, s))  # noqa: E731
+        return jax.jit(sharded)(put(lora, P()), put(frozen, P()), put(x, P("data")))
+
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5),
+                 grads("factored"), grads("merged"))  # fmt: skip

@@ -106,6 +106,27 @@ def _contract_rows(u: jax.Array, v: jax.Array, precision: Any) -> jax.Array:
     return lax.dot_general(u, v, (((0,), (0,)), ((), ())), precision=precision)
 
 
+def _varying(x: jax.Array) -> frozenset:
+    """The manual mesh axes ``x`` varies over inside ``shard_map`` (empty outside it)."""
+    axis_type = getattr(jax.typeof(x), "manual_axis_type", None)
+    return getattr(axis_type, "varying", frozenset())
+
+
+def _like(cotangent: jax.Array | None, primal: jax.Array | None) -> jax.Array | None:
+    """``cotangent`` with ``primal``'s manual-axis type, as autodiff would give it inside
+    ``shard_map``: summed over the axes only the cotangent varies over (the transpose of the
+    implicit broadcast of a replicated input, e.g. a frozen kernel or the factors under data
+    parallelism), marked varying over the axes only the primal varies over."""
+    if cotangent is None or primal is None:
+        return cotangent
+    extra, missing = _varying(cotangent) - _varying(primal), _varying(primal) - _varying(cotangent)
+    if extra:
+        cotangent = lax.psum(cotangent, tuple(sorted(extra)))
+    if missing:
+        cotangent = lax.pcast(cotangent, tuple(sorted(missing)), to="varying")
+    return cotangent
+
+
 _LAST_FIRST = (((1,), (0,)), ((), ()))  # (m, k)·(k, n)
 _LAST_LAST = (((1,), (1,)), ((), ()))  # (m, n)·(k, n)ᵀ
 
@@ -182,7 +203,9 @@ def _dense_bwd(scale, rate, precision, residuals, dy):
     d_a = _contract_rows(x_lora, dh, precision)
     d_b = _contract_rows(h, dy_lora, precision)
     d_bias = None if bias is None else jnp.sum(dy2, axis=0).astype(bias.dtype)
-    return dx.reshape(x.shape), d_kernel, d_bias, d_a, d_b, None
+    cotangents = (dx.reshape(x.shape), d_kernel, d_bias, d_a, d_b)
+    primals = (x, kernel, bias, a, b)
+    return (*(_like(c, p) for c, p in zip(cotangents, primals, strict=True)), None)
 
 
 dense.defvjp(_dense_fwd, _dense_bwd)
