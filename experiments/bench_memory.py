@@ -26,6 +26,12 @@ with gradient checkpointing too); their ratios are to ``full_ft_remat``.
     python experiments/bench_memory.py          # -> experiments/results/bench_memory.{json,md}
     python experiments/bench_memory.py --small    # tiny model, for the smoke test
     python experiments/bench_memory.py --quality  # NF4 vs fp32 LoRA accuracy on Rotten Tomatoes
+    python experiments/bench_memory.py --nnx      # + the NNX rows -> bench_memory_nnx.{json,md}
+
+The ``nnx_`` rows run the same decoder written in NNX (``_nnx_llama``: the same kernels, shapes
+and maths, ``layers/i`` for ``layers_i``), its params an ``nnx.State`` passed to ``jaxlora.apply``
+with the graphdef; full fine-tuning differentiates the state. The goal is linen's numbers: each
+``nnx_`` row's ratio to NNX full fine-tuning should equal the linen row's ratio.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ import json
 import math
 import os
 import platform
+import re
 import resource
 import subprocess
 import sys
@@ -61,8 +68,12 @@ CONFIGS = {
     "lora_int8_factored_remat": ("lora", "int8", "factored", True),
     "lora_nf4_factored_remat": ("lora", "nf4", "factored", True),
 }
+# The same rows for the same decoder written in NNX (``NnxLlama``): an ``nnx.State`` base run
+# through ``jaxlora.apply`` on its graphdef; full fine-tuning differentiates the state itself.
+CONFIGS.update({f"nnx_{name}": spec for name, spec in list(CONFIGS.items()) if name != "idle"})
 #: The modules the ``_remat`` rows recompute (``jaxlora.remat``): every decoder block.
 REMAT_MODULES = r"layers_\d+"
+NNX_REMAT_MODULES = r"layers/\d+"
 SIZES = {
     "default": dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_layers=21,
                     num_heads=16, num_kv_heads=16, head_dim=64, tie_word_embeddings=False),
@@ -71,6 +82,85 @@ SIZES = {
 }  # fmt: skip
 SEQ_LEN = {"default": 128, "small": 16}
 RANK = 8
+
+
+def _nnx_llama(cfg):
+    """``jaxlora.models.llama.LlamaForCausalLM`` (no cache, no bias, ``num_kv_heads ==
+    num_heads``) in NNX: the same kernels under the same names, ``layers/i`` for ``layers_i``."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jaxlora.models.llama import apply_rope
+
+    def linear(d_in, d_out, rngs):
+        return nnx.Linear(d_in, d_out, use_bias=False, rngs=rngs)
+
+    class Attention(nnx.Module):
+        def __init__(self, rngs):
+            width = cfg.num_heads * cfg.head_dim
+            self.q_proj, self.k_proj, self.v_proj = (
+                linear(cfg.hidden_size, width, rngs) for _ in range(3)
+            )
+            self.o_proj = linear(width, cfg.hidden_size, rngs)
+
+        def __call__(self, x, positions, mask):
+            batch, length, _ = x.shape
+
+            def heads(y):
+                return y.reshape(batch, length, cfg.num_heads, cfg.head_dim)
+
+            def rope(y):
+                return apply_rope(y, positions, cfg.rope_theta, cfg.rope_interleaved)
+
+            q, k, v = (
+                rope(heads(self.q_proj(x))),
+                rope(heads(self.k_proj(x))),
+                heads(self.v_proj(x)),
+            )
+            scores = jnp.einsum("bqhd,bshd->bhqs", q, k) / jnp.sqrt(jnp.float32(cfg.head_dim))
+            scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
+            out = jnp.einsum("bhqs,bshd->bqhd", jax.nn.softmax(scores, axis=-1), v)
+            return self.o_proj(out.reshape(batch, length, -1))
+
+    class Mlp(nnx.Module):
+        def __init__(self, rngs):
+            self.gate_proj = linear(cfg.hidden_size, cfg.intermediate_size, rngs)
+            self.up_proj = linear(cfg.hidden_size, cfg.intermediate_size, rngs)
+            self.down_proj = linear(cfg.intermediate_size, cfg.hidden_size, rngs)
+
+        def __call__(self, x):
+            return self.down_proj(nnx.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    class Block(nnx.Module):
+        def __init__(self, rngs):
+            norm = {"epsilon": cfg.rms_norm_eps, "rngs": rngs}
+            self.input_layernorm = nnx.RMSNorm(cfg.hidden_size, **norm)
+            self.self_attn = Attention(rngs)
+            self.post_attention_layernorm = nnx.RMSNorm(cfg.hidden_size, **norm)
+            self.mlp = Mlp(rngs)
+
+        def __call__(self, x, positions, mask):
+            x = x + self.self_attn(self.input_layernorm(x), positions, mask)
+            return x + self.mlp(self.post_attention_layernorm(x))
+
+    class NnxLlama(nnx.Module):
+        def __init__(self, rngs):
+            self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, rngs=rngs)
+            self.layers = nnx.List([Block(rngs) for _ in range(cfg.num_layers)])
+            self.norm = nnx.RMSNorm(cfg.hidden_size, epsilon=cfg.rms_norm_eps, rngs=rngs)
+            self.lm_head = linear(cfg.hidden_size, cfg.vocab_size, rngs)
+
+        def __call__(self, ids):
+            length = ids.shape[1]
+            positions = jnp.broadcast_to(jnp.arange(length), ids.shape)
+            mask = (jnp.arange(length)[None, :] <= jnp.arange(length)[:, None])[None, None]
+            x = self.embed_tokens(ids)
+            for layer in self.layers:
+                x = layer(x, positions, mask)
+            return self.lm_head(self.norm(x))
+
+    return nnx.eval_shape(lambda: NnxLlama(nnx.Rngs(0)))
 
 
 def _rss_mb() -> float:
@@ -96,21 +186,23 @@ def _reset_peak() -> bool:
     return True
 
 
-def _build_params(model, ids, storage: str, lora_config):
-    """Random params (0.02·N(0, 1)) created leaf by leaf directly in their stored form."""
+def _build_params(shapes, storage: str, lora_config):
+    """Random params (0.02·N(0, 1)) created leaf by leaf directly in their stored form, in the
+    structure of ``shapes`` (a linen params dict, or an ``nnx.State`` with its ``Variable`` s)."""
     import jax
     import jax.numpy as jnp
 
     from jaxlora import find_targets, quant
     from jaxlora._src import paths
 
-    shapes = jax.eval_shape(model.init, jax.random.key(0), ids)["params"]
     targets = {t.keys + (t.leaf,): t for t in find_targets(shapes, lora_config)}
     float_dtype = jnp.float32 if storage == "float32" else jnp.bfloat16
     key = jax.random.key(0)
 
     def make(keys, names, leaf):
-        leaf_key = jax.random.fold_in(key, zlib.crc32(paths.join(names).encode()) & 0x7FFFFFFF)
+        # NNX's layers/i is linen's layers_i: both frameworks draw the same weights.
+        name = re.sub(r"(^|/)layers/(\d+)", r"\1layers_\2", paths.join(names))
+        leaf_key = jax.random.fold_in(key, zlib.crc32(name.encode()) & 0x7FFFFFFF)
         if names[-1] == "scale":
             return jnp.ones(leaf.shape, float_dtype)
         if storage in ("int8", "nf4") and keys in targets:
@@ -119,12 +211,12 @@ def _build_params(model, ids, storage: str, lora_config):
             return quant.quantize_kernel(w, storage, targets[keys].layout, 64, double)
         return 0.02 * jax.random.normal(leaf_key, leaf.shape, float_dtype)
 
-    params = {}
-    for keys, names, leaf in paths.flatten(shapes):
+    def built(keys, names, leaf):
         value = make(keys, names, leaf)
-        jax.block_until_ready(value)
-        paths.set_in(params, keys, value)
-    return params
+        jax.block_until_ready(value)  # one leaf at a time: never a full float copy in flight
+        return value
+
+    return paths.map_with_keys(built, shapes)
 
 
 def _nbytes(tree) -> int:
@@ -141,9 +233,14 @@ def run_config(name: str, size: str = "default", steps: int = 2) -> dict:
     import jax
     import jax.numpy as jnp
     import optax
+    from flax import nnx
 
     import jaxlora
     from jaxlora import quant
+
+    # NNX full fine-tuning recomputes blocks with the NNX half of jaxlora.remat, which
+    # ``jaxlora.apply(..., remat=)`` uses; it has no public name of its own yet.
+    from jaxlora._src.forward import nnx_remat
     from jaxlora.models.llama import LlamaConfig, LlamaForCausalLM
 
     kind, storage, path, remat = CONFIGS[name]
@@ -154,12 +251,18 @@ def run_config(name: str, size: str = "default", steps: int = 2) -> dict:
         _reset_peak()
         return {**out, "peak_rss_mb": _rss_mb()}
     cfg = LlamaConfig(**SIZES[size])
-    model = LlamaForCausalLM(cfg)
     ids = jax.random.randint(jax.random.key(1), (1, SEQ_LEN[size] + 1), 0, cfg.vocab_size)
     inputs, labels = ids[:, :-1], ids[:, 1:]
     lora_config = jaxlora.LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules="all-linear")
     t0 = time.perf_counter()
-    params = _build_params(model, inputs, storage, lora_config)
+    is_nnx = name.startswith("nnx_")
+    out["framework"] = "nnx" if is_nnx else "linen"
+    if is_nnx:
+        model, shapes = nnx.split(_nnx_llama(cfg))  # jaxlora.apply takes the graphdef
+    else:
+        model = LlamaForCausalLM(cfg)
+        shapes = jax.eval_shape(model.init, jax.random.key(0), inputs)["params"]
+    params = _build_params(shapes, storage, lora_config)
     leaves = jax.tree.leaves(params, is_leaf=quant.is_quantized)
     out["params"] = sum(math.prod(x.shape) for x in leaves)
     out["base_bytes"] = _nbytes(params)
@@ -170,10 +273,16 @@ def run_config(name: str, size: str = "default", steps: int = 2) -> dict:
         return -jnp.mean(jnp.take_along_axis(logp, labels[..., None], axis=-1))
 
     opt = optax.adamw(1e-4)
-    checkpointing = REMAT_MODULES if remat else None
+    checkpointing = (NNX_REMAT_MODULES if is_nnx else REMAT_MODULES) if remat else None
     if kind == "full":
 
         def forward(params):
+            if is_nnx:
+                module = nnx.merge(model, params)
+                if checkpointing is None:
+                    return module(inputs)
+                with nnx_remat.checkpointed(module, checkpointing):
+                    return module(inputs)
             if checkpointing is None:
                 return model.apply({"params": params}, inputs)
             with jaxlora.remat.checkpointed(checkpointing):
@@ -228,10 +337,40 @@ def run_config(name: str, size: str = "default", steps: int = 2) -> dict:
     return out
 
 
+def _group(row: dict) -> tuple[str, bool]:
+    """Rows compare to the full fine-tuning row of their framework and checkpointing."""
+    return row.get("framework", "linen"), row.get("remat", False)
+
+
+def _xla_ratio(row: dict, rows: list[dict]) -> float:
+    full = next(r for r in rows if r["kind"] == "full" and _group(r) == _group(row))
+    return row["xla_peak_bytes"] / full["xla_peak_bytes"]
+
+
+def _parity_table(rows: list[dict]) -> str:
+    """linen and NNX side by side: XLA peak and its ratio to full fine-tuning, per configuration."""
+    by_name = {r["config"]: r for r in rows}
+    lines = [
+        "| configuration | linen XLA peak (MiB) | NNX XLA peak (MiB) | linen / full FT "
+        "| NNX / full FT | NNX − linen ratio |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, linen in by_name.items():
+        nnx_row = by_name.get(f"nnx_{name}")
+        if nnx_row is None or linen["kind"] == "idle":
+            continue
+        a, b = _xla_ratio(linen, rows), _xla_ratio(nnx_row, rows)
+        lines.append(
+            f"| {name} | {linen['xla_peak_bytes'] / 2**20:.1f} "
+            f"| {nnx_row['xla_peak_bytes'] / 2**20:.1f} | {a:.3f} | {b:.3f} | {b - a:+.3f} |"
+        )
+    return "\n".join(lines)
+
+
 def _table(rows: list[dict]) -> str:
     """One line per configuration; each ratio is to the full fine-tuning row with the same
     checkpointing (blocks recomputed or not)."""
-    fulls = {r.get("remat", False): r for r in rows if r["kind"] == "full"}
+    fulls = {_group(r): r for r in rows if r["kind"] == "full"}
     idle = next((r for r in rows if r["config"] == "idle"), None)
     lines = [
         "| configuration | base | path | blocks recomputed | base bytes (MiB) | XLA peak (MiB) "
@@ -243,7 +382,7 @@ def _table(rows: list[dict]) -> str:
         if r["kind"] == "idle":
             lines.append(f"| idle process | | | | | | | {r['peak_rss_mb']:.0f} | | | |")
             continue
-        full = fulls.get(r.get("remat", False))
+        full = fulls.get(_group(r))
         xla = r["xla_peak_bytes"] / 2**20
         ratio = r["xla_peak_bytes"] / full["xla_peak_bytes"] if full else float("nan")
         rss = r["peak_rss_mb"] / full["peak_rss_mb"] if full else float("nan")
@@ -336,7 +475,12 @@ def _write_quality(rows: list[dict], out: str, command: str, steps: int, n_test:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--small", action="store_true", help="tiny model (smoke test)")
-    parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated names")
+    parser.add_argument("--configs", default=None, help="comma-separated names")
+    parser.add_argument(
+        "--nnx",
+        action="store_true",
+        help="the NNX rows and their linen twins, run together -> bench_memory_nnx.{json,md}",
+    )
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--quality", action="store_true", help="the Rotten Tomatoes QLoRA check")
@@ -354,8 +498,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         print("RESULT " + json.dumps(run_config(args.worker, size)), flush=True)
         return 0
+    linen_names = [n for n in CONFIGS if not n.startswith("nnx_")]
+    default = [n for n in CONFIGS if n != "idle"] if args.nnx else linen_names
+    names = args.configs.split(",") if args.configs else default
     rows = []
-    for name in args.configs.split(","):
+    for name in names:
         if name not in CONFIGS:
             parser.error(f"unknown configuration {name!r}; known: {', '.join(CONFIGS)}")
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", name]
@@ -368,8 +515,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(rows[-1]), flush=True)
     import jax
 
+    command = "python experiments/bench_memory.py " + " ".join(argv or sys.argv[1:])
     meta = {
-        "command": "python experiments/bench_memory.py" + (" --small" if args.small else ""),
+        "command": command.strip(),
         "model": SIZES[size],
         "seq_len": SEQ_LEN[size],
         "batch": 1,
@@ -380,7 +528,8 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d"),
     }
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, "bench_memory" + ("_small" if args.small else ""))
+    stem = "bench_memory" + ("_nnx" if args.nnx else "") + ("_small" if args.small else "")
+    stem = os.path.join(args.out, stem)
     with open(stem + ".json", "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=2)
     with open(stem + ".md", "w") as f:
@@ -389,6 +538,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         f.write(f"{meta['machine']}); model {meta['model']}, batch 1 × {meta['seq_len']}.\n\n")
         f.write(_table(rows) + "\n")
+        if args.nnx:
+            f.write("\nlinen and NNX, the same decoder and step:\n\n" + _parity_table(rows) + "\n")
     print(_table(rows))
     return 0
 

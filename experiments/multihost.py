@@ -4,13 +4,17 @@ One command launches the whole run on this machine (2 local processes, gloo CPU 
 coordinator on 127.0.0.1 at a free port) and checks it against a single-device run:
 
     python experiments/multihost.py --out experiments/results/multihost
+    python experiments/multihost.py --model nnx --out experiments/results/multihost_nnx
 
 Each worker (``--process-id I --port P``) joins with ``jax.distributed.initialize``, builds the
 global (data=2, fsdp=4) mesh, initialises the base and the adapter directly into their shardings,
 loads only its own rows of every batch (``jax.make_array_from_process_local_data``), trains, writes
 the adapter checkpoint collectively with orbax (Θ plus the config JSON), restores it and compares.
-Process 0 then retrains on one of its devices for the reference. On a real cluster, start one
-worker per host with ``jax.distributed.initialize()`` left to detect the cluster (see the README).
+Process 0 then retrains on one of its devices for the reference. ``--model nnx`` runs the same LM
+written in NNX (``train_parallel.NnxTinyLM``: an ``nnx.State`` base whose partitioning metadata
+gives the shardings, trained through ``jaxlora.apply`` on its graphdef). On a real cluster, start
+one worker per host with ``jax.distributed.initialize()`` left to detect the cluster (see the
+README).
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(out, num_processes=2, steps=4, timeout=TIMEOUT_S, xla_flags=""):
+def launch(out, num_processes=2, steps=4, timeout=TIMEOUT_S, xla_flags="", model="linen"):
     """Starts the workers, waits at most ``timeout`` seconds, kills them all on any failure."""
     os.makedirs(out, exist_ok=True)
     port = free_port()
@@ -50,6 +54,7 @@ def launch(out, num_processes=2, steps=4, timeout=TIMEOUT_S, xla_flags=""):
             logs.append(log)
             cmd = [sys.executable, __file__, "--process-id", str(i), "--port", str(port)]
             cmd += ["--num-processes", str(num_processes), "--steps", str(steps), "--out", out]
+            cmd += ["--model", model]
             procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
         deadline = time.monotonic() + timeout
         while any(p.poll() is None for p in procs):
@@ -93,17 +98,22 @@ def worker(args):
     import jaxlora
     from jaxlora.sharding import init_sharded, lora_shardings
 
-    mode = "fsdp"
+    mode, lm = "fsdp", tp.MODELS[args.model]
     mesh = tp.make_mesh(mode)  # (data=2, fsdp=4) over all 8 devices of both processes
-    base_sh = tp.base_shardings(mode, mesh)
-    frozen = tp.init_base(base_sh)
-    lora_sh = lora_shardings(tp.abstract_params(), tp.CONFIG, mesh=mesh, rules=tp.RULES[mode])
+    base_sh = lm.base_shardings(mode, mesh)
+    frozen = lm.init_base(base_sh)
+    frozen_before = jax.tree.map(jnp.copy, frozen)
+    lora_sh = lora_shardings(lm.abstract(), lm.config, mesh=mesh, rules=tp.RULES[mode])
     promised = jax.tree.map(lambda s: s.spec, lora_sh)
-    lora = init_sharded(frozen, tp.CONFIG, jax.random.key(1), base_sh)
+    lora = init_sharded(frozen, lm.config, jax.random.key(1), base_sh)
     replicated = NamedSharding(mesh, P())
     opt_sh = tp.opt_shardings(lora_sh, replicated)
     opt_state = jax.jit(tp.OPTIMIZER.init, out_shardings=opt_sh)(lora)
-    step = tp.jit_step(lora_sh, opt_sh, replicated)
+    step = tp.jit_step(lora_sh, opt_sh, replicated, lm=lm)
+    all_equal = jax.jit(
+        lambda a, b: jnp.all(jnp.stack([jnp.all(x == y) for x, y in zip(a, b, strict=True)])),
+        out_shardings=replicated,
+    )
 
     batch_sh = NamedSharding(mesh, P(tp.BATCH_AXES[mode]))
     global_shape = (tp.BATCH, tp.SEQ)
@@ -126,7 +136,7 @@ def worker(args):
     checkpointer.save(
         ckpt_dir,
         args=ocp.args.Composite(
-            lora=ocp.args.StandardSave(lora), config=ocp.args.JsonSave(tp.CONFIG.to_dict())
+            lora=ocp.args.StandardSave(lora), config=ocp.args.JsonSave(lm.config.to_dict())
         ),
         force=True,
     )
@@ -139,15 +149,13 @@ def worker(args):
             lora=ocp.args.StandardRestore(target), config=ocp.args.JsonRestore()
         ),
     )
-    same = jax.jit(
-        lambda a, b: jnp.all(jnp.stack([jnp.all(x == y) for x, y in zip(a, b, strict=True)])),
-        out_shardings=replicated,
-    )(jax.tree.leaves(restored["lora"]), jax.tree.leaves(lora))
+    same = all_equal(jax.tree.leaves(restored["lora"]), jax.tree.leaves(lora))
     restore_ok = (
         bool(same)
         and tp.spec_tree(restored["lora"]) == promised
-        and jaxlora.LoraConfig.from_dict(restored["config"]) == tp.CONFIG
+        and jaxlora.LoraConfig.from_dict(restored["config"]) == lm.config
     )
+    base_unchanged = bool(all_equal(jax.tree.leaves(frozen), jax.tree.leaves(frozen_before)))
 
     adapter = multihost_utils.process_allgather(lora, tiled=True)
     result = {
@@ -159,10 +167,12 @@ def worker(args):
         "losses": losses,
         "specs_ok": specs_ok,
         "restore_ok": restore_ok,
+        "base_unchanged": base_unchanged,
+        "model": args.model,
         "specs": tp.spec_strings(promised),
     }
     if jax.process_index() == 0:
-        ref_losses, ref_lora, _ = tp.train_single(data)
+        ref_losses, ref_lora, _ = tp.train_single(data, lm=lm)
         result["max_loss_diff"] = max(abs(a - b) for a, b in zip(losses, ref_losses, strict=True))
         result["max_adapter_diff"] = tp.max_diff(adapter, ref_lora)
     flat = jax.tree_util.tree_flatten_with_path(adapter)[0]
@@ -184,11 +194,12 @@ def main(argv=None):
     parser.add_argument("--process-id", type=int, default=None, help="run one worker")
     parser.add_argument("--port", type=int, default=None)
     parser.add_argument("--timeout", type=int, default=TIMEOUT_S)
+    parser.add_argument("--model", default="linen", choices=("linen", "nnx"))
     args = parser.parse_args(argv)
     if args.process_id is not None:
         worker(args)
         return 0
-    codes = launch(args.out, args.num_processes, args.steps, args.timeout)
+    codes = launch(args.out, args.num_processes, args.steps, args.timeout, model=args.model)
     print(json.dumps({"return_codes": codes}))
     if any(codes):
         return 1

@@ -15,13 +15,19 @@ same losses and adapter within fp32 tolerance, its adapter carrying exactly the 
 Run on 8 simulated CPU devices (the default here):
 
     python experiments/train_parallel.py --mode all --out experiments/results/parallel
+    python experiments/train_parallel.py --model nnx --mode all   # the same LM written in NNX
 
-which prints one JSON line per mode with its max difference to the single-device run.
+which prints one JSON line per mode with its max difference to the single-device run. With
+``--model nnx`` the base is an ``nnx.State`` whose ``nnx.Param`` s carry ``nnx.with_partitioning``
+logical names; the adapter's shardings come from that metadata and the same logical rules, and the
+forward is ``jaxlora.apply`` on the model's graphdef (factored).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import json
 import os
 import sys
@@ -34,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -158,6 +165,115 @@ def loss_fn(lora, frozen, tokens):
     return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
 
 
+class Linen:
+    """The linen TinyLM: boxed abstract params, base shardings from logical names, merged loss."""
+
+    config = CONFIG
+    abstract = staticmethod(abstract_params)
+    base_shardings = staticmethod(base_shardings)
+    init_base = staticmethod(init_base)
+    loss = staticmethod(loss_fn)
+
+
+# ---- the same LM in NNX ---------------------------------------------------------------------
+
+
+def _nnx_dense(cls, d_in, d_out, names, rngs, **kwargs):
+    n_out = len(d_out) if isinstance(d_out, tuple) else 1
+    return cls(
+        d_in,
+        d_out,
+        kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), names),
+        bias_init=nnx.with_partitioning(nnx.initializers.normal(0.02), names[-n_out:]),
+        rngs=rngs,
+        **kwargs,
+    )
+
+
+class NnxBlock(nnx.Module):
+    """``Block`` in NNX: LinearGeneral q/k/v/out, Linear MLP, logical names on every kernel."""
+
+    def __init__(self, rngs):
+        self.ln1, self.ln2 = nnx.LayerNorm(DIM, rngs=rngs), nnx.LayerNorm(DIM, rngs=rngs)
+        heads = (HEADS, HEAD_DIM)
+        self.query, self.key, self.value = (
+            _nnx_dense(nnx.LinearGeneral, DIM, heads, ("embed", "heads", "kv"), rngs)
+            for _ in range(3)
+        )
+        names = ("heads", "kv", "embed")
+        self.out = _nnx_dense(nnx.LinearGeneral, heads, DIM, names, rngs, axis=(-2, -1))
+        self.up = _nnx_dense(nnx.Linear, DIM, MLP, ("embed", "mlp"), rngs)
+        self.down = _nnx_dense(nnx.Linear, MLP, DIM, ("mlp", "embed"), rngs)
+
+    def __call__(self, x):
+        h = self.ln1(x)
+        q, k, v = self.query(h), self.key(h), self.value(h)
+        mask = nnx.make_causal_mask(jnp.ones(x.shape[:2], jnp.int32))
+        x = x + self.out(nnx.dot_product_attention(q, k, v, mask=mask))
+        return x + self.down(nnx.gelu(self.up(self.ln2(x))))
+
+
+class NnxTinyLM(nnx.Module):
+    """Embedding, ``LAYERS`` blocks (a list: ``layers/0/query``, ...), output head."""
+
+    def __init__(self, rngs):
+        init = nnx.with_partitioning(nnx.initializers.normal(1.0), ("vocab", "embed"))
+        self.embed = nnx.Embed(VOCAB, DIM, embedding_init=init, rngs=rngs)
+        self.layers = nnx.List([NnxBlock(rngs) for _ in range(LAYERS)])
+        self.ln_f = nnx.LayerNorm(DIM, rngs=rngs)
+        self.lm_head = _nnx_dense(nnx.Linear, DIM, VOCAB, ("embed", "vocab"), rngs)
+
+    def __call__(self, ids):
+        x = self.embed(ids)
+        for layer in self.layers:
+            x = layer(x)
+        return self.lm_head(self.ln_f(x))
+
+
+def _nnx_build(key):
+    # Logical names are no mesh axes: create unplaced; jit's out_shardings place the state.
+    with nnx.use_eager_sharding(False):
+        return NnxTinyLM(nnx.Rngs(key))
+
+
+class Nnx:
+    """The NNX TinyLM: abstract ``nnx.State`` with partitioning metadata, factored loss.
+
+    Built on first use, not at import: the script sets up its CPU devices after importing.
+    """
+
+    @functools.cached_property
+    def abstract_model(self):
+        return nnx.eval_shape(lambda: _nnx_build(0))
+
+    @functools.cached_property
+    def graphdef(self):
+        return nnx.graphdef(self.abstract_model)
+
+    @functools.cached_property
+    def config(self):
+        # Read off the layers: 'ioo' for q/k/v, 'iio' for out.
+        return dataclasses.replace(CONFIG, layouts=jaxlora.infer_layouts(self.abstract_model))
+
+    def abstract(self):
+        return nnx.state(self.abstract_model)
+
+    def base_shardings(self, mode, mesh):
+        specs = nnx.get_partition_spec(self.abstract())
+        return nn.logical_to_mesh_sharding(specs, mesh, RULES[mode])
+
+    def init_base(self, shardings):
+        build = jax.jit(lambda key: nnx.state(_nnx_build(key)), out_shardings=shardings)
+        return build(jax.random.key(0))
+
+    def loss(self, lora, frozen, tokens, mode="factored"):
+        logits = jaxlora.apply(self.graphdef, frozen, lora, self.config, tokens[:, :-1], mode=mode)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
+
+MODELS = {"linen": Linen(), "nnx": Nnx()}
+
+
 # SGD with momentum, not Adam: Adam divides each gradient entry by its own running RMS, so an entry
 # that is zero in exact arithmetic but rounding noise in float32 (the key projection's bias: softmax
 # ignores a shift shared by all keys) moves by up to lr·noise/(|noise|+eps), a few 1e-3 here, and
@@ -172,8 +288,8 @@ def opt_shardings(lora_sh, replicated):
     )
 
 
-def jit_step(lora_sh, opt_sh, replicated, grad_fn=None):
-    grad_fn = grad_fn or jax.value_and_grad(loss_fn)
+def jit_step(lora_sh, opt_sh, replicated, grad_fn=None, lm=MODELS["linen"]):
+    grad_fn = grad_fn or jax.value_and_grad(lm.loss)
 
     @partial(jax.jit, donate_argnums=(0, 1), out_shardings=(lora_sh, opt_sh, replicated))
     def step(lora, opt_state, frozen, tokens):
@@ -193,7 +309,7 @@ def _gather(x, spec):
     return x
 
 
-def shard_map_grad(mesh, frozen_specs, lora_specs, batch_axes):
+def shard_map_grad(mesh, frozen_specs, lora_specs, batch_axes, lm=MODELS["linen"]):
     """(loss, grads) of the global mean loss, computed per shard with explicit collectives."""
     n_shards = int(np.prod([mesh.shape[a] for a in batch_axes]))
 
@@ -201,7 +317,7 @@ def shard_map_grad(mesh, frozen_specs, lora_specs, batch_axes):
         full = jax.tree.map(_gather, frozen, frozen_specs)
 
         def local_loss(lora):
-            return loss_fn(jax.tree.map(_gather, lora, lora_specs), full, tokens) / n_shards
+            return lm.loss(jax.tree.map(_gather, lora, lora_specs), full, tokens) / n_shards
 
         loss, grads = jax.value_and_grad(local_loss)(lora)
         return jax.lax.psum(loss, batch_axes), grads
@@ -218,15 +334,15 @@ def spec_tree(tree):
     return jax.tree.map(lambda x: x.sharding.spec, tree)
 
 
-def train_single(data, device=None):
+def train_single(data, device=None, lm=MODELS["linen"]):
     """The reference: everything on one device (by default this process's first)."""
     device = device or jax.local_devices()[0]
     one = jax.sharding.SingleDeviceSharding(device)
-    frozen = init_base(one)
-    lora = jax.device_put(jaxlora.split(frozen, CONFIG, jax.random.key(1))[1], device)
+    frozen = lm.init_base(one)
+    lora = jax.device_put(jaxlora.split(frozen, lm.config, jax.random.key(1))[1], device)
     lora_sh = jax.tree.map(lambda _: one, lora)
     opt_state = jax.jit(OPTIMIZER.init, out_shardings=opt_shardings(lora_sh, one))(lora)
-    step = jit_step(lora_sh, opt_shardings(lora_sh, one), one)
+    step = jit_step(lora_sh, opt_shardings(lora_sh, one), one, lm=lm)
     losses = []
     for tokens in data:
         lora, opt_state, loss = step(lora, opt_state, frozen, jax.device_put(tokens, device))
@@ -234,13 +350,18 @@ def train_single(data, device=None):
     return losses, jax.tree.map(np.asarray, lora), None
 
 
-def train_sharded(mode, data):
-    """dp / fsdp / tp (jit + NamedSharding) and shard_map: adapter initialised in its shardings."""
+def train_sharded(mode, data, lm=MODELS["linen"]):
+    """dp / fsdp / tp (jit + NamedSharding) and shard_map: adapter initialised in its shardings.
+
+    The adapter's shardings come from the base's logical partitioning metadata (linen boxes or
+    ``nnx.Param`` metadata) and the mode's rules; the frozen base never moves (checked bitwise).
+    """
     mesh = make_mesh(mode)
-    base_sh = base_shardings(mode, mesh)
-    frozen = init_base(base_sh)
-    lora_sh = lora_shardings(abstract_params(), CONFIG, mesh=mesh, rules=RULES[mode])
-    lora = init_sharded(frozen, CONFIG, jax.random.key(1), base_sh)
+    base_sh = lm.base_shardings(mode, mesh)
+    frozen = lm.init_base(base_sh)
+    before = jax.tree.map(np.asarray, frozen)
+    lora_sh = lora_shardings(lm.abstract(), lm.config, mesh=mesh, rules=RULES[mode])
+    lora = init_sharded(frozen, lm.config, jax.random.key(1), base_sh)
     promised = jax.tree.map(lambda s: s.spec, lora_sh)
     if spec_tree(lora) != promised:
         raise AssertionError(f"{mode}: initial adapter specs {spec_tree(lora)} != {promised}")
@@ -250,8 +371,8 @@ def train_sharded(mode, data):
     grad_fn = None
     if mode == "shard_map":
         frozen_specs = jax.tree.map(lambda s: s.spec, base_sh)
-        grad_fn = shard_map_grad(mesh, frozen_specs, promised, BATCH_AXES[mode])
-    step = jit_step(lora_sh, opt_sh, replicated, grad_fn)
+        grad_fn = shard_map_grad(mesh, frozen_specs, promised, BATCH_AXES[mode], lm)
+    step = jit_step(lora_sh, opt_sh, replicated, grad_fn, lm)
     batch_sh = NamedSharding(mesh, P(BATCH_AXES[mode]))
     losses = []
     for tokens in data:
@@ -259,14 +380,17 @@ def train_sharded(mode, data):
         losses.append(float(loss))
     if spec_tree(lora) != promised:
         raise AssertionError(f"{mode}: trained adapter specs {spec_tree(lora)} != {promised}")
+    if max_diff(jax.tree.map(np.asarray, frozen), before) != 0.0:
+        raise AssertionError(f"{mode}: the frozen base moved")
     return losses, jax.tree.map(np.asarray, lora), promised
 
 
-def train_pmap(data):
+def train_pmap(data, lm=MODELS["linen"]):
     """jax.pmap data parallel: every device holds the whole base and adapter, grads are pmean'ed."""
     n = jax.local_device_count()
-    frozen = init_base(jax.sharding.SingleDeviceSharding(jax.devices()[0]))
-    lora = jaxlora.split(frozen, CONFIG, jax.random.key(1))[1]
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    frozen = lm.init_base(one)
+    lora = jaxlora.split(frozen, lm.config, jax.random.key(1))[1]
     # One copy per device, laid out as pmap lays out its mapped axis.
     per_device = NamedSharding(jax.sharding.Mesh(jax.local_devices(), ("batch",)), P("batch"))
     replicate = partial(
@@ -275,7 +399,7 @@ def train_pmap(data):
     lora, opt_state = replicate(lora), replicate(OPTIMIZER.init(lora))
 
     def step(lora, opt_state, frozen, tokens):
-        loss, grads = jax.value_and_grad(loss_fn)(lora, frozen, tokens)
+        loss, grads = jax.value_and_grad(lm.loss)(lora, frozen, tokens)
         grads, loss = jax.lax.pmean((grads, loss), "batch")
         updates, opt_state = OPTIMIZER.update(grads, opt_state, lora)
         return optax.apply_updates(lora, updates), opt_state, loss
@@ -312,18 +436,19 @@ def spec_strings(promised):
     return {"/".join(str(k.key) for k in path): str(spec) for path, spec in flat}
 
 
-def run(modes, out_dir=None, steps=STEPS):
+def run(modes, out_dir=None, steps=STEPS, model="linen"):
+    lm = MODELS[model]
     data = batches(steps)
-    ref_losses, ref_lora, _ = train_single(data)
-    results = {"single": {"losses": ref_losses}}
-    print(json.dumps({"mode": "single", "losses": ref_losses}), flush=True)
+    ref_losses, ref_lora, _ = train_single(data, lm=lm)
+    results = {"model": model, "single": {"losses": ref_losses}}
+    print(json.dumps({"model": model, "mode": "single", "losses": ref_losses}), flush=True)
     for mode in modes:
         start = time.perf_counter()
         try:
             if mode == "pmap":
-                losses, lora, promised = train_pmap(data)
+                losses, lora, promised = train_pmap(data, lm)
             else:
-                losses, lora, promised = train_sharded(mode, data)
+                losses, lora, promised = train_sharded(mode, data, lm)
             row = {
                 "losses": losses,
                 "max_loss_diff": max(abs(a - b) for a, b in zip(losses, ref_losses, strict=True)),
@@ -338,14 +463,17 @@ def run(modes, out_dir=None, steps=STEPS):
         print(json.dumps({"mode": mode, **shown}), flush=True)
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "parallel.json"), "w") as f:
+        name = "parallel.json" if model == "linen" else f"parallel_{model}.json"
+        with open(os.path.join(out_dir, name), "w") as f:
             json.dump(results, f, indent=1)
     return results
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--mode", default="all", choices=("all",) + MODES)
+    parser.add_argument(
+        "--mode", default="all", help=f"'all' or a comma-separated list of {', '.join(MODES)}"
+    )
     parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument(
         "--cpu-devices",
@@ -353,14 +481,20 @@ def main(argv=None):
         default=8,
         help="run on this many simulated CPU devices; 0 uses the default backend (8 devices)",
     )
-    parser.add_argument("--out", default=None, help="folder for parallel.json")
+    parser.add_argument(
+        "--model", default="linen", choices=tuple(MODELS), help="the LM in linen or in NNX"
+    )
+    parser.add_argument("--out", default=None, help="folder for parallel[_nnx].json")
     args = parser.parse_args(argv)
     if args.cpu_devices:
         jax.config.update("jax_platforms", "cpu")
         if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
             jax.config.update("jax_num_cpu_devices", args.cpu_devices)
-    modes = MODES if args.mode == "all" else (args.mode,)
-    results = run(modes, args.out, args.steps)
+    modes = MODES if args.mode == "all" else tuple(args.mode.split(","))
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        parser.error(f"--mode: unknown modes {unknown}; choose 'all' or from {', '.join(MODES)}")
+    results = run(modes, args.out, args.steps, args.model)
     bad = [
         m for m in modes
         if "error" in results[m]

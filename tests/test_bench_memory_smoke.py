@@ -45,3 +45,24 @@ def test_xla_peak_breakdown_reads_a_dump(tmp_path):
     total = float(proc.stdout.split("MiB")[0].rsplit(":", 1)[1])
     rows = [ln for ln in proc.stdout.splitlines() if ln.startswith("| f32[")]
     assert total > 0 and rows  # float32 activations are live at the peak
+
+
+def test_bench_memory_nnx_rows_match_their_linen_twins(tmp_path):
+    """The NNX decoder draws linen's weights and computes linen's step: the same full fine-tuning
+    loss; its quantised LoRA row runs and the parity table pairs the twins."""
+    configs = "full_ft,nnx_full_ft,nnx_lora_nf4_factored"
+    cmd = [sys.executable, SCRIPT, "--small", "--nnx", "--configs", configs]
+    proc = subprocess.run(cmd + ["--out", str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((tmp_path / "bench_memory_nnx_small.json").read_text())
+    rows = {row["config"]: row for row in data["rows"]}
+    linen, nnx = rows["full_ft"], rows["nnx_full_ft"]
+    assert (linen["framework"], nnx["framework"]) == ("linen", "nnx")
+    assert nnx["params"] == linen["params"] and nnx["base_bytes"] == linen["base_bytes"]
+    assert abs(nnx["loss"] - linen["loss"]) < 1e-5  # same weights, same maths
+    nf4 = rows["nnx_lora_nf4_factored"]
+    assert nf4["base_bytes"] < nnx["base_bytes"] / 3 and 0 < nf4["trainable"] < nnx["params"]
+    assert nf4["xla_peak_bytes"] < nnx["xla_peak_bytes"] and nf4["loss"] == nf4["loss"]
+    table = (tmp_path / "bench_memory_nnx_small.md").read_text()
+    assert "| nnx_lora_nf4_factored | nf4 | factored | no |" in table
+    assert "| full_ft | " in table.split("linen and NNX")[1]  # the side-by-side table

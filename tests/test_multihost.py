@@ -64,7 +64,7 @@ def test_adapters_identical_across_processes_and_equal_single_device(run):
 
 def test_adapter_shardings_follow_the_base(run):
     _, results, _ = run
-    assert all(r["specs_ok"] for r in results)
+    assert all(r["specs_ok"] and r["base_unchanged"] for r in results)
     specs = results[0]["specs"]
     assert specs["layers/query/lora_a"] == "P(None, 'fsdp', None)"
     assert specs["layers/out/lora_b"] == "P(None, None, 'fsdp')"
@@ -94,3 +94,39 @@ def test_collective_checkpoint_restores(run):
     assert (config.r, config.lora_alpha, config.bias) == (4, 8, "lora_only")
     for _, names, leaf in paths.flatten(restored["lora"]):
         np.testing.assert_array_equal(np.asarray(leaf), adapters[0]["/".join(names)])
+
+
+# ---- the same LM in NNX ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def run_nnx(tmp_path_factory):
+    out = tmp_path_factory.mktemp("multihost_nnx")
+    fast_compile = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+    launch = _load("multihost").launch
+    codes = launch(
+        str(out), num_processes=2, steps=3, timeout=420, xla_flags=fast_compile, model="nnx"
+    )
+    logs = "\n".join(p.read_text()[-3000:] for p in sorted(out.glob("worker_*.log")))
+    assert codes == [0, 0], f"worker return codes {codes}:\n{logs}"
+    results = [json.loads((out / f"result_{i}.json").read_text()) for i in range(2)]
+    adapters = [dict(np.load(out / f"adapter_{i}.npz")) for i in range(2)]
+    return results, adapters
+
+
+def test_nnx_two_processes_train_the_single_device_adapter(run_nnx):
+    """An nnx.State base with partitioning metadata, FSDP over both processes' devices."""
+    results, adapters = run_nnx
+    assert [r["model"] for r in results] == ["nnx", "nnx"]
+    assert [r["rows"] for r in results] == [[0, 8], [8, 16]]
+    assert adapters[0].keys() == adapters[1].keys() and len(adapters[0]) == 38
+    for name in adapters[0]:
+        np.testing.assert_array_equal(adapters[0][name], adapters[1][name], err_msg=name)
+    assert results[0]["max_loss_diff"] <= TOLERANCE
+    assert results[0]["max_adapter_diff"] <= TOLERANCE
+    losses = results[0]["losses"]
+    assert losses[-1] < losses[0]  # it trains
+    assert all(r["specs_ok"] and r["restore_ok"] and r["base_unchanged"] for r in results)
+    specs = results[0]["specs"]
+    assert specs["layers/0/query/lora_a"] == "P('fsdp', None)"
+    assert specs["layers/1/out/lora_b"] == "P(None, 'fsdp')"

@@ -90,3 +90,66 @@ def test_data_parallel_adapter_is_replicated(report):
     specs = report["dp"]["specs"]
     assert len(specs) == 20
     assert all(set(s[2:-1].split(", ")) == {"None"} for s in specs.values())
+
+
+# ---- the same LM in NNX: shardings from nnx.Param partitioning metadata ----------------------
+
+NNX_MODES = ("dp", "fsdp", "tp")
+
+
+@pytest.fixture(scope="module")
+def report_nnx(tmp_path_factory):
+    out = tmp_path_factory.mktemp("parallel_nnx")
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}"}
+    env.pop("JAX_PLATFORMS", None)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--model", "nnx", "--mode", ",".join(NNX_MODES),
+         "--steps", "3", "--out", str(out)],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    path = out / "parallel_nnx.json"
+    if not path.exists():
+        pytest.fail(f"train_parallel.py --model nnx wrote no report (rc {proc.returncode}):\n"
+                    f"{proc.stderr}")  # fmt: skip
+    return json.loads(path.read_text())
+
+
+@pytest.mark.parametrize("mode", NNX_MODES)
+def test_nnx_matches_single_device_and_trains(report_nnx, mode):
+    """Inside, the script checks the adapter's specs against lora_shardings and the base bitwise."""
+    row = report_nnx[mode]
+    assert report_nnx["model"] == "nnx"
+    assert "error" not in row, row.get("error")
+    assert len(row["losses"]) == 3
+    assert row["max_loss_diff"] <= TOLERANCE and row["max_adapter_diff"] <= TOLERANCE
+    losses = report_nnx["single"]["losses"]
+    assert losses[-1] < losses[0] - 0.1  # it does train
+
+
+# No stacked axis: NNX's layers are a list (layers/0/..., layers/1/...), the rule is the same.
+NNX_FSDP = {
+    "layers/0/query/lora_a": "P('fsdp', None)",
+    "layers/0/query/lora_b": "P(None, None, None)",
+    "layers/1/out/lora_b": "P(None, 'fsdp')",
+    "layers/1/out/bias": "P('fsdp',)",
+    "layers/0/down/lora_b": "P(None, 'fsdp')",
+    "embed/lora_b": "P(None, 'fsdp')",
+}
+NNX_TP = {
+    "layers/0/query/lora_b": "P(None, 'model', None)",
+    "layers/0/query/bias": "P('model', None)",
+    "layers/1/up/lora_b": "P(None, 'model')",
+    "layers/1/out/lora_a": "P('model', None, None)",
+    "layers/0/down/lora_a": "P('model', None)",
+    "embed/lora_a": "P('model', None)",
+}
+
+
+@pytest.mark.parametrize("mode, expected", [("fsdp", NNX_FSDP), ("tp", NNX_TP)])
+def test_nnx_adapter_specs_follow_the_partitioning_metadata(report_nnx, mode, expected):
+    specs = report_nnx[mode]["specs"]
+    assert {k: specs[k] for k in expected} == expected
+    dp = report_nnx["dp"]["specs"]
+    assert len(dp) == 38 and all(
+        set(s[2:-1].replace(",", " ").split()) == {"None"} for s in dp.values()
+    )

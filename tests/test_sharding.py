@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from hypothesis import given, settings
 from jax.sharding import AbstractMesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -282,3 +283,138 @@ def test_init_sharded_abstract_base_needs_trainable_values():
     config = jaxlora.LoraConfig(r=2, target_modules=["up"])
     lora = init_sharded(abstract, config, jax.random.key(0), specs, mesh=_mesh())
     assert lora["up"]["lora_a"].shape == (8, 2)
+
+
+# ---- NNX: partitioning metadata on nnx.Param ------------------------------------------------
+
+
+class NnxBlock(nnx.Module):
+    """``Block`` in NNX: the same kernels with ``nnx.with_partitioning`` logical names."""
+
+    def __init__(self, rngs):
+        init = nnx.initializers.lecun_normal()
+
+        def dense(cls, d_in, d_out, names, **kwargs):
+            return cls(
+                d_in,
+                d_out,
+                kernel_init=nnx.with_partitioning(init, names),
+                bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), names[-1:]),
+                rngs=rngs,
+                **kwargs,
+            )
+
+        self.query = dense(nnx.LinearGeneral, 32, (4, 8), ("embed", "heads", "kv"))
+        self.out = dense(nnx.LinearGeneral, (4, 8), 32, ("heads", "kv", "embed"), axis=(-2, -1))
+        self.up = dense(nnx.Linear, 32, 64, ("embed", "mlp"))
+        self.down = dense(nnx.Linear, 64, 32, ("mlp", "embed"))
+
+
+def _nnx_abstract():
+    """The abstract NNX model: shapes plus the logical names as ``out_sharding`` metadata."""
+    with nnx.use_eager_sharding(False):  # logical names are no mesh axes: place nothing yet
+        return nnx.eval_shape(lambda: NnxBlock(nnx.Rngs(0)))
+
+
+def _nnx_state():
+    return nnx.state(_nnx_abstract())
+
+
+# Data, fully sharded and tensor parallel: the meshes and logical rules of train_parallel.py.
+NNX_MESHES = {
+    "dp": (AbstractMesh((8,), ("data",)), ()),
+    "fsdp": (AbstractMesh((2, 4), ("data", "fsdp")), (("embed", "fsdp"),)),
+    "tp": (AbstractMesh((2, 4), ("data", "model")), (("heads", "model"), ("mlp", "model"))),
+}
+
+
+@pytest.mark.parametrize("mesh_name", sorted(NNX_MESHES))
+def test_nnx_partitioning_metadata_gives_linens_shardings(mesh_name):
+    """Law: an NNX model and its linen twin with the same logical names get the same adapter
+    shardings, each equal to the rule applied to ``nnx.get_partition_spec`` of the base."""
+    mesh, rules = NNX_MESHES[mesh_name]
+    state = _nnx_state()
+    layouts = jaxlora.infer_layouts(_nnx_abstract())
+    assert {k: layouts[k] for k in LAYOUTS} == LAYOUTS  # read off the NNX layers
+    config = jaxlora.LoraConfig(r=4, target_modules="all-linear", layouts=layouts, bias="all")
+    got = lora_shardings(state, config, mesh=mesh, rules=rules)
+    linen = lora_shardings(_boxed(), config, mesh=mesh, rules=rules)
+    assert got == linen
+    specs = jax.tree.map(
+        lambda s: nn.logical_to_mesh_axes(tuple(s), rules), nnx.get_partition_spec(state)
+    )
+    pure = nnx.to_pure_dict(state)
+    assert lora_shardings(pure, config, nnx.to_pure_dict(specs), mesh=mesh) == got
+    if mesh_name == "tp":  # column parallel query/up: b sharded; row parallel out/down: a sharded
+        assert got["query"]["lora_b"].spec == P(None, "model", None)
+        assert got["out"]["lora_a"].spec == P("model", None, None)
+        assert got["down"]["lora_a"].spec == P("model", None)
+    if mesh_name == "fsdp":
+        assert got["up"]["lora_a"].spec == P("fsdp", None)
+        assert got["out"]["bias"].spec == P("fsdp")
+
+
+def test_nnx_without_rules_stays_logical_and_unannotated_variables_are_replicated():
+    state = _nnx_state()
+    state["down"]["bias"].set_metadata("out_sharding", None)
+    config = jaxlora.LoraConfig(r=4, target_modules=["up", "down"], bias="all")
+    got = lora_shardings(state, config)
+    assert got["up"] == {"lora_a": P("embed", None), "lora_b": P(None, "mlp"), "bias": P("mlp")}
+    assert got["down"]["bias"] == P()
+
+
+def test_nnx_eagerly_sharded_state_brings_its_mesh():
+    mesh = jax.make_mesh((1, 1), ("fsdp", "model"))
+
+    class Mlp(nnx.Module):
+        def __init__(self, rngs):
+            names = (("fsdp", "model"), ("model", "fsdp"))
+            init = nnx.initializers.lecun_normal()
+            self.up, self.down = (
+                nnx.Linear(8, 8, kernel_init=nnx.with_partitioning(init, n), rngs=rngs)
+                for n in names
+            )
+
+    with jax.set_mesh(mesh):
+        state = nnx.state(Mlp(nnx.Rngs(0)))
+    config = jaxlora.LoraConfig(r=2, target_modules=["up", "down"], init_lora_weights=False)
+    got = lora_shardings(state, config)
+    assert got["up"]["lora_a"] == NamedSharding(mesh, P("fsdp", None))
+    assert got["down"]["lora_b"] == NamedSharding(mesh, P(None, "fsdp"))
+    lora = init_sharded(state, config, jax.random.key(1))
+    assert jax.tree.map(lambda x: x.sharding, lora) == got
+    want = jaxlora.split(state, config, jax.random.key(1))[1]
+    for a, b in zip(jax.tree.leaves(lora), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.slow
+def test_nnx_init_sharded_from_metadata_and_rules():
+    with nnx.use_eager_sharding(False):
+        state = nnx.state(NnxBlock(nnx.Rngs(0)))
+    layouts = {"query": "ioo", "out": "iio"}
+    config = jaxlora.LoraConfig(r=4, target_modules=["query", "out", "up"], layouts=layouts,
+                                bias="lora_only", init_lora_weights=False)  # fmt: skip
+    rules = (("embed", "fsdp"), ("mlp", "model"))
+    lora = init_sharded(state, config, jax.random.key(2), mesh=_mesh(), rules=rules)
+    want_specs = lora_shardings(state, config, rules=rules)
+    assert jax.tree.map(lambda x: x.sharding.spec, lora) == want_specs
+    want = jaxlora.split(state, config, jax.random.key(2))[1]
+    for a, b in zip(jax.tree.leaves(lora), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_nnx_rules_from_the_context_or_the_variables_own_metadata():
+    """nnx's own ways of naming rules (an ``nnx.logical_axis_rules`` context, per-variable
+    ``sharding_rules``) give what ``rules=`` gives. nnx keeps a name its rules do not list (as a
+    mesh axis) where linen's rules replicate it, so these rules name every logical axis."""
+    rules = NNX_MESHES["tp"][1] + (("embed", None),)
+    config = jaxlora.LoraConfig(r=4, target_modules=["up", "down"])
+    want = lora_shardings(_nnx_state(), config, rules=rules)
+    with nnx.logical_axis_rules(rules):
+        assert lora_shardings(_nnx_state(), config) == want
+    state = _nnx_state()
+    for module in ("up", "down"):
+        state[module]["kernel"].set_metadata("sharding_rules", rules)
+    assert lora_shardings(state, config) == want
+    assert want["up"]["lora_b"] == P(None, "model") and want["down"]["lora_a"] == P("model", None)

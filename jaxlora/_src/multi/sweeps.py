@@ -203,8 +203,8 @@ def apply_mixed(
     adapter (B = 0) in the stack for rows that should see the base model.
 
     Args:
-        model: a linen module (see :func:`jaxlora.apply`).
-        frozen: the base params.
+        model: a linen module, or an NNX module or graphdef (see :func:`jaxlora.apply`).
+        frozen: the base params (a linen ``params`` dict or an ``nnx.State``).
         stacked: adapters of one structure, stacked by :func:`stack` (leading axis: adapter).
         config: a config that fits every stacked adapter (shapes and scales).
         index: int array ``(batch,)``: which adapter each example uses.

@@ -71,7 +71,8 @@ def init_sharded(
         config: the LoRA config.
         key: PRNG key, as for :func:`jaxlora.split`.
         shardings: the base's shardings, as for :func:`jaxlora.lora_shardings`; None takes them
-            from ``frozen`` (placed arrays or boxed params).
+            from ``frozen`` (placed arrays, boxed params, or an ``nnx.State`` with partitioning
+            metadata).
         rank_axis: as for :func:`jaxlora.lora_shardings`.
         mesh: the mesh for ``PartitionSpec`` shardings.
         rules: Flax logical axis rules for logical names.

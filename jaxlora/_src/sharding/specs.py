@@ -13,8 +13,10 @@ Trainable copies (biases, ``modules_to_save``) take their base leaf's spec uncha
 
 The base's shardings may be given as a tree of ``PartitionSpec``, of ``NamedSharding``, of placed
 arrays (their ``.sharding``), or as Flax logical-axis metadata: a params tree boxed by
-``nn.with_logical_partitioning`` / ``nn.with_partitioning`` (``nn.Partitioned``), whose logical
-names ``rules`` maps to mesh axes as ``nn.logical_to_mesh_sharding`` does.
+``nn.with_logical_partitioning`` / ``nn.with_partitioning`` (``nn.Partitioned``), or an
+``nnx.State`` whose ``nnx.Param`` s carry ``nnx.with_partitioning`` metadata (read as
+``nnx.get_partition_spec`` reads it), whose logical names ``rules`` maps to mesh axes as
+``nn.logical_to_mesh_sharding`` does.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+from flax import nnx
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
 from jaxlora._src import paths
@@ -38,6 +41,29 @@ AxisEntry = str | tuple[str, ...] | None
 
 def _is_spec_leaf(x: Any) -> bool:
     return x is None or isinstance(x, PartitionSpec | NamedSharding | nn.Partitioned)
+
+
+def _is_spec_or_variable(x: Any) -> bool:
+    return _is_spec_leaf(x) or isinstance(x, nnx.Variable)
+
+
+def _nnx_leaf(variable: nnx.Variable, described: bool) -> tuple[Any, Mesh | None]:
+    """What an NNX variable says about its sharding, as ``(sharding leaf, mesh or None)``.
+
+    In order: a sharding it holds (the trees ``nnx.get_partition_spec`` and
+    ``nnx.get_named_sharding`` make), its array's ``NamedSharding`` (placed, or eagerly sharded
+    under a mesh), its partitioning metadata (``nnx.with_partitioning`` stores the axis names as
+    ``out_sharding``, ``sharding_names`` before flax 0.12; read by ``nnx.get_partition_spec``'s
+    rule, with the variable's ``sharding_rules``), and replicated when other variables of the tree
+    carry such metadata.
+    """
+    value = variable.get_value()
+    if _is_spec_leaf(value) or isinstance(getattr(value, "sharding", None), NamedSharding):
+        return value, None
+    if variable.get_metadata().get("out_sharding") or described:
+        spec = nnx.get_partition_spec(variable).get_value()
+        return spec, variable.get_metadata().get("mesh")
+    return value, None
 
 
 def _mesh_axes(entry: Any) -> tuple[str, ...]:
@@ -102,8 +128,17 @@ def _as_specs(
     if any(isinstance(x, nn.Partitioned) for x in leaves):
         shardings = nn.get_partition_spec(shardings)
     out = {}
-    for keypath, leaf in jax.tree_util.tree_flatten_with_path(shardings, is_leaf=_is_spec_leaf)[0]:
+    flat = jax.tree_util.tree_flatten_with_path(shardings, is_leaf=_is_spec_or_variable)[0]
+    # As for linen boxes: once any variable carries partitioning metadata, the others are
+    # replicated (nnx.get_partition_spec's reading), not looked up on their arrays.
+    described = any(
+        isinstance(leaf, nnx.Variable) and leaf.get_metadata().get("out_sharding")
+        for _, leaf in flat
+    )
+    for keypath, leaf in flat:
         mesh = None
+        if isinstance(leaf, nnx.Variable):
+            leaf, mesh = _nnx_leaf(leaf, described)
         if isinstance(leaf, jax.Array | jax.ShapeDtypeStruct):
             leaf = getattr(leaf, "sharding", None)
             if not isinstance(leaf, NamedSharding):
@@ -119,7 +154,7 @@ def _as_specs(
             raise TypeError(
                 f"`shardings` leaf at `{jax.tree_util.keystr(keypath)}` is a "
                 f"{type(leaf).__name__}; expected a PartitionSpec, NamedSharding, placed array, "
-                "None or an nn.Partitioned box"
+                "None, an nn.Partitioned box or an nnx.Variable with sharding metadata"
             )
         if rules is not None:
             leaf = nn.logical_to_mesh_axes(tuple(leaf), rules)
@@ -182,11 +217,14 @@ def lora_shardings(
 
     Args:
         frozen: the base params or their ``ShapeDtypeStruct`` s; when ``shardings`` is None they
-            carry the shardings themselves (placed arrays, or a params tree boxed with Flax
-            partitioning metadata: ``nn.Partitioned``, ``nn.LogicallyPartitioned``).
+            carry the shardings themselves (placed arrays, a params tree boxed with Flax
+            partitioning metadata: ``nn.Partitioned``, ``nn.LogicallyPartitioned``, or an
+            ``nnx.State`` whose variables carry ``nnx.with_partitioning`` metadata; its other
+            variables are then replicated).
         config: the LoRA config.
         shardings: a tree mirroring ``frozen`` of ``PartitionSpec`` / ``NamedSharding`` / placed
-            arrays / None (replicated), or a boxed params tree; None takes them from ``frozen``.
+            arrays / None (replicated), a boxed params tree, or an ``nnx.State`` (with metadata,
+            or what ``nnx.get_partition_spec`` returns); None takes them from ``frozen``.
         rank_axis: mesh axes for the rank axis of ``lora_a`` and ``lora_b`` (None: replicated).
         mesh: turns ``PartitionSpec`` results into ``NamedSharding`` on this mesh; leaves given
             as ``NamedSharding`` or placed arrays keep their own mesh.
