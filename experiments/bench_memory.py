@@ -237,10 +237,6 @@ def run_config(name: str, size: str = "default", steps: int = 2) -> dict:
 
     import jaxlora
     from jaxlora import quant
-
-    # NNX full fine-tuning recomputes blocks with the NNX half of jaxlora.remat, which
-    # ``jaxlora.apply(..., remat=)`` uses; it has no public name of its own yet.
-    from jaxlora._src.forward import nnx_remat
     from jaxlora.models.llama import LlamaConfig, LlamaForCausalLM
 
     kind, storage, path, remat = CONFIGS[name]
@@ -281,7 +277,7 @@ def run_config(name: str, size: str = "default", steps: int = 2) -> dict:
                 module = nnx.merge(model, params)
                 if checkpointing is None:
                     return module(inputs)
-                with nnx_remat.checkpointed(module, checkpointing):
+                with jaxlora.remat.checkpointed_nnx(module, checkpointing):
                     return module(inputs)
             if checkpointing is None:
                 return model.apply({"params": params}, inputs)
