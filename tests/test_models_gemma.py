@@ -15,7 +15,7 @@ from safetensors.numpy import load_file, save_file
 
 import jaxlora
 from jaxlora.models import gemma, gemma_weights
-from jaxlora.models.generate import generate as generate_tokens
+from jaxlora.models.decoding import generate as generate_tokens
 
 pytestmark = pytest.mark.slow  # builds and runs PyTorch transformers models
 

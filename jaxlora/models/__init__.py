@@ -2,7 +2,11 @@
 
 * :mod:`jaxlora.models.bert`: a BERT encoder; :func:`~jaxlora.models.bert_weights.load_minilm` loads
   all-MiniLM-L6-v2.
-* :mod:`jaxlora.models.llama`: a Llama decoder and greedy :func:`~jaxlora.models.llama.generate`;
+* :mod:`jaxlora.models.decoding`: :func:`~jaxlora.models.decoding.generate`, KV-cache generation
+  (greedy, temperature / top-k / top-p, stop tokens, left-padded batches) for the decoders below,
+  with an adapter factored, merged or one per row.
+* :mod:`jaxlora.models.llama`: a Llama decoder and an uncached greedy
+  :func:`~jaxlora.models.llama.generate`;
   :func:`~jaxlora.models.llama_weights.load_smollm2` loads SmolLM2-135M-Instruct from a GGUF file,
   :func:`~jaxlora.models.llama_gguf.load_gguf_llama` the same file with its Q4_1 kernels kept 4-bit.
   Its parts: :mod:`~jaxlora.models.llama_config`, :mod:`~jaxlora.models.llama_layers` and
@@ -40,6 +44,9 @@ from jaxlora.models.data import encode_batch as encode_batch
 from jaxlora.models.data import hamlet_text as hamlet_text
 from jaxlora.models.data import rotten_tomatoes as rotten_tomatoes
 from jaxlora.models.data import train_test_split as train_test_split
+from jaxlora.models.decoding import GenerationResult as GenerationResult
+from jaxlora.models.decoding import generate as generate
+from jaxlora.models.decoding_inputs import left_pad as left_pad
 from jaxlora.models.gemma import GemmaConfig as GemmaConfig
 from jaxlora.models.gemma import GemmaForCausalLM as GemmaForCausalLM
 from jaxlora.models.gemma_weights import load_hf_gemma as load_hf_gemma
@@ -52,7 +59,6 @@ from jaxlora.models.kv_cache import KVCache as KVCache
 from jaxlora.models.llama import Llama3RopeScaling as Llama3RopeScaling
 from jaxlora.models.llama import LlamaConfig as LlamaConfig
 from jaxlora.models.llama import LlamaForCausalLM as LlamaForCausalLM
-from jaxlora.models.llama import generate as generate
 from jaxlora.models.llama_gguf import load_gguf_llama as load_gguf_llama
 from jaxlora.models.llama_weights import chat_prompt as chat_prompt
 from jaxlora.models.llama_weights import load_smollm2 as load_smollm2
@@ -64,6 +70,7 @@ __all__ = [
     "BertEncoder",
     "GemmaConfig",
     "GemmaForCausalLM",
+    "GenerationResult",
     "KVCache",
     "Llama3RopeScaling",
     "LlamaConfig",
@@ -72,6 +79,7 @@ __all__ = [
     "encode_batch",
     "generate",
     "hamlet_text",
+    "left_pad",
     "load_gguf_llama",
     "load_hf",
     "load_hf_gemma",
