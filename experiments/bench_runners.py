@@ -232,8 +232,9 @@ def inference_group(args, c, batch) -> list[JaxRunner]:
             return jaxlora.apply(model, f, t, config, inputs)
 
         rows.append(
-            JaxRunner(f"jaxlora factored {name}", "inference", factored, lora, frozen, batch,
-                      "infer")  # fmt: skip
+            JaxRunner(
+                f"jaxlora factored {name}", "inference", factored, lora, frozen, batch, "infer"
+            )  # fmt: skip
         )
     return rows
 

@@ -150,4 +150,3 @@ def test_base_gets_no_gradient(combination, mode):
     assert names == ({"lora_a", "lora_b"} | ({"lora_magnitude"} if variant == "dora" else set()))
     assert all(bool(jnp.any(g != 0)) for g in jax.tree.leaves(grads))
     assert_trees_bitwise_equal(frozen, before)
-
