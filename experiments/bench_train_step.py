@@ -99,6 +99,11 @@ class TorchWorker:
         if self.proc.stdout.readline().strip() != "ready":
             raise RuntimeError("the PyTorch worker (experiments/bench_peft.py) did not start")
 
+    def close(self) -> None:
+        """Ends the worker process (closing its stdin ends its serve loop)."""
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
     def ask(self, name: str, what: str) -> float:
         self.proc.stdin.write(f"{name}\t{what}\n")
         self.proc.stdin.flush()
@@ -177,11 +182,15 @@ def main(argv=None) -> dict:
             else:
                 teams.append(torch_runners(args, c, batch_size, shim))
     order = random.Random(args.seed)
-    for _ in range(args.rounds):
-        for team in teams:  # the frameworks take turns: A B A B ...
-            for runner in order.sample(team, len(team)):
-                time.sleep(SETTLE_S)
-                runner.times.append(runner.run())
+    try:
+        for _ in range(args.rounds):
+            for team in teams:  # the frameworks take turns: A B A B ...
+                for runner in order.sample(team, len(team)):
+                    time.sleep(SETTLE_S)
+                    runner.times.append(runner.run())
+    finally:
+        for team in teams[1:]:
+            team[0].worker.close()
     return report(args, c, [r for team in teams for r in team], load_before, _load())
 
 
