@@ -13,10 +13,10 @@ itself contracts. Every other read of an adapted weight (a recurrent cell, ``Con
 same result as ``mode="merged"``, at merged speed for that layer. Inside ``nn.scan`` the factors
 are sliced per layer with the kernel.
 
-A plain ``Dense`` (default ``dot_general``, unquantised kernel, input and factors of one dtype) with
-LoRA dropout off takes a fast path: layer and term run as one :func:`lowrank.dense_fused`, whose
-backward contracts on 2-D views (see there for why that matters on CPU). Its outputs and gradients
-are the general path's, within float rounding.
+A ``Dense`` or a ``DenseGeneral`` contracting its input's trailing axes (default ``dot_general``,
+unquantised kernel) takes the fast path, LoRA dropout included: layer and term run as one
+:func:`fused.dense`, whose backward contracts on 2-D views (see there for why that matters on
+CPU). Its outputs and gradients are the general path's, within float rounding.
 
 Numerics, as in PEFT: the low-rank term runs in the adapter's dtype (``LoraConfig.dtype``) with the
 layer's ``precision``, and is cast to the layer's output dtype before the add. LoRA dropout draws
