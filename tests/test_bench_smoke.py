@@ -52,10 +52,9 @@ def _has(module: str) -> bool:
 
 @pytest.mark.standard_dtypes
 def test_tiny_profile_writes_results(tmp_path):
+    """Needs PyTorch and PEFT (the bench extra, part of dev): the profile compares against them."""
     from experiments import profile_step
 
-    if not (_has("torch") and _has("peft")):
-        pytest.skip("the profile compares against PyTorch/PEFT (the bench extra)")
     result = profile_step.main(["--tiny", "--out", str(tmp_path)])
     steps = json.loads((tmp_path / "profile_step_tiny.json").read_text())["steps"]
     assert steps.keys() == result["steps"].keys() == {
