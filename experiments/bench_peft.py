@@ -57,10 +57,15 @@ class Runner:
     """One configuration: a model (full or PEFT-wrapped), its AdamW, and timed step / forward."""
 
     def __init__(
-        self, c: GPTConfig, base: GPT, targets, r: int, alpha: float, batch: int, dropout=0.0
-    ):
+        self, c: GPTConfig, base: GPT, targets, r: int, alpha: float, batch: int, dropout=0.0,
+        floor: bool = False,
+    ):  # fmt: skip
         model = copy.deepcopy(base)
-        if targets is not None:
+        if floor:  # the floor (bench_baselines.py): only the targets' biases train
+            for name, p in model.named_parameters():
+                module, _, leaf = name.rpartition(".")
+                p.requires_grad_(leaf == "bias" and module.rpartition(".")[2] in targets)
+        elif targets is not None:
             config = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=dropout)
             model = get_peft_model(model, config)
         self.model = model
@@ -89,7 +94,8 @@ class Runner:
 
 
 def runners(c: GPTConfig, r: int, alpha: float, batch: int) -> dict[str, Runner]:
-    """Full fine-tuning and PEFT LoRA on q,v and on all linear layers, from one base model."""
+    """Full fine-tuning, PEFT LoRA on q,v and on all linear layers, and the floors of both
+    (only the target layers' biases train), from one base model."""
     torch.manual_seed(0)
     base = GPT(c)
     return {
@@ -97,6 +103,8 @@ def runners(c: GPTConfig, r: int, alpha: float, batch: int) -> dict[str, Runner]
         "PEFT LoRA q,v": Runner(c, base, ["q_proj", "v_proj"], r, alpha, batch),
         "PEFT LoRA all-linear": Runner(c, base, ALL_LINEAR, r, alpha, batch),
         "PEFT LoRA all-linear, dropout 0.1": Runner(c, base, ALL_LINEAR, r, alpha, batch, 0.1),
+        "torch floor q,v": Runner(c, base, ["q_proj", "v_proj"], r, alpha, batch, floor=True),
+        "torch floor all-linear": Runner(c, base, ALL_LINEAR, r, alpha, batch, floor=True),
     }
 
 

@@ -1,7 +1,8 @@
 """The JAX configurations of ``bench_train_step.py``: each a compiled training step (or forward).
 
-A :class:`JaxRunner` holds one compiled step and its state; the builders below make the runners of
-each group (a model and the fine-tuning variants compared with its own full fine-tuning):
+A ``JaxRunner`` (``bench_jax_runner.py``) holds one compiled step; the builders below make the
+runners of each group (a model and the fine-tuning variants compared with its own full
+fine-tuning):
 
 * ``linen``: the GPT of ``models_gpt.py`` (separate ``nn.Dense`` q/k/v/o), float32;
 * ``linen-mha``: the same GPT with Flax's ``nn.MultiHeadDotProductAttention``;
@@ -9,93 +10,30 @@ each group (a model and the fine-tuning variants compared with its own full fine
   beside jaxlora's when qwix is installed;
 * ``bf16``: the linen GPT with bfloat16 weights and activations, a float32 adapter (PEFT's default);
 * ``inference``: forwards of the linen GPT: base, merged adapter, factored adapter.
+
+The ``linen`` and ``nnx`` groups also have the *floor* rows of ``bench_baselines.py``: the least
+work any adapter on the same layers does.
 """
 
 from __future__ import annotations
 
-import resource
-import time
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 
 import jaxlora
 from experiments import models_gpt
+from experiments.bench_baselines import linen_floors, nnx_floors, qwix_rows
+from experiments.bench_jax_runner import JaxRunner
 
 QV = ["q_proj", "v_proj"]
 QV_MHA = ["query", "value"]
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "fc_in", "fc_out"]
+ALL_LINEAR_MHA = ["query", "key", "value", "out", "fc_in", "fc_out"]
 GROUPS = ("linen", "linen-mha", "nnx", "bf16", "inference")
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
-
-
-def _xla_memory(compiled) -> dict[str, float]:
-    stats = compiled.memory_analysis()
-    if stats is None:
-        return {}
-    return {"temp_mb": round(stats.temp_size_in_bytes / 2**20, 1)}
-
-
-def _size(tree) -> int:
-    return sum(x.size for x in jax.tree.leaves(tree))
-
-
-class JaxRunner:
-    """One configuration, compiled ahead of time; :meth:`run` times one step (or forward).
-
-    Args:
-        name: the row's name; group: the model group (ratios are to the group's full FT).
-        forward: ``forward(trainable, frozen, inputs, key) -> logits``.
-        trainable, frozen: the trained tree and everything else (None for full fine-tuning).
-        batch: ``int[batch, seq + 1]`` token ids.
-        kind: ``"train"`` (AdamW step on ``trainable``) or ``"infer"`` (forward only).
-    """
-
-    def __init__(self, name, group, forward, trainable, frozen, batch, kind="train"):
-        rss_before = _rss_mb()
-        self.name, self.group, self.kind = name, group, kind
-        self.trainable = _size(trainable) if kind == "train" else 0
-        inputs, targets = batch[:, :-1], batch[:, 1:]
-        self.key = jax.random.key(7)
-        if kind == "train":
-            opt = optax.adamw(1e-4)
-
-            def step(trainable, opt_state, frozen, key):
-                def loss_fn(t):
-                    return models_gpt.next_token_loss(forward(t, frozen, inputs, key), targets)
-
-                loss, grads = jax.value_and_grad(loss_fn)(trainable)
-                updates, opt_state = opt.update(grads, opt_state, trainable)
-                return optax.apply_updates(trainable, updates), opt_state, loss
-
-            # A copy: the step donates its trainable tree, which other runners may share.
-            trainable = jax.tree.map(lambda x: x.copy(), trainable)
-            self.args = [trainable, opt.init(trainable), frozen]
-            self.fn = jax.jit(step, donate_argnums=(0, 1))
-        else:
-            self.args = [trainable, frozen]
-            self.fn = jax.jit(lambda t, f, key: forward(t, f, inputs, key))
-        self.fn = self.fn.lower(*self.args, self.key).compile()
-        self.memory = _xla_memory(self.fn)
-        self.run()  # the first call, outside the timings
-        self.memory["rss_delta_mb"] = round(_rss_mb() - rss_before, 1)
-        self.times: list[float] = []
-
-    def run(self) -> float:
-        self.key = jax.random.fold_in(self.key, 1)  # a fresh dropout mask each step
-        start = time.perf_counter()
-        out = self.fn(*self.args, self.key)
-        if self.kind == "train":
-            self.args[:2] = out[:2]
-        jax.block_until_ready(out)
-        return time.perf_counter() - start
 
 
 def _lora_config(args, targets, dropout=0.0, layouts=None) -> jaxlora.LoraConfig:
@@ -137,7 +75,9 @@ def linen_group(args, c, batch) -> list[JaxRunner]:
             ("jaxlora merged q,v", _lora_config(args, QV), "merged"),
             ("jaxlora merged all-linear", _lora_config(args, "all-linear"), "merged"),
         ]
-    return _linen_rows("linen", model, params, batch, configs)
+    rows = _linen_rows("linen", model, params, batch, configs)
+    floors = [("floor q,v", QV), ("floor all-linear", ALL_LINEAR)]
+    return rows + linen_floors("linen", model, params, batch, floors)
 
 
 def linen_mha_group(args, c, batch) -> list[JaxRunner]:
@@ -183,30 +123,9 @@ def nnx_group(args, c, batch) -> list[JaxRunner]:
             return jaxlora.apply(graphdef, f, t, config, inputs, rngs=rngs)
 
         rows.append(JaxRunner(name, "nnx", lora_fwd, lora, frozen, batch))
+    rows += nnx_floors(c, batch, [("floor q,v", QV_MHA), ("floor all-linear", ALL_LINEAR_MHA)])
     if not args.quick:
         rows += qwix_rows(args, c, batch)
-    return rows
-
-
-def qwix_rows(args, c, batch) -> list[JaxRunner]:
-    """qwix's LoRA on the same NNX model, same targets and rank (skipped if qwix is missing)."""
-    try:
-        import qwix
-    except ImportError:
-        print("qwix is not installed (`pip install qwix`): its rows are skipped")
-        return []
-    rows = []
-    all_linear = r".*(query|key|value|out|fc_in|fc_out)"
-    for name, pattern in [("qwix q,v", r".*(query|value)"), ("qwix all-linear", all_linear)]:
-        rule = qwix.LoraRule(module_path=pattern, rank=args.r, alpha=args.alpha)
-        provider = qwix.LoraProvider([rule])
-        model = qwix.apply_lora_to_model(models_gpt.init_nnx(c), provider, batch[:, :-1])
-        graphdef, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
-
-        def forward(t, f, inputs, key, graphdef=graphdef):
-            return nnx.merge(graphdef, t, f)(inputs)
-
-        rows.append(JaxRunner(name, "nnx", forward, lora, rest, batch))
     return rows
 
 

@@ -35,11 +35,8 @@ import argparse
 import atexit
 import json
 import os
-import platform
 import random
-import resource
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -49,11 +46,10 @@ from pathlib import Path
 
 import jax
 
-from experiments import bench_runners, models_gpt
+from experiments import bench_jax_runner, bench_report, bench_runners, models_gpt
 
 RESULTS = Path(__file__).parent / "results"
 QUICK = models_gpt.GPTConfig(vocab=4096, d_model=384, heads=6, layers=2, mlp=1536, seq=128)
-BUSY_LOAD = 1.5  # load average before the run above which a 2-core machine is not quiet
 #: Pause before each timed step: OpenMP (PyTorch) and Eigen (XLA) threads spin-wait for a while
 #: after their work ends (e.g. KMP_BLOCKTIME, 200 ms by default), which would slow whichever
 #: process steps next; the pause lets them go idle, so every step starts on a quiet machine.
@@ -121,7 +117,11 @@ class TorchRunner:
         self.times: list[float] = []
 
     def run(self) -> float:
-        return self.worker.ask(self.runner_name, "step" if self.kind == "train" else "forward")
+        if self.kind == "train":
+            return self.worker.ask(self.runner_name, "step")
+        self.worker.ask(self.runner_name, "forward")  # untimed, as JaxRunner does
+        repeats = bench_jax_runner.INFER_REPEATS
+        return sum(self.worker.ask(self.runner_name, "forward") for _ in range(repeats)) / repeats
 
 
 def torch_runners(args, c, batch_size, shim=None) -> list[TorchRunner]:
@@ -131,6 +131,8 @@ def torch_runners(args, c, batch_size, shim=None) -> list[TorchRunner]:
     names = ["PEFT LoRA q,v", "PEFT LoRA all-linear", "PEFT LoRA all-linear, dropout 0.1"]
     rows = [TorchRunner("full FT", group, worker, "torch full FT", "train")]
     rows += [TorchRunner(n, group, worker, n, "train") for n in names]
+    rows += [TorchRunner(f"floor {t}", group, worker, f"torch floor {t}", "train")
+             for t in ("q,v", "all-linear")]  # fmt: skip
     rows.append(TorchRunner("inference base", group, worker, "torch full FT", "infer"))
     rows.append(TorchRunner("PEFT q,v inference (unmerged)", group, worker, names[0], "infer"))
     return rows
@@ -191,99 +193,8 @@ def main(argv=None) -> dict:
     finally:
         for team in teams[1:]:
             team[0].worker.close()
-    return report(args, c, [r for team in teams for r in team], load_before, _load())
-
-
-def report(args, c, runners, load_before, load_after) -> dict:
-    rows: dict[str, dict] = {}
-    for r in runners:
-        rows[f"{r.group} | {r.name}"] = {
-            "group": r.group,
-            "name": r.name,
-            "kind": r.kind,
-            "median_ms": round(1e3 * statistics.median(r.times), 2),
-            "min_ms": round(1e3 * min(r.times), 2),
-            "trainable": r.trainable,
-            **r.memory,
-        }
-    for row in rows.values():
-        ref_name = "full FT" if row["kind"] == "train" else "base"
-        if row["group"].startswith("torch") and row["kind"] == "infer":
-            ref_name = "inference base"
-        ref = rows.get(f"{row['group']} | {ref_name}")
-        if ref is not None:
-            row["ratio"] = round(row["median_ms"] / ref["median_ms"], 3)
-            row["ratio_of_min"] = round(row["min_ms"] / ref["min_ms"], 3)
-    same_work = {}
-    for ours, theirs in [
-        ("linen | jaxlora factored q,v", "PEFT LoRA q,v"),
-        ("linen | jaxlora factored all-linear", "PEFT LoRA all-linear"),
-        ("linen | jaxlora factored all-linear, dropout 0.1", "PEFT LoRA all-linear, dropout 0.1"),
-        ("linen | full FT", "full FT"),
-        ("nnx | jaxlora factored q,v", "nnx | qwix q,v"),
-        ("nnx | jaxlora factored all-linear", "nnx | qwix all-linear"),
-    ]:
-        for group in ("torch", "torch (MKL AMD shim)"):
-            other = theirs if theirs.startswith("nnx") else f"{group} | {theirs}"
-            if ours in rows and other in rows:
-                same_work[f"{ours} / {other}"] = {
-                    "median": round(rows[ours]["median_ms"] / rows[other]["median_ms"], 3),
-                    "min": round(rows[ours]["min_ms"] / rows[other]["min_ms"], 3),
-                }
-    # The run itself keeps both cores busy, so only the load before it tells of other work.
-    busy = load_before["load_1m"] > BUSY_LOAD
-    result = {
-        "rows": rows,
-        "same_work": same_work,
-        "model": asdict(c),
-        "load": {"before": load_before, "after": load_after, "busy": busy},
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "settings": {k: v for k, v in vars(args).items() if k != "out"},
-        "machine": {"cpus": os.cpu_count(), "arch": platform.machine()},
-        "versions": {"python": platform.python_version(), "jax": jax.__version__},
-        "command": " ".join(["python -m experiments.bench_train_step"] + sys.argv[1:]),
-    }
-    write(args, result)
-    if busy:
-        print(f"WARNING: load average above {BUSY_LOAD} before the run: not a quiet machine")
-    return result
-
-
-def table(result) -> str:
-    lines = [
-        "| group | configuration | trainable | min ms | median ms | ratio (median) | "
-        "ratio (min) | XLA temp MB |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for row in result["rows"].values():
-        lines.append(
-            f"| {row['group']} | {row['name']} | {row['trainable']:,} | {row['min_ms']:.1f} | "
-            f"{row['median_ms']:.1f} | {row.get('ratio', '')} | {row.get('ratio_of_min', '')} | "
-            f"{row.get('temp_mb', '')} |"
-        )
-    if result["same_work"]:
-        lines += ["", "| same work | ratio (median) | ratio (min) |", "|---|---:|---:|"]
-        lines += [f"| {k} | {v['median']} | {v['min']} |" for k, v in result["same_work"].items()]
-    load = result["load"]
-    lines += [
-        "",
-        f"load average (1 min) before {load['before']['load_1m']:.2f}, after "
-        f"{load['after']['load_1m']:.2f} (the run's own processes add ~2)"
-        + (" — BUSY before the run, do not publish" if load["busy"] else ""),
-        f"peak RSS of the JAX process: {result['peak_rss_mb']} MB; "
-        f"{result['settings']['rounds']} rounds, random order within each round, frameworks in "
-        "alternating turns; PyTorch: fused AdamW, default threads",
-    ]
-    return "\n".join(lines)
-
-
-def write(args, result) -> None:
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = "bench_train_step" + (f"_{args.tag}" if args.tag else "")
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / f"{stem}.md").write_text(f"`{result['command']}`\n\n{table(result)}\n")
-    print(table(result))
+    runners = [r for team in teams for r in team]
+    return bench_report.report(args, c, runners, load_before, _load())
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import dataclasses
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import optax
 from flax import nnx
 
 
@@ -74,9 +75,11 @@ def init(config: GPTConfig, key: jax.Array):
 
 
 def next_token_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """Mean cross-entropy of the next token."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32))
-    return -jnp.mean(jnp.take_along_axis(logp, targets[..., None], axis=-1))
+    """Mean cross-entropy of the next token: optax's integer-label cross-entropy, the JAX twin of
+    PyTorch's ``F.cross_entropy`` in ``bench_peft.py`` (a hand-written ``log_softmax`` +
+    ``take_along_axis`` computes the same value but steps ~5% slower on XLA:CPU)."""
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+    return jnp.mean(losses)
 
 
 class AttentionBlock(nn.Module):

@@ -60,7 +60,8 @@ def profile_jax(tiny: bool) -> dict[str, dict[str, float]]:
     batch = jax.random.randint(jax.random.key(2), (2 if tiny else 8, c.seq + 1), 0, c.vocab)
     args = argparse.Namespace(r=8, alpha=16.0, quick=True)
     runners = bench_runners.linen_group(args, c, batch)
-    wanted = {"full FT": "JAX full FT", "jaxlora factored all-linear": "jaxlora all-linear"}
+    wanted = {"full FT": "JAX full FT", "jaxlora factored all-linear": "jaxlora all-linear",
+              "floor all-linear": "JAX floor all-linear"}  # fmt: skip
     out = {}
     for runner in runners:
         if runner.name not in wanted:
@@ -91,7 +92,8 @@ def profile_torch(tiny: bool) -> dict[str, dict[str, float]]:
 
     c = models_gpt.TINY if tiny else models_gpt.GPTConfig()
     runners = bench_peft.runners(c, 8, 16.0, 2 if tiny else 8)
-    wanted = {"torch full FT": "PyTorch full FT", "PEFT LoRA all-linear": "PEFT all-linear"}
+    wanted = {"torch full FT": "PyTorch full FT", "PEFT LoRA all-linear": "PEFT all-linear",
+              "torch floor all-linear": "PyTorch floor all-linear"}  # fmt: skip
     out = {}
     for name, label in wanted.items():
         runner = runners[name]

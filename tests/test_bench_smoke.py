@@ -30,6 +30,11 @@ def test_tiny_benchmark_writes_results(tmp_path):
     all_linear = rows["linen | jaxlora factored all-linear"]["trainable"]
     assert rows["nnx | jaxlora factored all-linear"]["trainable"] == all_linear
     assert "temp_mb" in rows["linen | jaxlora factored q,v"]
+    # The floors train only the target layers' biases: the least work of any adapter there.
+    for group in ("linen", "nnx"):
+        assert rows[f"{group} | floor q,v"]["trainable"] < rows[f"{group} | floor all-linear"][
+            "trainable"] < qv  # fmt: skip
+        assert f"{group} | jaxlora factored q,v / floor q,v" in saved["over_floor"]
     assert saved["load"]["before"]["load_1m"] >= 0
     text = (tmp_path / "bench_train_step_smoke.md").read_text()
     assert "| linen | jaxlora factored all-linear, dropout 0.1 |" in text
@@ -40,6 +45,9 @@ def test_tiny_benchmark_writes_results(tmp_path):
         assert rows["torch | PEFT LoRA q,v"]["trainable"] == qv
         assert rows["torch | PEFT LoRA all-linear"]["trainable"] == all_linear
         assert "linen | jaxlora factored q,v / torch | PEFT LoRA q,v" in saved["same_work"]
+        assert rows["torch | floor q,v"]["trainable"] == rows["linen | floor q,v"]["trainable"]
+        assert "linen | floor all-linear / torch | floor all-linear" in saved["same_work"]
+        assert "torch | PEFT LoRA q,v / floor q,v" in saved["over_floor"]
 
 
 def _has(module: str) -> bool:
@@ -58,7 +66,8 @@ def test_tiny_profile_writes_results(tmp_path):
     result = profile_step.main(["--tiny", "--out", str(tmp_path)])
     steps = json.loads((tmp_path / "profile_step_tiny.json").read_text())["steps"]
     assert steps.keys() == result["steps"].keys() == {
-        "JAX full FT", "jaxlora all-linear", "PyTorch full FT", "PEFT all-linear"
+        "JAX full FT", "jaxlora all-linear", "JAX floor all-linear",
+        "PyTorch full FT", "PEFT all-linear", "PyTorch floor all-linear",
     }  # fmt: skip
     for summary in steps.values():
         assert summary["total_ms"] > 0 and summary["groups_ms"]["matmul"] > 0
