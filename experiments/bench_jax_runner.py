@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import time
 
@@ -13,6 +14,20 @@ from experiments import models_gpt
 #: An inference turn times this many forwards (after one untimed forward) and reports their mean:
 #: a ~0.5 s forward timed once right after another row's program ran is mostly cache noise.
 INFER_REPEATS = 3
+_COMPILER_OPTIONS: dict[str, object] = {}
+
+
+@contextlib.contextmanager
+def compiler_options(options: dict[str, object]):
+    """XLA options (``DebugOptions`` fields, as ``XLA_FLAGS`` takes them without ``--``) for the
+    runners built inside, so that one process can time the same step compiled both ways."""
+    saved = dict(_COMPILER_OPTIONS)
+    _COMPILER_OPTIONS.update(options)
+    try:
+        yield
+    finally:
+        _COMPILER_OPTIONS.clear()
+        _COMPILER_OPTIONS.update(saved)
 
 
 def _rss_mb() -> float:
@@ -66,7 +81,7 @@ class JaxRunner:
         else:
             self.args = [trainable, frozen]
             self.fn = jax.jit(lambda t, f, key: forward(t, f, inputs, key))
-        self.fn = self.fn.lower(*self.args, self.key).compile()
+        self.fn = self.fn.lower(*self.args, self.key).compile(dict(_COMPILER_OPTIONS) or None)
         self.memory = _xla_memory(self.fn)
         self.run()  # the first call, outside the timings
         self.memory["rss_delta_mb"] = round(_rss_mb() - rss_before, 1)

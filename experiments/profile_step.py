@@ -135,7 +135,9 @@ def main(argv=None) -> dict:
     for worker in ("jax", "torch"):
         cmd = [sys.executable, "-m", "experiments.profile_step", "--worker", worker]
         done = subprocess.run(cmd + ["--tiny"] * args.tiny, capture_output=True, text=True,
-                              check=True, cwd=Path(__file__).resolve().parent.parent)  # fmt: skip
+                              cwd=Path(__file__).resolve().parent.parent)  # fmt: skip
+        if done.returncode:
+            raise RuntimeError(f"the {worker} profile worker failed:\n{done.stderr[-3000:]}")
         profiles.update(json.loads(done.stdout.strip().splitlines()[-1]))
     result = {
         "steps": {name: summarise(ops) for name, ops in profiles.items()},

@@ -71,3 +71,16 @@ def test_tiny_profile_writes_results(tmp_path):
     }  # fmt: skip
     for summary in steps.values():
         assert summary["total_ms"] > 0 and summary["groups_ms"]["matmul"] > 0
+
+
+@pytest.mark.standard_dtypes
+def test_tiny_xla_options_writes_results(tmp_path):
+    from experiments import xla_cpu_options
+
+    result = xla_cpu_options.main(["--tiny", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "xla_cpu_options_tiny.json").read_text())["rows"]
+    assert rows.keys() == result["rows"].keys()
+    assert rows["default | floor all-linear"]["ratio"] == 1.0
+    for option in xla_cpu_options.OPTIONS:
+        row = rows[f"{option} | jaxlora factored all-linear"]
+        assert row["options"] == xla_cpu_options.OPTIONS[option] and row["median_ms"] > 0
