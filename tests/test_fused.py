@@ -107,6 +107,16 @@ class LinenDenseGeneral(nn.Module):
         return nn.DenseGeneral(4, axis=(-2, -1), name="merge")(nn.tanh(h))
 
 
+class LinenEinsum(nn.Module):
+    """Two einsums that are dense layers on trailing axes (fast path) and one that is not."""
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.Einsum((D, H, D // H), "btd,dnh->btnh", name="split")(x)
+        y = nn.Einsum((H, D // H, D), "btnh,nhd->btd", name="merge")(nn.tanh(h))
+        return nn.Einsum((H, D, 2), "btd,ndk->btnk", name="heads")(nn.tanh(y))  # layout oio
+
+
 class LinenAttention(nn.Module):
     @nn.compact
     def __call__(self, x):
@@ -134,6 +144,16 @@ class NnxMlp(nnx.Module):
 
     def __call__(self, x):
         return self.merge(nnx.tanh(self.split(nnx.tanh(self.fc(x)))))
+
+
+class NnxEinsum(nnx.Module):
+    def __init__(self, rngs):
+        self.split = nnx.Einsum("btd,dnh->btnh", (D, H, D // H), (H, D // H), rngs=rngs)
+        self.merge = nnx.Einsum("btnh,nhd->btd", (H, D // H, D), (D,), rngs=rngs)
+        self.heads = nnx.Einsum("btd,ndk->btnk", (H, D, 2), (H, 2), rngs=rngs)
+
+    def __call__(self, x):
+        return self.heads(nnx.tanh(self.merge(nnx.tanh(self.split(x)))))
 
 
 class NnxAttention(nnx.Module):
@@ -164,10 +184,16 @@ class NnxScan(nnx.Module):
 LINEN = {
     "dense": (LinenDense, 2),
     "dense_general": (LinenDenseGeneral, 2),
+    "einsum": (LinenEinsum, 2),
     "attention": (LinenAttention, 4),
     "scan": (LinenScan, 2),  # nn.scan traces its body twice: two calls in the jaxpr, one layer
 }
-NNX = {"mlp": (NnxMlp, 3), "attention": (NnxAttention, 4), "scan": (NnxScan, 1)}
+NNX = {
+    "mlp": (NnxMlp, 3),
+    "einsum": (NnxEinsum, 2),
+    "attention": (NnxAttention, 4),
+    "scan": (NnxScan, 1),
+}
 
 
 def _model(framework, name):

@@ -143,6 +143,26 @@ def einsum_layout(spec: str) -> str:
     )
 
 
+def trailing_contraction(spec: str) -> int | None:
+    """How many trailing axes of x ``einsum(spec, x, kernel)`` contracts, when the einsum is a
+    dense layer on them (x = lead + contracted, kernel = contracted + out, output = lead + out, each
+    letter once, no ``...``), else None.
+
+    Example:
+        >>> trailing_contraction("btnh,nhd->btd"), trailing_contraction("btd,ndh->btnh")
+        (2, None)
+    """
+    spec = spec.replace(" ", "")
+    if "." in spec or spec.count(",") != 1 or "->" not in spec:
+        return None
+    inputs, out = spec.split("->")
+    x_spec, k_spec = inputs.split(",")
+    n_in = sum(c in x_spec for c in k_spec)
+    lead, contracted = x_spec[: len(x_spec) - n_in], k_spec[:n_in]
+    dense = n_in > 0 and x_spec == lead + contracted and out == lead + k_spec[n_in:]
+    return n_in if dense and len(set(x_spec + k_spec)) == len(x_spec + k_spec) - n_in else None
+
+
 def layout_at(layouts: Mapping[str, str], where: str, leaf: str, shape: tuple[int, ...]) -> str:
     """The layout of the weight at module path ``where`` (of shape ``shape``) by the rule of
     ``LoraConfig.layouts``, fitted to a layer's slice of a stacked kernel (:func:`for_ndim`); or

@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlora._src.axes import as_tuple, normalize_axes
+from jaxlora._src.config import axes_order
 from jaxlora._src.config.lora_config import LoraConfig
 from jaxlora._src.forward import fused, lowrank
 from jaxlora._src.forward.adapted import AdaptedWeight, call_input, consuming
@@ -87,11 +88,12 @@ def _conv(module: nn.Conv, x: jax.Array, w: AdaptedWeight, scale) -> jax.Array:
     return lowrank.project(h * scale, w.b, 0, module.precision)
 
 
-def _fused(kind: str, module, x, w: AdaptedWeight, keep, rate: float) -> jax.Array | None:
-    """A ``Dense`` / ``DenseGeneral`` call and its low-rank term as one :func:`fused.dense`, or
-    None where the fast path does not apply (see :func:`fused.layer_call`; a ``DenseGeneral``
-    qualifies when it contracts the trailing axes of its input in order, without batch axes)."""
-    if kind not in ("dense", "dense_general") or not w.canonical:
+def _fused(kind: str, module, x, einsum_str, w: AdaptedWeight, keep, rate) -> jax.Array | None:
+    """A ``Dense`` / ``DenseGeneral`` / ``Einsum`` call and its low-rank term as one
+    :func:`fused.dense`, or None where the fast path does not apply (see :func:`fused.layer_call`;
+    a ``DenseGeneral`` qualifies when it contracts the trailing axes of its input in order, without
+    batch axes, an ``Einsum`` when its equation is such a dense layer, e.g. ``btnh,nhd->btd``)."""
+    if kind not in ("dense", "dense_general", "einsum") or not w.canonical:
         return None
     x = jnp.asarray(x)
     n_in = 1
@@ -99,6 +101,10 @@ def _fused(kind: str, module, x, w: AdaptedWeight, keep, rate: float) -> jax.Arr
         axis = normalize_axes(as_tuple(module.axis), x.ndim)
         n_in = len(axis)
         if as_tuple(module.batch_dims) or axis != tuple(range(x.ndim - n_in, x.ndim)):
+            return None
+    if kind == "einsum":
+        n_in = axes_order.trailing_contraction(einsum_str or module.einsum_str)
+        if n_in is None or module.preferred_element_type is not None:
             return None
     lowrank.check_factors(w.where, "i" * n_in + "o" * (w.ndim - n_in), w.shape, w.a, w.b)
     bias = nn.meta.unbox(module.get_variable("params", "bias")) if module.use_bias else None
@@ -198,7 +204,7 @@ def lora_interceptor(config: LoraConfig, deterministic: bool = True) -> Callable
             keep = fused.keep_mask(_dropout_key(module, config), rate, jnp.shape(x))
         drop = lambda v: fused.apply_mask(v, keep, rate)  # noqa: E731
         if variant.fusable:
-            y = _fused(kind, module, x, w, keep, rate)
+            y = _fused(kind, module, x, einsum_str, w, keep, rate)
             if y is not None:
                 return y
         variant.check(leaf, w.where)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import threading
 import zlib
 from collections.abc import Iterator
@@ -35,6 +36,7 @@ from flax import nnx
 from jax import lax
 
 from jaxlora._src.axes import normalize_axes
+from jaxlora._src.config import axes_order
 from jaxlora._src.config.lora_config import LoraConfig
 from jaxlora._src.forward import fused, lowrank
 from jaxlora._src.forward.adapted import (
@@ -103,12 +105,13 @@ def _factorable(kind: str, layer: nnx.Module) -> bool:
     return True
 
 
-def _fused(kind: str, layer, x, w: AdaptedWeight, keep, rate: float, kwargs) -> jax.Array | None:
-    """A ``Linear`` / ``LinearGeneral`` call and its low-rank term as one :func:`fused.dense`, or
-    None where the fast path does not apply (see :func:`fused.layer_call`; a ``LinearGeneral``
-    qualifies when it contracts the trailing axes of its input in order, without batch axes; an
-    ``out_sharding`` or ``preferred_element_type`` keeps the layer's own call)."""
-    if kind not in ("linear", "linear_general") or not w.canonical:
+def _fused(kind, layer, x, einsum_str, w: AdaptedWeight, keep, rate, kwargs) -> jax.Array | None:
+    """A ``Linear`` / ``LinearGeneral`` / ``Einsum`` call and its low-rank term as one
+    :func:`fused.dense`, or None where the fast path does not apply (see :func:`fused.layer_call`;
+    a ``LinearGeneral`` qualifies when it contracts the trailing axes of its input in order,
+    without batch axes, an ``Einsum`` when its equation is such a dense layer; an ``out_sharding``
+    or ``preferred_element_type`` keeps the layer's own call)."""
+    if kind not in ("linear", "linear_general", "einsum") or not w.canonical:
         return None
     if kwargs.get("out_sharding") is not None or layer.preferred_element_type is not None:
         return None
@@ -119,8 +122,14 @@ def _fused(kind: str, layer, x, w: AdaptedWeight, keep, rate: float, kwargs) -> 
         n_in = len(axis)
         if layer.batch_axis or axis != tuple(range(x.ndim - n_in, x.ndim)):
             return None
+    if kind == "einsum":
+        n_in = axes_order.trailing_contraction(einsum_str or layer.einsum_str)
+        if n_in is None:
+            return None
     lowrank.check_factors(w.where, "i" * n_in + "o" * (w.ndim - n_in), w.shape, w.a, w.b)
     bias = None if layer.bias is None else layer.bias[...]
+    if bias is not None and bias.size != math.prod(w.shape[n_in:]):
+        return None  # an Einsum bias broadcast over some output axes
     promote = lambda *t: layer.promote_dtype(t, dtype=layer.dtype)  # noqa: E731
     return fused.layer_call(
         x, w.base, bias, promote, w.a, w.b, keep, w.scale, rate, layer.precision, n_in
@@ -145,7 +154,7 @@ def _hook(kind: str, original):
         if w.key is not None and kind not in ("embed", "attend"):
             keep = fused.keep_mask(w.key, rate, jnp.shape(x))
         if variant.fusable:
-            y = _fused(kind, self, x, w, keep, rate, kwargs)
+            y = _fused(kind, self, x, einsum_str, w, keep, rate, kwargs)
             if y is not None:
                 return y
         variant.check(leaf, w.where)
