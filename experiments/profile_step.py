@@ -1,8 +1,9 @@
 """Where a training step's time goes, op by op: XLA:CPU (JAX) against PyTorch on the same work.
 
-Profiles the benchmark GPT (``models_gpt.py``, batch 8 x seq 128, fp32, AdamW) for full fine-tuning
-and LoRA r 8 all-linear (jaxlora factored; PEFT), a few steps each, and sums the time of each
-operation per step:
+Profiles the benchmark GPT (``models_gpt.py``, batch 8 x seq 128, fp32, AdamW) for full fine-tuning,
+LoRA r 8 all-linear (jaxlora factored; PEFT) and the all-linear floor of each framework (only the
+linear layers' biases train: see ``bench_baselines.py``), a few steps each, and sums the time of
+each operation per step:
 
 * JAX: ``jax.profiler`` traces the compiled step; every XLA:CPU thunk (a GEMM, a fusion, a copy,
   ...) is an event of the trace, read back with ``jax.profiler.ProfileData``;
@@ -10,7 +11,9 @@ operation per step:
 
 Operations are grouped as ``matmul`` (dots, GEMMs, matmul fusions), ``elementwise / fusion``,
 ``reduce``, ``copy / layout`` and ``other``, so the table shows which part of XLA:CPU is slower
-than PyTorch's kernels and by how many milliseconds. Run it alone on the machine::
+than PyTorch's kernels and by how many milliseconds. XLA:CPU runs independent ops concurrently, so
+its sums can exceed the step; the time during which two or more of its ops ran at once is
+reported too. Run it alone on the machine::
 
     python -m experiments.profile_step            # ~3 min on 2 cores
     python -m experiments.profile_step --tiny     # seconds (the smoke test)
@@ -72,6 +75,7 @@ def profile_jax(tiny: bool) -> dict[str, dict[str, float]]:
                 runner.run()
         data = ProfileData.from_file(glob.glob(f"{folder}/**/*.xplane.pb", recursive=True)[0])
         ops: dict[str, float] = collections.defaultdict(float)
+        spans = []
         for plane in data.planes:
             for line in plane.lines:
                 if line.name == "python":
@@ -80,8 +84,25 @@ def profile_jax(tiny: bool) -> dict[str, dict[str, float]]:
                     if event.name.startswith(("ThreadpoolListener", "end: ", "ThunkExecutor")):
                         continue
                     ops[event.name] += event.duration_ns / 1e6 / STEPS
-        out[wanted[runner.name]] = dict(ops)
+                    if not event.name.startswith("SlinkyThreadPool::Await"):
+                        spans.append((event.start_ns, event.start_ns + event.duration_ns))
+        out[wanted[runner.name]] = {"ops": dict(ops), "concurrency": concurrency(spans)}
     return out
+
+
+def concurrency(spans: list[tuple[float, float]]) -> dict[str, float]:
+    """ms per step during which at least one XLA op ran, and during which two or more ran at once
+    (XLA:CPU runs independent ops concurrently; each then has part of the cores it tiled for)."""
+    edges = sorted([(a, 1) for a, _ in spans] + [(b, -1) for _, b in spans])
+    busy = overlapped = 0.0
+    active, last = 0, None
+    for t, step in edges:
+        if last is not None:
+            busy += (t - last) * (active >= 1)
+            overlapped += (t - last) * (active >= 2)
+        active, last = active + step, t
+    return {"busy_ms": round(busy / 1e6 / STEPS, 1), "two_ops_at_once_ms": round(
+        overlapped / 1e6 / STEPS, 1)}  # fmt: skip
 
 
 def profile_torch(tiny: bool) -> dict[str, dict[str, float]]:
@@ -103,7 +124,7 @@ def profile_torch(tiny: bool) -> dict[str, dict[str, float]]:
             for _ in range(STEPS):
                 runner.step()
         ops = {e.key: e.self_cpu_time_total / 1e3 / STEPS for e in prof.key_averages()}
-        out[label] = {k: v for k, v in ops.items() if v > 0}
+        out[label] = {"ops": {k: v for k, v in ops.items() if v > 0}}
     del torch
     return out
 
@@ -140,7 +161,10 @@ def main(argv=None) -> dict:
             raise RuntimeError(f"the {worker} profile worker failed:\n{done.stderr[-3000:]}")
         profiles.update(json.loads(done.stdout.strip().splitlines()[-1]))
     result = {
-        "steps": {name: summarise(ops) for name, ops in profiles.items()},
+        "steps": {
+            name: {**summarise(p["ops"]), **{k: v for k, v in p.items() if k == "concurrency"}}
+            for name, p in profiles.items()
+        },
         "load_1m": {"before": load_before, "after": os.getloadavg()[0]},
         "command": " ".join(["python -m experiments.profile_step"] + sys.argv[1:]),
     }
@@ -158,6 +182,14 @@ def write(out: Path, stem: str, result: dict) -> None:
         lines.append(f"| {g} | " + " | ".join(cells) + " |")
     lines.append("| **total** | " + " | ".join(str(result["steps"][n]["total_ms"]) for n in names)
                  + " |")  # fmt: skip
+    for n in names:
+        if "concurrency" in result["steps"][n]:
+            c = result["steps"][n]["concurrency"]
+            lines += [
+                "",
+                f"{n}: XLA ops ran {c['busy_ms']} ms per step, two or more at once for "
+                f"{c['two_ops_at_once_ms']} ms of it (each then had part of the cores)",
+            ]
     for n in names:
         top = ", ".join(f"`{k}` {v}" for k, v in result["steps"][n]["top_ops_ms"])
         lines += ["", f"Largest ops, {n}: {top}"]

@@ -71,6 +71,8 @@ def test_tiny_profile_writes_results(tmp_path):
     }  # fmt: skip
     for summary in steps.values():
         assert summary["total_ms"] > 0 and summary["groups_ms"]["matmul"] > 0
+    overlap = steps["JAX floor all-linear"]["concurrency"]
+    assert 0 <= overlap["two_ops_at_once_ms"] <= overlap["busy_ms"] and overlap["busy_ms"] > 0
 
 
 @pytest.mark.standard_dtypes

@@ -13,8 +13,9 @@ itself contracts. Every other read of an adapted weight (a recurrent cell, ``Con
 same result as ``mode="merged"``, at merged speed for that layer. Inside ``nn.scan`` the factors
 are sliced per layer with the kernel.
 
-A ``Dense`` or a ``DenseGeneral`` contracting its input's trailing axes (default ``dot_general``,
-unquantised kernel) takes the fast path, LoRA dropout included: layer and term run as one
+A ``Dense``, a ``DenseGeneral`` contracting its input's trailing axes, or an ``Einsum`` whose
+equation is such a dense layer (``btnh,nhd->btd``; default ``dot_general``, unquantised kernel)
+takes the fast path, LoRA dropout included: layer and term run as one
 :func:`fused.dense`, whose backward contracts on 2-D views (see there for why that matters on
 CPU). Its outputs and gradients are the general path's, within float rounding.
 

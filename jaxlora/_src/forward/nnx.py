@@ -11,9 +11,10 @@ During the call (:func:`hooked_layers`) the methods of ``nnx.Linear``, ``LinearG
 a subclass that post-processes its parent's output (``super().__call__(x) * c``) is adapted
 inside, before its own scaling. A hooked call whose weight is adapted reads W and adds
 ``s·((dropout(x)·A)·B)`` (:mod:`jaxlora.lowrank`) in the adapter's dtype, cast to the layer's
-output dtype; a DoRA module then rescales each output column. A ``Linear`` or a ``LinearGeneral``
-contracting its input's trailing axes runs layer and term as one :func:`fused.dense` (the fast
-path, LoRA dropout included), as linen's ``Dense`` does. NNX has no method interception of
+output dtype; a DoRA module then rescales each output column. A ``Linear``, a ``LinearGeneral``
+contracting its input's trailing axes or an ``Einsum`` whose equation is such a dense layer runs
+layer and term as one :func:`fused.dense` (the fast path, LoRA dropout included), as linen's
+``Dense`` does. NNX has no method interception of
 its own, hence the hook; it passes every call with a plain weight straight through, and is removed
 when the last concurrent :func:`jaxlora.apply` ends. Every other read of an adapted weight
 (``layer.kernel[...]`` in the user's code, a recurrent cell, ``ConvTranspose``) gets
