@@ -86,3 +86,26 @@ def test_tiny_xla_options_writes_results(tmp_path):
     for option in xla_cpu_options.OPTIONS:
         row = rows[f"{option} | jaxlora factored all-linear"]
         assert row["options"] == xla_cpu_options.OPTIONS[option] and row["median_ms"] > 0
+
+
+def test_merged_inference_row_runs_the_base_program():
+    """The inference group's merged row times the base model's compiled program itself (with the
+    merged weights as its arguments), so any gap between the two rows is measurement noise."""
+    import argparse
+    import re
+
+    import jax
+
+    from experiments import bench_runners, models_gpt
+
+    c = models_gpt.TINY
+    batch = jax.random.randint(jax.random.key(2), (2, c.seq + 1), 0, c.vocab)
+    args = argparse.Namespace(r=2, alpha=4.0, quick=True)
+    base, merged, *_ = bench_runners.inference_group(args, c, batch)
+    assert (base.name, merged.name) == ("base", "jaxlora merged q,v")
+
+    def program(runner):  # the HLO without source locations
+        text = re.sub(r"metadata=\{[^}]*\}", "", runner.fn.as_text())
+        return [line for line in text.splitlines() if "file_name_id=" not in line]
+
+    assert program(base) == program(merged)
