@@ -28,6 +28,7 @@ FLOORS = [
     ("jaxlora factored q,v", "floor q,v"),
     ("jaxlora factored all-linear", "floor all-linear"),
     ("jaxlora factored all-linear, dropout 0.1", "floor all-linear"),
+    ("jaxlora factored q,v, dropout 0.1", "floor q,v"),
     ("qwix q,v", "floor q,v"),
     ("qwix all-linear", "floor all-linear"),
     ("PEFT LoRA q,v", "floor q,v"),
@@ -109,6 +110,11 @@ def report(args, c, runners, load_before, load_after) -> dict:
     return result
 
 
+def _cell(key: str) -> str:
+    """A row key (``group | name / group | name``) as one markdown table cell."""
+    return key.replace("|", "\\|")
+
+
 def table(result) -> str:
     lines = [
         "| group | configuration | trainable | min ms | median ms | ratio (median) | "
@@ -124,10 +130,12 @@ def table(result) -> str:
     if result.get("over_floor"):
         lines += ["", "| adapter step / floor step (its own framework) | ratio (median) | "
                   "ratio (min) |", "|---|---:|---:|"]  # fmt: skip
-        lines += [f"| {k} | {v['median']} | {v['min']} |" for k, v in result["over_floor"].items()]
+        lines += [f"| {_cell(k)} | {v['median']} | {v['min']} |"
+                  for k, v in result["over_floor"].items()]  # fmt: skip
     if result["same_work"]:
         lines += ["", "| same work | ratio (median) | ratio (min) |", "|---|---:|---:|"]
-        lines += [f"| {k} | {v['median']} | {v['min']} |" for k, v in result["same_work"].items()]
+        lines += [f"| {_cell(k)} | {v['median']} | {v['min']} |"
+                  for k, v in result["same_work"].items()]  # fmt: skip
     load = result["load"]
     lines += [
         "",

@@ -75,24 +75,38 @@ def profile_jax(tiny: bool) -> dict[str, dict[str, float]]:
                 runner.run()
         data = ProfileData.from_file(glob.glob(f"{folder}/**/*.xplane.pb", recursive=True)[0])
         ops: dict[str, float] = collections.defaultdict(float)
-        spans = []
+        threads = []
         for plane in data.planes:
             for line in plane.lines:
                 if line.name == "python":
                     continue
+                spans = []
                 for event in line.events:
                     if event.name.startswith(("ThreadpoolListener", "end: ", "ThunkExecutor")):
                         continue
                     ops[event.name] += event.duration_ns / 1e6 / STEPS
                     if not event.name.startswith("SlinkyThreadPool::Await"):
                         spans.append((event.start_ns, event.start_ns + event.duration_ns))
-        out[wanted[runner.name]] = {"ops": dict(ops), "concurrency": concurrency(spans)}
+                threads.append(spans)
+        out[wanted[runner.name]] = {"ops": dict(ops), "concurrency": concurrency(threads)}
     return out
 
 
-def concurrency(spans: list[tuple[float, float]]) -> dict[str, float]:
-    """ms per step during which at least one XLA op ran, and during which two or more ran at once
-    (XLA:CPU runs independent ops concurrently; each then has part of the cores it tiled for)."""
+def _union(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    merged: list[list[float]] = []
+    for a, b in sorted(spans):
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    return [(a, b) for a, b in merged]
+
+
+def concurrency(threads: list[list[tuple[float, float]]]) -> dict[str, float]:
+    """ms per step during which at least one thread ran an XLA op, and during which two or more
+    threads did at once (XLA:CPU runs independent ops concurrently; each then has part of the
+    cores it tiled for). Each thread's events are merged first, so nested events count once."""
+    spans = [span for thread in threads for span in _union(thread)]
     edges = sorted([(a, 1) for a, _ in spans] + [(b, -1) for _, b in spans])
     busy = overlapped = 0.0
     active, last = 0, None

@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import random
+import re
 import statistics
 import sys
 import time
@@ -60,6 +61,12 @@ def _runners(c, batch, label: str) -> list[bench_jax_runner.JaxRunner]:
     return rows
 
 
+def _program(runner) -> str:
+    """The compiled program without source locations (so that only real changes differ)."""
+    text = re.sub(r"metadata=\{[^}]*\}", "", runner.fn.as_text())
+    return "\n".join(line for line in text.splitlines() if "file_name_id=" not in line)
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true")
@@ -88,6 +95,7 @@ def main(argv=None) -> dict:
             "min_ms": round(1e3 * min(r.times), 1),
             "ratio": round(statistics.median(r.times) / statistics.median(base.times), 3),
             "ratio_of_min": round(min(r.times) / min(base.times), 3),
+            "program_differs": _program(r) != _program(base),
         }  # fmt: skip
     result = {
         "rows": rows,
@@ -101,11 +109,12 @@ def main(argv=None) -> dict:
 
 def write(out: Path, stem: str, result: dict) -> None:
     lines = [f"`{result['command']}` ({result['rounds']} rounds; load {result['load_1m']})", "",
-             "| XLA option | step | min ms | median ms | / default (median) | / default (min) |",
-             "|---|---|---:|---:|---:|---:|"]  # fmt: skip
+             "| XLA option | step | min ms | median ms | / default (median) | / default (min) | "
+             "program differs |", "|---|---|---:|---:|---:|---:|---|"]  # fmt: skip
     for row in result["rows"].values():
-        lines.append(f"| {row['option']} | {row['step']} | {row['min_ms']} | {row['median_ms']} | "
-                     f"{row['ratio']} | {row['ratio_of_min']} |")  # fmt: skip
+        cells = [row["option"], row["step"], row["min_ms"], row["median_ms"], row["ratio"],
+                 row["ratio_of_min"], row["program_differs"]]  # fmt: skip
+        lines.append("| " + " | ".join(str(cell) for cell in cells) + " |")
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")

@@ -8,7 +8,6 @@ dropout masks) and, without dropout, of the merged path.
 
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,8 +18,7 @@ from hypothesis import strategies as st
 
 import jaxlora
 from jaxlora._src.forward import fused
-
-D, H = 8, 2
+from tests.fused_models import LINEN, NNX, D
 
 
 def _reference(x, kernel, bias, a, b, keep, scale, rate, precision=None):
@@ -91,109 +89,6 @@ def test_kernel_dtypes(x_dtype, kernel_dtype, factor_dtype):
         np.testing.assert_allclose(
             np.asarray(g, np.float32), np.asarray(w, np.float32), rtol=tol, atol=tol
         )
-
-
-# Models: each adapted layer is one dense kind; `fused_calls` is how many take the fast path.
-class LinenDense(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        return nn.Dense(4, name="out")(nn.tanh(nn.Dense(D, name="fc")(x)))
-
-
-class LinenDenseGeneral(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        h = nn.DenseGeneral((H, D // H), name="split")(x)  # (…, D) -> (…, H, D/H)
-        return nn.DenseGeneral(4, axis=(-2, -1), name="merge")(nn.tanh(h))
-
-
-class LinenEinsum(nn.Module):
-    """Two einsums that are dense layers on trailing axes (fast path) and one that is not."""
-
-    @nn.compact
-    def __call__(self, x):
-        h = nn.Einsum((D, H, D // H), "btd,dnh->btnh", name="split")(x)
-        y = nn.Einsum((H, D // H, D), "btnh,nhd->btd", name="merge")(nn.tanh(h))
-        return nn.Einsum((H, D, 2), "btd,ndk->btnk", name="heads")(nn.tanh(y))  # layout oio
-
-
-class LinenAttention(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        return nn.MultiHeadDotProductAttention(H, name="attn")(x, x)
-
-
-class LinenScan(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        class Layer(nn.Module):
-            @nn.compact
-            def __call__(self, x, _):
-                return nn.tanh(nn.Dense(D, name="fc")(x)), None
-
-        stack = nn.scan(Layer, variable_axes={"params": 0}, split_rngs={"params": True,
-                        "dropout": True}, length=3)  # fmt: skip
-        return stack(name="layers")(x, None)[0]
-
-
-class NnxMlp(nnx.Module):
-    def __init__(self, rngs):
-        self.fc = nnx.Linear(D, D, rngs=rngs)
-        self.split = nnx.LinearGeneral(D, (H, D // H), rngs=rngs)
-        self.merge = nnx.LinearGeneral((H, D // H), 4, axis=(-2, -1), rngs=rngs)
-
-    def __call__(self, x):
-        return self.merge(nnx.tanh(self.split(nnx.tanh(self.fc(x)))))
-
-
-class NnxEinsum(nnx.Module):
-    def __init__(self, rngs):
-        self.split = nnx.Einsum("btd,dnh->btnh", (D, H, D // H), (H, D // H), rngs=rngs)
-        self.merge = nnx.Einsum("btnh,nhd->btd", (H, D // H, D), (D,), rngs=rngs)
-        self.heads = nnx.Einsum("btd,ndk->btnk", (H, D, 2), (H, 2), rngs=rngs)
-
-    def __call__(self, x):
-        return self.heads(nnx.tanh(self.merge(nnx.tanh(self.split(x)))))
-
-
-class NnxAttention(nnx.Module):
-    def __init__(self, rngs):
-        self.attn = nnx.MultiHeadAttention(H, D, decode=False, rngs=rngs)
-
-    def __call__(self, x):
-        return self.attn(x)
-
-
-class NnxScan(nnx.Module):
-    def __init__(self, rngs):
-        @nnx.split_rngs(splits=3)
-        @nnx.vmap(in_axes=(0,), out_axes=0)
-        def make(rngs):
-            return nnx.Linear(D, D, rngs=rngs)
-
-        self.layers = make(rngs)
-
-    def __call__(self, x):
-        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
-        def body(x, layer):
-            return nnx.tanh(layer(x))
-
-        return body(x, self.layers)
-
-
-LINEN = {
-    "dense": (LinenDense, 2),
-    "dense_general": (LinenDenseGeneral, 2),
-    "einsum": (LinenEinsum, 2),
-    "attention": (LinenAttention, 4),
-    "scan": (LinenScan, 2),  # nn.scan traces its body twice: two calls in the jaxpr, one layer
-}
-NNX = {
-    "mlp": (NnxMlp, 3),
-    "einsum": (NnxEinsum, 2),
-    "attention": (NnxAttention, 4),
-    "scan": (NnxScan, 1),
-}
 
 
 def _model(framework, name):
@@ -328,3 +223,50 @@ def test_fast_path_under_shard_map(framework):
 
     jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5),
                  grads("factored"), grads("merged"))  # fmt: skip
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    lead=st.integers(0, 2),
+    n_in=st.integers(1, 2),
+    n_out=st.integers(0, 2),
+    shuffle=st.sampled_from(["none", "contracted", "out", "lead"]),
+    seed=st.integers(0, 2**16),
+)
+def test_trailing_contraction_agrees_with_einsum(lead, n_in, n_out, shuffle, seed):
+    """Where ``trailing_contraction`` says an equation is a dense layer on ``n`` trailing axes, the
+    2-D product the fast path computes equals ``jnp.einsum``; a reordered equation is refused."""
+    from jaxlora._src.config import axes_order
+
+    p, c, o = "abc"[:lead], "ijk"[:n_in], "uvw"[:n_out]
+    x_spec, k_spec, out = p + c, c + o, p + o
+    if shuffle == "contracted" and n_in > 1:
+        k_spec = c[::-1] + o
+    elif shuffle == "out" and n_out > 1:
+        out = p + o[::-1]
+    elif shuffle == "lead" and lead > 1:
+        out = p[::-1] + o
+    spec = f"{x_spec},{k_spec}->{out}"
+    reordered = (x_spec, k_spec, out) != (p + c, c + o, p + o)
+    got = axes_order.trailing_contraction(spec)
+    assert got == (None if reordered else n_in)
+    if got is None:
+        return
+    drawn = np.random.default_rng(seed).integers(1, 4, 9).tolist()
+    size = dict(zip("abcijkuvw", drawn, strict=True))
+    x = jax.random.normal(jax.random.key(seed), tuple(size[ch] for ch in x_spec))
+    kernel = jax.random.normal(jax.random.key(seed + 1), tuple(size[ch] for ch in k_spec))
+    k = int(np.prod([size[ch] for ch in c]))
+    flat = x.reshape(x.shape[:lead] + (k,)) @ kernel.reshape(k, -1)
+    np.testing.assert_allclose(flat.reshape(jnp.einsum(spec, x, kernel).shape),
+                               jnp.einsum(spec, x, kernel), rtol=1e-5, atol=1e-5)  # fmt: skip
+
+
+@pytest.mark.parametrize("framework", ["linen", "nnx"])
+def test_einsum_with_a_misshapen_input_raises_as_the_layer_does(framework):
+    """An input whose trailing axes hold the kernel's input size in another shape is not reshaped
+    into the fast path: the layer itself raises, as it would without an adapter."""
+    model, x, frozen, lora, config, _ = _model(framework, "einsum")
+    wrong = x.reshape(x.shape[:-1] + (2, D // 2))
+    with pytest.raises((ValueError, TypeError)):
+        jaxlora.apply(model, frozen, lora, config, wrong)

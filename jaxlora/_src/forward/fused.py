@@ -260,9 +260,10 @@ def layer_call(
     n_in: int,
 ) -> jax.Array | None:
     """A dense layer's call with its LoRA term through :func:`trailing_dense`, or None where the
-    fast path does not apply (it is disabled, the stored kernel or bias is not a plain array, or
-    input and kernel do not share a dtype after the layer's promotion, or the two factors differ
-    in dtype): the caller then takes the general path.
+    fast path does not apply (it is disabled, the stored kernel or bias is not a plain array, the
+    input's trailing axes are not the kernel's input axes, input and kernel do not share a dtype
+    after the layer's promotion, or the two factors differ in dtype): the caller then takes the
+    general path, where the layer itself raises on a misshapen input.
 
     ``promote(x, kernel, bias)`` is the layer's own dtype promotion, so the result is what the
     layer plus the separate low-rank term compute.
@@ -270,6 +271,8 @@ def layer_call(
     if not enabled() or not isinstance(kernel, jax.Array) or a.dtype != b.dtype:
         return None
     if bias is not None and not isinstance(bias, jax.Array):
+        return None
+    if jnp.shape(x)[max(jnp.ndim(x) - n_in, 0) :] != tuple(kernel.shape[:n_in]):
         return None
     x, promoted, bias = promote(jnp.asarray(x), kernel, bias)
     if x.dtype != promoted.dtype:

@@ -89,7 +89,7 @@ def _conv(module: nn.Conv, x: jax.Array, w: AdaptedWeight, scale) -> jax.Array:
     return lowrank.project(h * scale, w.b, 0, module.precision)
 
 
-def _fused(kind: str, module, x, einsum_str, w: AdaptedWeight, keep, rate) -> jax.Array | None:
+def _fused(kind, module, x, einsum_str, w: AdaptedWeight, keep, rate: float) -> jax.Array | None:
     """A ``Dense`` / ``DenseGeneral`` / ``Einsum`` call and its low-rank term as one
     :func:`fused.dense`, or None where the fast path does not apply (see :func:`fused.layer_call`;
     a ``DenseGeneral`` qualifies when it contracts the trailing axes of its input in order, without
@@ -104,8 +104,13 @@ def _fused(kind: str, module, x, einsum_str, w: AdaptedWeight, keep, rate) -> ja
         if as_tuple(module.batch_dims) or axis != tuple(range(x.ndim - n_in, x.ndim)):
             return None
     if kind == "einsum":
-        n_in = axes_order.trailing_contraction(einsum_str or module.einsum_str)
+        if einsum_str is not None and module.einsum_str is not None:
+            return None  # the layer itself raises: the equation is given twice
+        spec = einsum_str or module.einsum_str
+        n_in = axes_order.trailing_contraction(spec)
         if n_in is None or module.preferred_element_type is not None:
+            return None
+        if x.ndim != len(spec.replace(" ", "").split(",")[0]):
             return None
     lowrank.check_factors(w.where, "i" * n_in + "o" * (w.ndim - n_in), w.shape, w.a, w.b)
     bias = nn.meta.unbox(module.get_variable("params", "bias")) if module.use_bias else None

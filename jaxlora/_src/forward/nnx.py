@@ -124,13 +124,14 @@ def _fused(kind, layer, x, einsum_str, w: AdaptedWeight, keep, rate, kwargs) -> 
         if layer.batch_axis or axis != tuple(range(x.ndim - n_in, x.ndim)):
             return None
     if kind == "einsum":
-        n_in = axes_order.trailing_contraction(einsum_str or layer.einsum_str)
-        if n_in is None:
+        spec = einsum_str or layer.einsum_str
+        n_in = axes_order.trailing_contraction(spec)
+        if n_in is None or x.ndim != len(spec.replace(" ", "").split(",")[0]):
             return None
     lowrank.check_factors(w.where, "i" * n_in + "o" * (w.ndim - n_in), w.shape, w.a, w.b)
     bias = None if layer.bias is None else layer.bias[...]
     if bias is not None and bias.size != math.prod(w.shape[n_in:]):
-        return None  # an Einsum bias broadcast over some output axes
+        return None  # a misshapen Einsum bias: the layer's own call raises
     promote = lambda *t: layer.promote_dtype(t, dtype=layer.dtype)  # noqa: E731
     return fused.layer_call(
         x, w.base, bias, promote, w.a, w.b, keep, w.scale, rate, layer.precision, n_in
