@@ -155,6 +155,42 @@ def summarise(ops: dict[str, float], top: int = 8) -> dict:
     }
 
 
+def gemms(framework: str, tiny: bool, repeats: int = 15) -> dict[str, list[float]]:
+    """The step's GEMM shapes timed alone (min and median ms of ``repeats``), to tell a slow kernel
+    from a kernel slowed by the step around it."""
+    import time
+
+    import numpy as np
+
+    from experiments import models_gpt
+
+    c = models_gpt.TINY if tiny else models_gpt.GPTConfig()
+    rows = (2 if tiny else 8) * c.seq
+    shapes = [(rows, c.d_model, c.d_model), (rows, c.d_model, c.mlp), (rows, c.mlp, c.d_model),
+              (rows, c.d_model, c.vocab)]  # fmt: skip
+    out = {}
+    for m, k, n in shapes:
+        x, w = np.ones((m, k), np.float32), np.ones((k, n), np.float32)
+        if framework == "jax":
+            import jax
+
+            fn, args = jax.jit(lambda a, b: a @ b), (jax.device_put(x), jax.device_put(w))
+            run = lambda fn=fn, args=args: fn(*args).block_until_ready()  # noqa: E731
+        else:
+            import torch
+
+            args = (torch.from_numpy(x), torch.from_numpy(w))
+            run = lambda args=args: torch.matmul(*args)  # noqa: E731
+        run()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            run()
+            times.append(1e3 * (time.perf_counter() - start))
+        out[f"{m}x{k} @ {k}x{n}"] = [round(min(times), 2), round(float(np.median(times)), 2)]
+    return out
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true")
@@ -163,22 +199,25 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if args.worker:  # one framework per process, so neither's threads disturb the other
         fn = profile_jax if args.worker == "jax" else profile_torch
-        print(json.dumps(fn(args.tiny)))
+        print(json.dumps({"steps": fn(args.tiny), "gemm_ms": gemms(args.worker, args.tiny)}))
         return {}
     load_before = os.getloadavg()[0]
-    profiles = {}
+    profiles, gemm_ms = {}, {}
     for worker in ("jax", "torch"):
         cmd = [sys.executable, "-m", "experiments.profile_step", "--worker", worker]
         done = subprocess.run(cmd + ["--tiny"] * args.tiny, capture_output=True, text=True,
                               cwd=Path(__file__).resolve().parent.parent)  # fmt: skip
         if done.returncode:
             raise RuntimeError(f"the {worker} profile worker failed:\n{done.stderr[-3000:]}")
-        profiles.update(json.loads(done.stdout.strip().splitlines()[-1]))
+        answer = json.loads(done.stdout.strip().splitlines()[-1])
+        profiles.update(answer["steps"])
+        gemm_ms["JAX (XLA:CPU)" if worker == "jax" else "PyTorch"] = answer["gemm_ms"]
     result = {
         "steps": {
             name: {**summarise(p["ops"]), **{k: v for k, v in p.items() if k == "concurrency"}}
             for name, p in profiles.items()
         },
+        "gemm_ms": gemm_ms,
         "load_1m": {"before": load_before, "after": os.getloadavg()[0]},
         "command": " ".join(["python -m experiments.profile_step"] + sys.argv[1:]),
     }
@@ -196,6 +235,18 @@ def write(out: Path, stem: str, result: dict) -> None:
         lines.append(f"| {g} | " + " | ".join(cells) + " |")
     lines.append("| **total** | " + " | ".join(str(result["steps"][n]["total_ms"]) for n in names)
                  + " |")  # fmt: skip
+    if result.get("gemm_ms"):
+        frameworks = list(result["gemm_ms"])
+        lines += [
+            "",
+            "The step's GEMMs alone, min / median ms of 15:",
+            "",
+            "| GEMM | " + " | ".join(frameworks) + " |",
+            "|---|" + "---:|" * len(frameworks),
+        ]
+        for shape in result["gemm_ms"][frameworks[0]]:
+            cells = [" / ".join(map(str, result["gemm_ms"][f][shape])) for f in frameworks]
+            lines.append(f"| {shape} | " + " | ".join(cells) + " |")
     for n in names:
         if "concurrency" in result["steps"][n]:
             c = result["steps"][n]["concurrency"]

@@ -71,6 +71,9 @@ def test_tiny_profile_writes_results(tmp_path):
     }  # fmt: skip
     for summary in steps.values():
         assert summary["total_ms"] > 0 and summary["groups_ms"]["matmul"] > 0
+    gemm = json.loads((tmp_path / "profile_step_tiny.json").read_text())["gemm_ms"]
+    assert gemm.keys() == {"JAX (XLA:CPU)", "PyTorch"}
+    assert gemm["JAX (XLA:CPU)"].keys() == gemm["PyTorch"].keys() and gemm["PyTorch"]
     overlap = steps["JAX floor all-linear"]["concurrency"]
     assert 0 <= overlap["two_ops_at_once_ms"] <= overlap["busy_ms"] and overlap["busy_ms"] > 0
 
