@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import resource
 import time
 
@@ -86,6 +87,12 @@ class JaxRunner:
         self.run()  # the first call, outside the timings
         self.memory["rss_delta_mb"] = round(_rss_mb() - rss_before, 1)
         self.times: list[float] = []
+
+    def program(self) -> str:
+        """The compiled program's HLO without source locations, so that two runners compare equal
+        exactly when XLA compiled the same program for them."""
+        text = re.sub(r"metadata=\{[^}]*\}", "", self.fn.as_text())
+        return "\n".join(line for line in text.splitlines() if "file_name_id=" not in line)
 
     def run(self) -> float:
         """Seconds of one training step, or the mean of :data:`INFER_REPEATS` forwards."""

@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import random
-import re
 import statistics
 import sys
 import time
@@ -61,12 +60,6 @@ def _runners(c, batch, label: str) -> list[bench_jax_runner.JaxRunner]:
     return rows
 
 
-def _program(runner) -> str:
-    """The compiled program without source locations (so that only real changes differ)."""
-    text = re.sub(r"metadata=\{[^}]*\}", "", runner.fn.as_text())
-    return "\n".join(line for line in text.splitlines() if "file_name_id=" not in line)
-
-
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true")
@@ -95,7 +88,7 @@ def main(argv=None) -> dict:
             "min_ms": round(1e3 * min(r.times), 1),
             "ratio": round(statistics.median(r.times) / statistics.median(base.times), 3),
             "ratio_of_min": round(min(r.times) / min(base.times), 3),
-            "program_differs": _program(r) != _program(base),
+            "program_differs": r.program() != base.program(),
         }  # fmt: skip
     result = {
         "rows": rows,

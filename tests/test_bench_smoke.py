@@ -90,7 +90,7 @@ def test_tiny_xla_options_writes_results(tmp_path):
         row = rows[f"{option} | jaxlora factored all-linear"]
         assert row["options"] == xla_cpu_options.OPTIONS[option] and row["median_ms"] > 0
         assert isinstance(row["program_differs"], bool)
-    # The schedulers reorder the program (the other options may change nothing on a tiny model).
+    # The memory-optimised scheduler reorders the program (the others compile to the default's).
     assert rows["memory-optimized scheduler | floor all-linear"]["program_differs"]
 
 
@@ -98,7 +98,6 @@ def test_merged_inference_row_runs_the_base_program():
     """The inference group's merged row times the base model's compiled program itself (with the
     merged weights as its arguments), so any gap between the two rows is measurement noise."""
     import argparse
-    import re
 
     import jax
 
@@ -110,8 +109,4 @@ def test_merged_inference_row_runs_the_base_program():
     base, merged, *_ = bench_runners.inference_group(args, c, batch)
     assert (base.name, merged.name) == ("base", "jaxlora merged q,v")
 
-    def program(runner):  # the HLO without source locations
-        text = re.sub(r"metadata=\{[^}]*\}", "", runner.fn.as_text())
-        return [line for line in text.splitlines() if "file_name_id=" not in line]
-
-    assert program(base) == program(merged)
+    assert base.program() == merged.program()
