@@ -143,10 +143,10 @@ def einsum_layout(spec: str) -> str:
     )
 
 
-def trailing_contraction(spec: str) -> int | None:
+def trailing_contraction(spec: str, x_ndim: int | None = None) -> int | None:
     """How many trailing axes of x ``einsum(spec, x, kernel)`` contracts, when the einsum is a
     dense layer on them (x = lead + contracted, kernel = contracted + out, output = lead + out, each
-    letter once, no ``...``), else None.
+    letter once, no ``...``) and x has ``x_ndim`` axes if given, else None.
 
     Example:
         >>> trailing_contraction("btnh,nhd->btd"), trailing_contraction("btd,ndh->btnh")
@@ -157,6 +157,8 @@ def trailing_contraction(spec: str) -> int | None:
         return None
     inputs, out = spec.split("->")
     x_spec, k_spec = inputs.split(",")
+    if x_ndim is not None and len(x_spec) != x_ndim:
+        return None
     n_in = sum(c in x_spec for c in k_spec)
     lead, contracted = x_spec[: len(x_spec) - n_in], k_spec[:n_in]
     dense = n_in > 0 and x_spec == lead + contracted and out == lead + k_spec[n_in:]

@@ -106,11 +106,8 @@ def _fused(kind, module, x, einsum_str, w: AdaptedWeight, keep, rate: float) -> 
     if kind == "einsum":
         if einsum_str is not None and module.einsum_str is not None:
             return None  # the layer itself raises: the equation is given twice
-        spec = einsum_str or module.einsum_str
-        n_in = axes_order.trailing_contraction(spec)
+        n_in = axes_order.trailing_contraction(einsum_str or module.einsum_str, x.ndim)
         if n_in is None or module.preferred_element_type is not None:
-            return None
-        if x.ndim != len(spec.replace(" ", "").split(",")[0]):
             return None
     lowrank.check_factors(w.where, "i" * n_in + "o" * (w.ndim - n_in), w.shape, w.a, w.b)
     bias = nn.meta.unbox(module.get_variable("params", "bias")) if module.use_bias else None

@@ -124,9 +124,8 @@ def _fused(kind, layer, x, einsum_str, w: AdaptedWeight, keep, rate, kwargs) -> 
         if layer.batch_axis or axis != tuple(range(x.ndim - n_in, x.ndim)):
             return None
     if kind == "einsum":
-        spec = einsum_str or layer.einsum_str
-        n_in = axes_order.trailing_contraction(spec)
-        if n_in is None or x.ndim != len(spec.replace(" ", "").split(",")[0]):
+        n_in = axes_order.trailing_contraction(einsum_str or layer.einsum_str, x.ndim)
+        if n_in is None:
             return None
     lowrank.check_factors(w.where, "i" * n_in + "o" * (w.ndim - n_in), w.shape, w.a, w.b)
     bias = None if layer.bias is None else layer.bias[...]
