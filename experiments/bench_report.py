@@ -85,8 +85,9 @@ def report(args, c, runners, load_before, load_after) -> dict:
         ("nnx | jaxlora factored q,v", "nnx | qwix q,v"),
         ("nnx | jaxlora factored all-linear", "nnx | qwix all-linear"),
     ]:
-        for group in ("torch", "torch (MKL AMD shim)"):
-            other = theirs if theirs.startswith("nnx") else f"{group} | {theirs}"
+        torch_groups = ("torch", "torch (MKL AMD shim)")
+        others = [theirs] if theirs.startswith("nnx") else [f"{g} | {theirs}" for g in torch_groups]
+        for other in others:
             if ours in rows and other in rows:
                 same_work[f"{ours} / {other}"] = _ratio(rows, ours, other)
     over_floor = _over_floor(rows)
