@@ -9,18 +9,16 @@
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import resource
 import statistics
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
 import jax
 
-from experiments import bench_jax_runner
+from experiments import bench_jax_runner, results_io
 
 BUSY_LOAD = 1.5  # load average before the run above which a 2-core machine is not quiet
 #: (adapter row, floor row) pairs, by group-free row name.
@@ -65,6 +63,7 @@ def report(args, c, runners, load_before, load_after) -> dict:
             "min_ms": round(1e3 * min(r.times), 2),
             "trainable": r.trainable,
             **r.memory,
+            "times_ms": [round(1e3 * t, 2) for t in r.times],  # in round order: the raw data
         }
     for row in rows.values():
         ref_name = "full FT" if row["kind"] == "train" else "base"
@@ -103,7 +102,7 @@ def report(args, c, runners, load_before, load_after) -> dict:
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "machine": {"cpus": os.cpu_count(), "arch": platform.machine()},
         "versions": {"python": platform.python_version(), "jax": jax.__version__},
-        "command": " ".join(["python -m experiments.bench_train_step"] + sys.argv[1:]),
+        "command": results_io.command("experiments.bench_train_step"),
     }
     write(args, result)
     if busy:
@@ -152,9 +151,5 @@ def table(result) -> str:
 
 
 def write(args, result) -> None:
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     stem = "bench_train_step" + (f"_{args.tag}" if args.tag else "")
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / f"{stem}.md").write_text(f"`{result['command']}`\n\n{table(result)}\n")
-    print(table(result))
+    results_io.write(Path(args.out), stem, result, [f"`{result['command']}`", "", table(result)])

@@ -26,9 +26,7 @@ Writes ``experiments/results/gpu_mfu.json`` and ``.md`` (``--tiny``: ``gpu_mfu_t
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -37,6 +35,7 @@ import jax.numpy as jnp
 import optax
 
 import jaxlora
+from experiments import results_io
 from jaxlora.models.llama import LlamaConfig, LlamaForCausalLM
 
 RESULTS = Path(__file__).parent / "results"
@@ -176,7 +175,7 @@ def main(argv=None) -> dict:
         "rows": rows,
         "goal_lora_mfu_at_least_0.5": rows[1]["mfu"] >= 0.5,
         "versions": {"jax": jax.__version__},
-        "command": " ".join(["python -m experiments.gpu_mfu"] + sys.argv[1:]),
+        "command": results_io.command("experiments.gpu_mfu"),
     }
     write(Path(args.out), "gpu_mfu_tiny" if args.tiny else "gpu_mfu", result)
     return result
@@ -199,10 +198,7 @@ def write(out: Path, stem: str, result: dict) -> None:
             f"{1e3 * row['min_s']:.1f} | {row['tokens_per_s']:,.0f} | {row['mfu']:.1%} | "
             f"{xla:.2f} |"
         )
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    results_io.write(out, stem, result, lines)
 
 
 if __name__ == "__main__":

@@ -27,11 +27,12 @@ import argparse
 import collections
 import glob
 import json
-import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from experiments import results_io
 
 RESULTS = Path(__file__).parent / "results"
 STEPS = 3
@@ -201,7 +202,7 @@ def main(argv=None) -> dict:
         fn = profile_jax if args.worker == "jax" else profile_torch
         print(json.dumps({"steps": fn(args.tiny), "gemm_ms": gemms(args.worker, args.tiny)}))
         return {}
-    load_before = os.getloadavg()[0]
+    load_before = results_io.load_1m()
     profiles, gemm_ms = {}, {}
     for worker in ("jax", "torch"):
         cmd = [sys.executable, "-m", "experiments.profile_step", "--worker", worker]
@@ -218,8 +219,8 @@ def main(argv=None) -> dict:
             for name, p in profiles.items()
         },
         "gemm_ms": gemm_ms,
-        "load_1m": {"before": load_before, "after": os.getloadavg()[0]},
-        "command": " ".join(["python -m experiments.profile_step"] + sys.argv[1:]),
+        "load_1m": {"before": load_before, "after": results_io.load_1m()},
+        "command": results_io.command("experiments.profile_step"),
     }
     write(Path(args.out), "profile_step_tiny" if args.tiny else "profile_step", result)
     return result
@@ -258,10 +259,7 @@ def write(out: Path, stem: str, result: dict) -> None:
     for n in names:
         top = ", ".join(f"`{k}` {v}" for k, v in result["steps"][n]["top_ops_ms"])
         lines += ["", f"Largest ops, {n}: {top}"]
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    results_io.write(out, stem, result, lines)
 
 
 if __name__ == "__main__":

@@ -17,18 +17,15 @@ Writes ``experiments/results/xla_cpu_options.json`` and ``.md``.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import random
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import jax
 
 import jaxlora
-from experiments import bench_baselines, bench_jax_runner, bench_runners, models_gpt
+from experiments import bench_baselines, bench_jax_runner, bench_runners, models_gpt, results_io
 
 RESULTS = Path(__file__).parent / "results"
 OPTIONS = {
@@ -69,7 +66,7 @@ def main(argv=None) -> dict:
     rounds = args.rounds or (1 if args.tiny else 6)
     c = models_gpt.TINY if args.tiny else models_gpt.GPTConfig()
     batch = jax.random.randint(jax.random.key(2), (2 if args.tiny else 8, c.seq + 1), 0, c.vocab)
-    load_before = os.getloadavg()[0]
+    load_before = results_io.load_1m()
     runners = _runners(c, batch, "default")
     for label, options in OPTIONS.items():
         with bench_jax_runner.compiler_options(options):
@@ -93,8 +90,8 @@ def main(argv=None) -> dict:
     result = {
         "rows": rows,
         "rounds": rounds,
-        "load_1m": {"before": load_before, "after": os.getloadavg()[0]},
-        "command": " ".join(["python -m experiments.xla_cpu_options"] + sys.argv[1:]),
+        "load_1m": {"before": load_before, "after": results_io.load_1m()},
+        "command": results_io.command("experiments.xla_cpu_options"),
     }
     write(Path(args.out), "xla_cpu_options_tiny" if args.tiny else "xla_cpu_options", result)
     return result
@@ -108,10 +105,7 @@ def write(out: Path, stem: str, result: dict) -> None:
         cells = [row["option"], row["step"], row["min_ms"], row["median_ms"], row["ratio"],
                  row["ratio_of_min"], row["program_differs"]]  # fmt: skip
         lines.append("| " + " | ".join(str(cell) for cell in cells) + " |")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    results_io.write(out, stem, result, lines)
 
 
 if __name__ == "__main__":
