@@ -11,8 +11,8 @@ fine-tuning):
 * ``bf16``: the linen GPT with bfloat16 weights and activations, a float32 adapter (PEFT's default);
 * ``inference``: forwards of the linen GPT: base, merged adapter, factored adapter.
 
-The ``linen`` and ``nnx`` groups also have the *floor* rows of ``bench_baselines.py``: the least
-work any adapter on the same layers does.
+Every training group also has the *floor* rows of ``bench_baselines.py``: the least work any
+adapter on the same layers does, so that each adapter row can be read against its own bound.
 """
 
 from __future__ import annotations
@@ -90,14 +90,17 @@ def linen_mha_group(args, c, batch) -> list[JaxRunner]:
         ("jaxlora factored all-linear, dropout 0.1",
          _lora_config(args, "all-linear", 0.1, layouts), "factored"),
     ]  # fmt: skip
-    return _linen_rows("linen-mha", model, params, batch, configs)
+    rows = _linen_rows("linen-mha", model, params, batch, configs)
+    floors = [("floor q,v", QV_MHA), ("floor all-linear", ALL_LINEAR_MHA)]
+    return rows + linen_floors("linen-mha", model, params, batch, floors)
 
 
 def bf16_group(args, c, batch) -> list[JaxRunner]:
     model, params = models_gpt.init(c, jax.random.key(0))
     params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
     configs = [("jaxlora factored all-linear", _lora_config(args, "all-linear"), "factored")]
-    return _linen_rows("bf16", model, params, batch, configs)
+    rows = _linen_rows("bf16", model, params, batch, configs)
+    return rows + linen_floors("bf16", model, params, batch, [("floor all-linear", ALL_LINEAR)])
 
 
 def nnx_group(args, c, batch) -> list[JaxRunner]:

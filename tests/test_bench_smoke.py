@@ -31,10 +31,13 @@ def test_tiny_benchmark_writes_results(tmp_path):
     assert rows["nnx | jaxlora factored all-linear"]["trainable"] == all_linear
     assert "temp_mb" in rows["linen | jaxlora factored q,v"]
     # The floors train only the target layers' biases: the least work of any adapter there.
-    for group in ("linen", "nnx"):
+    for group in ("linen", "linen-mha", "nnx"):
         assert rows[f"{group} | floor q,v"]["trainable"] < rows[f"{group} | floor all-linear"][
             "trainable"] < qv  # fmt: skip
         assert f"{group} | jaxlora factored q,v / floor q,v" in saved["over_floor"]
+    assert "bf16 | jaxlora factored all-linear / floor all-linear" in saved["over_floor"]
+    # The raw data: one time per round, in round order.
+    assert len(rows["linen | full FT"]["times_ms"]) == 1
     assert saved["load"]["before"]["load_1m"] >= 0
     text = (tmp_path / "bench_train_step_smoke.md").read_text()
     assert "| linen | jaxlora factored all-linear, dropout 0.1 |" in text
@@ -92,6 +95,44 @@ def test_tiny_xla_options_writes_results(tmp_path):
         assert isinstance(row["program_differs"], bool)
     # The memory-optimised scheduler reorders the program (the others compile to the default's).
     assert rows["memory-optimized scheduler | floor all-linear"]["program_differs"]
+
+
+@pytest.mark.standard_dtypes
+def test_tiny_adapter_cost_writes_results(tmp_path):
+    from experiments import adapter_cost
+
+    result = adapter_cost.main(["--tiny", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "adapter_cost_tiny.json").read_text())
+    assert saved["rows"].keys() == result["rows"].keys()
+    variants = {row["variant"] for row in saved["rows"].values()}
+    assert variants == set(saved["block_ms"]) and "jaxlora fast path" in variants
+    assert saved["block_over_floor"]["floor"] == 1.0
+    assert all(row["median_ms"] > 0 for row in saved["rows"].values())
+
+
+def test_one_gemm_variant_computes_the_adapted_layer():
+    """The rejected one-GEMM variant of ``adapter_cost.py`` is timed only because it is a correct
+    alternative: its output and gradients are the fast path's."""
+    import jax
+    import jax.numpy as jnp
+
+    from experiments import adapter_cost
+    from jaxlora._src.forward import fused
+
+    k = jax.random.split(jax.random.key(0), 4)
+    x, w = jax.random.normal(k[0], (6, 5)), jax.random.normal(k[1], (5, 3))
+    a, b = jax.random.normal(k[2], (5, 2)), jax.random.normal(k[3], (2, 3))
+    s = adapter_cost.SCALE
+
+    def wide(x, a, b):
+        return jnp.sum(jnp.sin(adapter_cost.one_gemm(x, w, a, b)))
+
+    def fast(x, a, b):
+        return jnp.sum(jnp.sin(fused.dense(x, w, None, a, b, None, s, 0.0, None)))
+
+    grads = jax.grad(wide, (0, 1, 2))(x, a, b), jax.grad(fast, (0, 1, 2))(x, a, b)
+    for got, want in zip(*grads, strict=True):
+        assert jnp.allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_merged_inference_row_runs_the_base_program():
