@@ -13,7 +13,9 @@ Operations are grouped as ``matmul`` (dots, GEMMs, matmul fusions), ``elementwis
 ``reduce``, ``copy / layout`` and ``other``, so the table shows which part of XLA:CPU is slower
 than PyTorch's kernels and by how many milliseconds. XLA:CPU runs independent ops concurrently, so
 its sums can exceed the step; the time during which two or more of its ops ran at once is
-reported too. Run it alone on the machine::
+reported too. The step's GEMM shapes and one layer's causal attention (forward and backward) are
+also timed alone in each framework, to tell a slow kernel from a kernel slowed by the step around
+it. Run it alone on the machine::
 
     python -m experiments.profile_step            # ~3 min on 2 cores
     python -m experiments.profile_step --tiny     # seconds (the smoke test)
@@ -159,8 +161,6 @@ def summarise(ops: dict[str, float], top: int = 8) -> dict:
 def gemms(framework: str, tiny: bool, repeats: int = 15) -> dict[str, list[float]]:
     """The step's GEMM shapes timed alone (min and median ms of ``repeats``), to tell a slow kernel
     from a kernel slowed by the step around it."""
-    import time
-
     import numpy as np
 
     from experiments import models_gpt
@@ -182,13 +182,77 @@ def gemms(framework: str, tiny: bool, repeats: int = 15) -> dict[str, list[float
 
             args = (torch.from_numpy(x), torch.from_numpy(w))
             run = lambda args=args: torch.matmul(*args)  # noqa: E731
+        out[f"{m}x{k} @ {k}x{n}"] = _min_median_ms(run, repeats)
+    return out
+
+
+def _min_median_ms(run, repeats: int) -> list[float]:
+    """``run()`` once untimed, then ``repeats`` times: the min and median ms."""
+    import time
+
+    import numpy as np
+
+    run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
         run()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            run()
-            times.append(1e3 * (time.perf_counter() - start))
-        out[f"{m}x{k} @ {k}x{n}"] = [round(min(times), 2), round(float(np.median(times)), 2)]
+        times.append(1e3 * (time.perf_counter() - start))
+    return [round(min(times), 2), round(float(np.median(times)), 2)]
+
+
+def einsum_attention(q, k, v):
+    """Causal softmax attention on ``(batch, seq, heads, head_dim)`` as two einsums: the maths of
+    ``jax.nn.dot_product_attention(q, k, v, is_causal=True)``, in another layout."""
+    import jax
+    import jax.numpy as jnp
+
+    scores = jnp.einsum("btnh,bsnh->bnts", q, k) / jnp.sqrt(jnp.float32(q.shape[-1]))
+    causal = jnp.tril(jnp.ones(scores.shape[-2:], bool))
+    scores = jnp.where(causal[None, None], scores, jnp.finfo(scores.dtype).min)
+    return jnp.einsum("bnts,bsnh->btnh", jax.nn.softmax(scores, axis=-1), v)
+
+
+def attention(framework: str, tiny: bool, repeats: int = 15) -> dict[str, list[float]]:
+    """One layer's causal self-attention, forward and backward (the gradients of q, k and v), timed
+    alone at the step's shapes (min and median ms of ``repeats``): the model's own formulation in
+    each framework (``jax.nn.dot_product_attention`` on ``(batch, seq, heads, head_dim)``; PyTorch's
+    ``scaled_dot_product_attention`` on the transposed view), and in JAX the same maths written as
+    two einsums, to see whether another layout of the attention would pay."""
+    import numpy as np
+
+    from experiments import models_gpt
+
+    c = models_gpt.TINY if tiny else models_gpt.GPTConfig()
+    shape = (2 if tiny else 8, c.seq, c.heads, c.d_model // c.heads)
+    rng = np.random.default_rng(0)
+    q, k, v, g = (rng.standard_normal(shape, dtype=np.float32) for _ in range(4))
+    if framework == "torch":
+        import torch
+        import torch.nn.functional as F
+
+        qkv = [torch.from_numpy(t).requires_grad_() for t in (q, k, v)]
+        cotangent = torch.from_numpy(g).transpose(1, 2)
+
+        def run():
+            heads_first = [t.transpose(1, 2) for t in qkv]
+            out = F.scaled_dot_product_attention(*heads_first, is_causal=True)
+            torch.autograd.grad(out, qkv, cotangent)
+
+        return {"scaled_dot_product_attention": _min_median_ms(run, repeats)}
+    import jax
+    import jax.numpy as jnp
+
+    def model_attention(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True)
+
+    out = {}
+    args = [jax.device_put(t) for t in (q, k, v, g)]
+    variants = {"jax.nn.dot_product_attention": model_attention, "two einsums": einsum_attention}
+    for name, fn in variants.items():
+        loss = lambda q, k, v, g, fn=fn: jnp.vdot(fn(q, k, v), g)  # noqa: E731
+        step = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+        out[name] = _min_median_ms(lambda step=step: jax.block_until_ready(step(*args)), repeats)
     return out
 
 
@@ -200,10 +264,11 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if args.worker:  # one framework per process, so neither's threads disturb the other
         fn = profile_jax if args.worker == "jax" else profile_torch
-        print(json.dumps({"steps": fn(args.tiny), "gemm_ms": gemms(args.worker, args.tiny)}))
+        print(json.dumps({"steps": fn(args.tiny), "gemm_ms": gemms(args.worker, args.tiny),
+                          "attention_ms": attention(args.worker, args.tiny)}))  # fmt: skip
         return {}
     load_before = results_io.load_1m()
-    profiles, gemm_ms = {}, {}
+    profiles, gemm_ms, attention_ms = {}, {}, {}
     for worker in ("jax", "torch"):
         cmd = [sys.executable, "-m", "experiments.profile_step", "--worker", worker]
         done = subprocess.run(cmd + ["--tiny"] * args.tiny, capture_output=True, text=True,
@@ -212,13 +277,16 @@ def main(argv=None) -> dict:
             raise RuntimeError(f"the {worker} profile worker failed:\n{done.stderr[-3000:]}")
         answer = json.loads(done.stdout.strip().splitlines()[-1])
         profiles.update(answer["steps"])
-        gemm_ms["JAX (XLA:CPU)" if worker == "jax" else "PyTorch"] = answer["gemm_ms"]
+        label = "JAX (XLA:CPU)" if worker == "jax" else "PyTorch"
+        gemm_ms[label] = answer["gemm_ms"]
+        attention_ms.update({f"{label}: {k}": v for k, v in answer["attention_ms"].items()})
     result = {
         "steps": {
             name: {**summarise(p["ops"]), **{k: v for k, v in p.items() if k == "concurrency"}}
             for name, p in profiles.items()
         },
         "gemm_ms": gemm_ms,
+        "attention_ms": attention_ms,
         "load_1m": {"before": load_before, "after": results_io.load_1m()},
         "command": results_io.command("experiments.profile_step"),
     }
@@ -248,6 +316,11 @@ def write(out: Path, stem: str, result: dict) -> None:
         for shape in result["gemm_ms"][frameworks[0]]:
             cells = [" / ".join(map(str, result["gemm_ms"][f][shape])) for f in frameworks]
             lines.append(f"| {shape} | " + " | ".join(cells) + " |")
+    if result.get("attention_ms"):
+        lines += ["", "One layer's causal attention, forward + backward, alone (min / median ms "
+                  "of 15):", "", "| attention | ms |", "|---|---:|"]  # fmt: skip
+        lines += [f"| {name} | {' / '.join(map(str, ms))} |"
+                  for name, ms in result["attention_ms"].items()]  # fmt: skip
     for n in names:
         if "concurrency" in result["steps"][n]:
             c = result["steps"][n]["concurrency"]

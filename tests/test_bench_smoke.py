@@ -74,6 +74,10 @@ def test_tiny_profile_writes_results(tmp_path):
     }  # fmt: skip
     for summary in steps.values():
         assert summary["total_ms"] > 0 and summary["groups_ms"]["matmul"] > 0
+    attention = json.loads((tmp_path / "profile_step_tiny.json").read_text())["attention_ms"]
+    assert "PyTorch: scaled_dot_product_attention" in attention
+    assert "JAX (XLA:CPU): two einsums" in attention
+    assert all(min_ms <= median_ms for min_ms, median_ms in attention.values())
     gemm = json.loads((tmp_path / "profile_step_tiny.json").read_text())["gemm_ms"]
     assert gemm.keys() == {"JAX (XLA:CPU)", "PyTorch"}
     assert gemm["JAX (XLA:CPU)"].keys() == gemm["PyTorch"].keys() and gemm["PyTorch"]
@@ -108,6 +112,18 @@ def test_tiny_adapter_cost_writes_results(tmp_path):
     assert variants == set(saved["block_ms"]) and "jaxlora fast path" in variants
     assert saved["block_over_floor"]["floor"] == 1.0
     assert all(row["median_ms"] > 0 for row in saved["rows"].values())
+
+
+def test_einsum_attention_is_the_models_attention():
+    """profile_step times the attention in another layout only because it is the same maths."""
+    import jax
+    import jax.numpy as jnp
+
+    from experiments import profile_step
+
+    q, k, v = jax.random.normal(jax.random.key(0), (3, 2, 5, 3, 4))
+    want = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    assert jnp.allclose(profile_step.einsum_attention(q, k, v), want, rtol=1e-5, atol=1e-6)
 
 
 def test_one_gemm_variant_computes_the_adapted_layer():
