@@ -29,6 +29,7 @@ import argparse
 import collections
 import glob
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -40,18 +41,32 @@ RESULTS = Path(__file__).parent / "results"
 STEPS = 3
 
 
+#: Op names (XLA fusions are named after the ops they fuse, e.g. ``multiply_bitcast_fusion``) that
+#: compute: a fusion with one of these is arithmetic even if it also moves data.
+_ARITHMETIC = {"add", "mul", "multiply", "subtract", "sub", "div", "divide", "tanh", "gelu", "exp",
+               "log", "sqrt", "rsqrt", "where", "select", "norm", "adam", "lerp", "foreach",
+               "maximum", "minimum", "negate", "power", "compare", "convert"}  # fmt: skip
+_LAYOUT = ("copy", "transpose", "bitcast", "broadcast", "reshape", "slice", "concat", "view")
+
+
 def category(name: str) -> str:
-    """The group of an XLA thunk or a PyTorch op, by its name."""
+    """The group of an XLA thunk or a PyTorch op, by its name (see :data:`_ARITHMETIC`).
+
+    Example:
+        >>> [category(n) for n in ("multiply_bitcast_fusion.8", "transpose_copy_fusion.2",
+        ...                        "aten::copy_", "aten::addmm", "aten::gelu_backward")]
+        ['elementwise / fusion', 'copy / layout', 'copy / layout', 'matmul', 'elementwise / fusion']
+    """
     n = name.lower()
     if any(k in n for k in ("dot", "gemm", "ynn", "mm", "matmul", "linear", "convolution")):
         return "matmul"
     if any(k in n for k in ("reduce", "sum", "mean", "softmax")):
         return "reduce"
-    if any(k in n for k in ("copy", "transpose", "bitcast", "reshape", "slice", "concat", "view")):
+    if _ARITHMETIC & set(re.split(r"[_.:]+", n)):
+        return "elementwise / fusion"
+    if any(k in n for k in _LAYOUT):
         return "copy / layout"
-    elementwise = ("fusion", "wrapped", "add", "mul", "div", "tanh", "gelu", "exp", "sqrt",
-                   "where", "select", "norm", "adam", "lerp", "foreach")  # fmt: skip
-    if any(k in n for k in elementwise):
+    if any(k in n for k in ("fusion", "wrapped")):
         return "elementwise / fusion"
     return "other"
 
