@@ -14,8 +14,9 @@ the output, the input gradient, and the gradients of what trains.
   backward's two products into ``dx`` as one (``[dy, dh]·[W, A]ᵀ``), at the price of
   concatenating the frozen kernel with ``A`` in every step.
 
-The extra work of an adapter is four rank-r products per layer, each reading or writing a whole
-``rows x d`` activation while doing only ``2·r`` flops per element: memory-bound on a CPU.
+The extra work of an adapter is six rank-r products per layer; three of them (``x·A``, ``xᵀ·dh``
+and ``dh·Aᵀ``, then added into ``dx``) read or write a whole ``rows x d_in`` activation while doing
+only ``2·r`` flops per element: memory-bound on a CPU.
 Everything is timed in one process, each variant once per round in a fresh random order (so it
 starts, as inside a real step, with another computation's data in the caches). Run alone::
 
@@ -74,25 +75,26 @@ one_gemm.defvjp(_one_gemm_fwd, _one_gemm_bwd)
 
 
 def _losses() -> dict[str, Callable]:
-    """``loss(trained, x, kernel, cotangent, key)`` for each variant: ``vdot(layer(x), cotangent)``,
-    so that the gradient's backward pass starts from a given output cotangent."""
+    """``loss(trained, x, kernel, bias, cotangent, key)`` for each variant: ``vdot(layer(x),
+    cotangent)``, so that the gradient's backward pass starts from a given output cotangent. Every
+    variant adds the layer's bias; only the floor trains it."""
 
-    def floor(bias, x, w, g, key):
-        return jnp.vdot(x @ w + bias[None, :], g)
+    def floor(trained_bias, x, w, bias, g, key):
+        return jnp.vdot(x @ w + trained_bias[None, :], g)
 
-    def fast(ab, x, w, g, key):
-        return jnp.vdot(fused.dense(x, w, None, *ab, None, SCALE, 0.0, None), g)
+    def fast(ab, x, w, bias, g, key):
+        return jnp.vdot(fused.dense(x, w, bias, *ab, None, SCALE, 0.0, None), g)
 
-    def fast_dropout(ab, x, w, g, key):
+    def fast_dropout(ab, x, w, bias, g, key):
         keep = fused.keep_mask(key, RATE, x.shape)
-        return jnp.vdot(fused.dense(x, w, None, *ab, keep, SCALE, RATE, None), g)
+        return jnp.vdot(fused.dense(x, w, bias, *ab, keep, SCALE, RATE, None), g)
 
-    def autodiff(ab, x, w, g, key):
+    def autodiff(ab, x, w, bias, g, key):
         a, b = ab
-        return jnp.vdot(x @ w + SCALE * ((x @ a) @ b), g)
+        return jnp.vdot(x @ w + bias[None, :] + SCALE * ((x @ a) @ b), g)
 
-    def wide(ab, x, w, g, key):
-        return jnp.vdot(one_gemm(x, w, *ab), g)
+    def wide(ab, x, w, bias, g, key):
+        return jnp.vdot(one_gemm(x, w, *ab) + bias[None, :], g)
 
     return {
         "floor": floor,
@@ -129,12 +131,13 @@ def main(argv=None) -> dict:
         x = jax.random.normal(k[0], (n_rows, d_in))
         w = jax.random.normal(k[1], (d_in, d_out)) / d_in**0.5
         g = jax.random.normal(k[2], (n_rows, d_out))
+        bias = jnp.zeros(d_out)
         ab = (jax.random.normal(k[3], (d_in, RANK)) / d_in**0.5, 0.01 * jnp.ones((RANK, d_out)))
         for name, loss in _losses().items():
-            trained = jnp.zeros(d_out) if name == "floor" else ab
+            trained = bias if name == "floor" else ab
             grad = jax.jit(jax.grad(loss, argnums=(0, 1)))  # what trains, and dx
-            compiled = grad.lower(trained, x, w, g, k[4]).compile()
-            steps[layer, name] = (compiled, (trained, x, w, g, k[4]))
+            compiled = grad.lower(trained, x, w, bias, g, k[4]).compile()
+            steps[layer, name] = (compiled, (trained, x, w, bias, g, k[4]))
             times[layer, name] = []
     order = random.Random(0)
     keys = list(steps)

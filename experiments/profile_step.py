@@ -44,8 +44,8 @@ STEPS = 3
 #: Op names (XLA fusions are named after the ops they fuse, e.g. ``multiply_bitcast_fusion``) that
 #: compute: a fusion with one of these is arithmetic even if it also moves data.
 _ARITHMETIC = {"add", "mul", "multiply", "subtract", "sub", "div", "divide", "tanh", "gelu", "exp",
-               "log", "sqrt", "rsqrt", "where", "select", "norm", "adam", "lerp", "foreach",
-               "maximum", "minimum", "negate", "power", "compare", "convert"}  # fmt: skip
+               "log", "sqrt", "rsqrt", "where", "select", "norm", "maximum", "minimum", "negate",
+               "power", "compare", "convert"}  # fmt: skip
 _LAYOUT = ("copy", "transpose", "bitcast", "broadcast", "reshape", "slice", "concat", "view")
 
 
@@ -54,7 +54,7 @@ def category(name: str) -> str:
 
     Example:
         >>> [category(n) for n in ("multiply_bitcast_fusion.8", "transpose_copy_fusion.2",
-        ...                        "aten::copy_", "aten::addmm", "aten::gelu_backward")]
+        ...                        "aten::copy_", "aten::addmm", "aten::_fused_adamw_")]
         ['elementwise / fusion', 'copy / layout', 'copy / layout', 'matmul', 'elementwise / fusion']
     """
     n = name.lower()
@@ -62,7 +62,8 @@ def category(name: str) -> str:
         return "matmul"
     if any(k in n for k in ("reduce", "sum", "mean", "softmax")):
         return "reduce"
-    if _ARITHMETIC & set(re.split(r"[_.:]+", n)):
+    optimizer = ("adam", "lerp", "foreach", "addcmul", "addcdiv", "exponential")
+    if _ARITHMETIC & set(re.split(r"[_.:\-]+", n)) or any(k in n for k in optimizer):
         return "elementwise / fusion"
     if any(k in n for k in _LAYOUT):
         return "copy / layout"
