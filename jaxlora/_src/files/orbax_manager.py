@@ -3,7 +3,8 @@
 What it adds to orbax's own: the directory is made absolute (orbax rejects relative paths) and is
 only created by a save, never by opening it to restore; ``max_to_keep`` must keep at least one
 step; best-N retention ranks a NaN metric worst; and an asynchronous save still unfinished when
-the interpreter exits is reported on stderr instead of vanishing as a temporary directory.
+the interpreter exits is finished first (or, if it cannot be, reported on stderr) instead of
+vanishing as a temporary directory or hanging the exit.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import atexit
 import math
 import os
 import sys
+import threading
 import weakref
 from typing import Any
 
@@ -37,6 +39,7 @@ class AdapterCheckpointManager(ocp.CheckpointManager):
         if kwargs["options"].enable_async_checkpointing:
             self._exit_hook = _exit_report(weakref.ref(self))
             atexit.register(self._exit_hook)
+            _before_thread_shutdown(finish_pending_save(weakref.ref(self)))
 
     def close(self) -> None:
         """Waits for any save in flight, then releases the manager's resources."""
@@ -45,6 +48,44 @@ class AdapterCheckpointManager(ocp.CheckpointManager):
         if self._exit_hook is not None:
             atexit.unregister(self._exit_hook)
             self._exit_hook = None
+
+
+def _before_thread_shutdown(hook: Any) -> None:
+    """Runs ``hook`` when the interpreter exits, before it joins its threads and before
+    ``concurrent.futures`` stops accepting work: the point at which orbax's background save can
+    still finish. (``atexit`` hooks run only after that join, which an unfinished orbax save never
+    lets end: its writer thread cannot submit its last file operations, and its signalling threads
+    wait for them forever.) ``threading._register_atexit`` is the hook ``concurrent.futures`` itself
+    uses; where it is missing, the ``atexit`` report still runs."""
+    register = getattr(threading, "_register_atexit", None)
+    if register is not None:
+        register(hook)
+
+
+def finish_pending_save(ref: weakref.ref[AdapterCheckpointManager]) -> Any:
+    """The exit hook of an async manager: waits for its save in flight, if any, and says on stderr
+    that it waited (or that the save failed); a closed or collected manager is left alone."""
+
+    def finish() -> None:
+        manager = ref()
+        if manager is None or manager.pending_step is None:
+            return
+        step = manager.pending_step
+        try:
+            manager.wait_until_finished()
+        except Exception as error:  # noqa: BLE001 - reported; the atexit report follows
+            print(f"jaxlora.checkpoint: the asynchronous save of step {step} failed while the "
+                  f"interpreter was exiting: {error!r}", file=sys.stderr, flush=True)  # fmt: skip
+            return
+        print(
+            f"jaxlora.checkpoint: waited for the asynchronous save of step {step} in "
+            f"`{os.fspath(manager.directory)}` to finish before exiting. Close the manager (`with "
+            "checkpoint_manager(...)` or `manager.close()`) when done with it.",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    return finish
 
 
 def _exit_report(ref: weakref.ref[AdapterCheckpointManager]) -> Any:
@@ -100,8 +141,8 @@ def checkpoint_manager(
         best_mode: ``"min"`` (e.g. a loss) or ``"max"`` (e.g. an accuracy).
         async_save: write in a background thread; call ``manager.wait_until_finished()`` before
             reading what was written, and close the manager (or use it in a ``with`` block)
-            before the interpreter exits: a save still in flight then cannot finish, and is
-            reported on stderr.
+            before the interpreter exits: a save still in flight at exit is waited for (and
+            the wait reported on stderr), and one that cannot finish is reported as lost.
         **options: any other ``orbax.checkpoint.CheckpointManagerOptions`` field.
 
     Returns:
