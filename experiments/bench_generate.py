@@ -1,4 +1,4 @@
-"""Benchmark of KV-cache generation (jaxlora/models/decoding.py) on CPU: cost of one decode step.
+"""Benchmark of KV-cache generation (jaxlora/models/decoding/) on CPU: cost of one decode step.
 
 Times, as min and median over rounds, of jitted calls on SmolLM2-135M (or a same-shape random
 model with ``--random``), a batch of prompts and a LoRA r=8 adapter on q,v:
@@ -36,8 +36,9 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jaxlora  # noqa: E402
-from jaxlora.models import llama, llama_weights  # noqa: E402
+from jaxlora.models import llama  # noqa: E402
 from jaxlora.models.decoding import generate, sample_logits, step_function  # noqa: E402
+from jaxlora.models.llama import weights as llama_weights  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 QUICK = llama.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=1,

@@ -26,7 +26,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jaxlora  # noqa: E402
 from jaxlora import apply  # noqa: E402
-from jaxlora.models import data, llama, llama_weights  # noqa: E402
+from jaxlora.models import data, llama  # noqa: E402
+from jaxlora.models.llama import weights as llama_weights  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 

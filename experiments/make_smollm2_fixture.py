@@ -12,7 +12,7 @@ accelerate, in a throwaway virtualenv outside the repository)::
     python -m venv /tmp/refvenv
     /tmp/refvenv/bin/pip install torch==2.13.0 transformers gguf accelerate
     /tmp/refvenv/bin/python experiments/make_smollm2_fixture.py --gguf "$(.venv/bin/python -c \\
-        'import jaxlora.models.llama_weights as w; print(w.smollm2_path())')"
+        'import jaxlora.models.llama.weights as w; print(w.smollm2_path())')"
 """
 
 from __future__ import annotations

@@ -21,7 +21,8 @@ import optax
 
 import jaxlora
 from jaxlora import apply
-from jaxlora.models import bert, bert_weights, data
+from jaxlora.models import bert, data
+from jaxlora.models.bert import weights as bert_weights
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,7 +3,7 @@
 The data ship with Python itself (``pydoc_data.topics``: the help topics of the language
 reference, no network): each section becomes a question ("What does the "with" statement do in
 Python?") and an answer (the first two sentences of the section). Prompts use the model's ChatML
-template (:func:`~jaxlora.models.llama_weights.chat_prompt`); the loss covers only the answer
+template (:func:`~jaxlora.models.llama.weights.chat_prompt`); the loss covers only the answer
 tokens and the closing ``<|im_end|>``. Sections are split by title, 15% held out. Prints and
 records the held-out answer loss before and after, and a few held-out answers generated before
 and after with :func:`jaxlora.models.decoding.generate` (the adapter factored; the merged adapter
@@ -33,8 +33,9 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jaxlora  # noqa: E402
-from jaxlora.models import llama, llama_weights  # noqa: E402
+from jaxlora.models import llama  # noqa: E402
 from jaxlora.models.decoding import generate  # noqa: E402
+from jaxlora.models.llama import weights as llama_weights  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 SYSTEM = "You answer questions about the Python language in two sentences."

@@ -1,4 +1,4 @@
-"""KV-cache generation (jaxlora/models/decoding.py) on a tiny random Llama, with and without LoRA.
+"""KV-cache generation (jaxlora/models/decoding/) on a tiny random Llama, with and without LoRA.
 
 Compilations are the cost here: the tests share shapes (a batch of three prompts, one stop token)
 so that most of them reuse one compiled generation.

@@ -9,7 +9,7 @@ import pytest
 
 import jaxlora
 from jaxlora.models import llama
-from jaxlora.models.kv_cache import KVCache, cache_positions
+from jaxlora.models.decoding.kv_cache import KVCache, cache_positions
 
 BASE = dict(
     vocab_size=16,

@@ -11,7 +11,8 @@ from flax import traverse_util
 from safetensors.numpy import load_file
 
 import jaxlora
-from jaxlora.models import bert, bert_weights, data
+from jaxlora.models import bert, data
+from jaxlora.models.bert import weights as bert_weights
 
 pytestmark = pytest.mark.slow  # MiniLM's pretrained weights
 

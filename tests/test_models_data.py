@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from jaxlora.models import bert_weights, data
+from jaxlora.models import data
+from jaxlora.models.bert import weights as bert_weights
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,9 @@ import transformers
 from safetensors.numpy import load_file, save_file
 
 import jaxlora
-from jaxlora.models import gemma, gemma_weights
+from jaxlora.models import gemma
 from jaxlora.models.decoding import generate as generate_tokens
+from jaxlora.models.hf import gemma as gemma_weights
 
 pytestmark = pytest.mark.slow  # builds and runs PyTorch transformers models
 

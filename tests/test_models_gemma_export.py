@@ -12,7 +12,10 @@ import transformers
 from safetensors.numpy import load_file
 
 import jaxlora
-from jaxlora.models import gemma, gemma_export, gemma_weights, hf_export
+from jaxlora.models import gemma
+from jaxlora.models.hf import export as hf_export
+from jaxlora.models.hf import gemma as gemma_weights
+from jaxlora.models.hf import gemma_export
 from tests.test_models_gemma import checkpoint_dir, sample_ids, torch_logits, trained_adapter
 
 pytestmark = pytest.mark.slow  # builds and runs PyTorch transformers models

@@ -19,7 +19,10 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 import jaxlora
-from jaxlora.models import hf_export, hf_llama, hf_llama_export, llama
+from jaxlora.models import llama
+from jaxlora.models.hf import export as hf_export
+from jaxlora.models.hf import llama as hf_llama
+from jaxlora.models.hf import llama_export as hf_llama_export
 
 pytestmark = pytest.mark.slow
 
@@ -174,7 +177,8 @@ def test_load_sharded_over_eight_host_devices(saved):
     script = textwrap.dedent(f"""
         import jax, numpy as np
         from jax.sharding import Mesh, PartitionSpec as P
-        from jaxlora.models import hf_llama, llama
+        from jaxlora.models import llama
+        from jaxlora.models.hf import llama as hf_llama
         mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
         rules = lambda path, shape: P(None, "model") if path.endswith("kernel") else P()
         config, params = hf_llama.load_hf({directory!r}, mesh=mesh, shardings=rules)
@@ -251,7 +255,7 @@ def test_config_round_trip(saved, family):
 
 
 def test_gemma_model_types_go_to_the_gemma_loader(tmp_path, monkeypatch):
-    from jaxlora.models import gemma_weights
+    from jaxlora.models.hf import gemma as gemma_weights
 
     calls = []
 

@@ -11,7 +11,8 @@ import pytest
 from flax import traverse_util
 
 import jaxlora
-from jaxlora.models import llama, llama_weights
+from jaxlora.models import llama
+from jaxlora.models.llama import weights as llama_weights
 
 pytestmark = pytest.mark.slow  # SmolLM2's pretrained weights
 

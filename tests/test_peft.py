@@ -112,7 +112,7 @@ def test_round_trip_is_exact(tmp_path, tiny):
 @pytest.fixture(scope="module")
 def bert():
     from jaxlora.models import bert as flax_bert
-    from jaxlora.models import bert_weights
+    from jaxlora.models.bert import weights as bert_weights
 
     hf_config = transformers.BertConfig(
         vocab_size=64,

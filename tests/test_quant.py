@@ -282,7 +282,7 @@ def test_smollm2_q4_1_tensor_dequantises_exactly_like_gguf():
     import gguf
     from gguf import quants
 
-    from jaxlora.models.llama_weights import smollm2_path
+    from jaxlora.models.llama.weights import smollm2_path
 
     tensor = next(
         t for t in gguf.GGUFReader(smollm2_path()).tensors if t.name == "blk.0.attn_k.weight"
@@ -300,8 +300,8 @@ def test_smollm2_q4_1_tensor_dequantises_exactly_like_gguf():
 def test_load_gguf_llama_keeps_q4_1_kernels_4_bit():
     from gguf import quants
 
-    from jaxlora.models.gguf_reader import GGUFFile
-    from jaxlora.models.llama_weights import gguf_rows_to_hf, smollm2_path
+    from jaxlora.models.io.gguf_reader import GGUFFile
+    from jaxlora.models.llama.weights import gguf_rows_to_hf, smollm2_path
 
     config, params = jaxlora.models.load_gguf_llama(hf_layout=True)
     leaf = params["layers_0"]["self_attn"]["q_proj"]["kernel"]

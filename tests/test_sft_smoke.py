@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from experiments import sft_smollm2
-from jaxlora.models import llama_weights
+from jaxlora.models.llama import weights as llama_weights
 
 pytestmark = pytest.mark.slow  # the SmolLM2 tokenizer, and a subprocess run of the script
 

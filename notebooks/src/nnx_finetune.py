@@ -20,7 +20,8 @@ import optax
 from flax import nnx
 
 import jaxlora
-from jaxlora.models import bert, bert_weights, data
+from jaxlora.models import bert, data
+from jaxlora.models.bert import weights as bert_weights
 
 SMALL = bool(os.environ.get("JAXLORA_SMALL"))
 STEPS, BATCH, MAX_LEN = (30, 16, 32) if SMALL else (150, 32, 40)

@@ -3,7 +3,7 @@
 :func:`config_from_hf` reads ``model_type`` ``llama``, ``mistral``, ``qwen2`` and ``qwen3`` (see
 :data:`LLAMA_MODEL_TYPES`): sizes, biases, q/k norms, RoPE (default or Llama 3's scaling, from
 ``rope_parameters`` or the older ``rope_theta`` / ``rope_scaling``) and sliding windows.
-:func:`jaxlora.models.hf_llama_export.config_to_hf` is the inverse.
+:func:`jaxlora.models.hf.llama_export.config_to_hf` is the inverse.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from jaxlora.models.llama_config import LlamaConfig
-from jaxlora.models.rope import Llama3RopeScaling
+from jaxlora.models.llama.config import LlamaConfig
+from jaxlora.models.llama.rope import Llama3RopeScaling
 
 __all__ = ["LLAMA_MODEL_TYPES", "config_from_hf"]
 

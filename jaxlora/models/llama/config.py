@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from jaxlora.models.rope import Llama3RopeScaling
+from jaxlora.models.llama.rope import Llama3RopeScaling
 
 __all__ = ["LlamaConfig"]
 

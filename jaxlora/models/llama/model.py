@@ -7,18 +7,18 @@ Every projection is a plain 2-D ``nn.Dense`` without bias; module paths follow H
     layers_{i}/input_layernorm, layers_{i}/post_attention_layernorm
     layers_{i}/self_attn/{q,k,v,o}_proj, layers_{i}/mlp/{gate,up,down}_proj
 
-RoPE comes in two layouts (:mod:`jaxlora.models.rope`). GGUF files store the q/k rows of each head
-permuted so that rotary pairs are adjacent dimensions (0&1, 2&3, …);
+RoPE comes in two layouts (:mod:`jaxlora.models.llama.rope`). GGUF files store the q/k rows of each
+head permuted so that rotary pairs are adjacent dimensions (0&1, 2&3, …);
 :attr:`LlamaConfig.rope_interleaved` = True matches that. Hugging Face checkpoints pair dimension i
 with i + head_dim/2 ("rotate half"); set it False.
-:func:`jaxlora.models.llama_weights.load_smollm2` can give either.
+:func:`jaxlora.models.llama.weights.load_smollm2` can give either.
 
-The config (:mod:`jaxlora.models.llama_config`) also covers the rest of the family that
-:func:`jaxlora.models.hf_llama.load_hf` reads: q/k/v (and o) biases (Qwen2), per-head q/k RMS norms
+The config (:mod:`jaxlora.models.llama.config`) also covers the rest of the family that
+:func:`jaxlora.models.hf.llama.load_hf` reads: q/k/v (and o) biases (Qwen2), per-head q/k RMS norms
 (Qwen3), Llama 3.x RoPE scaling (:class:`Llama3RopeScaling`) and sliding-window attention
-(Mistral). Each defaults to off. The decoder block is in :mod:`jaxlora.models.llama_layers`.
+(Mistral). Each defaults to off. The decoder block is in :mod:`jaxlora.models.llama.layers`.
 
-Passing a :class:`~jaxlora.models.kv_cache.KVCache` (from :func:`init_cache`) as ``cache=`` makes
+Passing a :class:`~jaxlora.models.decoding.KVCache` (from :func:`init_cache`) as ``cache=`` makes
 the model process only the new tokens and return ``(logits, new_cache)``.
 """
 
@@ -33,12 +33,12 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike, DTypeLike
 
-from jaxlora.models.kv_cache import KVCache, cache_positions
-from jaxlora.models.llama_config import LlamaConfig as LlamaConfig
-from jaxlora.models.llama_layers import LlamaBlock, cache_masks, full_masks
-from jaxlora.models.rope import Llama3RopeScaling as Llama3RopeScaling
-from jaxlora.models.rope import apply_rope as apply_rope
-from jaxlora.models.rope import rope_frequencies as rope_frequencies
+from jaxlora.models.decoding.kv_cache import KVCache, cache_positions
+from jaxlora.models.llama.config import LlamaConfig as LlamaConfig
+from jaxlora.models.llama.layers import LlamaBlock, cache_masks, full_masks
+from jaxlora.models.llama.rope import Llama3RopeScaling as Llama3RopeScaling
+from jaxlora.models.llama.rope import apply_rope as apply_rope
+from jaxlora.models.llama.rope import rope_frequencies as rope_frequencies
 
 __all__ = [
     "Llama3RopeScaling",
@@ -54,7 +54,7 @@ __all__ = [
 class LlamaForCausalLM(nn.Module):
     """Token ids in, next-token logits ``float32[batch, length, vocab]`` out.
 
-    With ``cache=`` (a :class:`~jaxlora.models.kv_cache.KVCache` from :func:`init_cache`) the
+    With ``cache=`` (a :class:`~jaxlora.models.decoding.KVCache` from :func:`init_cache`) the
     call processes only the new tokens and returns ``(logits, new_cache)``.
 
     Example:
@@ -96,7 +96,7 @@ class LlamaForCausalLM(nn.Module):
             attention_mask: 1 for tokens to attend to, 0 for padding; defaults to all ones.
                 Attention is causal in any case.
             positions: RoPE positions; defaults to ``0 … length-1`` in every row (with ``cache``:
-                :func:`~jaxlora.models.kv_cache.cache_positions`, which counts only real tokens).
+                :func:`~jaxlora.models.decoding.cache_positions`, which counts only real tokens).
             cache: If given, ``input_ids`` are the next tokens after those in the cache; the
                 result is then ``(hidden, new_cache)``.
         """
@@ -151,7 +151,7 @@ class LlamaForCausalLM(nn.Module):
 def init_cache(
     config: LlamaConfig, batch: int, max_length: int, dtype: DTypeLike = jnp.float32
 ) -> KVCache:
-    """An empty :class:`~jaxlora.models.kv_cache.KVCache` sized for ``config``'s layers."""
+    """An empty :class:`~jaxlora.models.decoding.KVCache` sized for ``config``'s layers."""
     return KVCache.init(
         config.num_layers, batch, max_length, config.num_kv_heads, config.head_dim, dtype
     )
@@ -195,7 +195,7 @@ def generate(
 
     There is no KV cache: each step re-runs the model over the fixed-size token buffer, which is
     fine for a few dozen tokens. For SmolLM2-Instruct prompts see
-    :mod:`jaxlora.models.llama_weights` (e.g. :func:`~jaxlora.models.llama_weights.chat_prompt`).
+    :mod:`jaxlora.models.llama.weights` (e.g. :func:`~jaxlora.models.llama.weights.chat_prompt`).
 
     Args:
         params: ``LlamaForCausalLM(config)`` params.

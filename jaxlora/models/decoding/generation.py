@@ -1,7 +1,7 @@
 """Text generation with a KV cache, for the reference decoders, with or without LoRA adapters.
 
 :func:`generate` left-pads a batch of prompts of any lengths, runs the whole padded prompt through
-the model in one call (the prefill, which fills a :class:`~jaxlora.models.kv_cache.KVCache`), then
+the model in one call (the prefill, which fills a :class:`~jaxlora.models.decoding.KVCache`), then
 feeds one token per step inside a ``jax.lax.while_loop``; the whole generation is one jitted
 function per shape and setting. The loop ends early once every row has emitted a stop token; a
 finished row emits ``pad_id`` from then on.
@@ -34,7 +34,7 @@ import numpy as np
 from jax.typing import ArrayLike, DTypeLike
 
 import jaxlora
-from jaxlora.models.decoding_inputs import (
+from jaxlora.models.decoding.inputs import (
     as_batch,
     check_adapter,
     check_index,
@@ -44,7 +44,7 @@ from jaxlora.models.decoding_inputs import (
     model_init_cache,
     stop_array,
 )
-from jaxlora.models.sampling import check_sampling, sample_logits
+from jaxlora.models.decoding.sampling import check_sampling, sample_logits
 
 __all__ = ["GenerationResult", "generate", "left_pad", "sample_logits", "step_function"]
 

@@ -16,8 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxlora.models.gemma_config import GemmaConfig
-from jaxlora.models.kv_cache import KVCache
+from jaxlora.models.decoding.kv_cache import KVCache
+from jaxlora.models.gemma.config import GemmaConfig
 
 __all__ = [
     "GemmaAttention",

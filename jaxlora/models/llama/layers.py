@@ -5,7 +5,7 @@ q/k norms and biases) and a SwiGLU feed-forward (:class:`LlamaMLP`). :func:`full
 :func:`cache_masks` give each layer its causal, padding and sliding-window mask.
 
 Example:
-    >>> from jaxlora.models.llama_config import LlamaConfig
+    >>> from jaxlora.models.llama.config import LlamaConfig
     >>> cfg = LlamaConfig(num_layers=2, sliding_window=2, full_attention_layers=(1,))
     >>> masks = full_masks(cfg, 3, None)
     >>> masks[0][0, 0, 0].astype(int).tolist(), masks[1][0, 0, 0, 2].astype(int).tolist()
@@ -21,9 +21,9 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxlora.models.kv_cache import KVCache
-from jaxlora.models.llama_config import LlamaConfig
-from jaxlora.models.rope import apply_rope
+from jaxlora.models.decoding.kv_cache import KVCache
+from jaxlora.models.llama.config import LlamaConfig
+from jaxlora.models.llama.rope import apply_rope
 
 __all__ = ["LlamaAttention", "LlamaBlock", "LlamaMLP", "cache_masks", "full_masks"]
 

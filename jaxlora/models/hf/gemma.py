@@ -1,13 +1,13 @@
 """Hugging Face Gemma 1/2/3 checkpoints for :mod:`jaxlora.models.gemma`: the weights.
 
-:func:`config_from_hf` (from :mod:`jaxlora.models.gemma_hf_config`) reads a ``config.json``.
+:func:`config_from_hf` (from :mod:`jaxlora.models.hf.gemma_config`) reads a ``config.json``.
 :func:`load_hf_gemma` reads the safetensors beside it (single file or sharded) through
-:func:`jaxlora.models.hf_checkpoint.read_checkpoint`, tensor by tensor into the requested
+:func:`jaxlora.models.hf.checkpoint.read_checkpoint`, tensor by tensor into the requested
 shardings: every tensor the model needs must be present with its shape and no other may be, or the
 error names it (a multimodal Gemma 3's vision tower and projector are skipped). Linear weights
 ``(out, in)`` become Dense kernels ``(in, out)``; norm weights are kept as they are (the model
-multiplies by ``1 + scale``). :func:`jaxlora.models.hf_export.save_hf` (with
-:mod:`jaxlora.models.gemma_export`) writes such a directory back, LoRA merged in or not.
+multiplies by ``1 + scale``). :func:`jaxlora.models.hf.export.save_hf` (with
+:mod:`jaxlora.models.hf.gemma_export`) writes such a directory back, LoRA merged in or not.
 
 Example (a checkpoint that ``transformers`` saved; not run here)::
 
@@ -24,15 +24,15 @@ from typing import Any
 from jax.sharding import Mesh
 from jax.typing import DTypeLike
 
-from jaxlora.models.gemma_config import GemmaConfig
-from jaxlora.models.gemma_hf_config import config_from_hf as config_from_hf
-from jaxlora.models.hf_checkpoint import (
+from jaxlora.models.gemma.config import GemmaConfig
+from jaxlora.models.hf.checkpoint import (
     Shardings,
     TensorSpec,
     read_checkpoint,
     read_config,
     tensor_files,
 )
+from jaxlora.models.hf.gemma_config import config_from_hf as config_from_hf
 
 __all__ = ["config_from_hf", "expected_tensors", "load_hf_gemma", "peft_module_name"]
 
@@ -43,7 +43,7 @@ _VISION = r"^(model\.)?(vision_tower|multi_modal_projector)\."
 
 
 def expected_tensors(config: GemmaConfig, prefix: str = "model.") -> dict[str, TensorSpec]:
-    """Hugging Face tensor name -> :class:`~jaxlora.models.hf_checkpoint.TensorSpec`.
+    """Hugging Face tensor name -> :class:`~jaxlora.models.hf.checkpoint.TensorSpec`.
 
     Args:
         config: The model's config.
@@ -142,7 +142,7 @@ def load_hf_gemma(
     Args:
         directory: A ``save_pretrained`` or Hub snapshot directory (single file or sharded).
         mesh, shardings: Where each tensor goes, as
-            :func:`~jaxlora.models.hf_checkpoint.read_checkpoint` places them.
+            :func:`~jaxlora.models.hf.checkpoint.read_checkpoint` places them.
         dtype: Cast every tensor to it; None keeps the stored dtypes.
         progress: Show a progress bar while reading.
 

@@ -1,17 +1,17 @@
-"""The ``config.json`` of a Llama-family :class:`~jaxlora.models.llama_config.LlamaConfig`.
+"""The ``config.json`` of a Llama-family :class:`~jaxlora.models.llama.config.LlamaConfig`.
 
 :func:`model_type` picks the Hugging Face ``model_type`` (``llama``, ``mistral``, ``qwen2``,
 ``qwen3``) whose features are exactly the config's, :data:`ARCHITECTURES` its model class, and
 :func:`config_to_hf` writes the dict, the inverse of
-:func:`jaxlora.models.hf_llama_config.config_from_hf`.
-:func:`jaxlora.models.hf_export.save_hf` writes it beside the weights.
+:func:`jaxlora.models.hf.llama_config.config_from_hf`.
+:func:`jaxlora.models.hf.export.save_hf` writes it beside the weights.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from jaxlora.models.llama_config import LlamaConfig
+from jaxlora.models.llama.config import LlamaConfig
 
 __all__ = ["ARCHITECTURES", "config_to_hf", "model_type"]
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxlora.models import packaged
+from jaxlora.models.io import packaged
 
 __all__ = ["GGUFFile", "tokenizer_from_gguf"]
 

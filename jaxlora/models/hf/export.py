@@ -4,10 +4,10 @@
 the base dtype) and :func:`save_hf` writes ``config.json`` and safetensors shards (with
 ``model.safetensors.index.json`` when there is more than one) that
 ``transformers.AutoModelForCausalLM.from_pretrained`` loads. :func:`config_to_hf` is the inverse of
-:func:`jaxlora.models.hf_llama.config_from_hf` (a Llama-family config goes through
-:mod:`jaxlora.models.hf_llama_export`). A :class:`~jaxlora.models.gemma.GemmaConfig`
-goes through :mod:`jaxlora.models.gemma_export` and
-:func:`jaxlora.models.gemma_weights.expected_tensors` instead.
+:func:`jaxlora.models.hf.llama.config_from_hf` (a Llama-family config goes through
+:mod:`jaxlora.models.hf.llama_export`). A :class:`~jaxlora.models.gemma.GemmaConfig`
+goes through :mod:`jaxlora.models.hf.gemma_export` and
+:func:`jaxlora.models.hf.gemma.expected_tensors` instead.
 
 Example (a tiny random model; writes one ``model.safetensors``):
     >>> import tempfile, jax, jax.numpy as jnp
@@ -35,13 +35,13 @@ from flax import traverse_util
 
 from jaxlora._src.config.lora_config import LoraConfig
 from jaxlora._src.tree.core import merge
-from jaxlora.models import gemma_export, gemma_weights
-from jaxlora.models.gemma import GemmaConfig
-from jaxlora.models.hf_checkpoint import CONFIG_FILE, INDEX_FILE, SINGLE_FILE
-from jaxlora.models.hf_llama import config_from_hf, expected_tensors
-from jaxlora.models.hf_llama_export import config_to_hf as _llama_config_to_hf
-from jaxlora.models.hf_llama_export import model_type as model_type
-from jaxlora.models.llama import LlamaConfig
+from jaxlora.models.gemma.config import GemmaConfig
+from jaxlora.models.hf import gemma, gemma_export
+from jaxlora.models.hf.checkpoint import CONFIG_FILE, INDEX_FILE, SINGLE_FILE
+from jaxlora.models.hf.llama import config_from_hf, expected_tensors
+from jaxlora.models.hf.llama_export import config_to_hf as _llama_config_to_hf
+from jaxlora.models.hf.llama_export import model_type as model_type
+from jaxlora.models.llama.config import LlamaConfig
 
 __all__ = ["config_to_hf", "model_type", "save_hf", "save_hf_merged"]
 
@@ -54,9 +54,9 @@ def _family(config: Any) -> tuple[Any, Any, Any]:
     """``(expected_tensors, config_to_hf, config_from_hf)`` of ``config``'s model family."""
     if isinstance(config, GemmaConfig):
         return (
-            gemma_weights.expected_tensors,
+            gemma.expected_tensors,
             gemma_export.config_to_hf,
-            gemma_weights.config_from_hf,
+            gemma.config_from_hf,
         )
     if isinstance(config, LlamaConfig):
         return expected_tensors, _llama_config_to_hf, config_from_hf
@@ -65,7 +65,7 @@ def _family(config: Any) -> tuple[Any, Any, Any]:
 
 def config_to_hf(config: LlamaConfig | GemmaConfig, dtype: str = "float32") -> dict[str, Any]:
     """The ``config.json`` dict for ``config`` (``model_type`` from :func:`model_type`, or
-    :func:`jaxlora.models.gemma_export.model_type` for a Gemma).
+    :func:`jaxlora.models.hf.gemma_export.model_type` for a Gemma).
 
     Example:
         >>> doc = config_to_hf(LlamaConfig(rope_interleaved=False))
@@ -147,8 +147,8 @@ def save_hf(
             replaced, other files (a tokenizer) kept.
         config: the model's config: a :class:`~jaxlora.models.llama.LlamaConfig` or a
             :class:`~jaxlora.models.gemma.GemmaConfig`.
-        params: its params (every tensor :func:`~jaxlora.models.hf_llama.expected_tensors`, or
-            :func:`~jaxlora.models.gemma_weights.expected_tensors`, names).
+        params: its params (every tensor :func:`~jaxlora.models.hf.llama.expected_tensors`, or
+            :func:`~jaxlora.models.hf.gemma.expected_tensors`, names).
         max_shard_size: bytes per safetensors file (an int, or e.g. ``"500MB"``); more than one
             file adds ``model.safetensors.index.json``.
         hf_config: the base checkpoint's ``config.json`` dict, written instead of

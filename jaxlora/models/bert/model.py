@@ -11,7 +11,7 @@ Module paths follow Hugging Face's ``BertModel`` closely::
 so ``target_modules=["query", "value"]`` selects exactly the query and value kernels of every layer.
 :class:`BertClassifier` nests the encoder under ``bert`` and adds a head named ``classifier``,
 mirroring ``BertForSequenceClassification``. Pretrained weights, the tokenizer and the Hugging Face
-name map are in :mod:`jaxlora.models.bert_weights`.
+name map are in :mod:`jaxlora.models.bert.weights`.
 """
 
 from __future__ import annotations
@@ -223,7 +223,7 @@ class BertClassifier(nn.Module):
     """:class:`BertEncoder` (under ``bert``) + masked mean pooling + a Dense head ``classifier``.
 
     Put pretrained weights in with ``params["bert"] = load_minilm()[1]`` after ``init``
-    (:func:`jaxlora.models.bert_weights.load_minilm`).
+    (:func:`jaxlora.models.bert.weights.load_minilm`).
     """
 
     config: BertConfig = BertConfig()

@@ -24,9 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from jaxlora.models import packaged
-from jaxlora.models.gguf_reader import GGUFFile, tokenizer_from_gguf
-from jaxlora.models.llama import LlamaConfig, LlamaForCausalLM
+from jaxlora.models.io import packaged
+from jaxlora.models.io.gguf_reader import GGUFFile, tokenizer_from_gguf
+from jaxlora.models.llama.model import LlamaConfig, LlamaForCausalLM
 
 __all__ = [
     "GGUF_BLOCK_NAMES",

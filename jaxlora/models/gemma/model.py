@@ -22,14 +22,14 @@ plain 2-D ``nn.Dense`` without bias, so ``target_modules=["q_proj", "v_proj"]`` 
     layers_{i}/mlp/{gate,up,down}_proj
 
 A norm's ``scale`` holds Hugging Face's ``weight`` unchanged (zero means identity). Weights load
-with :func:`jaxlora.models.gemma_weights.load_hf_gemma`.
+with :func:`jaxlora.models.hf.gemma.load_hf_gemma`.
 
-The cache path (``cache=``, see :mod:`jaxlora.models.kv_cache`) keeps every layer's keys for all
-``max_length`` slots; a sliding layer masks slots at or beyond ``sliding_window`` behind the query
-rather than evicting them, so its answers match the uncached forward exactly.
+The cache path (``cache=``, see :mod:`jaxlora.models.decoding.kv_cache`) keeps every layer's
+keys for all ``max_length`` slots; a sliding layer masks slots at or beyond ``sliding_window``
+behind the query rather than evicting them, so its answers match the uncached forward exactly.
 
-The config is in :mod:`jaxlora.models.gemma_config`, the decoder block in
-:mod:`jaxlora.models.gemma_layers`.
+The config is in :mod:`jaxlora.models.gemma.config`, the decoder block in
+:mod:`jaxlora.models.gemma.layers`.
 """
 
 from __future__ import annotations
@@ -42,11 +42,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike, DTypeLike
 
-from jaxlora.models.gemma_config import FULL as FULL
-from jaxlora.models.gemma_config import SLIDING as SLIDING
-from jaxlora.models.gemma_config import GemmaConfig as GemmaConfig
-from jaxlora.models.gemma_layers import GemmaBlock, GemmaRMSNorm, softcap
-from jaxlora.models.kv_cache import KVCache, cache_positions
+from jaxlora.models.decoding.kv_cache import KVCache, cache_positions
+from jaxlora.models.gemma.config import FULL as FULL
+from jaxlora.models.gemma.config import SLIDING as SLIDING
+from jaxlora.models.gemma.config import GemmaConfig as GemmaConfig
+from jaxlora.models.gemma.layers import GemmaBlock, GemmaRMSNorm, softcap
 
 __all__ = ["FULL", "SLIDING", "GemmaConfig", "GemmaForCausalLM", "init_cache"]
 
@@ -54,7 +54,7 @@ __all__ = ["FULL", "SLIDING", "GemmaConfig", "GemmaForCausalLM", "init_cache"]
 def init_cache(
     config: GemmaConfig, batch: int, max_length: int, dtype: DTypeLike = jnp.float32
 ) -> KVCache:
-    """An empty :class:`~jaxlora.models.kv_cache.KVCache` for ``GemmaForCausalLM(config)``.
+    """An empty :class:`~jaxlora.models.decoding.KVCache` for ``GemmaForCausalLM(config)``.
 
     Example:
         >>> cfg = GemmaConfig(vocab_size=8, hidden_size=4, intermediate_size=8, num_layers=2,
@@ -126,9 +126,9 @@ class GemmaForCausalLM(nn.Module):
             attention_mask: 1 for tokens to attend to, 0 for (left) padding; defaults to all ones.
                 Attention is causal in any case (and windowed on sliding layers).
             positions: RoPE positions; defaults to ``0 … T-1`` without a cache, and with one to
-                :func:`~jaxlora.models.kv_cache.cache_positions` (each row's real tokens counted
+                :func:`~jaxlora.models.decoding.cache_positions` (each row's real tokens counted
                 from 0, so left padding is handled).
-            cache: A :class:`~jaxlora.models.kv_cache.KVCache` from :func:`init_cache`, or None.
+            cache: A :class:`~jaxlora.models.decoding.KVCache` from :func:`init_cache`, or None.
         """
         input_ids = jnp.asarray(input_ids)
         if input_ids.ndim != 2:

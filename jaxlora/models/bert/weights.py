@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from jaxlora.models import packaged
-from jaxlora.models.bert import BertConfig, BertEncoder
+from jaxlora.models.bert.model import BertConfig, BertEncoder
+from jaxlora.models.io import packaged
 
 __all__ = [
     "flax_leaf",

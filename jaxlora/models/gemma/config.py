@@ -26,7 +26,7 @@ class GemmaConfig:
 
     Gemma 2 and 3 set ``sandwich_norms``, ``query_pre_attn_scalar``, ``sliding_window`` and
     ``layer_types`` (Gemma 2 also the soft-caps, Gemma 3 ``qk_norm`` and the local RoPE).
-    :func:`jaxlora.models.gemma_weights.config_from_hf` reads all of them from a ``config.json``.
+    :func:`jaxlora.models.hf.gemma.config_from_hf` reads all of them from a ``config.json``.
 
     Attributes:
         rope_theta / rope_factor: RoPE base and linear scaling factor of full-attention layers

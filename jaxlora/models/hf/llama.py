@@ -4,9 +4,9 @@
 :func:`load_hf` reads a local checkpoint directory (``config.json`` + safetensors, single or
 sharded), picking the loader by ``config.json``'s ``model_type``; :func:`load_hf_llama` is the
 Llama-family loader, :func:`config_from_hf` the config translation (from
-:mod:`jaxlora.models.hf_llama_config`) and :func:`expected_tensors` the name map (Hugging Face
+:mod:`jaxlora.models.hf.llama_config`) and :func:`expected_tensors` the name map (Hugging Face
 tensor -> Flax path, shape and transpose). Loading goes through
-:func:`jaxlora.models.hf_checkpoint.read_checkpoint`: tensor by tensor, straight into the target
+:func:`jaxlora.models.hf.checkpoint.read_checkpoint`: tensor by tensor, straight into the target
 shardings.
 
 Example (a checkpoint that ``transformers`` saved; not run here)::
@@ -25,10 +25,10 @@ from typing import Any
 from jax.sharding import Mesh
 from jax.typing import DTypeLike
 
-from jaxlora.models.hf_checkpoint import Shardings, TensorSpec, read_checkpoint, read_config
-from jaxlora.models.hf_llama_config import LLAMA_MODEL_TYPES as LLAMA_MODEL_TYPES
-from jaxlora.models.hf_llama_config import config_from_hf as config_from_hf
-from jaxlora.models.llama import LlamaConfig
+from jaxlora.models.hf.checkpoint import Shardings, TensorSpec, read_checkpoint, read_config
+from jaxlora.models.hf.llama_config import LLAMA_MODEL_TYPES as LLAMA_MODEL_TYPES
+from jaxlora.models.hf.llama_config import config_from_hf as config_from_hf
+from jaxlora.models.llama.config import LlamaConfig
 
 __all__ = [
     "GEMMA_MODEL_TYPES",
@@ -40,7 +40,7 @@ __all__ = [
     "peft_module_name",
 ]
 
-#: Handed to ``jaxlora.models.gemma_weights.load_hf_gemma`` when that module exists.
+#: Handed to ``jaxlora.models.hf.gemma.load_hf_gemma`` when that module exists.
 GEMMA_MODEL_TYPES = ("gemma", "gemma2", "gemma3_text", "gemma3")
 #: Checkpoint tensors that are derived buffers, not weights (older Llama checkpoints keep them).
 IGNORED = r"rotary_emb\.inv_freq$"
@@ -128,7 +128,7 @@ def load_hf_llama(
     Args:
         directory: a local Hugging Face model directory (``config.json``, ``model.safetensors``
             or ``model.safetensors.index.json`` and its shards).
-        mesh, shardings: where each tensor goes, see :mod:`jaxlora.models.hf_checkpoint`
+        mesh, shardings: where each tensor goes, see :mod:`jaxlora.models.hf.checkpoint`
             (e.g. ``{r"q_proj/kernel": PartitionSpec(None, "model")}``).
         dtype: cast every weight to it; ``None`` keeps the stored dtype (bf16 stays bf16).
         progress: show a ``tqdm`` progress bar.
@@ -153,15 +153,15 @@ def load_hf_llama(
 
 def _gemma_loader() -> Any:
     try:
-        module = importlib.import_module("jaxlora.models.gemma_weights")
+        module = importlib.import_module("jaxlora.models.hf.gemma")
     except ModuleNotFoundError as err:
-        if err.name != "jaxlora.models.gemma_weights":
+        if err.name != "jaxlora.models.hf.gemma":
             raise
         module = None
     loader = getattr(module, "load_hf_gemma", None)
     if loader is None:
         raise ValueError(
-            "Gemma checkpoints need `jaxlora.models.gemma_weights.load_hf_gemma`, which this "
+            "Gemma checkpoints need `jaxlora.models.hf.gemma.load_hf_gemma`, which this "
             "installation of jaxlora does not have"
         )
     return loader
@@ -179,7 +179,7 @@ def load_hf(
 
     ``llama``, ``mistral``, ``qwen2`` and ``qwen3`` give a :class:`LlamaConfig` (see
     :func:`load_hf_llama`, which has the arguments); ``gemma``, ``gemma2`` and ``gemma3_text`` go
-    to ``jaxlora.models.gemma_weights.load_hf_gemma``.
+    to ``jaxlora.models.hf.gemma.load_hf_gemma``.
 
     Raises:
         FileNotFoundError: when ``directory`` has no ``config.json``.

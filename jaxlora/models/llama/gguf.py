@@ -11,9 +11,9 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from jaxlora import quant
-from jaxlora.models import llama_weights as lw
-from jaxlora.models.gguf_reader import GGUFFile
-from jaxlora.models.llama import LlamaConfig
+from jaxlora.models.io.gguf_reader import GGUFFile
+from jaxlora.models.llama import weights as lw
+from jaxlora.models.llama.config import LlamaConfig
 
 __all__ = ["load_gguf_llama"]
 
@@ -23,7 +23,7 @@ def load_gguf_llama(
 ) -> tuple[LlamaConfig, dict[str, Any]]:
     """Loads a Llama GGUF file (default: SmolLM2-135M-Instruct) keeping Q4_1 kernels 4-bit.
 
-    Like ``jaxlora.models.llama_weights.load_smollm2``, but every Q4_1 weight becomes a
+    Like ``jaxlora.models.llama.weights.load_smollm2``, but every Q4_1 weight becomes a
     :class:`~jaxlora.quant.QuantizedKernel` holding the file's own blocks (dequantised on the fly by
     :func:`jaxlora.quant.dequantize`, or layer by layer inside :func:`jaxlora.apply`); other
     tensors are read as float32.

@@ -1,11 +1,12 @@
-"""A Gemma 1/2/3 :class:`~jaxlora.models.gemma_config.GemmaConfig` from a Hugging Face
+"""A Gemma 1/2/3 :class:`~jaxlora.models.gemma.config.GemmaConfig` from a Hugging Face
 ``config.json``.
 
 :func:`config_from_hf` reads ``model_type`` ``"gemma"``, ``"gemma2"``, ``"gemma3_text"``, or a
 multimodal ``"gemma3"`` whose ``text_config`` is used, filling the keys a file leaves out with
 ``transformers``' defaults for that model type (Hub Gemma 3 configs omit many); both the older
 ``rope_theta`` / ``rope_scaling`` / ``rope_local_base_freq`` keys and transformers 5's
-``rope_parameters`` are understood. :func:`jaxlora.models.gemma_export.config_to_hf` is the inverse.
+``rope_parameters`` are understood. :func:`jaxlora.models.hf.gemma_export.config_to_hf` is the
+inverse.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from jaxlora.models.gemma_config import FULL, SLIDING, GemmaConfig
+from jaxlora.models.gemma.config import FULL, SLIDING, GemmaConfig
 
 __all__ = ["config_from_hf"]
 

@@ -1,10 +1,10 @@
 """Hugging Face ``config.json`` for a Gemma 1/2/3 text model: the inverse of
-:func:`jaxlora.models.gemma_weights.config_from_hf`.
+:func:`jaxlora.models.hf.gemma.config_from_hf`.
 
-:func:`jaxlora.models.hf_export.save_hf` and :func:`~jaxlora.models.hf_export.save_hf_merged`
+:func:`jaxlora.models.hf.export.save_hf` and :func:`~jaxlora.models.hf.export.save_hf_merged`
 write a :class:`~jaxlora.models.gemma.GemmaConfig` model with it; the tensor names, their
 ``(out, in)`` layouts and the norms (stored as Hugging Face stores them: the ``weight`` of
-``x̂ · (1 + weight)``) come from :func:`jaxlora.models.gemma_weights.expected_tensors`, read
+``x̂ · (1 + weight)``) come from :func:`jaxlora.models.hf.gemma.expected_tensors`, read
 backwards.
 
 :func:`model_type` picks the generation from the features: ``qk_norm`` is Gemma 3
@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from jaxlora.models.gemma import FULL, SLIDING, GemmaConfig
+from jaxlora.models.gemma.config import FULL, SLIDING, GemmaConfig
 
 __all__ = ["config_to_hf", "model_type"]
 
