@@ -14,8 +14,8 @@ GGUF file is loaded 4-bit by :func:`jaxlora.models.load_gguf_llama`.
 Merging an adapter into a quantised base (:func:`merge_quantized`, then :func:`requantize`) is
 lossy: :func:`requantization_error` measures it. Measured on a 1024×1024 kernel drawn from
 N(0, 0.02²) with a random rank-8 update of relative size ‖sΔW‖/‖W‖ = 0.05 (``python -m
-experiments.requantization_error``): after int8 requantisation the merged weight is off by
-0.79% (relative Frobenius error) and the update by 15.7%; after NF4 by 5.2% and 104%: the NF4
+experiments.benchmarks.requantization_error``): after int8 requantisation the merged weight is off
+by 0.79% (relative Frobenius error) and the update by 15.7%; after NF4 by 5.2% and 104%: the NF4
 rounding error is as large as the whole update, so a merged QLoRA adapter should be deployed on a
 float (or int8) base, or kept unmerged.
 """

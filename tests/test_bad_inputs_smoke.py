@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from experiments import bad_inputs
+from experiments.validation import bad_inputs
 
 pytestmark = pytest.mark.slow  # runs a script from experiments/ (its smoke tests are all slow)
 

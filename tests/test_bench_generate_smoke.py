@@ -1,4 +1,4 @@
-"""A tiny run of experiments/bench_generate.py, so the script cannot rot."""
+"""A tiny run of experiments/benchmarks/bench_generate.py, so the script cannot rot."""
 
 import json
 import os
@@ -7,9 +7,11 @@ import sys
 
 import pytest
 
-pytestmark = pytest.mark.slow  # runs experiments/bench_generate.py in a subprocess
+pytestmark = pytest.mark.slow  # runs experiments/benchmarks/bench_generate.py in a subprocess
 
-SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "experiments", "bench_generate.py")
+SCRIPT = os.path.join(
+    os.path.dirname(__file__), os.pardir, "experiments", "benchmarks", "bench_generate.py"
+)
 
 
 def test_quick_benchmark_writes_json_and_markdown(tmp_path):

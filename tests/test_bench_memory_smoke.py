@@ -1,4 +1,4 @@
-"""Smoke test of experiments/bench_memory.py on a tiny model (three configurations)."""
+"""Smoke test of experiments/benchmarks/bench_memory.py on a tiny model (three configurations)."""
 
 import json
 import os
@@ -7,9 +7,11 @@ import sys
 
 import pytest
 
-pytestmark = pytest.mark.slow  # runs experiments/bench_memory.py in subprocesses
+pytestmark = pytest.mark.slow  # runs experiments/benchmarks/bench_memory.py in subprocesses
 
-SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "experiments", "bench_memory.py")
+SCRIPT = os.path.join(
+    os.path.dirname(__file__), os.pardir, "experiments", "benchmarks", "bench_memory.py"
+)
 
 
 def test_bench_memory_small_writes_json_and_markdown(tmp_path):

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from experiments import bench_train_step
+from experiments.benchmarks import bench_train_step
 
-pytestmark = pytest.mark.slow  # runs experiments/bench_train_step.py (and PyTorch if installed)
+pytestmark = pytest.mark.slow  # runs experiments/benchmarks/bench_train_step.py (and PyTorch)
 
 
 @pytest.mark.standard_dtypes  # optax's AdamW
@@ -64,7 +64,7 @@ def _has(module: str) -> bool:
 @pytest.mark.standard_dtypes
 def test_tiny_profile_writes_results(tmp_path):
     """Needs PyTorch and PEFT (the bench extra, part of dev): the profile compares against them."""
-    from experiments import profile_step
+    from experiments.benchmarks import profile_step
 
     result = profile_step.main(["--tiny", "--out", str(tmp_path)])
     steps = json.loads((tmp_path / "profile_step_tiny.json").read_text())["steps"]
@@ -87,7 +87,7 @@ def test_tiny_profile_writes_results(tmp_path):
 
 @pytest.mark.standard_dtypes
 def test_tiny_xla_options_writes_results(tmp_path):
-    from experiments import xla_cpu_options
+    from experiments.benchmarks import xla_cpu_options
 
     result = xla_cpu_options.main(["--tiny", "--out", str(tmp_path)])
     rows = json.loads((tmp_path / "xla_cpu_options_tiny.json").read_text())["rows"]
@@ -103,7 +103,7 @@ def test_tiny_xla_options_writes_results(tmp_path):
 
 @pytest.mark.standard_dtypes
 def test_tiny_adapter_cost_writes_results(tmp_path):
-    from experiments import adapter_cost
+    from experiments.benchmarks import adapter_cost
 
     result = adapter_cost.main(["--tiny", "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "adapter_cost_tiny.json").read_text())
@@ -119,7 +119,7 @@ def test_einsum_attention_is_the_models_attention():
     import jax
     import jax.numpy as jnp
 
-    from experiments import profile_step
+    from experiments.benchmarks import profile_step
 
     q, k, v = jax.random.normal(jax.random.key(0), (3, 2, 5, 3, 4))
     want = jax.nn.dot_product_attention(q, k, v, is_causal=True)
@@ -132,7 +132,7 @@ def test_one_gemm_variant_computes_the_adapted_layer():
     import jax
     import jax.numpy as jnp
 
-    from experiments import adapter_cost
+    from experiments.benchmarks import adapter_cost
     from jaxlora._src.forward import fused
 
     k = jax.random.split(jax.random.key(0), 4)
@@ -158,7 +158,7 @@ def test_merged_inference_row_runs_the_base_program():
 
     import jax
 
-    from experiments import bench_runners, models_gpt
+    from experiments.benchmarks import bench_runners, models_gpt
 
     c = models_gpt.TINY
     batch = jax.random.randint(jax.random.key(2), (2, c.seq + 1), 0, c.vocab)

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from experiments import finetune
+from experiments.examples import finetune
 
-pytestmark = pytest.mark.slow  # a smoke run of experiments/finetune.py on MiniLM's weights
+pytestmark = pytest.mark.slow  # a smoke run of experiments/examples/finetune.py on MiniLM's weights
 
 
 @pytest.mark.standard_dtypes

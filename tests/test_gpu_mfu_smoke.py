@@ -1,10 +1,10 @@
-"""The GPU MFU script (experiments/gpu_mfu.py) on a tiny model on CPU, so it cannot rot."""
+"""experiments/benchmarks/gpu_mfu.py (GPU MFU) on a tiny model on CPU, so the script cannot rot."""
 
 import json
 
 import pytest
 
-from experiments import gpu_mfu
+from experiments.benchmarks import gpu_mfu
 
 pytestmark = pytest.mark.slow  # compiles two training steps
 

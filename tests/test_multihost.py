@@ -1,4 +1,4 @@
-"""Two processes x 4 CPU devices with jax.distributed (gloo), via experiments/multihost.py.
+"""Two processes x 4 CPU devices with jax.distributed (gloo), via experiments/examples/multihost.py.
 
 The workers are spawned on a free 127.0.0.1 port with a bounded wait and killed on any failure
 (``multihost.launch``). Both must end with identical adapters equal to a single-device run, and the
@@ -24,7 +24,8 @@ TOLERANCE = 1e-5
 
 
 def _load(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
+    path = ROOT / "experiments" / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

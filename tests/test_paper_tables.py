@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from experiments import paper_param_tables
+from experiments.examples import paper_param_tables
 
-pytestmark = pytest.mark.slow  # runs experiments/paper_param_tables.py
+pytestmark = pytest.mark.slow  # runs experiments/examples/paper_param_tables.py
 
 
 def test_paper_tables(tmp_path):

@@ -1,4 +1,4 @@
-"""Every parallelism mode of experiments/train_parallel.py on 8 simulated CPU devices.
+"""Every parallelism mode of experiments/examples/train_parallel.py on 8 simulated CPU devices.
 
 The script runs once, in a subprocess (jax fixes its device count at first use, and this pytest
 process must keep its own), and trains a single-device reference plus each mode on the same batches.
@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow  # experiments/train_parallel.py in a subprocess
+pytestmark = pytest.mark.slow  # experiments/examples/train_parallel.py in a subprocess
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "experiments" / "train_parallel.py"
+SCRIPT = ROOT / "experiments" / "examples" / "train_parallel.py"
 TOLERANCE = 1e-5
 # Compiling dominates these runs; XLA's cheaper CPU pipeline halves it and keeps float32 numerics.
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"

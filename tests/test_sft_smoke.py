@@ -1,4 +1,4 @@
-"""experiments/sft_smollm2.py: its data and answer-only loss mask, and a tiny end-to-end run."""
+"""experiments/examples/sft_smollm2.py: its data, its answer-only loss mask, a tiny full run."""
 
 import json
 import os
@@ -8,12 +8,14 @@ import sys
 import numpy as np
 import pytest
 
-from experiments import sft_smollm2
+from experiments.examples import sft_smollm2
 from jaxlora.models.llama import weights as llama_weights
 
 pytestmark = pytest.mark.slow  # the SmolLM2 tokenizer, and a subprocess run of the script
 
-SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "experiments", "sft_smollm2.py")
+SCRIPT = os.path.join(
+    os.path.dirname(__file__), os.pardir, "experiments", "examples", "sft_smollm2.py"
+)
 
 
 def test_question_answer_pairs_from_pydoc_topics():

@@ -1,5 +1,5 @@
 """Wrong inputs to the multi-adapter, quantisation, sharding and file APIs: each is refused with
-an error naming the argument (see experiments/bad_inputs.py for the full battery)."""
+an error naming the argument (see experiments/validation/bad_inputs.py for the full battery)."""
 
 from __future__ import annotations
 

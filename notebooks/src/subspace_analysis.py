@@ -23,7 +23,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import jaxlora
-from experiments import sentiment
+from experiments.examples import sentiment
 from jaxlora import analysis
 
 SMALL = bool(os.environ.get("JAXLORA_SMALL"))

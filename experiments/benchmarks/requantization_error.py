@@ -2,7 +2,7 @@
 
 A 1024x1024 kernel drawn from N(0, 0.02^2), a random rank-8 update scaled to
 ||s dW|| / ||W|| = 0.05, merged and requantised with int8 and NF4.
-Run: ``python -m experiments.requantization_error``.
+Run: ``python -m experiments.benchmarks.requantization_error``.
 """
 
 import jax

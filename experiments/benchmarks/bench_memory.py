@@ -23,10 +23,10 @@ fine-tuning included, recompute every decoder block in the backward pass
 (``jaxlora.remat``, ``remat=r"layers_\\d+"``) instead of keeping its activations (QLoRA trains
 with gradient checkpointing too); their ratios are to ``full_ft_remat``.
 
-    python experiments/bench_memory.py          # -> experiments/results/bench_memory.{json,md}
-    python experiments/bench_memory.py --small    # tiny model, for the smoke test
-    python experiments/bench_memory.py --quality  # NF4 vs fp32 LoRA accuracy on Rotten Tomatoes
-    python experiments/bench_memory.py --nnx      # + the NNX rows -> bench_memory_nnx.{json,md}
+    python experiments/benchmarks/bench_memory.py            # -> results/bench_memory.{json,md}
+    python experiments/benchmarks/bench_memory.py --small    # tiny model, for the smoke test
+    python experiments/benchmarks/bench_memory.py --quality  # NF4 vs fp32 LoRA accuracy (RT)
+    python experiments/benchmarks/bench_memory.py --nnx      # + the NNX rows -> bench_memory_nnx.*
 
 The ``nnx_`` rows run the same decoder written in NNX (``_nnx_llama``: the same kernels, shapes
 and maths, ``layers/i`` for ``layers_i``), its params an ``nnx.State`` passed to ``jaxlora.apply``
@@ -49,6 +49,10 @@ import subprocess
 import sys
 import time
 import zlib
+
+#: ``experiments/``: results go to its ``results/``; the repository root above it is put on
+#: ``sys.path`` for ``--quality``, which imports ``experiments.examples.sentiment``.
+EXPERIMENTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CONFIGS = {
     # name: (kind, base storage, forward path, decoder blocks recomputed in the backward pass)
@@ -401,13 +405,14 @@ def run_quality(steps: int, n_test: int | None, seed: int = 0) -> list[dict]:
     """Rotten Tomatoes accuracy of LoRA r=8 (q,v) + head on all-MiniLM-L6-v2, with the encoder's
     linear kernels in float32 vs in NF4 (double-quantised): the QLoRA quality check.
 
-    Same data, steps, batch, learning rate and seed as ``experiments/quality.py``; both variants
-    run the factored path (the NF4 one with :func:`jaxlora.quant.dequantizing_interceptor`)."""
+    Same data, steps, batch, learning rate and seed as ``experiments/examples/quality.py``; both
+    variants run the factored path (the NF4 one with
+    :func:`jaxlora.quant.dequantizing_interceptor`)."""
     import flax.linen as nn
     import jax
 
     import jaxlora
-    from experiments import sentiment
+    from experiments.examples import sentiment
     from jaxlora import lora_interceptor, quant
 
     task = sentiment.load_task(48, n_test=n_test, seed=seed)
@@ -477,16 +482,16 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="the NNX rows and their linen twins, run together -> bench_memory_nnx.{json,md}",
     )
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    parser.add_argument("--out", default=os.path.join(EXPERIMENTS, "results"))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--quality", action="store_true", help="the Rotten Tomatoes QLoRA check")
     parser.add_argument("--steps", type=int, default=300, help="--quality: training steps")
     parser.add_argument("--n-test", type=int, default=None, help="--quality: test snippets")
     args = parser.parse_args(argv)
     if args.quality:
-        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        sys.path.insert(0, os.path.dirname(EXPERIMENTS))
         rows = run_quality(args.steps, args.n_test)
-        command = "python experiments/bench_memory.py " + " ".join(argv or sys.argv[1:])
+        command = "python experiments/benchmarks/bench_memory.py " + " ".join(argv or sys.argv[1:])
         os.makedirs(args.out, exist_ok=True)
         _write_quality(rows, args.out, command.strip(), args.steps, rows[0]["n_test"])
         return 0
@@ -511,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(rows[-1]), flush=True)
     import jax
 
-    command = "python experiments/bench_memory.py " + " ".join(argv or sys.argv[1:])
+    command = "python experiments/benchmarks/bench_memory.py " + " ".join(argv or sys.argv[1:])
     meta = {
         "command": command.strip(),
         "model": SIZES[size],

@@ -12,8 +12,8 @@ outcome is one of:
 A case whose *preparation* (building the wrong input, damaging a file) fails is a ``harness``
 error: a bug of this script, reported apart and never counted.
 
-    python experiments/bad_inputs.py            # the full battery, writes results/bad_inputs.json
-    python experiments/bad_inputs.py --quick    # a ~40-case subset, no JSON unless --out is given
+    python experiments/validation/bad_inputs.py          # all cases -> results/bad_inputs.json
+    python experiments/validation/bad_inputs.py --quick  # a ~40-case subset, no JSON unless --out
 
 The percentage is a measurement, not a pass mark.
 """
@@ -51,7 +51,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 import jaxlora  # noqa: E402
 from jaxlora import LoraConfig, adapters, checkpoint, inits, quant  # noqa: E402
 
-RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "bad_inputs.json"
+RESULTS = pathlib.Path(__file__).resolve().parents[1] / "results" / "bad_inputs.json"
 CLEAR_TYPES = (ValueError, TypeError, FileNotFoundError, KeyError)
 KEY = jax.random.key(0)
 NAN = float("nan")

@@ -3,7 +3,7 @@
 Every model is an abstract tree (``jaxlora.models.shapes``): GPT-3 175B is counted on a laptop
 without allocating a byte of weights. Writes experiments/results/paper_param_tables.{json,md}.
 
-    python experiments/paper_param_tables.py
+    python experiments/examples/paper_param_tables.py
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import jax
 import jaxlora
 from jaxlora.models.shapes import PAPER_MODELS, abstract_params
 
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+RESULTS = pathlib.Path(__file__).resolve().parents[1] / "results"
 
 # (table, model, targets, rank, the paper's figure as printed in millions)
 ROWS = [
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "paper_param_tables.json").write_text(json.dumps(rows, indent=2) + "\n")
-    command = "python experiments/paper_param_tables.py"
+    command = "python experiments/examples/paper_param_tables.py"
     (args.out / "paper_param_tables.md").write_text(f"Made by `{command}`.\n\n{table}")
     return rows
 

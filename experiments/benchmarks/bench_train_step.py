@@ -24,9 +24,9 @@ How it measures (so that the numbers can be defended):
 
 Run (from the repository root)::
 
-    python -m experiments.bench_train_step --peft          # everything, ~15 min on 2 cores
-    python -m experiments.bench_train_step --quick         # a smaller model, key rows, < 3 min
-    python -m experiments.bench_train_step --tiny --rounds 2   # seconds: the smoke test
+    python -m experiments.benchmarks.bench_train_step --peft    # everything, ~15 min on 2 cores
+    python -m experiments.benchmarks.bench_train_step --quick   # a smaller model, key rows, < 3 min
+    python -m experiments.benchmarks.bench_train_step --tiny --rounds 2  # seconds: the smoke test
 
 Writes ``experiments/results/bench_train_step[_TAG].json`` and ``.md``.
 """
@@ -48,9 +48,9 @@ from pathlib import Path
 
 import jax
 
-from experiments import bench_jax_runner, bench_report, bench_runners, models_gpt
+from experiments.benchmarks import bench_jax_runner, bench_report, bench_runners, models_gpt
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path(__file__).resolve().parents[1] / "results"
 QUICK = models_gpt.GPTConfig(vocab=4096, d_model=384, heads=6, layers=2, mlp=1536, seq=128)
 #: Pause before each timed step: OpenMP (PyTorch) and Eigen (XLA) threads spin-wait for a while
 #: after their work ends (e.g. KMP_BLOCKTIME, 200 ms by default), which would slow whichever
@@ -86,16 +86,19 @@ class TorchWorker:
     """The PyTorch side in its own process (``bench_peft.serve``)."""
 
     def __init__(self, args, c: models_gpt.GPTConfig, batch_size: int, shim: str | None = None):
-        cmd = [sys.executable, "-m", "experiments.bench_peft", "--batch", str(batch_size)]
-        cmd += ["--r", str(args.r), "--alpha", str(args.alpha), "--model", json.dumps(asdict(c))]
+        cmd = [sys.executable, "-m", "experiments.benchmarks.bench_peft"]
+        cmd += ["--batch", str(batch_size), "--r", str(args.r), "--alpha", str(args.alpha)]
+        cmd += ["--model", json.dumps(asdict(c))]
         env = dict(os.environ)
         if shim:
             env["LD_PRELOAD"] = " ".join(filter(None, [shim, env.get("LD_PRELOAD")]))
-        root = Path(__file__).resolve().parent.parent
+        root = Path(__file__).resolve().parents[2]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True, cwd=root, env=env)  # fmt: skip
         if self.proc.stdout.readline().strip() != "ready":
-            raise RuntimeError("the PyTorch worker (experiments/bench_peft.py) did not start")
+            raise RuntimeError(
+                "the PyTorch worker (experiments/benchmarks/bench_peft.py) did not start"
+            )
 
     def close(self) -> None:
         """Ends the worker process (closing its stdin ends its serve loop)."""

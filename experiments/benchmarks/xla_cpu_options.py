@@ -8,8 +8,8 @@ benchmark GPT of ``models_gpt.py``. Each option compiles both steps a second tim
 ``XLA_FLAGS``), so every variant is timed in the same process, in a fresh random order each
 round, and the ratios to the default compile are measured side by side. Run it alone::
 
-    python -m experiments.xla_cpu_options              # ~5 min on 2 cores
-    python -m experiments.xla_cpu_options --tiny       # seconds (the smoke test)
+    python -m experiments.benchmarks.xla_cpu_options              # ~5 min on 2 cores
+    python -m experiments.benchmarks.xla_cpu_options --tiny       # seconds (the smoke test)
 
 Writes ``experiments/results/xla_cpu_options.json`` and ``.md``.
 """
@@ -25,9 +25,15 @@ from pathlib import Path
 import jax
 
 import jaxlora
-from experiments import bench_baselines, bench_jax_runner, bench_runners, models_gpt, results_io
+from experiments.benchmarks import (
+    bench_baselines,
+    bench_jax_runner,
+    bench_runners,
+    models_gpt,
+    results_io,
+)
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path(__file__).resolve().parents[1] / "results"
 OPTIONS = {
     "memory-optimized scheduler": {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"},
     "concurrency-optimized scheduler": {
@@ -91,7 +97,7 @@ def main(argv=None) -> dict:
         "rows": rows,
         "rounds": rounds,
         "load_1m": {"before": load_before, "after": results_io.load_1m()},
-        "command": results_io.command("experiments.xla_cpu_options"),
+        "command": results_io.command("experiments.benchmarks.xla_cpu_options"),
     }
     write(Path(args.out), "xla_cpu_options_tiny" if args.tiny else "xla_cpu_options", result)
     return result

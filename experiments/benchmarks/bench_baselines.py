@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from flax import nnx, traverse_util
 
-from experiments import models_gpt
-from experiments.bench_jax_runner import JaxRunner
+from experiments.benchmarks import models_gpt
+from experiments.benchmarks.bench_jax_runner import JaxRunner
 
 
 def _is_target_bias(path, targets) -> bool:

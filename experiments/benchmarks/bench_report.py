@@ -18,7 +18,7 @@ from pathlib import Path
 
 import jax
 
-from experiments import bench_jax_runner, results_io
+from experiments.benchmarks import bench_jax_runner, results_io
 
 BUSY_LOAD = 1.5  # load average before the run above which a 2-core machine is not quiet
 #: (adapter row, floor row) pairs, by group-free row name.
@@ -102,7 +102,7 @@ def report(args, c, runners, load_before, load_after) -> dict:
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "machine": {"cpus": os.cpu_count(), "arch": platform.machine()},
         "versions": {"python": platform.python_version(), "jax": jax.__version__},
-        "command": results_io.command("experiments.bench_train_step"),
+        "command": results_io.command("experiments.benchmarks.bench_train_step"),
     }
     write(args, result)
     if busy:

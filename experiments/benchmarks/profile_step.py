@@ -17,8 +17,8 @@ reported too. The step's GEMM shapes and one layer's causal attention (forward a
 also timed alone in each framework, to tell a slow kernel from a kernel slowed by the step around
 it. Run it alone on the machine::
 
-    python -m experiments.profile_step            # ~3 min on 2 cores
-    python -m experiments.profile_step --tiny     # seconds (the smoke test)
+    python -m experiments.benchmarks.profile_step            # ~3 min on 2 cores
+    python -m experiments.benchmarks.profile_step --tiny     # seconds (the smoke test)
 
 Writes ``experiments/results/profile_step.json`` and ``.md``.
 """
@@ -35,9 +35,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from experiments import results_io
+from experiments.benchmarks import results_io
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path(__file__).resolve().parents[1] / "results"
 STEPS = 3
 
 
@@ -76,7 +76,7 @@ def profile_jax(tiny: bool) -> dict[str, dict[str, float]]:
     import jax
     from jax.profiler import ProfileData
 
-    from experiments import bench_runners, models_gpt
+    from experiments.benchmarks import bench_runners, models_gpt
 
     c = models_gpt.TINY if tiny else models_gpt.GPTConfig()
     batch = jax.random.randint(jax.random.key(2), (2 if tiny else 8, c.seq + 1), 0, c.vocab)
@@ -142,7 +142,7 @@ def profile_torch(tiny: bool) -> dict[str, dict[str, float]]:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from experiments import bench_peft, models_gpt
+    from experiments.benchmarks import bench_peft, models_gpt
 
     c = models_gpt.TINY if tiny else models_gpt.GPTConfig()
     runners = bench_peft.runners(c, 8, 16.0, 2 if tiny else 8)
@@ -179,7 +179,7 @@ def gemms(framework: str, tiny: bool, repeats: int = 15) -> dict[str, list[float
     from a kernel slowed by the step around it."""
     import numpy as np
 
-    from experiments import models_gpt
+    from experiments.benchmarks import models_gpt
 
     c = models_gpt.TINY if tiny else models_gpt.GPTConfig()
     rows = (2 if tiny else 8) * c.seq
@@ -237,7 +237,7 @@ def attention(framework: str, tiny: bool, repeats: int = 15) -> dict[str, list[f
     two einsums, to see whether another layout of the attention would pay."""
     import numpy as np
 
-    from experiments import models_gpt
+    from experiments.benchmarks import models_gpt
 
     c = models_gpt.TINY if tiny else models_gpt.GPTConfig()
     shape = (2 if tiny else 8, c.seq, c.heads, c.d_model // c.heads)
@@ -286,9 +286,9 @@ def main(argv=None) -> dict:
     load_before = results_io.load_1m()
     profiles, gemm_ms, attention_ms = {}, {}, {}
     for worker in ("jax", "torch"):
-        cmd = [sys.executable, "-m", "experiments.profile_step", "--worker", worker]
+        cmd = [sys.executable, "-m", "experiments.benchmarks.profile_step", "--worker", worker]
         done = subprocess.run(cmd + ["--tiny"] * args.tiny, capture_output=True, text=True,
-                              cwd=Path(__file__).resolve().parent.parent)  # fmt: skip
+                              cwd=Path(__file__).resolve().parents[2])  # fmt: skip
         if done.returncode:
             raise RuntimeError(f"the {worker} profile worker failed:\n{done.stderr[-3000:]}")
         answer = json.loads(done.stdout.strip().splitlines()[-1])
@@ -304,7 +304,7 @@ def main(argv=None) -> dict:
         "gemm_ms": gemm_ms,
         "attention_ms": attention_ms,
         "load_1m": {"before": load_before, "after": results_io.load_1m()},
-        "command": results_io.command("experiments.profile_step"),
+        "command": results_io.command("experiments.benchmarks.profile_step"),
     }
     write(Path(args.out), "profile_step_tiny" if args.tiny else "profile_step", result)
     return result

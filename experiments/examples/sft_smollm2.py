@@ -9,9 +9,9 @@ records the held-out answer loss before and after, and a few held-out answers ge
 and after with :func:`jaxlora.models.decoding.generate` (the adapter factored; the merged adapter
 is checked to give the same tokens). Writes experiments/results/sft_smollm2.{json,md}.
 
-    python experiments/sft_smollm2.py                 # ~10 minutes on 2 CPU cores (60 steps)
-    python experiments/sft_smollm2.py --steps 5       # a quick look
-    python experiments/sft_smollm2.py --tiny --steps 2   # random tiny model: the pipeline only
+    python experiments/examples/sft_smollm2.py                 # ~10 minutes on 2 cores (60 steps)
+    python experiments/examples/sft_smollm2.py --steps 5       # a quick look
+    python experiments/examples/sft_smollm2.py --tiny --steps 2   # random tiny model: the pipeline
 """
 
 from __future__ import annotations
@@ -30,14 +30,14 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
 import jaxlora  # noqa: E402
 from jaxlora.models import llama  # noqa: E402
 from jaxlora.models.decoding import generate  # noqa: E402
 from jaxlora.models.llama import weights as llama_weights  # noqa: E402
 
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+RESULTS = pathlib.Path(__file__).resolve().parents[1] / "results"
 SYSTEM = "You answer questions about the Python language in two sentences."
 IM_END = "<|im_end|>"
 _UNDERLINE = re.compile(r"([*=\-])\1+")
@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> dict:
     for example in examples:
         print(f"\nQ: {example['question']}\n  reference: {example['reference']}\n"
               f"  before: {example['before']}\n  after:  {example['after']}")  # fmt: skip
-    command = "python experiments/sft_smollm2.py " + " ".join(
+    command = "python experiments/examples/sft_smollm2.py " + " ".join(
         argv if argv is not None else sys.argv[1:]
     )
     result = {

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from experiments.models_gpt import GPTConfig
+from experiments.benchmarks.models_gpt import GPTConfig
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "fc_in", "fc_out"]
 

@@ -5,8 +5,8 @@ prints the trainable parameters and the test accuracy before and after, saves th
 orbax, restores it with no template, merges it and checks that merged and unmerged predictions
 agree. About 3-4 minutes on 2 CPU cores with the defaults.
 
-    python experiments/finetune.py                       # the defaults
-    python experiments/finetune.py --rank 4 --targets query,key,value --steps 500
+    python experiments/examples/finetune.py                       # the defaults
+    python experiments/examples/finetune.py --rank 4 --targets query,key,value --steps 500
 """
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
 import jaxlora  # noqa: E402
-from experiments import sentiment  # noqa: E402
+from experiments.examples import sentiment  # noqa: E402
 from jaxlora import checkpoint  # noqa: E402
 
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+RESULTS = pathlib.Path(__file__).resolve().parents[1] / "results"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
     max_diff = float(np.abs(merged_logits - unmerged_logits).max())
     print(f"merged vs unmerged predictions: {agree:.2%} agree, max |logit diff| {max_diff:.2e}")
     result = {
-        "command": "python experiments/finetune.py " + " ".join(argv or sys.argv[1:]),
+        "command": "python experiments/examples/finetune.py " + " ".join(argv or sys.argv[1:]),
         "rank": args.rank, "alpha": args.alpha, "targets": args.targets, "steps": args.steps,
         "mode": args.mode, "trainable": jaxlora.count(frozen, lora).trainable,
         "total": jaxlora.count(frozen, lora).total, "accuracy_before": before,

@@ -20,8 +20,8 @@ only ``2·r`` flops per element: memory-bound on a CPU.
 Everything is timed in one process, each variant once per round in a fresh random order (so it
 starts, as inside a real step, with another computation's data in the caches). Run alone::
 
-    python -m experiments.adapter_cost             # ~2 min on 2 cores
-    python -m experiments.adapter_cost --tiny      # seconds (the smoke test)
+    python -m experiments.benchmarks.adapter_cost             # ~2 min on 2 cores
+    python -m experiments.benchmarks.adapter_cost --tiny      # seconds (the smoke test)
 
 Writes ``experiments/results/adapter_cost.json`` and ``.md``.
 """
@@ -39,10 +39,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from experiments import models_gpt, results_io
+from experiments.benchmarks import models_gpt, results_io
 from jaxlora._src.forward import fused
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path(__file__).resolve().parents[1] / "results"
 RANK, SCALE, RATE = 8, 2.0, 0.1
 _LAST_FIRST = (((1,), (0,)), ((), ()))
 _LAST_LAST = (((1,), (1,)), ((), ()))
@@ -167,7 +167,7 @@ def main(argv=None) -> dict:
         "rank": RANK,
         "rounds": rounds,
         "load_1m": {"before": load_before, "after": results_io.load_1m()},
-        "command": results_io.command("experiments.adapter_cost"),
+        "command": results_io.command("experiments.benchmarks.adapter_cost"),
     }
     results_io.write(Path(args.out), "adapter_cost_tiny" if args.tiny else "adapter_cost", result,
                      _markdown(result))  # fmt: skip

@@ -17,8 +17,8 @@ compiled step is reported beside it. Goal: LoRA MFU >= 50%.
 
 Run::
 
-    python -m experiments.gpu_mfu            # on the accelerator machine, a few minutes
-    python -m experiments.gpu_mfu --tiny     # a tiny model on CPU: checks that the script runs
+    python -m experiments.benchmarks.gpu_mfu         # on the accelerator machine, a few minutes
+    python -m experiments.benchmarks.gpu_mfu --tiny  # a tiny model on CPU: checks the script runs
 
 Writes ``experiments/results/gpu_mfu.json`` and ``.md`` (``--tiny``: ``gpu_mfu_tiny``).
 """
@@ -35,10 +35,10 @@ import jax.numpy as jnp
 import optax
 
 import jaxlora
-from experiments import results_io
+from experiments.benchmarks import results_io
 from jaxlora.models.llama import LlamaConfig, LlamaForCausalLM
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path(__file__).resolve().parents[1] / "results"
 BILLION = LlamaConfig(
     vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_layers=16, num_heads=32,
     num_kv_heads=8, head_dim=64, rope_interleaved=False, tie_word_embeddings=True,
@@ -175,7 +175,7 @@ def main(argv=None) -> dict:
         "rows": rows,
         "goal_lora_mfu_at_least_0.5": rows[1]["mfu"] >= 0.5,
         "versions": {"jax": jax.__version__},
-        "command": results_io.command("experiments.gpu_mfu"),
+        "command": results_io.command("experiments.benchmarks.gpu_mfu"),
     }
     write(Path(args.out), "gpu_mfu_tiny" if args.tiny else "gpu_mfu", result)
     return result

@@ -25,9 +25,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 import jaxlora
-from experiments import models_gpt
-from experiments.bench_baselines import linen_floors, nnx_floors, qwix_rows
-from experiments.bench_jax_runner import JaxRunner
+from experiments.benchmarks import models_gpt
+from experiments.benchmarks.bench_baselines import linen_floors, nnx_floors, qwix_rows
+from experiments.benchmarks.bench_jax_runner import JaxRunner
 
 QV = ["q_proj", "v_proj"]
 QV_MHA = ["query", "value"]

@@ -1,10 +1,11 @@
 """Rotten Tomatoes sentiment with all-MiniLM-L6-v2: the data, the model and one training loop.
 
-Shared by ``experiments/finetune.py`` (the main job) and ``experiments/quality.py`` (LoRA ranks
-against full fine-tuning). Every variant trains a pytree ``trainable`` with AdamW through a loss
-``loss(trainable, frozen, ids, mask, labels)``, so LoRA, head-only and full fine-tuning share one
-loop. The frozen weights are jit *arguments*, never closed over: a closed-over array becomes an
-XLA constant, which bloats and slows compilation.
+Shared by ``finetune.py`` (the main job) and ``quality.py`` (LoRA ranks against full fine-tuning)
+in ``experiments/examples/``, and by the QLoRA accuracy check of
+``experiments/benchmarks/bench_memory.py``. Every variant trains a pytree ``trainable`` with AdamW
+through a loss ``loss(trainable, frozen, ids, mask, labels)``, so LoRA, head-only and full
+fine-tuning share one loop. The frozen weights are jit *arguments*, never closed over: a
+closed-over array becomes an XLA constant, which bloats and slows compilation.
 """
 
 from __future__ import annotations

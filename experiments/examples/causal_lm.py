@@ -4,8 +4,8 @@ The text is cut into fixed-length windows; the last 10% of the tokens are held o
 records the held-out next-token loss before and after LoRA fine-tuning. Writes
 experiments/results/causal_lm.{json,md}.
 
-    python experiments/causal_lm.py                  # ~10 minutes on 2 CPU cores
-    python experiments/causal_lm.py --steps 5 --eval-windows 4 --seq-len 64   # a quick look
+    python experiments/examples/causal_lm.py                  # ~10 minutes on 2 CPU cores
+    python experiments/examples/causal_lm.py --steps 5 --eval-windows 4 --seq-len 64  # quick look
 """
 
 from __future__ import annotations
@@ -22,14 +22,14 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
 import jaxlora  # noqa: E402
 from jaxlora import apply  # noqa: E402
 from jaxlora.models import data, llama  # noqa: E402
 from jaxlora.models.llama import weights as llama_weights  # noqa: E402
 
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+RESULTS = pathlib.Path(__file__).resolve().parents[1] / "results"
 
 
 def windows(tokens: np.ndarray, seq_len: int) -> np.ndarray:
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
         losses.append(float(value))
     after = held_out_loss(lora)
     print(f"held-out loss after {args.steps} steps: {after:.4f} (before {before:.4f})")
-    command = "python experiments/causal_lm.py " + " ".join(
+    command = "python experiments/examples/causal_lm.py " + " ".join(
         argv if argv is not None else sys.argv[1:]
     )
     result = {

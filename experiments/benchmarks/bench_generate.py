@@ -14,8 +14,8 @@ Per-row adapters (a different adapter in each row, ``adapter_index``) are held t
 factored adapter. ``uptime`` is recorded before and after: other processes on the machine slow
 every number alike. Writes experiments/results/bench_generate.{json,md}.
 
-    python experiments/bench_generate.py            # SmolLM2-135M, a few minutes on 2 cores
-    python experiments/bench_generate.py --quick    # a tiny random model, < 1 minute
+    python experiments/benchmarks/bench_generate.py          # SmolLM2-135M, minutes on 2 cores
+    python experiments/benchmarks/bench_generate.py --quick  # a tiny random model, < 1 minute
 """
 
 from __future__ import annotations
@@ -33,14 +33,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
 import jaxlora  # noqa: E402
 from jaxlora.models import llama  # noqa: E402
 from jaxlora.models.decoding import generate, sample_logits, step_function  # noqa: E402
 from jaxlora.models.llama import weights as llama_weights  # noqa: E402
 
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+RESULTS = pathlib.Path(__file__).resolve().parents[1] / "results"
 QUICK = llama.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=1,
                           num_heads=4, num_kv_heads=2, head_dim=16)  # fmt: skip
 GOAL = 1.3
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     uptime_after = _uptime()
     load = os.getloadavg()[0]
-    command = "python experiments/bench_generate.py " + " ".join(
+    command = "python experiments/benchmarks/bench_generate.py " + " ".join(
         argv if argv is not None else sys.argv[1:]
     )
     result = {

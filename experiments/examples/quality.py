@@ -5,8 +5,8 @@ parameters. Every variant here trains all-MiniLM-L6-v2 on Rotten Tomatoes with t
 batch, data order and seed; only what is trainable (and its learning rate) differs. Writes
 experiments/results/quality.{json,md}.
 
-    python experiments/quality.py                    # the full table (~20-30 min on 2 cores)
-    python experiments/quality.py --ranks 8 --steps 20 --n-test 128   # a quick look
+    python experiments/examples/quality.py                    # the full table (~20-30 min, 2 cores)
+    python experiments/examples/quality.py --ranks 8 --steps 20 --n-test 128   # a quick look
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ import time
 
 import jax
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
 import jaxlora  # noqa: E402
-from experiments import sentiment  # noqa: E402
+from experiments.examples import sentiment  # noqa: E402
 
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+RESULTS = pathlib.Path(__file__).resolve().parents[1] / "results"
 
 
 def size(tree) -> int:
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"{name:28s} trainable {trainable:>11,} ({rows[-1]['trainable_percent']:.3f}%)  "
               f"accuracy {rows[-1]['accuracy']:.4f}  {rows[-1]['ms_per_step']:.0f} ms/step",
               flush=True)  # fmt: skip
-    command = "python experiments/quality.py " + " ".join(
+    command = "python experiments/examples/quality.py " + " ".join(
         argv if argv is not None else sys.argv[1:]
     )
     lines = [

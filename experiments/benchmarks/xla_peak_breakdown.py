@@ -6,8 +6,8 @@ parameters are named after their pytree paths, e.g. ``frozen__lm_head____kernel_
 shapes first.
 
     XLA_FLAGS="--xla_dump_to=/tmp/dump --xla_dump_hlo_module_re=.*step.*" \\
-        python experiments/bench_memory.py --worker lora_nf4_factored_remat
-    python experiments/xla_peak_breakdown.py /tmp/dump
+        python experiments/benchmarks/bench_memory.py --worker lora_nf4_factored_remat
+    python experiments/benchmarks/xla_peak_breakdown.py /tmp/dump
 """
 
 from __future__ import annotations

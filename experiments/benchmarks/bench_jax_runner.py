@@ -10,7 +10,7 @@ import time
 import jax
 import optax
 
-from experiments import models_gpt
+from experiments.benchmarks import models_gpt
 
 #: An inference turn times this many forwards (after one untimed forward) and reports their mean:
 #: a ~0.5 s forward timed once right after another row's program ran is mostly cache noise.

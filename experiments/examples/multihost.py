@@ -3,8 +3,8 @@
 One command launches the whole run on this machine (2 local processes, gloo CPU collectives,
 coordinator on 127.0.0.1 at a free port) and checks it against a single-device run:
 
-    python experiments/multihost.py --out experiments/results/multihost
-    python experiments/multihost.py --model nnx --out experiments/results/multihost_nnx
+    python experiments/examples/multihost.py --out experiments/results/multihost
+    python experiments/examples/multihost.py --model nnx --out experiments/results/multihost_nnx
 
 Each worker (``--process-id I --port P``) joins with ``jax.distributed.initialize``, builds the
 global (data=2, fsdp=4) mesh, initialises the base and the adapter directly into their shardings,

@@ -14,8 +14,8 @@ same losses and adapter within fp32 tolerance, its adapter carrying exactly the 
 
 Run on 8 simulated CPU devices (the default here):
 
-    python experiments/train_parallel.py --mode all --out experiments/results/parallel
-    python experiments/train_parallel.py --model nnx --mode all   # the same LM written in NNX
+    python experiments/examples/train_parallel.py --mode all --out experiments/results/parallel
+    python experiments/examples/train_parallel.py --model nnx --mode all   # the same LM in NNX
 
 which prints one JSON line per mode with its max difference to the single-device run. With
 ``--model nnx`` the base is an ``nnx.State`` whose ``nnx.Param`` s carry ``nnx.with_partitioning``

@@ -1,0 +1,1 @@
+"""The wrong-input battery: how the public API treats mistakes, each case classified."""
