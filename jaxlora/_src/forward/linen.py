@@ -198,7 +198,7 @@ def lora_interceptor(config: LoraConfig, deterministic: bool = True) -> Callable
                 "kernel (a `jaxlora.combine` tree); the interceptor runs on "
                 "`jaxlora.adapted_params(frozen, lora, config)`, or use `jaxlora.apply`"
             )
-        if not isinstance(w, AdaptedWeight) or not _factorable(kind, module):
+        if kind is None or not isinstance(w, AdaptedWeight) or not _factorable(kind, module):
             return next_fun(*args, **kwargs)  # unknown: any read of its weight gets it merged
         variant = variants.variant_of(w.factors, w.where)
         if variant.extra_leaves and not w.canonical:
