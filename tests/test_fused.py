@@ -8,6 +8,7 @@ dropout masks) and, without dropout, of the merged path.
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -270,3 +271,24 @@ def test_einsum_with_a_misshapen_input_raises_as_the_layer_does(framework):
     wrong = x.reshape(x.shape[:-1] + (2, D // 2))
     with pytest.raises((ValueError, TypeError)):
         jaxlora.apply(model, frozen, lora, config, wrong)
+
+
+def test_linen_einsum_without_an_equation_raises_as_the_layer_does():
+    """An ``Einsum`` given its equation neither at construction nor at the call raises the layer's
+    own ValueError through the fast path (it once failed there on ``None.replace``)."""
+
+    class Net(nn.Module):
+        with_equation: bool = True
+
+        @nn.compact
+        def __call__(self, x):
+            layer = nn.Einsum((D, 3), None, name="e")
+            return layer(x, "bd,do->bo") if self.with_equation else layer(x)
+
+    x = jnp.ones((2, D))
+    params = Net().init(jax.random.key(0), x)["params"]
+    config = jaxlora.LoraConfig(r=2, target_modules=["e"])
+    frozen, lora = jaxlora.split(params, config, jax.random.key(1))
+    assert jaxlora.apply(Net(), frozen, lora, config, x).shape == (2, 3)
+    with pytest.raises(ValueError, match="einsum_str"):
+        jaxlora.apply(Net(with_equation=False), frozen, lora, config, x)

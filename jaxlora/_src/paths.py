@@ -9,7 +9,7 @@ path is matched against user patterns with one rule shared by every config field
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -91,7 +91,7 @@ def matches_literal(name: str, module_path: str) -> bool:
     return module_path == name or module_path.endswith("/" + name)
 
 
-def match_targets(spec: str | tuple[str, ...], module_path: str) -> bool:
+def match_targets(spec: str | Sequence[str], module_path: str) -> bool:
     """PEFT's ``target_modules`` rule: a string is a full-matched regex, a list literal names."""
     if isinstance(spec, str):
         return re.fullmatch(spec, module_path) is not None

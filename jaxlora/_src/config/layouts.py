@@ -72,8 +72,11 @@ def _infer_nnx(module: nnx.Module) -> dict[str, str]:
     layouts = {}
     for path, layer in nnx.iter_modules(module):
         found = _nnx_layout(layer)
-        weight = getattr(layer, found[0], None) if found is not None else None
-        layout = _stacked(found[1], tuple(weight.shape)) if weight is not None else None
+        if found is None:
+            continue
+        leaf, layer_layout = found
+        weight = getattr(layer, leaf, None)
+        layout = _stacked(layer_layout, tuple(weight.shape)) if weight is not None else None
         if layout is not None and path:
             layouts[paths.join(str(key) for key in path)] = layout
     return layouts

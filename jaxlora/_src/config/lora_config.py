@@ -181,9 +181,9 @@ class LoraConfig:
     lora_alpha: float = 8
     lora_dropout: float = 0.0
     bias: str = "none"
-    target_modules: str | tuple[str, ...] | None = None
-    exclude_modules: str | tuple[str, ...] | None = None
-    modules_to_save: tuple[str, ...] | None = None
+    target_modules: str | Sequence[str] | None = None
+    exclude_modules: str | Sequence[str] | None = None
+    modules_to_save: str | Sequence[str] | None = None
     rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=FrozenMap)
     alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=FrozenMap)
     use_rslora: bool = False
@@ -191,8 +191,8 @@ class LoraConfig:
     task_type: str | None = None
     dtype: str = "float32"
     layouts: Mapping[str, str] = dataclasses.field(default_factory=FrozenMap)
-    layers_to_transform: int | tuple[int, ...] | None = None
-    layers_pattern: str | tuple[str, ...] | None = None
+    layers_to_transform: int | Sequence[int] | None = None
+    layers_pattern: str | Sequence[str] | None = None
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731

@@ -38,7 +38,7 @@ def check_layers_to_transform(value: Any) -> int | tuple[int, ...] | None:
             f"`layers_to_transform` holds negative layer indices {negative}; indices count from 0 "
             "as in the module paths (`layers/0/...`)"
         )
-    return value if is_index(value) else items
+    return items[0] if is_index(value) else items
 
 
 def check_layers_pattern(value: Any) -> str | tuple[str, ...] | None:

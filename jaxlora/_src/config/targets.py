@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 from jaxlora._src import paths
 from jaxlora._src.config import axes_order, peft_rules, target_checks
@@ -221,7 +221,7 @@ def find_targets(
                 leaf=c.leaf,
                 shape=c.shape,
                 dtype=c.dtype,
-                layout=_layout(config, c),
+                layout=cast(str, _layout(config, c)),  # not None: `unknown` is empty
                 rank=rank,
                 alpha=config.alpha_for(c.path),
                 scale=config.scale_for(c.path, rank),

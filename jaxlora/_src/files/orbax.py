@@ -40,6 +40,7 @@ from jaxlora._src.files.orbax_manager import (
     CONFIG_ITEM,
     LORA_ITEM,
     OPT_STATE_ITEM,
+    AdapterCheckpointManager,
 )
 from jaxlora._src.tree.fit import check_fits, expected_adapter
 from jaxlora._src.types import LoraTree, Params
@@ -121,7 +122,7 @@ def save(
     items[CHECKSUMS_ITEM] = ocp.args.JsonSave(digests)
     os.makedirs(manager.directory, exist_ok=True)
     started = manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
-    if started and hasattr(manager, "pending_step"):
+    if started and isinstance(manager, AdapterCheckpointManager):
         manager.pending_step = step
     return started
 

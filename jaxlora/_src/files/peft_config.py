@@ -159,7 +159,8 @@ def _one_value(
 ) -> Any:
     """The value a PEFT ``rank_pattern`` / ``alpha_pattern`` gives all ``names`` (the layers of
     one module); ``where`` names the adapter and the module for the error."""
-    values = {pattern.get(_peft_pattern(pattern, n), default) for n in names}
+    keys = [_peft_pattern(pattern, n) for n in names]
+    values = {default if key is None else pattern[key] for key in keys}
     if len(values) > 1:
         raise ValueError(
             f"{where} different {field}s {sorted(values)}; jaxlora needs one {field} per stacked "

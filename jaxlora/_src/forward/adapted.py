@@ -129,14 +129,22 @@ class AdaptedWeight(struct.PyTreeNode, meta.AxisMetadata):
         return self.factors[LORA_B]
 
     @property
+    def lora_config(self) -> LoraConfig:
+        """``config``, which :func:`adapted_params` always sets (TypeError if it is missing)."""
+        if self.config is None:
+            raise TypeError(f"the adapted weight at `{self.where}` was made without its LoraConfig")
+        return self.config
+
+    @property
     def scale(self) -> float:
         """The module's scale ``s`` from the config, at the factors' rank."""
-        return self.config.scale_for(self.where, int(self.a.shape[-1]))
+        return self.lora_config.scale_for(self.where, int(self.a.shape[-1]))
 
     @property
     def canonical(self) -> bool:
         """Whether W's axes are in the factors' order (stack, input, output)."""
-        layout = axes_order.layout_at(self.config.layouts, self.where, self.names[-1], self.shape)
+        layouts = self.lora_config.layouts
+        layout = axes_order.layout_at(layouts, self.where, self.names[-1], self.shape)
         return axes_order.is_canonical(layout)
 
     def merged(self) -> jax.Array:
@@ -144,7 +152,7 @@ class AdaptedWeight(struct.PyTreeNode, meta.AxisMetadata):
         weight = self.base
         if is_quantized(weight):
             weight = dequantize(weight)
-        out, _ = core.fold_module(self.factors, self.names, weight, self.config, 1.0)
+        out, _ = core.fold_module(self.factors, self.names, weight, self.lora_config, 1.0)
         return out
 
     def read(self) -> Any:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import flax.linen as nn
 import jax
@@ -53,7 +53,8 @@ def _block(kernel: jax.Array, span: slice, anchor: jax.Array, transposed: bool) 
 
 
 def _in_out(kernel: jax.Array, transposed: bool) -> tuple[int, int]:
-    return kernel.shape[::-1] if transposed else kernel.shape
+    rows, columns = kernel.shape
+    return (columns, rows) if transposed else (rows, columns)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -150,7 +151,8 @@ def _run_blocked(module: nn.Module, method: str, args, kwargs, block_bytes: int)
         return None
     x, dtype = found
     columns = _block_columns(kernel.shape[0], kernel.shape[1], dtype.itemsize, block_bytes)
-    y = dense(x, kernel, columns, module.precision)
+    # jax's stubs lose a custom_vjp's return type (custom_vjp.__new__ is typed loosely).
+    y = cast(jax.Array, dense(x, kernel, columns, module.precision))
     if module.use_bias:
         bias = module.get_variable("params", "bias").astype(dtype)
         y = y + bias.reshape((1,) * (y.ndim - 1) + (-1,))

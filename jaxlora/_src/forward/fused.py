@@ -29,7 +29,7 @@ import contextvars
 import functools
 import math
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -243,7 +243,8 @@ def trailing_dense(
         rate,
         precision,
     )
-    return flat.reshape(lead + out_shape)
+    # jax's stubs lose a custom_vjp's return type (custom_vjp.__new__ is typed loosely).
+    return cast(jax.Array, flat).reshape(lead + out_shape)
 
 
 def layer_call(

@@ -106,7 +106,10 @@ def _fused(kind, module, x, einsum_str, w: AdaptedWeight, keep, rate: float) -> 
     if kind == "einsum":
         if einsum_str is not None and module.einsum_str is not None:
             return None  # the layer itself raises: the equation is given twice
-        n_in = axes_order.trailing_contraction(einsum_str or module.einsum_str, x.ndim)
+        spec = einsum_str or module.einsum_str
+        if spec is None:
+            return None  # the layer itself raises: no equation is given
+        n_in = axes_order.trailing_contraction(spec, x.ndim)
         if n_in is None or module.preferred_element_type is not None:
             return None
     lowrank.check_factors(w.where, "i" * n_in + "o" * (w.ndim - n_in), w.shape, w.a, w.b)
@@ -195,7 +198,7 @@ def lora_interceptor(config: LoraConfig, deterministic: bool = True) -> Callable
                 "kernel (a `jaxlora.combine` tree); the interceptor runs on "
                 "`jaxlora.adapted_params(frozen, lora, config)`, or use `jaxlora.apply`"
             )
-        if not isinstance(w, AdaptedWeight) or not _factorable(kind, module):
+        if kind is None or not isinstance(w, AdaptedWeight) or not _factorable(kind, module):
             return next_fun(*args, **kwargs)  # unknown: any read of its weight gets it merged
         variant = variants.variant_of(w.factors, w.where)
         if variant.extra_leaves and not w.canonical:

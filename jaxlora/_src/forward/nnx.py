@@ -29,6 +29,7 @@ import math
 import threading
 import zlib
 from collections.abc import Iterator
+from typing import cast
 
 import flax.linen as nn
 import jax
@@ -52,7 +53,8 @@ from jaxlora._src.variants import base as variants
 
 
 def _term(kind: str, layer: nnx.Module, x, einsum_str, w: AdaptedWeight, scale, drop):
-    """``s·(drop(x)·A)·B`` for one call of ``layer``, in the adapter's dtype."""
+    """``s·(drop(x)·A)·B`` for one call of ``layer`` (an instance of the class ``kind`` names),
+    in the adapter's dtype."""
     a, b, where = w.a, w.b, w.where
     precision = getattr(layer, "precision", None)
     if kind == "attend":
@@ -64,25 +66,28 @@ def _term(kind: str, layer: nnx.Module, x, einsum_str, w: AdaptedWeight, scale, 
         lowrank.check_factors(where, "io", w.shape, a, b)
         return lowrank.dot(x, a, b, scale, (x.ndim - 1,), (), precision)
     if kind == "linear_general":
-        axis = normalize_axes(tuple(layer.axis), x.ndim)
-        batch = normalize_axes(tuple(layer.batch_axis.keys()), x.ndim)
-        layout = "s" * len(batch) + "i" * len(axis) + "o" * len(layer.out_features)
+        general = cast(nnx.LinearGeneral, layer)
+        axis = normalize_axes(tuple(general.axis), x.ndim)
+        batch = normalize_axes(tuple(general.batch_axis.keys()), x.ndim)
+        layout = "s" * len(batch) + "i" * len(axis) + "o" * len(general.out_features)
         lowrank.check_factors(where, layout, w.shape, a, b)
         return lowrank.dot(x, a, b, scale, axis, batch, precision)
     if kind == "einsum":
-        spec = (einsum_str or layer.einsum_str).replace(" ", "")
+        einsum = cast(nnx.Einsum, layer)
+        spec = (einsum_str or einsum.einsum_str).replace(" ", "")
         return lowrank.einsum(
-            where, spec, w.shape, x, a, b, scale, precision, layer.preferred_element_type
+            where, spec, w.shape, x, a, b, scale, precision, einsum.preferred_element_type
         )
     lowrank.check_factors(where, "w" * (w.ndim - 2) + "io", w.shape, a, b)
     # Linen's Conv with A as its kernel: the layer's own padding, strides and dilation.
+    conv = cast(nnx.Conv, layer)
     down = nn.Conv(
         features=a.shape[-1],
-        kernel_size=layer.kernel_size,
-        strides=layer.strides,
-        padding=layer.padding,
-        input_dilation=layer.input_dilation,
-        kernel_dilation=layer.kernel_dilation,
+        kernel_size=conv.kernel_size,
+        strides=conv.strides,
+        padding=conv.padding,
+        input_dilation=conv.input_dilation,
+        kernel_dilation=conv.kernel_dilation,
         use_bias=False,
         precision=precision,
         dtype=a.dtype,
@@ -95,14 +100,16 @@ def _factorable(kind: str, layer: nnx.Module) -> bool:
     """Whether the call's output is linear in the weight the way the term assumes (a custom
     ``dot_general`` / ``einsum_op`` / conv op, groups or a mask run on the merged weight)."""
     if kind == "linear":
-        return layer.dot_general is lax.dot_general
+        return cast(nnx.Linear, layer).dot_general is lax.dot_general
     if kind == "linear_general":
-        return layer.dot_general_cls is None and layer.dot_general in (None, lax.dot_general)
+        general = cast(nnx.LinearGeneral, layer)
+        return general.dot_general_cls is None and general.dot_general in (None, lax.dot_general)
     if kind == "einsum":
-        return layer.einsum_op is jnp.einsum
+        return cast(nnx.Einsum, layer).einsum_op is jnp.einsum
     if kind == "conv":
-        plain_op = layer.conv_general_dilated is lax.conv_general_dilated
-        return plain_op and layer.feature_group_count == 1 and layer.mask is None
+        conv = cast(nnx.Conv, layer)
+        plain_op = conv.conv_general_dilated is lax.conv_general_dilated
+        return plain_op and conv.feature_group_count == 1 and conv.mask is None
     return True
 
 
@@ -151,7 +158,7 @@ def _hook(kind: str, original):
             # A variant that rescales the output reads W in the factors' axis order.
             return original(self, *args, **kwargs)
         x, einsum_str = call_input(kind, args, kwargs)
-        rate, keep = w.config.lora_dropout, None
+        rate, keep = w.lora_config.lora_dropout, None
         if w.key is not None and kind not in ("embed", "attend"):
             keep = fused.keep_mask(w.key, rate, jnp.shape(x))
         if variant.fusable:

@@ -25,6 +25,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.core
 import numpy as np
 
 from jaxlora._src import paths

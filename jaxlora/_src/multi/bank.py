@@ -20,9 +20,10 @@ import math
 import numbers
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import jax
+import jax.core
 import jax.numpy as jnp
 
 from jaxlora._src import paths
@@ -236,7 +237,8 @@ def add_weighted(
             b = jnp.concatenate([b.astype(jnp.float32) for _, b, _ in parts[path]], n)
             k = a.shape[-1]
         else:
-            update = sum(w * delta(a, b, n) for a, b, w in parts[path])
+            # cast: parts[path] is never empty, so the sum is an array, not the start value 0.
+            update = cast(jax.Array, sum(w * delta(a, b, n) for a, b, w in parts[path]))
             total = sum(a.shape[-1] for a, _, _ in parts[path])
             a, b, k = _svd(update, target, total if rank is None else rank)
         ranks[path] = k

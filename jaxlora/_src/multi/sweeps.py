@@ -9,9 +9,10 @@ columns stay zero; a per-member multiplier, applied by :func:`scale_b`, keeps ea
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import jax
+import jax.core
 import jax.numpy as jnp
 
 from jaxlora._src import paths
@@ -86,7 +87,7 @@ def unstack(stacked: LoraTree) -> list[LoraTree]:
             "`stacked` leaves must share one leading (member) axis, as `stack` makes them; got "
             + ", ".join(f"`{p}` {tuple(leaves[p].shape)}" for p in list(sizes)[:6])
         )
-    n = next(iter(sizes.values()))
+    n = cast(int, next(iter(sizes.values())))  # not None: checked above
     return [jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(n)]
 
 

@@ -15,7 +15,7 @@ a small fixed rate instead, 1e-6 by default, which is the default here too.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from typing import Any
 
 import optax
@@ -96,7 +96,7 @@ def loraplus(
     if isinstance(ratio, bool) or not isinstance(ratio, int | float) or ratio < 1:
         raise ValueError(f"`ratio` (lr_B / lr_A) must be a number >= 1, got {ratio!r}")
     embedding_paths = tuple(embedding_paths)
-    transforms = {
+    transforms: dict[Hashable, optax.GradientTransformation] = {
         "lora_a": optimizer_factory(lr),
         "lora_b": optimizer_factory(_scaled(lr, ratio)),
         "embedding": optimizer_factory(embedding_lr),

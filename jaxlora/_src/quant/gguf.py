@@ -47,8 +47,11 @@ def from_gguf_q4_1(
 def permute_rows(leaf: QuantizedKernel, fn: Callable[[np.ndarray], np.ndarray]) -> QuantizedKernel:
     """Applies a row permutation ``fn`` (on GGUF's ``(out, ...)`` rows) to a transposed Q4_1 leaf,
     e.g. ``jaxlora.models.llama.weights.gguf_rows_to_hf`` for Hugging Face's q/k row order."""
+    if leaf.zero is None:
+        raise ValueError(f"`leaf` must be a Q4_1 QuantizedKernel, got method {leaf.method!r}")
     n_out = leaf.kernel_shape[1]
-    arrays = [np.asarray(x).reshape(n_out, -1) for x in (leaf.codes, leaf.scale, leaf.zero)]
+    parts = (leaf.codes, leaf.scale, leaf.zero)
+    arrays = [np.asarray(x).reshape(n_out, -1) for x in parts]
     codes, d, m = (jnp.asarray(fn(x).reshape(-1, *np.shape(y)[1:])) for x, y in
-                   zip(arrays, (leaf.codes, leaf.scale, leaf.zero), strict=True))  # fmt: skip
+                   zip(arrays, parts, strict=True))  # fmt: skip
     return dataclasses.replace(leaf, codes=codes, scale=d, zero=m)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -276,12 +276,13 @@ def dequantize(leaf: QuantizedKernel, dtype: Any = None) -> jax.Array:
     codes = _unpack(leaf.codes)
     if leaf.method == "nf4":
         absmax = leaf.scale
-        if leaf.scale_scale is not None:
-            grouped = leaf.scale.astype(jnp.float32) * leaf.scale_scale + leaf.scale_mean
+        if leaf.scale_scale is not None:  # double-quantised: scale_mean is stored with it
+            mean = cast(jax.Array, leaf.scale_mean)
+            grouped = leaf.scale.astype(jnp.float32) * leaf.scale_scale + mean
             absmax = grouped.reshape(stack + (-1,))[..., : codes.shape[-2]]
         values = jnp.asarray(NF4_LEVELS, jnp.float32)[codes] * absmax[..., None]
     else:
-        d, m = leaf.scale.astype(jnp.float32), leaf.zero.astype(jnp.float32)
+        d, m = leaf.scale.astype(jnp.float32), cast(jax.Array, leaf.zero).astype(jnp.float32)
         values = d[..., None] * codes.astype(jnp.float32) + m[..., None]
     shape = leaf.kernel_shape[::-1] if leaf.transposed else leaf.kernel_shape
     out = _unblock(values, stack, shape)

@@ -11,8 +11,10 @@ then :func:`requantize`) is lossy; :func:`requantization_error` measures it.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
+import jax.core
 import jax.numpy as jnp
 import numpy as np
 
@@ -93,7 +95,7 @@ def quantize(
 
 def _check_kernels(params: Params) -> None:
     """A TypeError naming the first ``kernel`` / ``embedding`` that is a Python list or tuple."""
-    stack = [((), params)]
+    stack: list[tuple[tuple[str, ...], Any]] = [((), params)]
     while stack:
         keys, node = stack.pop()
         if not isinstance(node, Mapping):

@@ -28,6 +28,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 from flax import nnx
+from flax.linen.spmd import logical_to_mesh_axes
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
 from jaxlora._src import paths
@@ -157,7 +158,7 @@ def _as_specs(
                 "None, an nn.Partitioned box or an nnx.Variable with sharding metadata"
             )
         if rules is not None:
-            leaf = nn.logical_to_mesh_axes(tuple(leaf), rules)
+            leaf = logical_to_mesh_axes(tuple(leaf), rules)
         out[paths.leaf_keys(keypath)] = (leaf, mesh)
     return out
 

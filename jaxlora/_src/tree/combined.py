@@ -31,7 +31,7 @@ def combine(frozen: Params, lora: LoraTree) -> dict[Any, Any]:
     return _combine(frozen, lora)
 
 
-def _combine(frozen: Params, lora: LoraTree) -> dict[Any, Any]:
+def _combine(frozen: Params, lora: Mapping[Any, Any]) -> dict[Any, Any]:
     out = {k: _combine(v, {}) if isinstance(v, Mapping) else v for k, v in frozen.items()}
     for key, value in lora.items():
         out[key] = _combine(out.get(key, {}), value) if isinstance(value, Mapping) else value

@@ -77,8 +77,8 @@ def _check_factors_fit(base: dict, lora: LoraTree, names: tuple[str, ...]) -> No
     weight = base.get(names[:-1] + (KERNEL,), base.get(names[:-1] + (EMBEDDING,)))
     factors = paths.get_in(lora, tuple(names[:-1]))
     a, b = factors.get(LORA_A), factors.get(LORA_B)
-    fits = weight is not None and b is not None
-    if fits:
+    fits = False
+    if weight is not None and b is not None:
         n_stack = a.ndim + b.ndim - 2 - len(weight.shape)
         stack = math.prod(b.shape[:n_stack]) if n_stack >= 0 else 0
         r = a.shape[-1]

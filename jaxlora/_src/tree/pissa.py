@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 import jax
+import jax.core
 import jax.numpy as jnp
 
 from jaxlora._src import paths

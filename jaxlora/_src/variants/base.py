@@ -61,15 +61,19 @@ class Variant(abc.ABC):
         ``config.dtype``; ``{}`` for a variant without extra leaves."""
 
     @abc.abstractmethod
-    def merge(self, weight, a, b, extras: Extras, scale: float, n_stack: int, where: str):
+    def merge(
+        self, weight, a, b, extras: Extras, scale: float, n_stack: int, where: str
+    ) -> jax.Array:
         """The kernel with the module folded in, in ``weight``'s dtype."""
 
     @abc.abstractmethod
-    def unmerge(self, merged, a, b, extras: Extras, scale: float, n_stack: int, where: str):
+    def unmerge(
+        self, merged, a, b, extras: Extras, scale: float, n_stack: int, where: str
+    ) -> jax.Array:
         """The kernel ``merge`` was given, from the merged one; ValueError when it cannot be."""
 
     @abc.abstractmethod
-    def factored(self, y, term, weight, bias, a, b, extras: Extras, scale: float):
+    def factored(self, y, term, weight, bias, a, b, extras: Extras, scale: float) -> jax.Array:
         """One adapted layer's output on the factored path.
 
         Args:
@@ -161,7 +165,7 @@ def variant_of(module: Mapping[str, Any], where: str = "") -> Variant:
     return best[0]
 
 
-def variants_in(lora: LoraTree) -> set[str]:
+def variants_in(lora: Mapping[Any, Any]) -> set[str]:
     """The names of the variants the adapted modules of ``lora`` run.
 
     Example:
