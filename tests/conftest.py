@@ -1,27 +1,61 @@
-"""Strict numerics for every test: no silent dtype or rank promotion; and a fast core.
+"""Strict numerics for every test, one compilation cache per run, and a fast core.
 
 optax's Adam mixes Python floats with int32 step counts, which strict dtype promotion rejects; a
 test that steps such an optimizer says so with ``@pytest.mark.standard_dtypes``.
 
-Tests marked ``slow`` (registered in pyproject.toml) need notebooks, PyTorch, subprocesses or
-pretrained weights; ``python -m pytest -m "not slow"`` runs the fast core. Under exactly that
-selection a module marked slow as a whole (``pytestmark = pytest.mark.slow``) is not even imported,
-so the core does not pay for importing torch or the weight readers.
+Tests marked ``slow`` (registered in pyproject.toml) need notebooks, PyTorch, subprocesses,
+pretrained weights or many compiled models; ``python -m pytest -m "not slow"`` runs the fast core.
+Under exactly that selection a module marked slow as a whole (``pytestmark = pytest.mark.slow``) is
+not even imported, so the core does not pay for importing torch or the weight readers.
+
+Compiled programs are shared across the run: every process of it (the pytest-xdist workers and
+the subprocesses that tests start) uses one JAX persistent compilation cache, so a program that
+several tests, workers or scripts compile is compiled once. The cache lives in a temporary folder
+made for the run and removed after it, so every run starts cold, as CI does; set
+``JAXLORA_TEST_COMPILATION_CACHE`` to a folder of your own to keep it between runs.
 """
 
+import os
 import re
+import shutil
+import tempfile
 
 import jax
 import pytest
 
 FAST_CORE = "not slow"
 SLOW_MODULE = re.compile(r"^pytestmark = pytest\.mark\.slow\b", re.MULTILINE)
+CACHE_VARIABLE = "JAXLORA_TEST_COMPILATION_CACHE"
+#: What JAX reads at import, so that subprocesses started by tests share the cache too.
+JAX_CACHE_ENVIRONMENT = {
+    "JAX_COMPILATION_CACHE_DIR": None,  # the run's folder
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+}
 
 
 def pytest_configure(config):
     config.addinivalue_line(
         "markers", "standard_dtypes: run with standard (not strict) jax dtype promotion"
     )
+    _share_compilation_cache(config)
+
+
+def _share_compilation_cache(config):
+    """Points this process, and every process it starts, at the run's compilation cache.
+
+    The controller (or a run without workers) makes the folder; xdist workers inherit it through
+    the environment, as do subprocesses.
+    """
+    folder = os.environ.get(CACHE_VARIABLE)
+    if folder is None:
+        folder = tempfile.mkdtemp(prefix="jaxlora-test-jit-cache-")
+        os.environ[CACHE_VARIABLE] = folder
+        config.add_cleanup(lambda: shutil.rmtree(folder, ignore_errors=True))
+    os.environ.update({**JAX_CACHE_ENVIRONMENT, "JAX_COMPILATION_CACHE_DIR": folder})
+    jax.config.update("jax_compilation_cache_dir", folder)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def pytest_collection_modifyitems(config, items):
