@@ -219,6 +219,10 @@ def test_sample_logits_nucleus(top_p, expected):
         ({"prompts": []}, ValueError, "`prompts` must be a non-empty"),
         ({"prompts": [[1, 2], []]}, ValueError, r"`prompts\[1\]` must be a non-empty"),
         ({"prompts": [["a"]]}, ValueError, r"`prompts\[0\]`"),
+        # 0-D arrays used to fail with a TypeError from len()
+        ({"prompts": np.array(5)}, ValueError, "`prompts` must be a non-empty list"),
+        ({"prompts": jnp.array(5)}, ValueError, "`prompts` must be a non-empty list"),
+        ({"prompts": np.zeros((0,), np.int32)}, ValueError, "`prompts` must be a non-empty list"),
         ({"max_new_tokens": 0}, ValueError, "`max_new_tokens` must be at least 1"),
         ({"max_new_tokens": 2.5}, TypeError, "`max_new_tokens` must be an int"),
         ({"max_new_tokens": 60}, ValueError, "`max_position_embeddings` \\(64\\)"),

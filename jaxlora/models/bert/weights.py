@@ -172,7 +172,9 @@ def hf_state_dict_to_params(
         array = np.asarray(array, dtype=np.float32)
         flat[(*module_path.split("/"), leaf)] = array.T if leaf == "kernel" else array
     packaged.raise_on_leftovers(leftovers, source)
-    shapes = {k: v.shape for k, v in traverse_util.flatten_dict(expected).items()}
+    # flax leaves flatten_dict unannotated; pyright would infer its leaves from the code.
+    leaves: dict[tuple[str, ...], Any] = traverse_util.flatten_dict(expected)
+    shapes = {k: v.shape for k, v in leaves.items()}
     params = packaged.unflatten_checked(flat, shapes, source)
     return jax.tree.map(jnp.asarray, params)
 

@@ -19,8 +19,11 @@ import jaxlora
 __all__ = ["left_pad"]
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Left-pads token-id lists to one length: ``(ids int32[batch, L], mask int32[batch, L])``.
+def left_pad(
+    prompts: Sequence[Sequence[int] | np.ndarray | jax.Array], pad_id: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pads token-id lists (or 1-D int arrays) to one length: ``(ids int32[batch, L],
+    mask int32[batch, L])``.
 
     Example:
         >>> ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
@@ -28,9 +31,7 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndar
         ([[5, 6, 7], [0, 0, 8]], [[1, 1, 1], [0, 0, 1]])
     """
     if isinstance(prompts, str | bytes) or not isinstance(prompts, Sequence) or not prompts:
-        raise ValueError(
-            f"`prompts` must be a non-empty list of token-id lists, got {prompts!r:.60}"
-        )
+        raise _not_prompts(prompts)
     rows = []
     for i, prompt in enumerate(prompts):
         row = np.asarray(prompt)
@@ -70,13 +71,17 @@ def as_batch(prompts: Any, attention_mask: ArrayLike | None, pad_id: int):
             "`attention_mask` goes with a left-padded int array `prompts` [batch, length]; for "
             "a list of prompts of different lengths leave it out (they are padded for you)"
         )
-    if (
-        isinstance(prompts, Sequence | np.ndarray | jax.Array)
-        and len(prompts)
-        and np.ndim(prompts[0]) == 0
-    ):
+    if isinstance(prompts, np.ndarray | jax.Array):
+        if prompts.ndim != 1 or prompts.size == 0:  # 0-D included: it has no len()
+            raise _not_prompts(prompts)
+        prompts = [prompts]  # one prompt
+    elif isinstance(prompts, Sequence) and len(prompts) and np.ndim(prompts[0]) == 0:
         prompts = [prompts]  # one prompt
     return left_pad(prompts, pad_id)
+
+
+def _not_prompts(prompts: object) -> ValueError:
+    return ValueError(f"`prompts` must be a non-empty list of token-id lists, got {prompts!r:.60}")
 
 
 def check_left_padded(mask: np.ndarray) -> None:

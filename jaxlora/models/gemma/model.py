@@ -35,6 +35,7 @@ The config is in :mod:`jaxlora.models.gemma.config`, the decoder block in
 from __future__ import annotations
 
 import math
+from typing import overload
 
 import flax.linen as nn
 import jax
@@ -111,6 +112,31 @@ class GemmaForCausalLM(nn.Module):
         sliding = seen[None] & valid[:, None, :]
         return full[:, None, None], sliding[:, None, None]
 
+    @overload
+    def hidden_states(
+        self,
+        input_ids: ArrayLike,
+        attention_mask: ArrayLike | None = None,
+        positions: ArrayLike | None = None,
+        cache: None = None,
+    ) -> jax.Array: ...
+    @overload
+    def hidden_states(
+        self,
+        input_ids: ArrayLike,
+        attention_mask: ArrayLike | None = None,
+        positions: ArrayLike | None = None,
+        *,
+        cache: KVCache,
+    ) -> tuple[jax.Array, KVCache]: ...
+    @overload
+    def hidden_states(
+        self,
+        input_ids: ArrayLike,
+        attention_mask: ArrayLike | None,
+        positions: ArrayLike | None,
+        cache: KVCache,
+    ) -> tuple[jax.Array, KVCache]: ...
     def hidden_states(
         self,
         input_ids: ArrayLike,
@@ -144,10 +170,10 @@ class GemmaForCausalLM(nn.Module):
                 )
             valid = attention_mask > 0
         full, sliding = self._masks(valid, cache, length)
-        if positions is None and cache is None:
-            positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-        elif positions is None:
+        if positions is None and cache is not None:
             positions = cache_positions(cache, valid)
+        elif positions is None:
+            positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
         positions = jnp.asarray(positions)
         x = self.embed_tokens(input_ids)
         # Hugging Face rounds sqrt(hidden) to float32, then to the embedding's dtype.
@@ -171,6 +197,31 @@ class GemmaForCausalLM(nn.Module):
             logits = self.lm_head(hidden)
         return softcap(logits.astype(jnp.float32), self.config.final_logit_softcapping)
 
+    @overload
+    def __call__(
+        self,
+        input_ids: ArrayLike,
+        attention_mask: ArrayLike | None = None,
+        positions: ArrayLike | None = None,
+        cache: None = None,
+    ) -> jax.Array: ...
+    @overload
+    def __call__(
+        self,
+        input_ids: ArrayLike,
+        attention_mask: ArrayLike | None = None,
+        positions: ArrayLike | None = None,
+        *,
+        cache: KVCache,
+    ) -> tuple[jax.Array, KVCache]: ...
+    @overload
+    def __call__(
+        self,
+        input_ids: ArrayLike,
+        attention_mask: ArrayLike | None,
+        positions: ArrayLike | None,
+        cache: KVCache,
+    ) -> tuple[jax.Array, KVCache]: ...
     def __call__(
         self,
         input_ids: ArrayLike,

@@ -35,6 +35,7 @@ from flax import traverse_util
 
 from jaxlora._src.config.lora_config import LoraConfig
 from jaxlora._src.tree.core import merge
+from jaxlora._src.types import LoraTree
 from jaxlora.models.gemma.config import GemmaConfig
 from jaxlora.models.hf import gemma, gemma_export
 from jaxlora.models.hf.checkpoint import CONFIG_FILE, INDEX_FILE, SINGLE_FILE
@@ -116,7 +117,8 @@ def _hf_config(config: Any, hf_config: Mapping[str, Any] | None, dtype: str) -> 
 
 def _fitting_leaves(params: Mapping[str, Any], specs: Mapping[str, Any]) -> dict[tuple, Any]:
     """``params`` flattened, once every leaf is checked against ``specs`` (path and shape)."""
-    flat = traverse_util.flatten_dict(dict(params))
+    # flax leaves flatten_dict unannotated; pyright would infer its leaves from the code.
+    flat: dict[tuple, Any] = traverse_util.flatten_dict(dict(params))
     wanted = {spec.path for spec in specs.values()}
     if set(flat) != wanted:
         missing = sorted("/".join(p) for p in wanted - set(flat))
@@ -208,7 +210,7 @@ def save_hf_merged(
     directory: str | os.PathLike[str],
     config: LlamaConfig | GemmaConfig,
     frozen: Mapping[str, Any],
-    lora: Mapping[str, Any],
+    lora: LoraTree,
     lora_config: LoraConfig,
     *,
     max_shard_size: int | str = "5GB",

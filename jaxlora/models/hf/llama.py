@@ -186,12 +186,13 @@ def load_hf(
         ValueError: for any other ``model_type`` (listing the supported ones), and as the loader.
     """
     kind = read_config(directory).get("model_type")
-    options = dict(mesh=mesh, shardings=shardings, dtype=dtype, progress=progress)
     if kind in LLAMA_MODEL_TYPES:
-        return load_hf_llama(directory, **options)
-    if kind in GEMMA_MODEL_TYPES:
-        return _gemma_loader()(directory, **options)
-    raise ValueError(
-        f"config.json in `{os.fspath(directory)}` has `model_type` {kind!r}; supported: "
-        f"{LLAMA_MODEL_TYPES + GEMMA_MODEL_TYPES}"
-    )
+        loader = load_hf_llama
+    elif kind in GEMMA_MODEL_TYPES:
+        loader = _gemma_loader()
+    else:
+        raise ValueError(
+            f"config.json in `{os.fspath(directory)}` has `model_type` {kind!r}; supported: "
+            f"{LLAMA_MODEL_TYPES + GEMMA_MODEL_TYPES}"
+        )
+    return loader(directory, mesh=mesh, shardings=shardings, dtype=dtype, progress=progress)

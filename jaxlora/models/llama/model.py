@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast, overload
 
 import flax.linen as nn
 import jax
@@ -82,6 +82,31 @@ class LlamaForCausalLM(nn.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False)
 
+    @overload
+    def hidden_states(
+        self,
+        input_ids: ArrayLike,
+        attention_mask: ArrayLike | None = None,
+        positions: ArrayLike | None = None,
+        cache: None = None,
+    ) -> jax.Array: ...
+    @overload
+    def hidden_states(
+        self,
+        input_ids: ArrayLike,
+        attention_mask: ArrayLike | None = None,
+        positions: ArrayLike | None = None,
+        *,
+        cache: KVCache,
+    ) -> tuple[jax.Array, KVCache]: ...
+    @overload
+    def hidden_states(
+        self,
+        input_ids: ArrayLike,
+        attention_mask: ArrayLike | None,
+        positions: ArrayLike | None,
+        cache: KVCache,
+    ) -> tuple[jax.Array, KVCache]: ...
     def hidden_states(
         self,
         input_ids: ArrayLike,
@@ -108,25 +133,36 @@ class LlamaForCausalLM(nn.Module):
             if positions is None:
                 positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), input_ids.shape)
             masks = full_masks(self.config, length, attention_mask)
-        else:
-            new_valid = (
-                jnp.ones(input_ids.shape, bool)
-                if attention_mask is None
-                else jnp.asarray(attention_mask) > 0
-            )
-            if positions is None:
-                positions = cache_positions(cache, new_valid)
-            masks = cache_masks(self.config, cache, new_valid)
+            x, _, _ = self._blocks(input_ids, jnp.asarray(positions), masks, None)
+            return self.norm(x)
+        new_valid = (
+            jnp.ones(input_ids.shape, bool)
+            if attention_mask is None
+            else jnp.asarray(attention_mask) > 0
+        )
+        if positions is None:
+            positions = cache_positions(cache, new_valid)
+        masks = cache_masks(self.config, cache, new_valid)
+        x, keys, values = self._blocks(input_ids, jnp.asarray(positions), masks, cache)
+        return self.norm(x), cache.advance(keys, values, new_valid)
+
+    def _blocks(
+        self,
+        input_ids: jax.Array,
+        positions: jax.Array,
+        masks: list[jax.Array],
+        cache: KVCache | None,
+    ) -> tuple[jax.Array, list[jax.Array], list[jax.Array]]:
+        """The embedded ``input_ids`` through every block, and (with ``cache``) each layer's
+        updated key and value buffers."""
         x = self.embed_tokens(input_ids)
         keys, values = [], []
         for i, layer in enumerate(self.layers):
-            x, kv = layer(x, jnp.asarray(positions), masks[i], cache, i)
+            x, kv = layer(x, positions, masks[i], cache, i)
             if kv is not None:
                 keys.append(kv[0])
                 values.append(kv[1])
-        if cache is None:
-            return self.norm(x)
-        return self.norm(x), cache.advance(keys, values, new_valid)
+        return x, keys, values
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Projects hidden states onto the vocabulary (the tied embedding, or ``lm_head``)."""
@@ -134,6 +170,31 @@ class LlamaForCausalLM(nn.Module):
             return self.embed_tokens.attend(hidden)
         return self.lm_head(hidden)
 
+    @overload
+    def __call__(
+        self,
+        input_ids: ArrayLike,
+        attention_mask: ArrayLike | None = None,
+        positions: ArrayLike | None = None,
+        cache: None = None,
+    ) -> jax.Array: ...
+    @overload
+    def __call__(
+        self,
+        input_ids: ArrayLike,
+        attention_mask: ArrayLike | None = None,
+        positions: ArrayLike | None = None,
+        *,
+        cache: KVCache,
+    ) -> tuple[jax.Array, KVCache]: ...
+    @overload
+    def __call__(
+        self,
+        input_ids: ArrayLike,
+        attention_mask: ArrayLike | None,
+        positions: ArrayLike | None,
+        cache: KVCache,
+    ) -> tuple[jax.Array, KVCache]: ...
     def __call__(
         self,
         input_ids: ArrayLike,
@@ -144,8 +205,8 @@ class LlamaForCausalLM(nn.Module):
         """Returns next-token logits (and the new cache); arguments as :meth:`hidden_states`."""
         if cache is None:
             return self.logits(self.hidden_states(input_ids, attention_mask, positions))
-        hidden, cache = self.hidden_states(input_ids, attention_mask, positions, cache)
-        return self.logits(hidden), cache
+        hidden, new_cache = self.hidden_states(input_ids, attention_mask, positions, cache)
+        return self.logits(hidden), new_cache
 
 
 def init_cache(
@@ -172,9 +233,11 @@ def _greedy(
         # whole fixed-size buffer can be re-run each step without a KV cache.
         hidden = model.apply({"params": params}, tokens, method=LlamaForCausalLM.hidden_states)
         last = jax.lax.dynamic_index_in_dim(hidden, prompt_length + i - 1, axis=1)
-        next_token = jnp.argmax(
-            model.apply({"params": params}, last, method=LlamaForCausalLM.logits)[:, 0], axis=-1
-        ).astype(jnp.int32)
+        # Without `mutable`, `apply` returns only the method's output (flax types it as a union).
+        logits = cast(
+            jax.Array, model.apply({"params": params}, last, method=LlamaForCausalLM.logits)
+        )
+        next_token = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
         next_token = jnp.where(done, jnp.int32(eos_id), next_token)
         tokens = jax.lax.dynamic_update_index_in_dim(tokens, next_token, prompt_length + i, 1)
         return tokens, done | (next_token == eos_id)

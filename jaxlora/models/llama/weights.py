@@ -225,7 +225,9 @@ def load_smollm2(
     expected = jax.eval_shape(
         LlamaForCausalLM(config).init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32)
     )["params"]
-    shapes = {k: v.shape for k, v in traverse_util.flatten_dict(expected).items()}
+    # flax leaves flatten_dict unannotated; pyright would infer its leaves from the code.
+    leaves: dict[tuple[str, ...], Any] = traverse_util.flatten_dict(expected)
+    shapes = {k: v.shape for k, v in leaves.items()}
     params = packaged.unflatten_checked(flat, shapes, file.path)
     return config, jax.tree.map(jnp.asarray, params)
 
