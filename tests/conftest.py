@@ -13,6 +13,11 @@ the subprocesses that tests start) uses one JAX persistent compilation cache, so
 several tests, workers or scripts compile is compiled once. The cache lives in a temporary folder
 made for the run and removed after it, so every run starts cold, as CI does; set
 ``JAXLORA_TEST_COMPILATION_CACHE`` to a folder of your own to keep it between runs.
+
+Property tests whose every example compiles new programs take their example count from the
+hypothesis profile: ``suite`` (the default, :data:`SUITE_EXAMPLES` each) or ``thorough``
+(:data:`THOROUGH_EXAMPLES`), chosen with ``HYPOTHESIS_PROFILE=thorough``. Cheap property tests set
+their own, larger counts.
 """
 
 import os
@@ -20,8 +25,15 @@ import re
 import shutil
 import tempfile
 
+import hypothesis
 import jax
 import pytest
+
+SUITE_EXAMPLES = 8
+THOROUGH_EXAMPLES = 60
+hypothesis.settings.register_profile("suite", max_examples=SUITE_EXAMPLES, deadline=None)
+hypothesis.settings.register_profile("thorough", max_examples=THOROUGH_EXAMPLES, deadline=None)
+hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "suite"))
 
 FAST_CORE = "not slow"
 SLOW_MODULE = re.compile(r"^pytestmark = pytest\.mark\.slow\b", re.MULTILINE)

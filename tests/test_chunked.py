@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import jaxlora
@@ -25,7 +25,6 @@ def _plain(x, kernel):
     return x @ kernel.astype(x.dtype)
 
 
-@settings(max_examples=25, deadline=None)
 @given(
     rows=st.integers(1, 5),
     n_in=st.integers(1, 9),

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import jaxlora
@@ -37,7 +37,6 @@ def _grads(fn, x, kernel, bias, a, b, keep, weights):
 
 
 @pytest.mark.slow
-@settings(max_examples=15, deadline=None)
 @given(
     lead=st.lists(st.integers(1, 3), min_size=0, max_size=2),
     k=st.integers(1, 6),
@@ -226,7 +225,6 @@ def test_fast_path_under_shard_map(framework):
                  grads("factored"), grads("merged"))  # fmt: skip
 
 
-@settings(max_examples=40, deadline=None)
 @given(
     lead=st.integers(0, 2),
     n_in=st.integers(1, 2),

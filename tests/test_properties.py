@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import jaxlora
@@ -41,7 +41,6 @@ def make(shape, layout, rank, seed, init=True):
     return params, config
 
 
-@settings(max_examples=25, deadline=None)
 @given(kernels())
 def test_fresh_merge_is_identity(case):
     params, config = make(*case)
@@ -52,7 +51,6 @@ def test_fresh_merge_is_identity(case):
     )
 
 
-@settings(max_examples=25, deadline=None)
 @given(kernels())
 def test_unmerge_inverts_merge_and_rank_is_bounded(case):
     shape, layout, rank, seed = case
@@ -73,7 +71,6 @@ def test_unmerge_inverts_merge_and_rank_is_bounded(case):
         assert np.linalg.matrix_rank(layer.reshape(rows, -1), tol=1e-5) <= rank
 
 
-@settings(max_examples=15, deadline=None)
 @given(kernels())
 def test_trainable_count_matches_formula(case):
     shape, layout, rank, _ = case
