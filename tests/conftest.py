@@ -71,9 +71,10 @@ def _share_compilation_cache(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    # The reference models' doctests build and compile whole models: full suite only.
+    # The docstrings' examples compile as a user's first call does (the reference models' build
+    # whole models): full suite only; the fast core checks the same behaviour in tests/.
     for item in items:
-        if isinstance(item, pytest.DoctestItem) and "models" in item.path.parts:
+        if isinstance(item, pytest.DoctestItem):
             item.add_marker(pytest.mark.slow)
 
 

@@ -69,6 +69,7 @@ class _LinenNet(nn.Module):
         return embed.attend(h) + h @ embed.embedding.T
 
 
+@pytest.mark.slow  # seconds of compiling: full suite only
 def test_linen_subclasses_raw_reads_and_tied_tables():
     model = _LinenNet()
     params = model.init(jax.random.key(0), X, IDS)["params"]

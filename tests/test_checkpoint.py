@@ -231,6 +231,7 @@ def _dir_bytes(directory):
     )
 
 
+@pytest.mark.slow  # seconds of compiling: full suite only
 def test_adapter_file_is_theta_bytes_plus_small_overhead(tmp_path):
     # Random A and B (init_lora_weights=False), so compression cannot hide overhead.
     base = {

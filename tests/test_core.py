@@ -228,6 +228,7 @@ def gpt3_abstract(n_layers=96, d_model=12288):
 
 
 @pytest.mark.parametrize(("r", "expected"), [(1, 4_718_592), (8, 37_748_736)])
+@pytest.mark.slow  # seconds of compiling: full suite only
 def test_gpt3_counted_without_allocating(r, expected):
     params = gpt3_abstract()
     config = LoraConfig(r=r, lora_alpha=r, target_modules=["q_proj", "v_proj"])
@@ -239,6 +240,7 @@ def test_gpt3_counted_without_allocating(r, expected):
     assert f"trainable params: {expected:,}" in counts.summary()
 
 
+@pytest.mark.slow  # seconds of compiling: full suite only
 def test_count_table_and_modules_to_save():
     params = {
         "q": {"kernel": jnp.ones((10, 10))},

@@ -71,6 +71,7 @@ def test_kernel_matches_autodiff_for_all_shapes(lead, k, n, r, use_bias, use_dro
         (jnp.float32, jnp.bfloat16, jnp.float32),  # bf16 stored base under float32 compute
     ],
 )
+@pytest.mark.slow  # seconds of compiling: full suite only
 def test_kernel_dtypes(x_dtype, kernel_dtype, factor_dtype):
     keys = jax.random.split(jax.random.key(3), 6)
     x = jax.random.normal(keys[0], (2, 3, 6), x_dtype)
@@ -141,6 +142,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("framework,name", CASES)
+@pytest.mark.slow  # seconds of compiling: full suite only
 def test_fast_path_with_dropout_matches_general_path(framework, name):
     model, x, frozen, lora, config, n_fused = _model(framework, name)
     rngs = {"dropout": jax.random.key(9)}
@@ -170,6 +172,7 @@ def test_fast_path_without_dropout_matches_merged(framework, name):
                  g_fast, g_merged)  # fmt: skip
 
 
+@pytest.mark.slow  # seconds of compiling: full suite only
 def test_bf16_model_takes_fast_path():
     model, x, frozen, lora, config, n_fused = _model("linen", "dense")
     frozen = jax.tree.map(lambda p: p.astype(jnp.bfloat16), frozen)
@@ -202,6 +205,7 @@ def test_keep_mask_statistics(rate):
 
 
 @pytest.mark.parametrize("framework", ["linen", "nnx"])
+@pytest.mark.slow  # seconds of compiling: full suite only
 def test_fast_path_under_shard_map(framework):
     """Inside ``shard_map`` the cotangents of replicated inputs (frozen kernel, factors) are
     summed over the data axis, as autodiff would: the gradient equals the merged path's."""
@@ -232,6 +236,7 @@ def test_fast_path_under_shard_map(framework):
     shuffle=st.sampled_from(["none", "contracted", "out", "lead"]),
     seed=st.integers(0, 2**16),
 )
+@pytest.mark.slow  # seconds of compiling: full suite only
 def test_trailing_contraction_agrees_with_einsum(lead, n_in, n_out, shuffle, seed):
     """Where ``trailing_contraction`` says an equation is a dense layer on ``n`` trailing axes, the
     2-D product the fast path computes equals ``jnp.einsum``; a reordered equation is refused."""

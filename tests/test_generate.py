@@ -82,6 +82,7 @@ def test_left_pad():
     assert mask.sum(axis=1).tolist() == [5, 3, 2]
 
 
+@pytest.mark.slow  # seconds of compiling: full suite only
 def test_cached_greedy_equals_uncached_generate(params, greedy_batch):
     # The no-cache `llama.generate` re-runs the full forward each step; same tokens, eos padding.
     row = 2  # the shortest prompt: the most left padding in the batch
@@ -146,6 +147,7 @@ def test_sampling_is_reproducible_with_a_key(params, greedy_batch):
     assert (first != np.asarray(greedy_batch.tokens)).any()
 
 
+@pytest.mark.slow  # seconds of compiling: full suite only
 def test_factored_equals_merged(adapters, greedy_batch):
     frozen, (lora, _, _) = adapters
     runs = {
@@ -157,6 +159,7 @@ def test_factored_equals_merged(adapters, greedy_batch):
     assert (np.asarray(runs["factored"]) != np.asarray(greedy_batch.tokens)).any()  # it acts
 
 
+@pytest.mark.slow  # seconds of compiling: full suite only
 def test_per_row_adapters_match_each_adapter_alone(adapters, greedy_batch):
     frozen, members = adapters
     stacked = jaxlora.adapters.stack(members)
@@ -189,6 +192,7 @@ def _draws(temperature=1.0, top_p=1.0, top_k=None):
     return np.bincount(np.asarray(tokens), minlength=LOGITS.shape[-1]) / DRAWS
 
 
+@pytest.mark.slow  # seconds of compiling: full suite only
 def test_sample_logits_greedy_and_temperature():
     np.testing.assert_array_equal(_draws(temperature=0.0), [1, 0, 0, 0])
     frequencies = _draws(temperature=2.0)
@@ -196,6 +200,7 @@ def test_sample_logits_greedy_and_temperature():
     np.testing.assert_allclose(frequencies, target, atol=0.03)
 
 
+@pytest.mark.slow  # seconds of compiling: full suite only
 def test_sample_logits_top_k():
     np.testing.assert_array_equal(_draws(temperature=1.0, top_k=1), [1, 0, 0, 0])
     frequencies = _draws(temperature=1.0, top_k=2)

@@ -71,6 +71,7 @@ def _cached(config, params, ids, mask, prefill):
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.slow  # seconds of compiling: full suite only
 def test_cached_prefill_and_decode_equal_full_forward(name):
     config = CONFIGS[name]
     params = _params(config)
@@ -89,6 +90,7 @@ def test_cached_prefill_and_decode_equal_full_forward(name):
     ]
 
 
+@pytest.mark.slow  # seconds of compiling: full suite only
 def test_cache_under_jaxlora_apply_factored_and_merged():
     config = CONFIGS["family"]
     model = llama.LlamaForCausalLM(config)
@@ -114,6 +116,7 @@ def test_cache_under_jaxlora_apply_factored_and_merged():
     assert float(jnp.max(jnp.abs(full - _full(config, params, ids)))) > 1e-3
 
 
+@pytest.mark.slow  # seconds of compiling: full suite only
 def test_attention_mask_semantics():
     cache = KVCache.init(1, batch=2, max_length=5, num_kv_heads=1, head_dim=2)
     k = jnp.ones((2, 3, 1, 2))

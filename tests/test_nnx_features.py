@@ -44,6 +44,7 @@ def _nnx(rate=0.5):
 # --- count and split on a full nnx.State -------------------------------------------------------
 
 
+@pytest.mark.slow  # seconds of compiling: full suite only
 def test_count_of_a_full_state_is_the_linen_params_count():
     config = jaxlora.LoraConfig(r=2, target_modules=["fc", "out"], bias="all")
     _, state = _nnx()
@@ -129,6 +130,7 @@ def _train(steps, fold_back, lora_dropout=0.0, lora_keys=True):
     return outs, stats, frozen, state, history
 
 
+@pytest.mark.slow  # seconds of compiling: full suite only
 def test_mutable_updates_carry_batch_stats_and_rng_counters_between_steps():
     outs, stats, frozen, state, history = _train(3, fold_back=True)
     updates = history[-1]
@@ -142,6 +144,7 @@ def test_mutable_updates_carry_batch_stats_and_rng_counters_between_steps():
     assert np.abs(stats[0]).max() > 0 and not np.allclose(stats[0], 0.1 * np.asarray(h.mean(0)))
 
 
+@pytest.mark.slow  # seconds of compiling: full suite only
 def test_model_dropout_masks_change_only_when_updates_are_folded_back():
     def masks(fold_back):
         graphdef, state = _nnx(rate=0.5)
@@ -168,6 +171,7 @@ def test_model_dropout_masks_change_only_when_updates_are_folded_back():
     assert np.array_equal(kept[0], kept[1]) and np.array_equal(kept[1], kept[2])
 
 
+@pytest.mark.slow  # seconds of compiling: full suite only
 def test_lora_dropout_masks_change_with_the_step_key():
     """LoRA dropout draws from the key given to each step (``fold_in(key, step)``): a new mask
     per key, the same mask for the same key, inside the same ``mutable=True`` call."""
@@ -193,6 +197,7 @@ def _lora_terms(rate, same=False):
 
 
 @pytest.mark.parametrize("mode", ["factored", "merged"])
+@pytest.mark.slow  # seconds of compiling: full suite only
 def test_linen_mutable_passes_through_to_flax(mode):
     model = LinenNet()
     variables = model.init(jax.random.key(0), X, False)

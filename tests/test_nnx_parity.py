@@ -176,6 +176,7 @@ def test_bank_switches_exactly_and_weighted_sum_is_exact(kind):
 
 @pytest.mark.parametrize("use_jit", [False, True], ids=["eager", "jit"])
 @pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.slow  # seconds of compiling: full suite only
 def test_stack_unstack_and_mixed_batch(kind, use_jit):
     model, frozen = _model(kind)
     fresh = _adapter(frozen, 0, dataclasses.replace(CONFIG, init_lora_weights=True))
