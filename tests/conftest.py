@@ -14,6 +14,10 @@ several tests, workers or scripts compile is compiled once. The cache lives in a
 made for the run and removed after it, so every run starts cold, as CI does; set
 ``JAXLORA_TEST_COMPILATION_CACHE`` to a folder of your own to keep it between runs.
 
+Programs are compiled for tests, not for speed: ``jax_disable_most_optimizations`` (LLVM at -O0;
+XLA's HLO passes, so fusion and buffer assignment, are unchanged) compiles about three times
+faster on the tiny shapes tests use. Set ``JAXLORA_TEST_OPTIMIZE=1`` to compile as users do.
+
 Property tests whose every example compiles new programs take their example count from the
 hypothesis profile: ``suite`` (the default, :data:`SUITE_EXAMPLES` each) or ``thorough``
 (:data:`THOROUGH_EXAMPLES`), chosen with ``HYPOTHESIS_PROFILE=thorough``. Cheap property tests set
@@ -51,6 +55,15 @@ def pytest_configure(config):
         "markers", "standard_dtypes: run with standard (not strict) jax dtype promotion"
     )
     _share_compilation_cache(config)
+    _compile_for_tests()
+
+
+def _compile_for_tests():
+    """Compiles with little optimisation in this process and every process it starts."""
+    if os.environ.get("JAXLORA_TEST_OPTIMIZE") == "1":
+        return
+    os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
+    jax.config.update("jax_disable_most_optimizations", True)
 
 
 def _share_compilation_cache(config):

@@ -33,7 +33,7 @@ def _check(model, frozen, lora, config, *inputs, base=None, **kwargs):
     np.testing.assert_allclose(factored, merged, rtol=1e-5, atol=1e-5)
     for path, gf in jax.tree_util.tree_leaves_with_path(g_factored):
         gm = dict(jax.tree_util.tree_leaves_with_path(g_merged))[path]
-        atol = 1e-4 * np.abs(gm).max() + 1e-6  # float32 sums in another order
+        atol = 2e-4 * np.abs(gm).max() + 1e-6  # float32 sums in another order, sin of large
         np.testing.assert_allclose(gf, gm, rtol=0, atol=atol, err_msg=str(path))
         assert np.abs(gf).max() > 0, f"no gradient reaches {jax.tree_util.keystr(path)}"
     if base is not None:

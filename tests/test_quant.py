@@ -189,7 +189,7 @@ def test_apply_runs_a_quantised_base_in_both_modes(method):
     factored = jax.jit(jax.value_and_grad(loss), static_argnums=1)(lora, "factored")
     merged = jax.value_and_grad(loss)(lora, "merged")
     np.testing.assert_allclose(factored[0], merged[0], rtol=1e-5)
-    assert_trees_close(factored[1], merged[1], 1e-4, 1e-6)
+    assert_trees_close(factored[1], merged[1], 1e-4, 1e-5)  # float32 sums, another order
     # NNX models of the same shape: tests/test_nnx_features.py
 
 
