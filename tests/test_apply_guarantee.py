@@ -99,6 +99,7 @@ class _NnxScaled(nnx.Embed):
         return super().__call__(ids) * jnp.sqrt(float(self.features))
 
 
+@pytest.mark.slow  # seconds of compiling: full suite only
 def test_nnx_subclasses_raw_reads_cells_and_attribute_reads():
     model = _NnxNet(nnx.Rngs(0))
     graphdef, state = nnx.split(model)
@@ -186,6 +187,7 @@ class _NnxGemmaQuery(nnx.Module):
         return q.reshape(q.shape[0], -1)
 
 
+@pytest.mark.slow  # seconds of compiling: full suite only
 def test_dora_on_kernels_with_output_axes_first():
     config = _config(layouts={"q": "oio"})
     model = _GemmaQuery()

@@ -94,6 +94,7 @@ def test_the_twins_compute_the_same_function():
 
 
 @pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.slow  # seconds of compiling: full suite only
 def test_checkpoint_round_trip(kind, tmp_path):
     model, frozen = _model(kind)
     lora = _adapter(frozen, 1)
@@ -202,6 +203,7 @@ def test_stack_unstack_and_mixed_batch(kind, use_jit):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.slow  # seconds of compiling: full suite only
 def test_seed_sweep_in_one_vmapped_step_equals_separate_runs(kind):
     model, frozen = _model(kind)
     optimizer = optax.sgd(0.5)

@@ -36,10 +36,10 @@ from tests.model_contract import (
 )
 from tests.unseen_models import BY_ID
 
-# The fast core (`-m "not slow"`) runs one case per framework (a subclass of a known layer in
-# linen, a parent reading a child's kernel in NNX); every case, the raw params and the scaled and
-# hand-tied embeddings among them, runs in the full suite.
-FAST_CASES = {"dense_subclass-linen", "kernel_reads-nnx"}
+# The fast core (`-m "not slow"`) runs one case (a subclass of a known layer, in linen); every
+# case, NNX's and the raw params and the scaled and hand-tied embeddings among them, runs in the
+# full suite.
+FAST_CASES = {"dense_subclass-linen"}
 SUPPORTED = [
     pytest.param(case.id, marks=[] if case.id in FAST_CASES else [pytest.mark.slow])
     for case in unseen_models.CASES
