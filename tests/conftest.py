@@ -42,12 +42,6 @@ hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "suite"))
 FAST_CORE = "not slow"
 SLOW_MODULE = re.compile(r"^pytestmark = pytest\.mark\.slow\b", re.MULTILINE)
 CACHE_VARIABLE = "JAXLORA_TEST_COMPILATION_CACHE"
-#: What JAX reads at import, so that subprocesses started by tests share the cache too.
-JAX_CACHE_ENVIRONMENT = {
-    "JAX_COMPILATION_CACHE_DIR": None,  # the run's folder
-    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-}
 
 
 def pytest_configure(config):
@@ -77,7 +71,10 @@ def _share_compilation_cache(config):
         folder = tempfile.mkdtemp(prefix="jaxlora-test-jit-cache-")
         os.environ[CACHE_VARIABLE] = folder
         config.add_cleanup(lambda: shutil.rmtree(folder, ignore_errors=True))
-    os.environ.update({**JAX_CACHE_ENVIRONMENT, "JAX_COMPILATION_CACHE_DIR": folder})
+    # What JAX reads at import, so that the processes tests start use the cache too.
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = folder
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
     jax.config.update("jax_compilation_cache_dir", folder)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
