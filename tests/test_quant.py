@@ -10,6 +10,7 @@ import pytest
 
 import jaxlora
 from jaxlora import quant
+from jaxlora._src.quant import gguf
 from tests.treeutil import assert_trees_close
 
 LEVELS = np.asarray(quant.NF4_LEVELS, np.float64)
@@ -334,6 +335,8 @@ def test_errors_on_bad_inputs():
         quant.dequantize(jnp.ones((4, 4)))
     with pytest.raises(ValueError, match=r"`raw` of 10 bytes does not hold Q4_1 blocks"):
         quant.from_gguf_q4_1(np.zeros(10, np.uint8), (32, 2))
+    with pytest.raises(ValueError, match=r"`leaf` must be a Q4_1 QuantizedKernel, got method"):
+        gguf.permute_rows(quant.quantize_kernel(jnp.ones((4, 4)), "int8"), lambda rows: rows)
     params = {"d": {"kernel": jnp.ones((8, 8))}, "e": {"kernel": jnp.ones((8, 8))}}
     qparams = quant.quantize(params, ["d", "e"], "int8")
     config = jaxlora.LoraConfig(target_modules=["d"], modules_to_save=["e"])
