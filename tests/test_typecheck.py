@@ -14,7 +14,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_pyright_is_clean():
     if importlib.util.find_spec("pyright") is None:
-        pytest.skip("pyright is not installed; it comes with the `dev` extra")
+        pytest.fail("pyright is not installed: `pip install -e '.[dev]'` brings it")
     # This interpreter's environment resolves the imports (jax, flax, ...), whatever is on PATH.
     result = subprocess.run(
         [sys.executable, "-m", "pyright", "--pythonpath", sys.executable],
