@@ -37,7 +37,11 @@ def test_bench_memory_small_writes_json_and_markdown(tmp_path):
 
 def test_xla_peak_breakdown_reads_a_dump(tmp_path):
     dump = tmp_path / "dump"
-    env = {**os.environ, "XLA_FLAGS": f"--xla_dump_to={dump} --xla_dump_hlo_module_re=.*step.*"}
+    env = {
+        **os.environ,
+        "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")
+        + f" --xla_dump_to={dump} --xla_dump_hlo_module_re=.*step.*",
+    }
     env.pop("JAX_COMPILATION_CACHE_DIR", None)  # a cached program is not compiled, so not dumped
     worker = [sys.executable, SCRIPT, "--small", "--worker", "lora_nf4_factored_remat"]
     proc = subprocess.run(worker, capture_output=True, text=True, env=env)

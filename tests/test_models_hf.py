@@ -190,7 +190,8 @@ def test_load_sharded_over_eight_host_devices(saved):
         np.save({str(directory) + "/logits.npy"!r}, np.asarray(logits))
     """)
     np.save(os.path.join(directory, "ids.npy"), IDS)
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    eight_devices = "--xla_force_host_platform_device_count=8"
+    env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {eight_devices}"}
     env["JAX_PLATFORMS"] = "cpu"
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -21,12 +21,14 @@ SCRIPT = ROOT / "experiments" / "examples" / "train_parallel.py"
 TOLERANCE = 1e-5
 # Compiling dominates these runs; XLA's cheaper CPU pipeline halves it and keeps float32 numerics.
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+# After the run's own XLA options (conftest's test-compile flags), which the subprocess keeps.
+EIGHT_DEVICES = f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}"
 
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("parallel")
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}"}
+    env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {EIGHT_DEVICES}"}
     env.pop("JAX_PLATFORMS", None)
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--mode", "all", "--steps", "4", "--out", str(out)],
@@ -100,7 +102,7 @@ NNX_MODES = ("dp", "fsdp", "tp")
 @pytest.fixture(scope="module")
 def report_nnx(tmp_path_factory):
     out = tmp_path_factory.mktemp("parallel_nnx")
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}"}
+    env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {EIGHT_DEVICES}"}
     env.pop("JAX_PLATFORMS", None)
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--model", "nnx", "--mode", ",".join(NNX_MODES),

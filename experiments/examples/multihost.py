@@ -43,7 +43,14 @@ def launch(out, num_processes=2, steps=4, timeout=TIMEOUT_S, xla_flags="", model
     port = free_port()
     env = {
         **os.environ,
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS} {xla_flags}",
+        # The caller's own XLA options first: the device count and ``xla_flags`` take precedence.
+        "XLA_FLAGS": " ".join(
+            [
+                os.environ.get("XLA_FLAGS", ""),
+                xla_flags,
+                f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}",
+            ]
+        ),
     }
     env.pop("JAX_PLATFORMS", None)
     procs = []
