@@ -1,4 +1,4 @@
-"""Smoke test of experiments/benchmarks/bench_memory.py on a tiny model (three configurations)."""
+"""Smoke test of experiments/benchmarks/bench_memory.py on a tiny model (five configurations)."""
 
 import json
 import os
@@ -14,21 +14,28 @@ SCRIPT = os.path.join(
 )
 
 
-def test_bench_memory_small_writes_json_and_markdown(tmp_path):
-    configs = "full_ft,lora_nf4_factored,lora_nf4_factored_remat"
-    cmd = [sys.executable, SCRIPT, "--small", "--configs", configs]
-    proc = subprocess.run(cmd + ["--out", str(tmp_path)], capture_output=True, text=True)
+@pytest.fixture(scope="module")
+def nnx_run(tmp_path_factory):
+    """One run of the script (each configuration in its own worker process, as the script does):
+    the linen rows the first test reads and the NNX rows and twins the last one reads."""
+    out = tmp_path_factory.mktemp("bench_memory")
+    configs = "full_ft,lora_nf4_factored,lora_nf4_factored_remat,nnx_full_ft,nnx_lora_nf4_factored"
+    cmd = [sys.executable, SCRIPT, "--small", "--nnx", "--configs", configs, "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    data = json.loads((tmp_path / "bench_memory_small.json").read_text())
+    data = json.loads((out / "bench_memory_nnx_small.json").read_text())
     rows = {row["config"]: row for row in data["rows"]}
-    assert set(rows) == {"full_ft", "lora_nf4_factored", "lora_nf4_factored_remat"}
+    return rows, (out / "bench_memory_nnx_small.md").read_text()
+
+
+def test_bench_memory_small_writes_json_and_markdown(nnx_run):
+    rows, table = nnx_run
     full, nf4 = rows["full_ft"], rows["lora_nf4_factored"]
     assert nf4["base_bytes"] < full["base_bytes"] / 3  # 4-bit codes + scales vs float32
     assert 0 < nf4["trainable"] < full["params"]
     for row in rows.values():
         assert row["xla_peak_bytes"] > 0 and row["peak_rss_mb"] > 0
         assert row["loss"] == row["loss"]  # not NaN
-    table = (tmp_path / "bench_memory_small.md").read_text()
     assert "| lora_nf4_factored | nf4 | factored | no |" in table
     assert "| lora_nf4_factored_remat | nf4 | factored | yes |" in table
     remat = rows["lora_nf4_factored_remat"]
@@ -54,15 +61,10 @@ def test_xla_peak_breakdown_reads_a_dump(tmp_path):
     assert total > 0 and rows  # float32 activations are live at the peak
 
 
-def test_bench_memory_nnx_rows_match_their_linen_twins(tmp_path):
+def test_bench_memory_nnx_rows_match_their_linen_twins(nnx_run):
     """The NNX decoder draws linen's weights and computes linen's step: the same full fine-tuning
     loss; its quantised LoRA row runs and the parity table pairs the twins."""
-    configs = "full_ft,nnx_full_ft,nnx_lora_nf4_factored"
-    cmd = [sys.executable, SCRIPT, "--small", "--nnx", "--configs", configs]
-    proc = subprocess.run(cmd + ["--out", str(tmp_path)], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    data = json.loads((tmp_path / "bench_memory_nnx_small.json").read_text())
-    rows = {row["config"]: row for row in data["rows"]}
+    rows, table = nnx_run
     linen, nnx = rows["full_ft"], rows["nnx_full_ft"]
     assert (linen["framework"], nnx["framework"]) == ("linen", "nnx")
     assert nnx["params"] == linen["params"] and nnx["base_bytes"] == linen["base_bytes"]
@@ -70,6 +72,5 @@ def test_bench_memory_nnx_rows_match_their_linen_twins(tmp_path):
     nf4 = rows["nnx_lora_nf4_factored"]
     assert nf4["base_bytes"] < nnx["base_bytes"] / 3 and 0 < nf4["trainable"] < nnx["params"]
     assert nf4["xla_peak_bytes"] < nnx["xla_peak_bytes"] and nf4["loss"] == nf4["loss"]
-    table = (tmp_path / "bench_memory_nnx_small.md").read_text()
     assert "| nnx_lora_nf4_factored | nf4 | factored | no |" in table
     assert "| full_ft | " in table.split("linen and NNX")[1]  # the side-by-side table

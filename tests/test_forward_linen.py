@@ -229,6 +229,14 @@ def test_interceptor_needs_a_config():
         lora_interceptor({"r": 8})
 
 
+def test_an_adapted_weight_without_its_config_says_where():
+    from jaxlora._src.forward.adapted import AdaptedWeight
+
+    weight = AdaptedWeight(jnp.ones((2, 3)), {}, names=("layer", "fc", "kernel"))
+    with pytest.raises(TypeError, match="at `layer/fc` was made without its LoraConfig"):
+        weight.lora_config  # noqa: B018
+
+
 def test_missing_lora_b_is_an_error():
     model, x, frozen, lora, config = setup("dense")
     del lora["fc"]["lora_b"]

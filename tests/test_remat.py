@@ -22,7 +22,7 @@ from tests.treeutil import assert_trees_close
 BLOCKS = r"layers_\d+"
 
 
-def _llama(layers=3, hidden=32, intermediate=64):
+def _llama(layers=2, hidden=32, intermediate=64):
     cfg = LlamaConfig(vocab_size=64, hidden_size=hidden, intermediate_size=intermediate,
                       num_layers=layers, num_heads=4, num_kv_heads=2, head_dim=hidden // 4,
                       tie_word_embeddings=False)  # fmt: skip
@@ -163,7 +163,7 @@ def test_remat_lowers_activation_memory(quantized):
     """XLA's temporaries for a LoRA training gradient: with every block recomputed they are well
     under half of what keeping all the activations costs (XLA:CPU keeps them all under
     ``nn.remat``, whose barrier it drops)."""
-    model, params, _ = _llama(layers=6, hidden=64, intermediate=256)
+    model, params, _ = _llama(layers=4, hidden=64, intermediate=256)
     ids = jax.random.randint(jax.random.key(3), (4, 64), 0, 64)
     config = jaxlora.LoraConfig(r=4, target_modules="all-linear")
     if quantized:

@@ -41,6 +41,11 @@ def test_infer_layouts_conv():
     assert layouts == {"conv1": "wwio", "conv2": "wwio", "head": "io"}
 
 
+def test_infer_layouts_names_a_method_the_model_lacks():
+    with pytest.raises(ValueError, match=r"`method`=.nope. is not a method of .*ConvNet"):
+        infer_layouts(lm.ConvNet(), lm.images(), method="nope")
+
+
 def test_suffix_matching(unrolled):
     _, params, layouts = unrolled
     found = paths_of(params, target_modules=["query", "value"], layouts=layouts)
