@@ -42,10 +42,11 @@ def _value_and_grad(model, frozen, lora, config, ids, use_jit, **kwargs):
     return fn(lora, None), fn(lora, BLOCKS)
 
 
-#: Every variant under jit; the base variants also eagerly. The quantised and bf16 bases change
-#: what is recomputed, not how jaxlora enters the blocks, and their eager runs are the slowest.
+#: Every variant under jit; the factored path and LoRA dropout (whose masks the recomputation
+#: must draw again) also eagerly. The other variants change what is recomputed, not how jaxlora
+#: enters the blocks, and eager runs are the slowest (every op compiles on its own).
 REMAT_VARIANTS = ["factored", "merged", "dropout", "nf4", "dora", "trainable_head", "bf16"]
-EAGER_VARIANTS = ["factored", "merged", "dropout", "dora", "trainable_head"]
+EAGER_VARIANTS = ["factored", "dropout"]
 
 
 @pytest.mark.parametrize(
@@ -82,7 +83,7 @@ def test_same_loss_and_gradients_as_without_remat(variant, use_jit):
     (loss, grads), (loss_remat, grads_remat) = _value_and_grad(
         model, frozen, lora, config, ids, use_jit, **kwargs
     )
-    assert_trees_close(loss_remat, loss, rtol=1e-6)  # XLA may fuse the two programs differently
+    assert_trees_close(loss_remat, loss, rtol=1e-5)  # XLA may fuse the two programs differently
     assert_trees_close(grads_remat, grads, rtol=1e-5, atol=1e-7)
 
 
@@ -117,8 +118,8 @@ def test_blocks_with_tuple_outputs_and_scanned_stacks(scan):
         y = jaxlora.apply(model, frozen, lora, config, linen_models.ids(), remat=checkpointing)
         return jnp.mean(y**2)
 
-    plain = jax.grad(loss)(lora, None)
-    assert_trees_close(jax.grad(loss)(lora, blocks), plain, rtol=1e-5, atol=1e-6)
+    grad = jax.jit(jax.grad(loss), static_argnums=1)  # eager remat: the law test's eager cases
+    assert_trees_close(grad(lora, blocks), grad(lora, None), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow
@@ -207,7 +208,7 @@ def test_narrow_kernels_are_not_kept_in_float32():
     """A bfloat16 base under float32 compute: the factored Dense keeps the bf16 kernel for the
     backward pass and casts again there. XLA's temporaries then match a float32 base's instead
     of adding a float32 copy of every kernel."""
-    model, params, ids = _llama(layers=4, hidden=128, intermediate=512)
+    model, params, ids = _llama(layers=2, hidden=128, intermediate=512)
     config = jaxlora.LoraConfig(r=4, target_modules="all-linear")
     frozen, lora = jaxlora.split(params, config, jax.random.key(1))
 
@@ -276,8 +277,8 @@ def test_python_arguments_of_a_selected_block_stay_static():
                                remat=checkpointing)  # fmt: skip
         return jnp.sum(logits**2)
 
-    plain = jax.grad(loss)(lora, None)
-    assert_trees_close(jax.grad(loss)(lora, r"bert/encoder/layer_\d+"), plain, rtol=1e-5, atol=1e-6)
+    grad, blocks = jax.jit(jax.grad(loss), static_argnums=1), r"bert/encoder/layer_\d+"
+    assert_trees_close(grad(lora, blocks), grad(lora, None), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow
