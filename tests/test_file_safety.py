@@ -44,6 +44,13 @@ def _adapter(seed):
     return jaxlora.split(BASE, CONFIG, jax.random.key(seed))[1]
 
 
+def _child_env():
+    """A subprocess's environment: CPU, and this jaxlora (a worktree's, not an installed one)."""
+    root = str(pathlib.Path(jaxlora.__file__).resolve().parents[1])
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=path)
+
+
 def _listing(directory):
     return sorted(str(p.relative_to(directory)) for p in pathlib.Path(directory).rglob("*"))
 
@@ -127,6 +134,66 @@ def test_relative_directory_is_resolved(tmp_path, monkeypatch):
     assert (tmp_path / "ckpt" / "0").is_dir()
 
 
+# --- checkpoints: one writer per directory, closed managers ---------------------------------
+
+
+def test_a_second_manager_on_one_directory_never_replaces_a_step(tmp_path):
+    """Each save reads the steps on disk: a manager opened before another wrote cannot overwrite
+    that step or go back before it (its own list of steps is stale)."""
+    first = checkpoint.checkpoint_manager(tmp_path)
+    stale = checkpoint.checkpoint_manager(tmp_path)
+    try:
+        checkpoint.save(first, 5, _adapter(0), CONFIG)
+        with pytest.raises(ValueError, match=r"step 5 already exists in .*never overwritten"):
+            checkpoint.save(stale, 5, _adapter(1), CONFIG)
+        with pytest.raises(ValueError, match="`step`=3 is older than the latest step 5"):
+            checkpoint.save(stale, 3, _adapter(1), CONFIG)
+        assert checkpoint.save(stale, 7, _adapter(1), CONFIG)
+        assert checkpoint.restore(first, BASE).step == 7  # restore reads the disk too
+    finally:
+        first.close()
+        stale.close()
+    assert_trees_bitwise_equal(_restore(tmp_path, step=5).lora, _adapter(0))
+    assert_trees_bitwise_equal(_restore(tmp_path, step=7).lora, _adapter(1))
+
+
+def test_a_save_while_another_manager_is_saving_is_refused(tmp_path):
+    """An async save holds the directory's lock until it is waited for; another manager's save
+    meanwhile is a ValueError, and succeeds once the first is finished."""
+    busy = checkpoint.checkpoint_manager(tmp_path, async_save=True)
+    other = checkpoint.checkpoint_manager(tmp_path)
+    try:
+        checkpoint.save(busy, 1, _adapter(0), CONFIG)
+        with pytest.raises(ValueError, match=r"`save` of step 2 refused: another checkpoint man"):
+            checkpoint.save(other, 2, _adapter(1), CONFIG)
+        busy.wait_until_finished()
+        assert checkpoint.save(other, 2, _adapter(1), CONFIG)  # a sync save releases at once
+        assert checkpoint.save(busy, 3, _adapter(0), CONFIG)
+    finally:
+        busy.close()
+        other.close()
+    assert sorted(os.listdir(tmp_path)) == [".jaxlora-lock", "1", "2", "3"]
+
+
+def test_a_closed_manager_refuses_every_use_and_writes_nothing(tmp_path):
+    manager = checkpoint.checkpoint_manager(tmp_path)
+    checkpoint.save(manager, 1, _adapter(0), CONFIG)
+    manager.close()
+    manager.close()  # twice is harmless
+    before = _listing(tmp_path)
+    closed = r"the checkpoint manager of `.*` is closed; open a new one"
+    with pytest.raises(ValueError, match=f"`save`: {closed}"):
+        checkpoint.save(manager, 2, _adapter(1), CONFIG)
+    with pytest.raises(ValueError, match=f"`restore`: {closed}"):
+        checkpoint.restore(manager, BASE)
+    with pytest.raises(ValueError, match=f"`save` of step 2: {closed}"):
+        manager.save(2, args=None)
+    with pytest.raises(ValueError, match=f"`delete` of step 1: {closed}"):
+        manager.delete(1)
+    assert _listing(tmp_path) == before
+    assert _restore(tmp_path).step == 1
+
+
 # --- checkpoints: restoring -----------------------------------------------------------------
 
 
@@ -168,6 +235,23 @@ def test_truncated_array_files_are_an_error_naming_the_path(saved_step, tmp_path
         path.write_bytes(path.read_bytes()[:10])
     with pytest.raises(ValueError, match=f"cannot read .* `{directory}/1/lora`.*damaged or trunc"):
         _restore(directory)
+
+
+def test_truncated_array_data_read_by_tensorstore_is_a_value_error_naming_the_step(tmp_path):
+    """Arrays large enough to be read from their data files: tensorstore's failure there is a bare
+    ``Exception``, which restore turns into a ValueError naming the files and the step."""
+    config = jaxlora.LoraConfig(r=2, target_modules=["big"], init_lora_weights=False)
+    base = {"big": {"kernel": jnp.ones((256, 256))}}
+    lora = jaxlora.split(base, config, jax.random.key(0))[1]
+    with checkpoint.checkpoint_manager(tmp_path) as manager:
+        checkpoint.save(manager, 3, lora, config)
+    for path in (tmp_path / "3" / "lora" / "ocdbt.process_0" / "d").iterdir():
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with (
+        checkpoint.checkpoint_manager(tmp_path) as manager,
+        pytest.raises(ValueError, match=f"cannot read .* at step 3 in `{tmp_path}/3/lora`"),
+    ):
+        checkpoint.restore(manager, base)
 
 
 def test_array_not_matching_its_stored_sha256_is_an_error_naming_the_leaf(saved_step, tmp_path):
@@ -294,7 +378,7 @@ def test_writer_killed_mid_write_leaves_the_last_good_copy(tmp_path, writer):
     script = tmp_path / "writer.py"
     script.write_text(_LOOPING_WRITER)
     directory = tmp_path / "out"
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env = _child_env()
     for delay in (0.05, 0.37):  # the kill lands at a different point of a write each time
         child = subprocess.Popen(
             [sys.executable, str(script), writer, str(directory)],
@@ -328,7 +412,7 @@ def _bitwise_equal(a, b):
     )
 
 
-_UNCLOSED_ASYNC_WRITER = textwrap.dedent(
+_EXITING_ASYNC_WRITER = textwrap.dedent(
     """
     import sys
     import jax, jaxlora
@@ -336,33 +420,59 @@ _UNCLOSED_ASYNC_WRITER = textwrap.dedent(
 
     config = jaxlora.LoraConfig(r=2, target_modules=["l1", "l2"], init_lora_weights=False)
     base = {"l1": {"kernel": jax.numpy.ones((16, 32))}, "l2": {"kernel": jax.numpy.ones((32, 4))}}
+    lora = jaxlora.split(base, config, jax.random.key(0))[1]
+    closed = checkpoint.checkpoint_manager(sys.argv[2], async_save=True)
+    checkpoint.save(closed, 1, lora, config)
+    closed.close()
+    try:
+        checkpoint.save(closed, 2, lora, config)  # after close: an error, nothing started
+    except ValueError as err:
+        print(err, flush=True)
     manager = checkpoint.checkpoint_manager(sys.argv[1], async_save=True)
-    checkpoint.save(manager, 1, jaxlora.split(base, config, jax.random.key(0))[1], config)
+    checkpoint.save(manager, 1, lora, config)
     # exits without manager.close() or wait_until_finished()
     """
 )
 
 
-@pytest.mark.slow  # a subprocess
-def test_async_save_never_closed_is_finished_before_exit(tmp_path):
-    """The writer exits with a save in flight: the save is finished, not lost, the exit does not
-    hang (orbax's own threads would wait forever), and stderr says to close the manager."""
-    script = tmp_path / "writer.py"
-    script.write_text(_UNCLOSED_ASYNC_WRITER)
-    directory = tmp_path / "ckpt"
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+@pytest.fixture(scope="module")
+def exited_writer(tmp_path_factory):
+    """One subprocess for both exit checks: an async save after ``close()``, then an async save
+    still in flight when the interpreter exits. A hang at exit fails the timeout."""
+    tmp = tmp_path_factory.mktemp("exiting")
+    script = tmp / "writer.py"
+    script.write_text(_EXITING_ASYNC_WRITER)
+    unclosed, closed = tmp / "ckpt", tmp / "closed"
     done = subprocess.run(
-        [sys.executable, str(script), str(directory)],
+        [sys.executable, str(script), str(unclosed), str(closed)],
         capture_output=True,
-        env=env,
+        env=_child_env(),
         text=True,
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    return done, unclosed, closed
+
+
+@pytest.mark.slow  # a subprocess
+def test_async_save_never_closed_is_finished_before_exit(exited_writer):
+    """The writer exits with a save in flight: the save is finished, not lost, the exit does not
+    hang (orbax's own threads would wait forever), and stderr says to close the manager."""
+    done, directory, _ = exited_writer
     assert (directory / "1").is_dir(), done.stderr[-3000:]
     assert_trees_bitwise_equal(_restore(directory).lora, _adapter(0))
     assert f"waited for the asynchronous save of step 1 in `{directory}`" in done.stderr
     assert "is LOST" not in done.stderr
+
+
+@pytest.mark.slow  # a subprocess
+def test_save_after_close_on_an_async_manager_is_an_error_and_leaves_nothing(exited_writer):
+    """The closed manager's save is a ValueError saying so; no temporary directory is left and
+    the interpreter still exits (before, orbax's executor raised and the exit hung)."""
+    done, _, directory = exited_writer
+    assert f"`save`: the checkpoint manager of `{directory}` is closed" in done.stdout
+    assert sorted(os.listdir(directory)) == [".jaxlora-lock", "1"]
+    assert "step 2" not in done.stderr
 
 
 def test_async_save_that_fails_at_exit_is_reported(tmp_path, capsys):

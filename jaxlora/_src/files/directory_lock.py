@@ -42,8 +42,8 @@ class DirectoryLock:
             os.close(fd)
             raise ValueError(
                 f"{what} refused: another checkpoint manager is saving into "
-                f"`{os.path.dirname(self.path)}` right now (it holds `{self.path}`). One writer per "
-                "directory: close the other manager (or wait for its save) first"
+                f"`{os.path.dirname(self.path)}` right now (it holds `{self.path}`). One writer "
+                "per directory: close the other manager (or wait for its save) first"
             ) from None
         except BaseException:
             os.close(fd)

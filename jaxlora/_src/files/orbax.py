@@ -34,8 +34,8 @@ from jaxlora._src.files.orbax_checks import (
     check_adapter_matches,
     check_manager,
     check_metrics,
-    check_optimizer,
     check_new_step,
+    check_optimizer,
     check_step,
 )
 from jaxlora._src.files.orbax_manager import (
@@ -95,8 +95,9 @@ def save(
             ``LoraConfig``, ``lora`` not a dict, ``step`` not an int >= 0 or a metric no number.
         ValueError: when ``step`` already exists or is older than the latest step (nothing is
             overwritten), the manager is closed, another manager is saving into the directory
-            right now (one writer at a time; see :func:`checkpoint_manager`), ``metrics`` lacks the manager's ``best_metric``, or ``lora`` adapts a
-            module ``config`` does not target or at another rank than ``config`` gives it.
+            right now (one writer at a time; see :func:`checkpoint_manager`), ``metrics`` lacks
+            the manager's ``best_metric``, or ``lora`` adapts a module ``config`` does not target
+            or at another rank than ``config`` gives it.
 
     Example:
         >>> import tempfile, jax, jax.numpy as jnp, jaxlora
@@ -244,11 +245,11 @@ def restore(
 
     Raises:
         FileNotFoundError: when the manager's directory does not exist (nothing is created).
-        ValueError: when the manager is closed; when there is no checkpoint; when Θ as stored does not fit what the stored
-            config makes for ``frozen`` (the message names every path with both shapes); when
-            ``optimizer`` is given but the step holds no optimizer state or the state of another
-            optimizer; when a file cannot be read or an array or the config is not what was
-            written (names the file or leaf).
+        ValueError: when the manager is closed; when there is no checkpoint; when Θ as stored
+            does not fit what the stored config makes for ``frozen`` (the message names every
+            path with both shapes); when ``optimizer`` is given but the step holds no optimizer
+            state or the state of another optimizer; when a file cannot be read or an array or
+            the config is not what was written (names the file or leaf).
     """
     check_manager(manager)
     if isinstance(manager, AdapterCheckpointManager):
