@@ -349,7 +349,107 @@ def test_failed_reexport_leaves_the_old_adapter_and_keeps_other_files(exported, 
     assert sorted(os.listdir(exported.parent)) == ["adapter"]  # no temporary sibling left
 
 
+# --- Hugging Face checkpoints (save_hf / save_hf_merged / load_hf) ----------------------------
+
+
+@pytest.fixture
+def hf_export(tmp_path):
+    from jaxlora.models.hf.export import save_hf
+
+    hf_config, hf_params = _hf_model()
+    directory = tmp_path / "model"
+    save_hf(directory, hf_config, hf_params(0), max_shard_size="64KB")
+    return directory
+
+
+def test_hf_reexport_replaces_the_old_layout_whole_and_keeps_other_files(hf_export):
+    from jaxlora.models import load_hf_llama
+    from jaxlora.models.hf.export import save_hf
+
+    hf_config, hf_params = _hf_model()
+    (hf_export / "tokenizer.json").write_text("{}")
+    save_hf(hf_export, hf_config, hf_params(1))  # one file now: the old shards and index go
+    assert sorted(os.listdir(hf_export)) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert _bitwise_equal(load_hf_llama(hf_export)[1], hf_params(1))
+    save_hf(hf_export, hf_config, hf_params(0), max_shard_size="64KB")
+    names = set(os.listdir(hf_export))
+    assert "model.safetensors" not in names and "tokenizer.json" in names
+    assert _bitwise_equal(load_hf_llama(hf_export)[1], hf_params(0))
+    assert sorted(os.listdir(hf_export.parent)) == ["model"]  # no temporary sibling left
+
+
+def test_failed_hf_reexport_leaves_the_old_checkpoint(hf_export, monkeypatch):
+    from jaxlora.models import load_hf_llama
+    from jaxlora.models.hf.export import save_hf
+
+    hf_config, hf_params = _hf_model()
+
+    def crash(first, second):
+        raise OSError("killed here")
+
+    monkeypatch.setattr(atomic, "exchange", crash)
+    with pytest.raises(OSError, match="killed here"):
+        save_hf(hf_export, hf_config, hf_params(1), max_shard_size="64KB")
+    assert _bitwise_equal(load_hf_llama(hf_export)[1], hf_params(0))
+    assert sorted(os.listdir(hf_export.parent)) == ["model"]
+
+
+def test_save_hf_into_a_file_is_an_error_naming_it(tmp_path):
+    from jaxlora.models.hf.export import save_hf
+
+    hf_config, hf_params = _hf_model()
+    path = tmp_path / "model"
+    path.write_text("not a directory")
+    with pytest.raises(ValueError, match=f"`directory` `{path}` is a file, not a directory"):
+        save_hf(path, hf_config, hf_params(0))
+
+
+@pytest.mark.parametrize(
+    ("layout", "damage"),
+    [
+        ("single", "truncated"),
+        ("single", "not safetensors"),
+        ("sharded", "truncated"),
+        ("sharded", "not safetensors"),
+    ],
+)
+def test_load_hf_names_a_truncated_or_foreign_file(tmp_path, layout, damage):
+    from jaxlora.models import load_hf
+    from jaxlora.models.hf.export import save_hf
+
+    hf_config, hf_params = _hf_model()
+    shard = "64KB" if layout == "sharded" else "5GB"
+    save_hf(tmp_path, hf_config, hf_params(0), max_shard_size=shard)
+    path = sorted(tmp_path.glob("model*.safetensors"))[-1]
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:
+        path.write_bytes(b"PK\x03\x04 a zip archive, say")
+    with pytest.raises(ValueError, match=rf"cannot read `{path}` \(truncated or not a safetens"):
+        load_hf(tmp_path)
+
+
 # --- writers killed with SIGKILL ------------------------------------------------------------
+
+# A small Llama-family model for the Hugging Face writer: both the writer subprocess and the test
+# build it from this source, so both sides agree on the two models the writer alternates between.
+_HF_MODEL = textwrap.dedent(
+    """
+    import numpy as np
+    from flax import traverse_util
+    from jaxlora.models.hf.llama import expected_tensors
+    from jaxlora.models.llama import LlamaConfig
+
+    HF_CONFIG = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_layers=2,
+                            num_heads=4, num_kv_heads=2, head_dim=32, rope_interleaved=False)
+
+    def hf_params(seed):
+        rng = np.random.default_rng(seed)
+        specs = expected_tensors(HF_CONFIG).values()
+        flat = {s.path: rng.standard_normal(s.target_shape, dtype=np.float32) for s in specs}
+        return traverse_util.unflatten_dict(flat)
+    """
+)
 
 _LOOPING_WRITER = textwrap.dedent(
     """
@@ -357,14 +457,28 @@ _LOOPING_WRITER = textwrap.dedent(
     import jax, jaxlora
     from jaxlora import checkpoint, peft
 
-    writer, directory = sys.argv[1], sys.argv[2]
+    writer, directory, hf_model = sys.argv[1], sys.argv[2], sys.argv[3]
     config = jaxlora.LoraConfig(r=2, target_modules=["l1", "l2"], init_lora_weights=False)
     base = {"l1": {"kernel": jax.numpy.ones((16, 32))}, "l2": {"kernel": jax.numpy.ones((32, 4))}}
-    adapters = [jaxlora.split(base, config, jax.random.key(seed))[1] for seed in range(2)]
-    manager = checkpoint.checkpoint_manager(directory, max_to_keep=2)
+    if writer == "hf":
+        # save_hf_merged over an earlier export of another model in the same shard files (where
+        # a kill mixed the two before); the adapter is fresh (B = 0): the merged model is the base.
+        from jaxlora.models import save_hf_merged
+
+        exec(hf_model)
+        hf_lora = jaxlora.LoraConfig(r=2, target_modules=["q_proj", "v_proj"])
+        models = [jaxlora.split(hf_params(seed), hf_lora, jax.random.key(0)) for seed in (0, 1)]
+    else:
+        adapters = [jaxlora.split(base, config, jax.random.key(seed))[1] for seed in range(2)]
+        manager = checkpoint.checkpoint_manager(
+            directory, max_to_keep=2, async_save=writer == "checkpoint-async"
+        )
     for step in range(100000):
         if writer == "peft":
             peft.save_peft(directory, adapters[step % 2], config, base)
+        elif writer == "hf":
+            frozen, lora = models[step % 2]
+            save_hf_merged(directory, HF_CONFIG, frozen, lora, hf_lora, max_shard_size="64KB")
         else:
             checkpoint.save(manager, step, adapters[step % 2], config)
         print(step, flush=True)
@@ -373,22 +487,33 @@ _LOOPING_WRITER = textwrap.dedent(
 
 
 @pytest.mark.slow  # spawns and kills writer subprocesses
-@pytest.mark.parametrize("writer", ["checkpoint", "peft"])
-def test_writer_killed_mid_write_leaves_the_last_good_copy(tmp_path, writer):
+@pytest.mark.parametrize(
+    ("writer", "delays"),
+    [
+        pytest.param("checkpoint", (0.05, 0.37), id="checkpoint"),
+        pytest.param("peft", (0.05, 0.37), id="peft"),
+        pytest.param("hf", (0.2,), id="hf"),  # one kill each: a subprocess is seconds
+        pytest.param("checkpoint-async", (0.2,), id="checkpoint-async"),
+    ],
+)
+def test_writer_killed_mid_write_leaves_the_last_good_copy(tmp_path, writer, delays):
     script = tmp_path / "writer.py"
     script.write_text(_LOOPING_WRITER)
     directory = tmp_path / "out"
     env = _child_env()
-    for delay in (0.05, 0.37):  # the kill lands at a different point of a write each time
+    # an async save is committed once the next one has started
+    complete = 2 if writer == "checkpoint-async" else 1
+    for delay in delays:  # the kill lands at a different point of a write each time
         child = subprocess.Popen(
-            [sys.executable, str(script), writer, str(directory)],
+            [sys.executable, str(script), writer, str(directory), _HF_MODEL],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             env=env,
             text=True,
         )
         try:
-            assert child.stdout.readline().strip().isdigit()  # one complete write exists
+            for _ in range(complete):  # one complete write exists
+                assert child.stdout.readline().strip().isdigit()
             time.sleep(delay)
             os.kill(child.pid, signal.SIGKILL)
         finally:
@@ -399,10 +524,28 @@ def test_writer_killed_mid_write_leaves_the_last_good_copy(tmp_path, writer):
         if writer == "peft":
             lora, _ = jpeft.load_peft(directory, BASE)
             assert any(_bitwise_equal(lora, _adapter(seed)) for seed in (0, 1))
+        elif writer == "hf":
+            _assert_one_whole_hf_model(directory)
         else:
             restored = _restore(directory)
             assert _bitwise_equal(restored.lora, _adapter(restored.step % 2))
             shutil.rmtree(directory)  # the next round starts again at step 0
+
+
+def _hf_model():
+    namespace = {}
+    exec(_HF_MODEL, namespace)  # the same source the writer subprocess runs
+    return namespace["HF_CONFIG"], namespace["hf_params"]
+
+
+def _assert_one_whole_hf_model(directory):
+    """The directory loads as one of the two models the writer alternates between, all of it."""
+    from jaxlora.models import load_hf_llama
+
+    hf_config, hf_params = _hf_model()
+    config, params = load_hf_llama(directory)
+    assert config == hf_config
+    assert any(_bitwise_equal(params, hf_params(seed)) for seed in (0, 1))
 
 
 def _bitwise_equal(a, b):
