@@ -8,12 +8,17 @@ into the directory meanwhile, in this process or another, is refused at once wit
 instead of waiting (a wait could deadlock two managers in one thread). The kernel drops the lock
 when its holder dies, so a killed writer never leaves the directory locked. ``flock`` is advisory
 and local: writers on one machine (and on file systems that pass ``flock`` through) are serialised.
+The processes of one multi-process JAX run write a step together and take no lock. Windows has no
+``flock``: there no lock is taken (the check against the steps on disk still holds).
 """
 
 from __future__ import annotations
 
-import fcntl
 import os
+import sys
+
+if sys.platform != "win32":
+    import fcntl
 
 LOCK_FILE = ".jaxlora-lock"
 
@@ -33,7 +38,7 @@ class DirectoryLock:
     def acquire(self, what: str) -> None:
         """Takes the lock, creating the file; a ValueError saying ``what`` was refused when another
         writer holds it."""
-        if self._fd is not None:
+        if self._fd is not None or sys.platform == "win32":
             return
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:

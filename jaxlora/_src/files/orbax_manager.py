@@ -19,6 +19,7 @@ import threading
 import weakref
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 
 from jaxlora._src.files.directory_lock import DirectoryLock
@@ -63,7 +64,8 @@ class AdapterCheckpointManager(ocp.CheckpointManager):
         whatever this or another manager saw before)."""
         self.check_open(f"`save` of step {step}")
         self.wait_until_finished()
-        self._lock.acquire(f"`save` of step {step}")
+        if jax.process_count() == 1:  # the processes of a multi-process run write a step together
+            self._lock.acquire(f"`save` of step {step}")
         try:
             self.reload()
             check_new_step(self, step)
@@ -220,6 +222,8 @@ def checkpoint_manager(
     step is committed (an asynchronous save: until the next save, ``wait_until_finished()`` or
     ``close()``). Another manager's save into the same directory meanwhile, in any process on this
     machine, is a ValueError rather than a silent replacement; a killed writer's lock goes with it.
+    In a multi-process run (``jax.process_count() > 1``) the processes save each step together and
+    no lock is taken; the check against the steps on disk still holds.
 
     Raises:
         TypeError: when ``directory`` is no path, ``best_metric`` no string or ``async_save``
