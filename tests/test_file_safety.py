@@ -176,7 +176,7 @@ def test_a_save_while_another_manager_is_saving_is_refused(tmp_path):
     assert sorted(os.listdir(tmp_path)) == [".jaxlora-lock", "1", "2", "3"]
 
 
-def test_a_closed_manager_refuses_every_use_and_writes_nothing(tmp_path):
+def test_a_closed_manager_is_an_error_to_use_and_writes_nothing(tmp_path):
     manager = checkpoint.checkpoint_manager(tmp_path)
     checkpoint.save(manager, 1, _adapter(0), CONFIG)
     manager.close()

@@ -3,10 +3,10 @@
 What it adds to orbax's own: the directory is made absolute (orbax rejects relative paths) and is
 only created by a save, never by opening it to restore; ``max_to_keep`` must keep at least one
 step; best-N retention ranks a NaN metric worst; one manager at a time saves into a directory,
-checking each new step against the steps on disk; a closed manager refuses every use with a
-ValueError (nothing started, nothing left behind); and an asynchronous save still unfinished when
-the interpreter exits is finished first (or, if it cannot be, reported on stderr) instead of
-vanishing as a temporary directory or hanging the exit.
+checking each new step against the steps on disk; a closed manager refuses saves, restores and
+deletes with a ValueError (nothing started, nothing left behind); and an asynchronous save still
+unfinished when the interpreter exits is finished first (or, if it cannot be, reported on stderr)
+instead of vanishing as a temporary directory or hanging the exit.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ CHECKSUMS_ITEM = "checksums"
 class AdapterCheckpointManager(ocp.CheckpointManager):
     """An orbax ``CheckpointManager`` that knows its ``best_metric``, tracks async saves, lets one
     writer at a time save into its directory (:mod:`~jaxlora._src.files.directory_lock`), checks
-    each new step against the steps on disk, and refuses any use after :meth:`close`."""
+    each new step against the steps on disk, and refuses reads and writes after :meth:`close`."""
 
     def __init__(self, directory: str, *, best_metric: str | None, **kwargs: Any) -> None:
         self.closed = False  # set first: orbax's __init__ may call the methods that check it
@@ -82,9 +82,11 @@ class AdapterCheckpointManager(ocp.CheckpointManager):
 
     def wait_until_finished(self) -> None:
         """Waits for a save in flight, then lets other writers save into the directory."""
-        super().wait_until_finished()
-        if not self._saving:  # orbax's ``save`` calls this before it starts, under our lock
-            self._lock.release()
+        try:
+            super().wait_until_finished()
+        finally:
+            if not self._saving:  # orbax's ``save`` calls this before it starts, under our lock
+                self._lock.release()
 
     def restore(self, step: Any, *args: Any, **kwargs: Any) -> Any:
         self.check_open(f"`restore` of step {step}")
@@ -104,7 +106,8 @@ class AdapterCheckpointManager(ocp.CheckpointManager):
 
     def close(self) -> None:
         """Waits for any save in flight, then releases the manager's resources and the directory's
-        lock; a closed manager refuses every later use. Closing twice is harmless."""
+        lock; a closed manager refuses later saves, restores and deletes. Closing twice is
+        harmless."""
         if self.closed:
             return
         try:
@@ -215,7 +218,8 @@ def checkpoint_manager(
 
     Returns:
         The manager; close it (or use it as a context manager) when done. A closed manager refuses
-        ``save``, ``restore`` and every other use with a ValueError.
+        ``save``, ``restore``, ``delete``, ``reload`` and ``item_metadata`` (and so
+        :func:`save` / :func:`restore`) with a ValueError saying it is closed.
 
     Writers: a save takes an exclusive lock on ``<directory>/.jaxlora-lock`` (``fcntl.flock``),
     re-reads the steps on disk, refuses an existing or older step, and keeps the lock until the
