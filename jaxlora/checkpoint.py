@@ -3,7 +3,9 @@
 :func:`checkpoint_manager` opens a checkpoint directory (the first save creates it), :func:`save`
 writes one step atomically with a sha256 of every array and of the config, :func:`restore` reads one
 back, verifies the checksums and checks, before reading any bytes, that it fits the base it is
-restored onto.
+restored onto. One manager at a time saves into a directory, each new step checked against the
+steps on disk (never overwritten, never older than the latest); a closed manager refuses saves,
+restores and deletes.
 """
 
 from jaxlora._src.files.orbax import Restored as Restored

@@ -6,6 +6,7 @@ restore, readable errors for damaged files, and writers killed with SIGKILL mid-
 the last good copy loadable.
 """
 
+import gc
 import json
 import math
 import os
@@ -42,6 +43,13 @@ BASE = {"l1": {"kernel": jnp.ones((16, 32))}, "l2": {"kernel": jnp.ones((32, 4))
 
 def _adapter(seed):
     return jaxlora.split(BASE, CONFIG, jax.random.key(seed))[1]
+
+
+def _child_env():
+    """A subprocess's environment: CPU, and this jaxlora (a worktree's, not an installed one)."""
+    root = str(pathlib.Path(jaxlora.__file__).resolve().parents[1])
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=path)
 
 
 def _listing(directory):
@@ -127,6 +135,66 @@ def test_relative_directory_is_resolved(tmp_path, monkeypatch):
     assert (tmp_path / "ckpt" / "0").is_dir()
 
 
+# --- checkpoints: one writer per directory, closed managers ---------------------------------
+
+
+def test_a_second_manager_on_one_directory_never_replaces_a_step(tmp_path):
+    """Each save reads the steps on disk: a manager opened before another wrote cannot overwrite
+    that step or go back before it (its own list of steps is stale)."""
+    first = checkpoint.checkpoint_manager(tmp_path)
+    stale = checkpoint.checkpoint_manager(tmp_path)
+    try:
+        checkpoint.save(first, 5, _adapter(0), CONFIG)
+        with pytest.raises(ValueError, match=r"step 5 already exists in .*never overwritten"):
+            checkpoint.save(stale, 5, _adapter(1), CONFIG)
+        with pytest.raises(ValueError, match="`step`=3 is older than the latest step 5"):
+            checkpoint.save(stale, 3, _adapter(1), CONFIG)
+        assert checkpoint.save(stale, 7, _adapter(1), CONFIG)
+        assert checkpoint.restore(first, BASE).step == 7  # restore reads the disk too
+    finally:
+        first.close()
+        stale.close()
+    assert_trees_bitwise_equal(_restore(tmp_path, step=5).lora, _adapter(0))
+    assert_trees_bitwise_equal(_restore(tmp_path, step=7).lora, _adapter(1))
+
+
+def test_a_save_while_another_manager_is_saving_is_refused(tmp_path):
+    """An async save holds the directory's lock until it is waited for; another manager's save
+    meanwhile is a ValueError, and succeeds once the first is finished."""
+    busy = checkpoint.checkpoint_manager(tmp_path, async_save=True)
+    other = checkpoint.checkpoint_manager(tmp_path)
+    try:
+        checkpoint.save(busy, 1, _adapter(0), CONFIG)
+        with pytest.raises(ValueError, match=r"`save` of step 2 refused: another checkpoint man"):
+            checkpoint.save(other, 2, _adapter(1), CONFIG)
+        busy.wait_until_finished()
+        assert checkpoint.save(other, 2, _adapter(1), CONFIG)  # a sync save releases at once
+        assert checkpoint.save(busy, 3, _adapter(0), CONFIG)
+    finally:
+        busy.close()
+        other.close()
+    assert sorted(os.listdir(tmp_path)) == [".jaxlora-lock", "1", "2", "3"]
+
+
+def test_a_closed_manager_is_an_error_to_use_and_writes_nothing(tmp_path):
+    manager = checkpoint.checkpoint_manager(tmp_path)
+    checkpoint.save(manager, 1, _adapter(0), CONFIG)
+    manager.close()
+    manager.close()  # twice is harmless
+    before = _listing(tmp_path)
+    closed = r"the checkpoint manager of `.*` is closed; open a new one"
+    with pytest.raises(ValueError, match=f"`save`: {closed}"):
+        checkpoint.save(manager, 2, _adapter(1), CONFIG)
+    with pytest.raises(ValueError, match=f"`restore`: {closed}"):
+        checkpoint.restore(manager, BASE)
+    with pytest.raises(ValueError, match=f"`save` of step 2: {closed}"):
+        manager.save(2, args=None)
+    with pytest.raises(ValueError, match=f"`delete` of step 1: {closed}"):
+        manager.delete(1)
+    assert _listing(tmp_path) == before
+    assert _restore(tmp_path).step == 1
+
+
 # --- checkpoints: restoring -----------------------------------------------------------------
 
 
@@ -168,6 +236,26 @@ def test_truncated_array_files_are_an_error_naming_the_path(saved_step, tmp_path
         path.write_bytes(path.read_bytes()[:10])
     with pytest.raises(ValueError, match=f"cannot read .* `{directory}/1/lora`.*damaged or trunc"):
         _restore(directory)
+
+
+# orbax leaves the failed read's coroutines to the garbage collector, which reports them
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_truncated_array_data_read_by_tensorstore_is_a_value_error_naming_the_step(tmp_path):
+    """Arrays large enough to be read from their data files: tensorstore's failure there is a bare
+    ``Exception``, which restore turns into a ValueError naming the files and the step."""
+    config = jaxlora.LoraConfig(r=2, target_modules=["big"], init_lora_weights=False)
+    base = {"big": {"kernel": jnp.ones((256, 256))}}
+    lora = jaxlora.split(base, config, jax.random.key(0))[1]
+    with checkpoint.checkpoint_manager(tmp_path) as manager:
+        checkpoint.save(manager, 3, lora, config)
+    for path in (tmp_path / "3" / "lora" / "ocdbt.process_0" / "d").iterdir():
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with (
+        checkpoint.checkpoint_manager(tmp_path) as manager,
+        pytest.raises(ValueError, match=f"cannot read .* at step 3 in `{tmp_path}/3/lora`"),
+    ):
+        checkpoint.restore(manager, base)
+    gc.collect()  # here, not in the next test
 
 
 def test_array_not_matching_its_stored_sha256_is_an_error_naming_the_leaf(saved_step, tmp_path):
@@ -265,7 +353,107 @@ def test_failed_reexport_leaves_the_old_adapter_and_keeps_other_files(exported, 
     assert sorted(os.listdir(exported.parent)) == ["adapter"]  # no temporary sibling left
 
 
+# --- Hugging Face checkpoints (save_hf / save_hf_merged / load_hf) ----------------------------
+
+
+@pytest.fixture
+def hf_export(tmp_path):
+    from jaxlora.models.hf.export import save_hf
+
+    hf_config, hf_params = _hf_model()
+    directory = tmp_path / "model"
+    save_hf(directory, hf_config, hf_params(0), max_shard_size="64KB")
+    return directory
+
+
+def test_hf_reexport_replaces_the_old_layout_whole_and_keeps_other_files(hf_export):
+    from jaxlora.models import load_hf_llama
+    from jaxlora.models.hf.export import save_hf
+
+    hf_config, hf_params = _hf_model()
+    (hf_export / "tokenizer.json").write_text("{}")
+    save_hf(hf_export, hf_config, hf_params(1))  # one file now: the old shards and index go
+    assert sorted(os.listdir(hf_export)) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert _bitwise_equal(load_hf_llama(hf_export)[1], hf_params(1))
+    save_hf(hf_export, hf_config, hf_params(0), max_shard_size="64KB")
+    names = set(os.listdir(hf_export))
+    assert "model.safetensors" not in names and "tokenizer.json" in names
+    assert _bitwise_equal(load_hf_llama(hf_export)[1], hf_params(0))
+    assert sorted(os.listdir(hf_export.parent)) == ["model"]  # no temporary sibling left
+
+
+def test_failed_hf_reexport_leaves_the_old_checkpoint(hf_export, monkeypatch):
+    from jaxlora.models import load_hf_llama
+    from jaxlora.models.hf.export import save_hf
+
+    hf_config, hf_params = _hf_model()
+
+    def crash(first, second):
+        raise OSError("killed here")
+
+    monkeypatch.setattr(atomic, "exchange", crash)
+    with pytest.raises(OSError, match="killed here"):
+        save_hf(hf_export, hf_config, hf_params(1), max_shard_size="64KB")
+    assert _bitwise_equal(load_hf_llama(hf_export)[1], hf_params(0))
+    assert sorted(os.listdir(hf_export.parent)) == ["model"]
+
+
+def test_save_hf_into_a_file_is_an_error_naming_it(tmp_path):
+    from jaxlora.models.hf.export import save_hf
+
+    hf_config, hf_params = _hf_model()
+    path = tmp_path / "model"
+    path.write_text("not a directory")
+    with pytest.raises(ValueError, match=f"`directory` `{path}` is a file, not a directory"):
+        save_hf(path, hf_config, hf_params(0))
+
+
+@pytest.mark.parametrize(
+    ("layout", "damage"),
+    [
+        ("single", "truncated"),
+        ("single", "not safetensors"),
+        ("sharded", "truncated"),
+        ("sharded", "not safetensors"),
+    ],
+)
+def test_load_hf_names_a_truncated_or_foreign_file(tmp_path, layout, damage):
+    from jaxlora.models import load_hf
+    from jaxlora.models.hf.export import save_hf
+
+    hf_config, hf_params = _hf_model()
+    shard = "64KB" if layout == "sharded" else "5GB"
+    save_hf(tmp_path, hf_config, hf_params(0), max_shard_size=shard)
+    path = sorted(tmp_path.glob("model*.safetensors"))[-1]
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:
+        path.write_bytes(b"PK\x03\x04 a zip archive, say")
+    with pytest.raises(ValueError, match=rf"cannot read `{path}` \(truncated or not a safetens"):
+        load_hf(tmp_path)
+
+
 # --- writers killed with SIGKILL ------------------------------------------------------------
+
+# A small Llama-family model for the Hugging Face writer: both the writer subprocess and the test
+# build it from this source, so both sides agree on the two models the writer alternates between.
+_HF_MODEL = textwrap.dedent(
+    """
+    import numpy as np
+    from flax import traverse_util
+    from jaxlora.models.hf.llama import expected_tensors
+    from jaxlora.models.llama import LlamaConfig
+
+    HF_CONFIG = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_layers=2,
+                            num_heads=4, num_kv_heads=2, head_dim=32, rope_interleaved=False)
+
+    def hf_params(seed):
+        rng = np.random.default_rng(seed)
+        specs = expected_tensors(HF_CONFIG).values()
+        flat = {s.path: rng.standard_normal(s.target_shape, dtype=np.float32) for s in specs}
+        return traverse_util.unflatten_dict(flat)
+    """
+)
 
 _LOOPING_WRITER = textwrap.dedent(
     """
@@ -273,14 +461,28 @@ _LOOPING_WRITER = textwrap.dedent(
     import jax, jaxlora
     from jaxlora import checkpoint, peft
 
-    writer, directory = sys.argv[1], sys.argv[2]
+    writer, directory, hf_model = sys.argv[1], sys.argv[2], sys.argv[3]
     config = jaxlora.LoraConfig(r=2, target_modules=["l1", "l2"], init_lora_weights=False)
     base = {"l1": {"kernel": jax.numpy.ones((16, 32))}, "l2": {"kernel": jax.numpy.ones((32, 4))}}
-    adapters = [jaxlora.split(base, config, jax.random.key(seed))[1] for seed in range(2)]
-    manager = checkpoint.checkpoint_manager(directory, max_to_keep=2)
+    if writer == "hf":
+        # save_hf_merged over an earlier export of another model in the same shard files (where
+        # a kill mixed the two before); the adapter is fresh (B = 0): the merged model is the base.
+        from jaxlora.models import save_hf_merged
+
+        exec(hf_model)
+        hf_lora = jaxlora.LoraConfig(r=2, target_modules=["q_proj", "v_proj"])
+        models = [jaxlora.split(hf_params(seed), hf_lora, jax.random.key(0)) for seed in (0, 1)]
+    else:
+        adapters = [jaxlora.split(base, config, jax.random.key(seed))[1] for seed in range(2)]
+        manager = checkpoint.checkpoint_manager(
+            directory, max_to_keep=2, async_save=writer == "checkpoint-async"
+        )
     for step in range(100000):
         if writer == "peft":
             peft.save_peft(directory, adapters[step % 2], config, base)
+        elif writer == "hf":
+            frozen, lora = models[step % 2]
+            save_hf_merged(directory, HF_CONFIG, frozen, lora, hf_lora, max_shard_size="64KB")
         else:
             checkpoint.save(manager, step, adapters[step % 2], config)
         print(step, flush=True)
@@ -289,22 +491,33 @@ _LOOPING_WRITER = textwrap.dedent(
 
 
 @pytest.mark.slow  # spawns and kills writer subprocesses
-@pytest.mark.parametrize("writer", ["checkpoint", "peft"])
-def test_writer_killed_mid_write_leaves_the_last_good_copy(tmp_path, writer):
+@pytest.mark.parametrize(
+    ("writer", "delays"),
+    [
+        pytest.param("checkpoint", (0.05, 0.37), id="checkpoint"),
+        pytest.param("peft", (0.05, 0.37), id="peft"),
+        pytest.param("hf", (0.2,), id="hf"),  # one kill each: a subprocess is seconds
+        pytest.param("checkpoint-async", (0.2,), id="checkpoint-async"),
+    ],
+)
+def test_writer_killed_mid_write_leaves_the_last_good_copy(tmp_path, writer, delays):
     script = tmp_path / "writer.py"
     script.write_text(_LOOPING_WRITER)
     directory = tmp_path / "out"
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    for delay in (0.05, 0.37):  # the kill lands at a different point of a write each time
+    env = _child_env()
+    # an async save is committed once the next one has started
+    complete = 2 if writer == "checkpoint-async" else 1
+    for delay in delays:  # the kill lands at a different point of a write each time
         child = subprocess.Popen(
-            [sys.executable, str(script), writer, str(directory)],
+            [sys.executable, str(script), writer, str(directory), _HF_MODEL],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             env=env,
             text=True,
         )
         try:
-            assert child.stdout.readline().strip().isdigit()  # one complete write exists
+            for _ in range(complete):  # one complete write exists
+                assert child.stdout.readline().strip().isdigit()
             time.sleep(delay)
             os.kill(child.pid, signal.SIGKILL)
         finally:
@@ -315,10 +528,28 @@ def test_writer_killed_mid_write_leaves_the_last_good_copy(tmp_path, writer):
         if writer == "peft":
             lora, _ = jpeft.load_peft(directory, BASE)
             assert any(_bitwise_equal(lora, _adapter(seed)) for seed in (0, 1))
+        elif writer == "hf":
+            _assert_one_whole_hf_model(directory)
         else:
             restored = _restore(directory)
             assert _bitwise_equal(restored.lora, _adapter(restored.step % 2))
             shutil.rmtree(directory)  # the next round starts again at step 0
+
+
+def _hf_model():
+    namespace = {}
+    exec(_HF_MODEL, namespace)  # the same source the writer subprocess runs
+    return namespace["HF_CONFIG"], namespace["hf_params"]
+
+
+def _assert_one_whole_hf_model(directory):
+    """The directory loads as one of the two models the writer alternates between, all of it."""
+    from jaxlora.models import load_hf_llama
+
+    hf_config, hf_params = _hf_model()
+    config, params = load_hf_llama(directory)
+    assert config == hf_config
+    assert any(_bitwise_equal(params, hf_params(seed)) for seed in (0, 1))
 
 
 def _bitwise_equal(a, b):
@@ -328,7 +559,7 @@ def _bitwise_equal(a, b):
     )
 
 
-_UNCLOSED_ASYNC_WRITER = textwrap.dedent(
+_EXITING_ASYNC_WRITER = textwrap.dedent(
     """
     import sys
     import jax, jaxlora
@@ -336,33 +567,59 @@ _UNCLOSED_ASYNC_WRITER = textwrap.dedent(
 
     config = jaxlora.LoraConfig(r=2, target_modules=["l1", "l2"], init_lora_weights=False)
     base = {"l1": {"kernel": jax.numpy.ones((16, 32))}, "l2": {"kernel": jax.numpy.ones((32, 4))}}
+    lora = jaxlora.split(base, config, jax.random.key(0))[1]
+    closed = checkpoint.checkpoint_manager(sys.argv[2], async_save=True)
+    checkpoint.save(closed, 1, lora, config)
+    closed.close()
+    try:
+        checkpoint.save(closed, 2, lora, config)  # after close: an error, nothing started
+    except ValueError as err:
+        print(err, flush=True)
     manager = checkpoint.checkpoint_manager(sys.argv[1], async_save=True)
-    checkpoint.save(manager, 1, jaxlora.split(base, config, jax.random.key(0))[1], config)
+    checkpoint.save(manager, 1, lora, config)
     # exits without manager.close() or wait_until_finished()
     """
 )
 
 
-@pytest.mark.slow  # a subprocess
-def test_async_save_never_closed_is_finished_before_exit(tmp_path):
-    """The writer exits with a save in flight: the save is finished, not lost, the exit does not
-    hang (orbax's own threads would wait forever), and stderr says to close the manager."""
-    script = tmp_path / "writer.py"
-    script.write_text(_UNCLOSED_ASYNC_WRITER)
-    directory = tmp_path / "ckpt"
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+@pytest.fixture(scope="module")
+def exited_writer(tmp_path_factory):
+    """One subprocess for both exit checks: an async save after ``close()``, then an async save
+    still in flight when the interpreter exits. A hang at exit fails the timeout."""
+    tmp = tmp_path_factory.mktemp("exiting")
+    script = tmp / "writer.py"
+    script.write_text(_EXITING_ASYNC_WRITER)
+    unclosed, closed = tmp / "ckpt", tmp / "closed"
     done = subprocess.run(
-        [sys.executable, str(script), str(directory)],
+        [sys.executable, str(script), str(unclosed), str(closed)],
         capture_output=True,
-        env=env,
+        env=_child_env(),
         text=True,
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    return done, unclosed, closed
+
+
+@pytest.mark.slow  # a subprocess
+def test_async_save_never_closed_is_finished_before_exit(exited_writer):
+    """The writer exits with a save in flight: the save is finished, not lost, the exit does not
+    hang (orbax's own threads would wait forever), and stderr says to close the manager."""
+    done, directory, _ = exited_writer
     assert (directory / "1").is_dir(), done.stderr[-3000:]
     assert_trees_bitwise_equal(_restore(directory).lora, _adapter(0))
     assert f"waited for the asynchronous save of step 1 in `{directory}`" in done.stderr
     assert "is LOST" not in done.stderr
+
+
+@pytest.mark.slow  # a subprocess
+def test_save_after_close_on_an_async_manager_is_an_error_and_leaves_nothing(exited_writer):
+    """The closed manager's save is a ValueError saying so; no temporary directory is left and
+    the interpreter still exits (before, orbax's executor raised and the exit hung)."""
+    done, _, directory = exited_writer
+    assert f"`save`: the checkpoint manager of `{directory}` is closed" in done.stdout
+    assert sorted(os.listdir(directory)) == [".jaxlora-lock", "1"]
+    assert "step 2" not in done.stderr
 
 
 def test_async_save_that_fails_at_exit_is_reported(tmp_path, capsys):

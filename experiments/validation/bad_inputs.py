@@ -1113,6 +1113,158 @@ def checkpoint_cases(w: World) -> list[Case]:
     return cases
 
 
+# --- files: concurrent and closed managers, damaged array data, Hugging Face checkpoints --------
+
+
+def _managers(w: World, *, async_first: bool = False) -> tuple[Any, Any]:
+    directory = w.fresh_dir() / "c"
+    return checkpoint.checkpoint_manager(directory, async_save=async_first), (
+        checkpoint.checkpoint_manager(directory)
+    )
+
+
+def _two_writers(w: World, second_step: int, *, async_first: bool = False) -> Any:
+    """A first manager saves step 5; a second one on the same directory, opened before that save,
+    then saves ``second_step`` (its cached list of steps is empty)."""
+    first, second = _managers(w, async_first=async_first)
+    try:
+        checkpoint.save(first, 5, w.lora, w.config)
+        return checkpoint.save(second, second_step, w.lora, w.config)
+    finally:
+        first.close()
+        second.close()
+
+
+def _closed_manager(w: World, *, async_save: bool = False) -> Any:
+    manager = checkpoint.checkpoint_manager(w.fresh_dir() / "c", async_save=async_save)
+    checkpoint.save(manager, 1, w.lora, w.config)
+    manager.close()
+    return manager
+
+
+_HF: dict[str, Any] = {}
+
+
+def _hf_model() -> tuple[Any, dict]:
+    """A tiny Llama config and params (numpy, from its tensor specs; no model is built)."""
+    if not _HF:
+        from flax import traverse_util
+
+        from jaxlora.models.hf.llama import expected_tensors
+        from jaxlora.models.llama import LlamaConfig
+
+        config = LlamaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            head_dim=8,
+            rope_interleaved=False,
+        )
+        rng = np.random.default_rng(0)
+        flat = {
+            spec.path: rng.standard_normal(spec.target_shape, dtype=np.float32)
+            for spec in expected_tensors(config).values()
+        }
+        _HF.update(config=config, params=traverse_util.unflatten_dict(flat))
+    return _HF["config"], _HF["params"]
+
+
+def _hf_export(w: World, shard: str = "5GB") -> pathlib.Path:
+    from jaxlora.models.hf.export import save_hf
+
+    config, params = _hf_model()
+    directory = w.fresh_dir() / "model"
+    save_hf(directory, config, params, max_shard_size=shard)
+    return directory
+
+
+def _a_file_path(w: World) -> pathlib.Path:
+    path = w.fresh_dir() / "model"
+    path.write_text("a file, not a directory")
+    return path
+
+
+def writer_cases(w: World) -> list[Case]:
+    from jaxlora.models import load_hf
+    from jaxlora.models.hf.export import save_hf, save_hf_merged
+
+    save = checkpoint.save
+    another = ("another checkpoint manager",)
+    cases = [
+        Case("checkpoint.save", "second manager saves the first's step 5",
+             lambda _: _two_writers(w, 5), ("5", "step")),
+        Case("checkpoint.save", "stale manager saves step 3 below the latest 5",
+             lambda _: _two_writers(w, 3), ("3", "step")),
+        Case("checkpoint.save", "second manager saves while an async save is in flight",
+             lambda _: _two_writers(w, 6, async_first=True), another),
+        Case("checkpoint.save", "save after close", lambda _: save(_closed_manager(w), 2, w.lora,
+             w.config), ("closed",)),
+        Case("checkpoint.save", "save after close (async manager)",
+             lambda _: save(_closed_manager(w, async_save=True), 2, w.lora, w.config),
+             ("closed",)),
+        Case("checkpoint.restore", "restore after close",
+             lambda _: checkpoint.restore(_closed_manager(w), w.frozen), ("closed",)),
+        Case("checkpoint.checkpoint_manager", "delete after close",
+             lambda _: _closed_manager(w).delete(1), ("closed",)),
+    ]  # fmt: skip
+
+    big = {"big": {"kernel": jnp.ones((256, 256))}}
+    big_config = LoraConfig(r=2, target_modules=["big"], init_lora_weights=False)
+
+    def big_truncated() -> pathlib.Path:
+        directory = w.fresh_dir() / "ckpt"
+        with checkpoint.checkpoint_manager(directory) as manager:
+            save(manager, 1, jaxlora.split(big, big_config, KEY)[1], big_config)
+        for path in (directory / "1" / "lora" / "ocdbt.process_0" / "d").iterdir():
+            _truncate(path)
+        return directory
+
+    cases.append(Case("checkpoint.restore", "array data truncated (read by tensorstore)",
+                      lambda d: _restore(d, big), ("lora",), prepare=big_truncated))  # fmt: skip
+
+    def damaged_hf(shard: str, action: Callable[[pathlib.Path], None]) -> Callable[[], Any]:
+        def prepare() -> pathlib.Path:
+            directory = _hf_export(w, shard)
+            action(sorted(directory.glob("model*.safetensors"))[-1])
+            return directory
+
+        return prepare
+
+    def foreign(path: pathlib.Path) -> None:
+        path.write_bytes(b"PK\x03\x04 a zip archive")
+
+    for label, shard, action, tokens in [
+        ("model.safetensors truncated", "5GB", _truncate, ("model.safetensors",)),
+        ("model.safetensors not a safetensors file", "5GB", foreign, ("model.safetensors",)),
+        ("a shard truncated", "8KB", _truncate, ("-of-0",)),
+        ("a shard not a safetensors file", "8KB", foreign, ("-of-0",)),
+    ]:
+        cases.append(Case("models.load_hf", label, lambda d: load_hf(d), tokens,
+                          prepare=damaged_hf(shard, action)))  # fmt: skip
+
+    def merged(directory: Any) -> Any:
+        config, params = _hf_model()
+        lora_config = LoraConfig(r=2, target_modules=["q_proj"])
+        frozen, lora = jaxlora.split(params, lora_config, KEY)
+        return save_hf_merged(directory, config, frozen, lora, lora_config)
+
+    cases += [
+        Case("models.save_hf", "directory is a file",
+             lambda path: save_hf(path, *_hf_model()), ("directory",),
+             prepare=lambda: _a_file_path(w)),
+        Case("models.save_hf", "directory=None", lambda _: save_hf(None, *_hf_model()),
+             ("directory",)),
+        Case("models.save_hf", "directory=5", lambda _: save_hf(5, *_hf_model()),
+             ("directory",)),
+        Case("models.save_hf_merged", "directory is a file", merged, ("directory",),
+             prepare=lambda: _a_file_path(w)),
+    ]  # fmt: skip
+    return cases
+
+
 def _exported(w: World, lora: dict | None = None) -> pathlib.Path:
     directory = w.fresh_dir() / "adapter"
     jaxlora.save_peft(directory, w.lora if lora is None else lora, w.config, w.frozen)
@@ -1512,6 +1664,7 @@ def all_cases(w: World) -> list[Case]:
         *find_infer_cases(w),
         *sharding_cases(w),
         *checkpoint_cases(w),
+        *writer_cases(w),
         *peft_cases(w),
         *adapter_cases(w),
         *quant_cases(w),

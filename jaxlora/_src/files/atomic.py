@@ -68,11 +68,12 @@ def _link_or_copy(source: str, target: str) -> None:
         shutil.copy2(source, target)
 
 
-def carry_over(old: str, new: str) -> None:
-    """Hard-links (or copies) every entry of ``old`` that ``new`` lacks into ``new``."""
+def carry_over(old: str, new: str, owned: Callable[[str], bool] | None = None) -> None:
+    """Hard-links (or copies) every entry of ``old`` that ``new`` lacks into ``new``, except the
+    names ``owned`` says the writer produces."""
     for name in os.listdir(old):
         source, target = os.path.join(old, name), os.path.join(new, name)
-        if os.path.lexists(target):
+        if os.path.lexists(target) or (owned is not None and owned(name)):
             continue
         if os.path.islink(source):
             os.symlink(os.readlink(source), target)
@@ -90,9 +91,16 @@ def remove_stale(directory: str) -> None:
             shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
 
 
-def replace_directory(directory: str | os.PathLike[str], write: Callable[[str], None]) -> None:
+def replace_directory(
+    directory: str | os.PathLike[str],
+    write: Callable[[str], None],
+    owned: Callable[[str], bool] | None = None,
+) -> None:
     """Calls ``write(tmp)`` to fill a fresh temporary sibling, then puts it in ``directory``'s
     place atomically: readers see the old directory or the new one, never a mix.
+
+    Entries of the old directory that ``write`` did not produce are kept, unless ``owned(name)``
+    says the writer produces such names (then they belong to the old export and are dropped).
 
     Raises:
         NotADirectoryError: when ``directory`` exists and is not a directory.
@@ -108,7 +116,7 @@ def replace_directory(directory: str | os.PathLike[str], write: Callable[[str], 
         write(tmp)
         existed = os.path.isdir(directory)
         if existed:
-            carry_over(directory, tmp)
+            carry_over(directory, tmp, owned)
         fsync_tree(tmp)
         if not existed:
             os.rename(tmp, directory)

@@ -5,7 +5,10 @@ item ``config`` (the :class:`~jaxlora.LoraConfig` as JSON) and, when given, ``op
 go through ``orbax.checkpoint.CheckpointManager``, which commits each step atomically (a temporary
 directory renamed into place), keeps the last N or the best N by a metric, and never pickles. The
 item ``checksums`` holds the sha256 of every array and of the config; :func:`restore` verifies
-them. A step is never overwritten: saving an existing or older step is an error.
+them. A step is never overwritten: saving an existing or older step than the directory holds
+when the save starts is an error, and one manager at a time saves into a directory (the others are
+refused while it does; :mod:`~jaxlora._src.files.directory_lock`), so two managers cannot replace
+each other's steps.
 
 Restoring needs no template: the stored config and the base params (arrays or
 ``jax.ShapeDtypeStruct``) determine the shapes Θ must have, and an optimizer determines the
@@ -15,7 +18,6 @@ structure of its state.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import warnings
 from collections.abc import Mapping
@@ -32,6 +34,7 @@ from jaxlora._src.files.orbax_checks import (
     check_adapter_matches,
     check_manager,
     check_metrics,
+    check_new_step,
     check_optimizer,
     check_step,
 )
@@ -73,8 +76,9 @@ def save(
 
     Args:
         manager: from :func:`checkpoint_manager` (or any orbax ``CheckpointManager``).
-        step: the training step, newer than every step already in the directory; steps are
-            directories under the manager's directory.
+        step: the training step, newer than every step in the directory as read at save time
+            (steps another manager wrote count); steps are directories under the manager's
+            directory.
         lora: the adapter Θ.
         config: the config Θ was made with; stored as JSON beside it.
         opt_state: optimizer state to store too (restore it with ``optimizer=`` in
@@ -90,8 +94,10 @@ def save(
         TypeError: when ``manager`` is no ``CheckpointManager``, ``config`` not a
             ``LoraConfig``, ``lora`` not a dict, ``step`` not an int >= 0 or a metric no number.
         ValueError: when ``step`` already exists or is older than the latest step (nothing is
-            overwritten), ``metrics`` lacks the manager's ``best_metric``, or ``lora`` adapts a
-            module ``config`` does not target or at another rank than ``config`` gives it.
+            overwritten), the manager is closed, another manager is saving into the directory
+            right now (one writer at a time; see :func:`checkpoint_manager`), ``metrics`` lacks
+            the manager's ``best_metric``, or ``lora`` adapts a module ``config`` does not target
+            or at another rank than ``config`` gives it.
 
     Example:
         >>> import tempfile, jax, jax.numpy as jnp, jaxlora
@@ -106,11 +112,17 @@ def save(
         (10, True)
     """
     check_manager(manager)
+    if isinstance(manager, AdapterCheckpointManager):
+        manager.check_open("`save`")
     if not isinstance(config, LoraConfig):
         raise TypeError(f"`config` must be a jaxlora.LoraConfig, got {type(config).__name__}")
     if not isinstance(lora, Mapping):
         raise TypeError(f"`lora` must be the adapter dict from jaxlora.split, got {type(lora)}")
-    check_step(manager, step)
+    check_step(step)
+    if not isinstance(manager, AdapterCheckpointManager):  # which checks under its lock instead
+        manager.wait_until_finished()
+        manager.reload()
+        check_new_step(manager, step)
     metrics = check_metrics(manager, metrics)
     check_adapter_matches(lora, config)
     document = config.to_dict()
@@ -142,6 +154,8 @@ def _resolve_step(manager: ocp.CheckpointManager, step: int | None) -> int:
     directory = os.fspath(manager.directory)
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"no checkpoint directory `{directory}`: it does not exist")
+    manager.wait_until_finished()
+    manager.reload()  # the steps on disk, with those another manager wrote since this one opened
     if step is None:
         step = manager.latest_step()
         if step is None:
@@ -159,7 +173,7 @@ def _read(manager: ocp.CheckpointManager, step: int, items: dict[str, Any] | Non
         if items is None:
             return manager.item_metadata(step)
         return manager.restore(step, args=ocp.args.Composite(**items))
-    except (ValueError, OSError, RuntimeError, json.JSONDecodeError) as err:
+    except Exception as err:  # noqa: BLE001 - tensorstore and orbax raise bare `Exception` too
         names = [LORA_ITEM, OPT_STATE_ITEM] if items is None else list(items)
         where = ", ".join(f"`{_item_path(manager, step, item)}`" for item in names)
         raise ValueError(
@@ -231,13 +245,15 @@ def restore(
 
     Raises:
         FileNotFoundError: when the manager's directory does not exist (nothing is created).
-        ValueError: when there is no checkpoint; when Θ as stored does not fit what the stored
-            config makes for ``frozen`` (the message names every path with both shapes); when
-            ``optimizer`` is given but the step holds no optimizer state or the state of another
-            optimizer; when a file cannot be read or an array or the config is not what was
-            written (names the file or leaf).
+        ValueError: when the manager is closed; when there is no checkpoint; when Θ as stored
+            does not fit what the stored config makes for ``frozen`` (the message names every
+            path with both shapes); when ``optimizer`` is given but the step holds no optimizer
+            state or the state of another optimizer; when a file cannot be read or an array or
+            the config is not what was written (names the file or leaf).
     """
     check_manager(manager)
+    if isinstance(manager, AdapterCheckpointManager):
+        manager.check_open("`restore`")
     check_optimizer(optimizer)
     if not isinstance(frozen, Mapping):
         raise TypeError(

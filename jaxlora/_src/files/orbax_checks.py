@@ -49,9 +49,15 @@ def check_optimizer(optimizer: Any) -> None:
         )
 
 
-def check_step(manager: ocp.CheckpointManager, step: int) -> None:
+def check_step(step: Any) -> None:
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise TypeError(f"`step` must be an int >= 0, got {step!r}")
+
+
+def check_new_step(manager: ocp.CheckpointManager, step: int) -> None:
+    """A ValueError when ``step`` is in ``manager.all_steps()`` or older than the latest of them;
+    the caller reloads the steps from disk first (``manager.reload()``), so that what another
+    manager wrote counts."""
     steps = list(manager.all_steps())
     if step in steps:
         raise ValueError(

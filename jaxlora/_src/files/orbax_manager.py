@@ -2,9 +2,11 @@
 
 What it adds to orbax's own: the directory is made absolute (orbax rejects relative paths) and is
 only created by a save, never by opening it to restore; ``max_to_keep`` must keep at least one
-step; best-N retention ranks a NaN metric worst; and an asynchronous save still unfinished when
-the interpreter exits is finished first (or, if it cannot be, reported on stderr) instead of
-vanishing as a temporary directory or hanging the exit.
+step; best-N retention ranks a NaN metric worst; one manager at a time saves into a directory,
+checking each new step against the steps on disk; a closed manager refuses saves, restores and
+deletes with a ValueError (nothing started, nothing left behind); and an asynchronous save still
+unfinished when the interpreter exits is finished first (or, if it cannot be, reported on stderr)
+instead of vanishing as a temporary directory or hanging the exit.
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ import threading
 import weakref
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 
-from jaxlora._src.files.orbax_checks import check_manager_options
+from jaxlora._src.files.directory_lock import DirectoryLock
+from jaxlora._src.files.orbax_checks import check_manager_options, check_new_step
 
 #: Item names inside a checkpoint step.
 LORA_ITEM = "lora"
@@ -29,9 +33,14 @@ CHECKSUMS_ITEM = "checksums"
 
 
 class AdapterCheckpointManager(ocp.CheckpointManager):
-    """An orbax ``CheckpointManager`` that knows its ``best_metric`` and tracks async saves."""
+    """An orbax ``CheckpointManager`` that knows its ``best_metric``, tracks async saves, lets one
+    writer at a time save into its directory (:mod:`~jaxlora._src.files.directory_lock`), checks
+    each new step against the steps on disk, and refuses reads and writes after :meth:`close`."""
 
     def __init__(self, directory: str, *, best_metric: str | None, **kwargs: Any) -> None:
+        self.closed = False  # set first: orbax's __init__ may call the methods that check it
+        self._lock = DirectoryLock(directory)
+        self._saving = False
         super().__init__(directory, **kwargs)
         self.best_metric = best_metric
         self.pending_step: int | None = None
@@ -41,13 +50,75 @@ class AdapterCheckpointManager(ocp.CheckpointManager):
             atexit.register(self._exit_hook)
             _before_thread_shutdown(finish_pending_save(weakref.ref(self)))
 
+    def check_open(self, what: str) -> None:
+        """A ValueError naming ``what`` when the manager is closed."""
+        if self.closed:
+            raise ValueError(
+                f"{what}: the checkpoint manager of `{os.fspath(self.directory)}` is closed; open "
+                "a new one with `jaxlora.checkpoint.checkpoint_manager(directory)`"
+            )
+
+    def save(self, step: int, *args: Any, **kwargs: Any) -> bool:
+        """orbax's ``save`` under the directory's lock: it waits for this manager's save in flight,
+        re-reads the steps on disk, and refuses an existing or older step (nothing is overwritten,
+        whatever this or another manager saw before)."""
+        self.check_open(f"`save` of step {step}")
+        self.wait_until_finished()
+        if jax.process_count() == 1:  # the processes of a multi-process run write a step together
+            self._lock.acquire(f"`save` of step {step}")
+        try:
+            self.reload()
+            check_new_step(self, step)
+            self._saving = True
+            started = super().save(step, *args, **kwargs)
+        except BaseException:
+            self._saving = False
+            self._lock.release()
+            raise
+        self._saving = False
+        if not (started and self._options.enable_async_checkpointing):
+            self._lock.release()
+        return started
+
+    def wait_until_finished(self) -> None:
+        """Waits for a save in flight, then lets other writers save into the directory."""
+        try:
+            super().wait_until_finished()
+        finally:
+            if not self._saving:  # orbax's ``save`` calls this before it starts, under our lock
+                self._lock.release()
+
+    def restore(self, step: Any, *args: Any, **kwargs: Any) -> Any:
+        self.check_open(f"`restore` of step {step}")
+        return super().restore(step, *args, **kwargs)
+
+    def item_metadata(self, step: int) -> Any:
+        self.check_open(f"reading the metadata of step {step}")
+        return super().item_metadata(step)
+
+    def delete(self, step: int) -> None:
+        self.check_open(f"`delete` of step {step}")
+        super().delete(step)
+
+    def reload(self) -> None:
+        self.check_open("`reload`")
+        super().reload()
+
     def close(self) -> None:
-        """Waits for any save in flight, then releases the manager's resources."""
-        super().close()
-        self.pending_step = None
-        if self._exit_hook is not None:
-            atexit.unregister(self._exit_hook)
-            self._exit_hook = None
+        """Waits for any save in flight, then releases the manager's resources and the directory's
+        lock; a closed manager refuses later saves, restores and deletes. Closing twice is
+        harmless."""
+        if self.closed:
+            return
+        try:
+            super().close()
+        finally:
+            self.closed = True
+            self._lock.release()
+            self.pending_step = None
+            if self._exit_hook is not None:
+                atexit.unregister(self._exit_hook)
+                self._exit_hook = None
 
 
 def _before_thread_shutdown(hook: Any) -> None:
@@ -146,7 +217,17 @@ def checkpoint_manager(
         **options: any other ``orbax.checkpoint.CheckpointManagerOptions`` field.
 
     Returns:
-        The manager; close it (or use it as a context manager) when done.
+        The manager; close it (or use it as a context manager) when done. A closed manager refuses
+        ``save``, ``restore``, ``delete``, ``reload`` and ``item_metadata`` (and so
+        :func:`save` / :func:`restore`) with a ValueError saying it is closed.
+
+    Writers: a save takes an exclusive lock on ``<directory>/.jaxlora-lock`` (``fcntl.flock``),
+    re-reads the steps on disk, refuses an existing or older step, and keeps the lock until the
+    step is committed (an asynchronous save: until the next save, ``wait_until_finished()`` or
+    ``close()``). Another manager's save into the same directory meanwhile, in any process on this
+    machine, is a ValueError rather than a silent replacement; a killed writer's lock goes with it.
+    In a multi-process run (``jax.process_count() > 1``) the processes save each step together and
+    no lock is taken; the check against the steps on disk still holds.
 
     Raises:
         TypeError: when ``directory`` is no path, ``best_metric`` no string or ``async_save``

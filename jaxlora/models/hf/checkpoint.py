@@ -42,6 +42,8 @@ from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding
 from jax.typing import DTypeLike
 
+from jaxlora._src.files.safetensors_read import open_safetensors
+
 __all__ = [
     "CONFIG_FILE",
     "INDEX_FILE",
@@ -125,6 +127,8 @@ def tensor_files(directory: str | os.PathLike[str]) -> dict[str, str]:
     Raises:
         FileNotFoundError: when there is neither ``model.safetensors`` nor an index, or a shard the
             index names is missing.
+        ValueError: naming the file, when ``model.safetensors`` is truncated or no safetensors
+            file.
     """
     directory = os.fspath(directory)
     index = os.path.join(directory, INDEX_FILE)
@@ -143,9 +147,7 @@ def tensor_files(directory: str | os.PathLike[str]) -> dict[str, str]:
             f"no `{SINGLE_FILE}` or `{INDEX_FILE}` in `{directory}`; only safetensors "
             "checkpoints are read (convert a .bin checkpoint with transformers first)"
         )
-    from safetensors import safe_open
-
-    with safe_open(single, framework="numpy") as f:
+    with open_safetensors(single) as f:
         return dict.fromkeys(f.keys(), single)
 
 
@@ -188,14 +190,13 @@ def _place(array: np.ndarray, sharding: Sharding | None) -> jax.Array:
 
 
 def _tensors(files: Mapping[str, str], names: list[str]) -> Iterator[tuple[str, np.ndarray]]:
-    """Yields ``(name, array)`` file by file, one tensor in memory at a time."""
-    from safetensors import safe_open
-
+    """Yields ``(name, array)`` file by file, one tensor in memory at a time; a file safetensors
+    cannot read is a ValueError naming it."""
     by_file: dict[str, list[str]] = {}
     for name in names:
         by_file.setdefault(files[name], []).append(name)
     for file, file_names in by_file.items():
-        with safe_open(file, framework="numpy") as f:
+        with open_safetensors(file) as f:
             for name in file_names:
                 yield name, f.get_tensor(name)
 
@@ -229,7 +230,8 @@ def read_checkpoint(
 
     Raises:
         FileNotFoundError: for a missing weights file or shard.
-        ValueError: naming every missing and unexpected tensor, or the first misshapen one.
+        ValueError: naming every missing and unexpected tensor, or the first misshapen one; or
+            naming the file, for a truncated file or one that is no safetensors file.
     """
     directory = os.fspath(directory)
     files = tensor_files(directory)

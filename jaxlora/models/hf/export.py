@@ -34,6 +34,7 @@ import numpy as np
 from flax import traverse_util
 
 from jaxlora._src.config.lora_config import LoraConfig
+from jaxlora._src.files import atomic
 from jaxlora._src.tree.core import merge
 from jaxlora._src.types import LoraTree
 from jaxlora.models.gemma.config import GemmaConfig
@@ -104,6 +105,18 @@ def _plan(sizes: Mapping[str, int], limit: int) -> list[list[str]]:
     return [*shards, current] if current else shards
 
 
+def _check_directory(directory: Any) -> None:
+    if not isinstance(directory, str | os.PathLike):
+        raise TypeError(
+            f"`directory` must be a path (str or os.PathLike), got {type(directory).__name__}"
+        )
+    if os.path.lexists(directory) and not os.path.isdir(directory):
+        raise ValueError(
+            f"`directory` `{os.fspath(directory)}` is a file, not a directory; pass the directory "
+            "to write the checkpoint into"
+        )
+
+
 def _hf_config(config: Any, hf_config: Mapping[str, Any] | None, dtype: str) -> dict:
     _, to_hf, from_hf = _family(config)
     if hf_config is None:
@@ -146,7 +159,10 @@ def save_hf(
 
     Args:
         directory: created if missing; earlier ``model*.safetensors`` files and index in it are
-            replaced, other files (a tokenizer) kept.
+            replaced, other files (a tokenizer) kept. The write is atomic as a reader sees it:
+            everything goes into a temporary sibling directory, is fsynced, and then takes
+            ``directory``'s place in one rename (as :func:`jaxlora.save_peft` does), so a process
+            killed at any point leaves the old checkpoint or the new one, never a mix of both.
         config: the model's config: a :class:`~jaxlora.models.llama.LlamaConfig` or a
             :class:`~jaxlora.models.gemma.GemmaConfig`.
         params: its params (every tensor :func:`~jaxlora.models.hf.llama.expected_tensors`, or
@@ -157,12 +173,12 @@ def save_hf(
             :func:`config_to_hf` (keeps its token ids and other fields); must describe ``config``.
 
     Raises:
-        TypeError: for a ``config`` of another model family.
-        ValueError: for a params tree that does not fit ``config`` (naming the path), a bad
-            ``max_shard_size``, or a config Hugging Face has no model for.
+        TypeError: for a ``config`` of another model family, or a ``directory`` that is no path.
+        ValueError: for a ``directory`` that is an existing file, a params tree that does not
+            fit ``config`` (naming the path), a bad ``max_shard_size``, or a config Hugging Face
+            has no model for.
     """
-    from safetensors.numpy import save_file
-
+    _check_directory(directory)
     tensors_of, to_hf, _ = _family(config)
     limit = _shard_size(max_shard_size)
     if hf_config is None:
@@ -175,35 +191,43 @@ def save_hf(
     sizes = {n: int(np.prod(s.target_shape)) * np.dtype(flat[s.path].dtype).itemsize
              for n, s in specs.items()}  # fmt: skip
     shards = _plan(sizes, limit)
-    directory = os.fspath(directory)
-    os.makedirs(directory, exist_ok=True)
     names = (
         [SINGLE_FILE]
         if len(shards) == 1
         else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     )
+    files = {}
     for file, shard in zip(names, shards, strict=True):
+        files[file] = {name: (specs[name], flat[specs[name].path]) for name in shard}
+    atomic.replace_directory(
+        directory,
+        lambda target: _write(target, files, document, sum(sizes.values())),
+        owned=lambda name: _WRITTEN.fullmatch(name) is not None,
+    )
+
+
+def _write(target: str, files: Mapping[str, Mapping[str, Any]], document: dict, total: int) -> None:
+    """Writes ``files`` (file name -> tensor name -> (spec, leaf)), the index when there is more
+    than one file, and ``config.json`` into ``target``."""
+    from safetensors.numpy import save_file
+
+    for file, leaves in files.items():
         tensors = {}
-        for name in shard:
-            spec = specs[name]
-            array = np.asarray(jax.device_get(flat[spec.path]))
+        for name, (spec, leaf) in leaves.items():
+            array = np.asarray(jax.device_get(leaf))
             tensors[name] = np.ascontiguousarray(
                 array if spec.inverse is None else spec.inverse(array)
             )
-        save_file(tensors, os.path.join(directory, file), metadata={"format": "pt"})
-    if len(shards) > 1:
+        save_file(tensors, os.path.join(target, file), metadata={"format": "pt"})
+    if len(files) > 1:
         index = {
-            "metadata": {"total_size": sum(sizes.values())},
-            "weight_map": {n: f for f, shard in zip(names, shards, strict=True) for n in shard},
+            "metadata": {"total_size": total},
+            "weight_map": {name: file for file, leaves in files.items() for name in leaves},
         }
-        with open(os.path.join(directory, INDEX_FILE), "w", encoding="utf-8") as f:
+        with open(os.path.join(target, INDEX_FILE), "w", encoding="utf-8") as f:
             json.dump(index, f, indent=2, sort_keys=True)
-        names.append(INDEX_FILE)
-    with open(os.path.join(directory, CONFIG_FILE), "w", encoding="utf-8") as f:
+    with open(os.path.join(target, CONFIG_FILE), "w", encoding="utf-8") as f:
         json.dump(document, f, indent=2, sort_keys=True)
-    for stale in os.listdir(directory):
-        if _WRITTEN.fullmatch(stale) and stale not in names:
-            os.remove(os.path.join(directory, stale))
 
 
 def save_hf_merged(
