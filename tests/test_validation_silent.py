@@ -3,10 +3,21 @@ is now a clear error naming the argument, or a documented behaviour that a test 
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import re
+
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
 
 import jaxlora
+from jaxlora.models import BertConfig, BertEncoder, generate, left_pad, llama
+from jaxlora.models.hf import gemma as hf_gemma
+from jaxlora.models.hf import llama as hf_llama
+from jaxlora.models.hf import llama_export
 
 FROZEN = {"up": {"kernel": jnp.ones((4, 6))}, "down": {"kernel": jnp.ones((6, 4))}}
 CONFIG = jaxlora.LoraConfig(r=2, target_modules=["up", "down"], init_lora_weights=False)
@@ -20,10 +31,124 @@ def test_bfloat16_peft_round_trip_is_exact(tmp_path):
     config = jaxlora.LoraConfig(
         r=2, target_modules=["up", "down"], init_lora_weights=False, dtype="bfloat16"
     )
-    lora = jaxlora.split(frozen, config, jax.random.key(0))[1]
+    # Hand-made factors (distinct values, no random compile); split would make the same tree.
+    shapes = {"up": ((4, 2), (2, 6)), "down": ((6, 2), (2, 4))}
+    lora = {
+        name: {
+            "lora_a": jnp.asarray(np.arange(np.prod(a)).reshape(a) / 8, jnp.bfloat16),
+            "lora_b": jnp.asarray(-np.arange(np.prod(b)).reshape(b) / 8, jnp.bfloat16),
+        }
+        for name, (a, b) in shapes.items()
+    }
     jaxlora.save_peft(tmp_path / "bf16", lora, config, frozen)
     back, _ = jaxlora.load_peft(tmp_path / "bf16", frozen, dtype="bfloat16")
     assert jax.tree.structure(back) == jax.tree.structure(lora)
     for got, want in zip(jax.tree.leaves(back), jax.tree.leaves(lora), strict=True):
         assert got.dtype == jnp.bfloat16
         assert bool((got == want).all())
+
+
+# --- token ids against the vocabulary ------------------------------------------------------------
+
+TINY_LLAMA = llama.LlamaConfig(
+    vocab_size=32, hidden_size=8, intermediate_size=16, num_layers=1, num_heads=2,
+    num_kv_heads=1, head_dim=4,
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    # Abstract params: every refusal happens before anything is computed.
+    model = llama.LlamaForCausalLM(TINY_LLAMA)
+    ids = jnp.ones((1, 2), jnp.int32)
+    return model, jax.eval_shape(model.init, jax.random.key(0), ids)["params"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"prompts": [[1, 32]]}, r"`prompts` holds token id 32 at position \(0, 1\).*\[0, 32\)"),
+        ({"prompts": np.array([[1, 2], [3, 99]])}, r"`prompts` .* 99 at position \(1, 1\)"),
+        ({"prompts": [[1, 2], [-1]]}, r"`prompts\[1\]` holds token id -1 at position \(0,\)"),
+        ({"prompts": [[1, 2**32 + 3]]}, r"`prompts\[0\]` .* 4294967299"),  # not wrapped to 3
+        ({"prompts": [[1]], "pad_id": 32}, r"`pad_id` holds token id 32.*\[0, 32\)"),
+        ({"prompts": [[1]], "stop_tokens": [5, 40]}, r"`stop_tokens` .* 40 at position \(1,\)"),
+    ],
+)
+def test_generate_refuses_token_ids_outside_the_vocabulary(tiny_llama, kwargs, match):
+    model, params = tiny_llama
+    with pytest.raises(ValueError, match=match):
+        generate(model, params, max_new_tokens=1, **kwargs)
+
+
+def test_models_refuse_concrete_token_ids_outside_the_vocabulary(tiny_llama):
+    model, params = tiny_llama
+    with pytest.raises(ValueError, match=r"`input_ids` holds token id -3 at position \(0, 1\)"):
+        model.apply({"params": params}, np.array([[0, -3]]))
+    with pytest.raises(ValueError, match=r"`prompt_ids` holds token id 77 .*\[0, 32\)"):
+        llama.generate(params, TINY_LLAMA, [1, 77], 1)
+    with pytest.raises(ValueError, match=r"`eos_id` holds token id 32"):
+        llama.generate(params, TINY_LLAMA, [1, 2], 1, eos_id=32)
+    bert = BertEncoder(BertConfig(vocab_size=10, hidden_size=4, num_layers=0, num_heads=1,
+                                  intermediate_size=4, max_position_embeddings=4))  # fmt: skip
+    bert_params = jax.eval_shape(bert.init, jax.random.key(0), jnp.ones((1, 2), jnp.int32))
+    with pytest.raises(ValueError, match=r"`input_ids` holds token id 10"):
+        bert.apply(bert_params, np.array([[1, 10]]))
+    with pytest.raises(ValueError, match=r"`token_type_ids` holds token id 2"):
+        bert.apply(bert_params, np.array([[1, 2]]), token_type_ids=np.array([[0, 2]]))
+    with pytest.raises(ValueError, match=r"`max_position_embeddings` \(4\)"):
+        bert.apply(bert_params, np.ones((1, 5), np.int32))
+
+
+def test_left_pad_refuses_negative_ids_and_pad_id():
+    with pytest.raises(ValueError, match=r"`prompts\[0\]` holds token id -2"):
+        left_pad([[-2, 1]])
+    with pytest.raises(ValueError, match=r"`pad_id` holds token id -1"):
+        left_pad([[2, 1]], pad_id=-1)
+    with pytest.raises(TypeError, match=r"`pad_id` must be an int"):
+        left_pad([[2, 1]], pad_id=0.5)  # type: ignore[arg-type]
+
+
+def test_traced_token_ids_are_not_checked_under_jit(tiny_llama):
+    # Documented: under the caller's jit the ids are tracers; only concrete ids are checked.
+    model, params = tiny_llama
+    logits = jax.eval_shape(model.apply, {"params": params}, jnp.array([[1, 99]]))
+    assert logits.shape == (1, 2, 32)
+
+
+# --- Hugging Face checkpoints: weights are floating point -----------------------------------------
+
+
+def _hf_directory(path, change=None):
+    """A tiny Llama checkpoint written with numpy alone (no torch): config.json + safetensors."""
+    hf_config = dataclasses.replace(TINY_LLAMA, rope_interleaved=False)
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(llama_export.config_to_hf(hf_config)))
+    tensors = {name: np.full(spec.shape, 0.25, np.float32)
+               for name, spec in hf_llama.expected_tensors(hf_config).items()}  # fmt: skip
+    if change:
+        change(tensors)
+    save_file(tensors, path / "model.safetensors")
+    return path
+
+
+@pytest.mark.parametrize("dtype", [jnp.int8, "int32", bool, "bf16-typo"])
+def test_load_hf_refuses_a_dtype_that_is_not_floating(tmp_path, dtype):
+    # Refused before any file is read: the directory need not even exist.
+    for loader in (hf_llama.load_hf, hf_llama.load_hf_llama, hf_gemma.load_hf_gemma):
+        with pytest.raises(TypeError, match=r"`dtype` must be None .* floating dtype"):
+            loader(tmp_path / "missing", dtype=dtype)
+
+
+def test_load_hf_refuses_an_integer_tensor_under_a_weights_name(tmp_path):
+    name = "model.layers.0.self_attn.q_proj.weight"
+
+    def quantised(tensors):
+        tensors[name] = tensors[name].astype(np.int8)
+
+    directory = _hf_directory(tmp_path / "int8", quantised)
+    with pytest.raises(TypeError, match=rf"`{re.escape(name)}` in `.*model.safetensors` is int8"):
+        hf_llama.load_hf(directory)
+    config, params = hf_llama.load_hf(_hf_directory(tmp_path / "ok"), dtype=jnp.bfloat16)
+    assert params["layers_0"]["self_attn"]["q_proj"]["kernel"].dtype == jnp.bfloat16
+    assert float(params["layers_0"]["self_attn"]["q_proj"]["kernel"][0, 0]) == 0.25
