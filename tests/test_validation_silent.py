@@ -7,10 +7,12 @@ import dataclasses
 import json
 import re
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from safetensors.numpy import save_file
 
 import jaxlora
@@ -152,3 +154,62 @@ def test_load_hf_refuses_an_integer_tensor_under_a_weights_name(tmp_path):
     config, params = hf_llama.load_hf(_hf_directory(tmp_path / "ok"), dtype=jnp.bfloat16)
     assert params["layers_0"]["self_attn"]["q_proj"]["kernel"].dtype == jnp.bfloat16
     assert float(params["layers_0"]["self_attn"]["q_proj"]["kernel"][0, 0]) == 0.25
+
+
+# --- apply(mutable=...) names a collection the model has ----------------------------------------
+
+
+class _NnxNormed(nnx.Module):
+    def __init__(self, rngs):
+        self.fc = nnx.Linear(3, 4, rngs=rngs)
+        self.bn = nnx.BatchNorm(4, rngs=rngs)
+
+    def __call__(self, x):
+        return self.bn(self.fc(x))
+
+
+class _LinenNormed(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=True):
+        return nn.BatchNorm(use_running_average=not train, name="bn")(nn.Dense(4, name="fc")(x))
+
+
+MUTABLE_CONFIG = jaxlora.LoraConfig(r=1, target_modules=["fc"])
+
+
+def test_nnx_mutable_typo_is_refused_with_the_collections_that_exist():
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: _NnxNormed(nnx.Rngs(0))))
+    x = jnp.ones((2, 3))
+
+    def run(mutable):  # traced only: the check reads which variables exist, not their values
+        def call(state):
+            frozen, lora = jaxlora.split(state, MUTABLE_CONFIG, jax.random.key(1))
+            return jaxlora.apply(graphdef, frozen, lora, MUTABLE_CONFIG, x, mutable=mutable)
+
+        return jax.eval_shape(call, state)
+
+    for typo in ("batchstats", ["batch_stats", "cache"], nnx.Intermediate):
+        with pytest.raises(ValueError, match=r"`mutable` entry .* selects no variable.*"
+                                             r"'batch_stats' \(nnx.BatchStat\)"):  # fmt: skip
+            run(typo)
+    assert sorted(run("batch_stats")[1]["bn"]) == ["mean", "var"]
+
+
+def test_linen_mutable_typo_is_refused_with_the_collections_that_exist():
+    model = _LinenNormed()
+    x = jnp.ones((2, 3))
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x, False))
+    others = {"batch_stats": variables["batch_stats"]}
+
+    def run(mutable):  # traced only: the check needs the structure of what comes back
+        def call(params, others):
+            frozen, lora = jaxlora.split(params, MUTABLE_CONFIG, jax.random.key(1))
+            return jaxlora.apply(model, frozen, lora, MUTABLE_CONFIG, x, False, variables=others,
+                                 mutable=mutable)  # fmt: skip
+
+        return jax.eval_shape(call, variables["params"], others)
+
+    with pytest.raises(ValueError, match=r"`mutable` names \['batchstats'\].*"
+                                         r"\['batch_stats', 'params'\]"):  # fmt: skip
+        run(["batchstats"])
+    assert set(run(["batch_stats"])[1]) == {"batch_stats"}
