@@ -16,6 +16,8 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 import jaxlora
+from jaxlora import variants
+from jaxlora._src.variants import base as variants_base
 from jaxlora.models import BertConfig, BertEncoder, generate, left_pad, llama
 from jaxlora.models.hf import gemma as hf_gemma
 from jaxlora.models.hf import llama as hf_llama
@@ -213,3 +215,45 @@ def test_linen_mutable_typo_is_refused_with_the_collections_that_exist():
                                          r"\['batch_stats', 'params'\]"):  # fmt: skip
         run(["batchstats"])
     assert set(run(["batch_stats"])[1]) == {"batch_stats"}
+
+
+# --- the variants registry ----------------------------------------------------------------------
+
+
+def _variant(name="probe", extra_leaves=("lora_probe",), fusable=False):
+    # Reuses DoRA's behaviour; only the declaration is under test.
+    return type("Probe", (type(variants.DORA),), {
+        "name": name, "extra_leaves": extra_leaves, "fusable": fusable})()  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("declaration", "error", "match"),
+    [
+        ({"extra_leaves": ("lora_b",)}, ValueError, r"holds \['lora_b'\], a leaf name that LoRA"),
+        ({"extra_leaves": ("lora_a", "x")}, ValueError, r"holds \['lora_a'\]"),
+        ({"extra_leaves": ("bias",)}, ValueError, r"holds \['bias'\].*reserved"),
+        ({"extra_leaves": ("kernel",)}, ValueError, r"holds \['kernel'\]"),
+        ({"extra_leaves": ("embedding",)}, ValueError, r"holds \['embedding'\]"),
+        ({"extra_leaves": "scale"}, TypeError, r"`extra_leaves` .* got the str 'scale'"),
+        ({"extra_leaves": ("g", "g")}, ValueError, r"`extra_leaves` .* repeats \['g'\]"),
+        ({"extra_leaves": ("g", 3)}, TypeError, r"`extra_leaves` .* tuple of non-empty str"),
+        ({"extra_leaves": ("",)}, TypeError, r"`extra_leaves`"),
+        ({"name": ""}, TypeError, r"`name` of variant Probe must be a non-empty str"),
+        ({"name": 5}, TypeError, r"`name` of variant Probe"),
+        ({"fusable": "yes"}, TypeError, r"`fusable` .* must be a bool"),
+    ],
+)
+def test_register_refuses_bad_declarations(declaration, error, match):
+    with pytest.raises(error, match=match):
+        variants.register(_variant(**declaration))
+    assert "lora_probe" not in variants_base.adapter_leaves()  # nothing was added
+
+
+def test_register_refuses_a_class_and_builtins_stay():
+    with pytest.raises(TypeError, match=r"`variant` must be a Variant instance.*pass Probe\(\)"):
+        variants.register(type(_variant()))
+    for name in ("lora", "dora"):
+        with pytest.raises(ValueError, match=rf"`name` '{name}' is a built-in variant"):
+            variants.unregister(name)
+    variants.register(_variant())
+    variants.unregister("probe")
