@@ -11,12 +11,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 from safetensors.numpy import save_file
 
 import jaxlora
-from jaxlora import variants
+from jaxlora import loraplus, variants
 from jaxlora._src.variants import base as variants_base
 from jaxlora.models import BertConfig, BertEncoder, generate, left_pad, llama
 from jaxlora.models.hf import gemma as hf_gemma
@@ -257,3 +258,47 @@ def test_register_refuses_a_class_and_builtins_stay():
             variants.unregister(name)
     variants.register(_variant())
     variants.unregister("probe")
+
+
+# --- LoRA+ ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"ratio": float("nan")}, ValueError, r"`ratio` .* got nan"),
+        ({"ratio": float("inf")}, ValueError, r"`ratio` .* got inf"),
+        ({"ratio": 0.0}, ValueError, r"`ratio` .* >= 1, got 0.0"),
+        ({"ratio": -2}, ValueError, r"`ratio`"),
+        ({"ratio": "16"}, TypeError, r"`ratio`"),
+        ({"ratio": np.float32(4)}, None, None),  # numpy scalars are numbers
+        ({"lr": float("nan")}, ValueError, r"`lr` must be a finite number > 0, got nan"),
+        ({"lr": -1e-3}, ValueError, r"`lr` must be a finite number > 0"),
+        ({"lr": 0.0}, ValueError, r"`lr` must be a finite number > 0"),
+        ({"lr": "1e-3"}, TypeError, r"`lr` must be a number or an optax schedule"),
+        ({"lr": None}, TypeError, r"`lr`"),
+        ({"embedding_lr": float("inf")}, ValueError, r"`embedding_lr` .* >= 0, got inf"),
+        ({"embedding_lr": 0.0}, None, None),  # freezes the embedding factors
+        ({"embedding_paths": "emb"}, TypeError, r"`embedding_paths` .* got the str 'emb'"),
+        ({"embedding_paths": [3]}, TypeError, r"`embedding_paths` entries must be"),
+        ({"embedding_paths": 5}, TypeError, r"`embedding_paths` must be a sequence"),
+    ],
+)
+def test_loraplus_refuses_bad_rates_and_paths(kwargs, error, match):
+    call = {"optimizer_factory": optax.sgd, "lr": 0.1, **kwargs}
+    if error is None:
+        assert loraplus.loraplus(**call) is not None
+        return
+    with pytest.raises(error, match=match):
+        loraplus.loraplus(**call)
+
+
+def test_loraplus_embedding_path_must_name_an_adapted_module():
+    lora = {"q": {"lora_a": jnp.ones((4, 2)), "lora_b": jnp.ones((2, 4))},
+            "embed": {"lora_a": jnp.ones((9, 2)), "lora_b": jnp.ones((2, 4))}}  # fmt: skip
+    opt = loraplus.loraplus(optax.sgd, 0.1, embedding_paths=["emb"])
+    with pytest.raises(ValueError, match=r"`embedding_paths` entries \['emb'\] name no adapted "
+                                         r"module.*\['embed', 'q'\]"):  # fmt: skip
+        opt.init(lora)
+    with pytest.raises(TypeError, match="`optimizer_factory` must be a function"):
+        loraplus.loraplus(optax.sgd(0.1), 0.1)  # type: ignore[arg-type]
