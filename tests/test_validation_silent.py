@@ -17,7 +17,7 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 import jaxlora
-from jaxlora import loraplus, variants
+from jaxlora import adapters, loraplus, variants
 from jaxlora._src.variants import base as variants_base
 from jaxlora.models import BertConfig, BertEncoder, generate, left_pad, llama
 from jaxlora.models.hf import gemma as hf_gemma
@@ -302,3 +302,25 @@ def test_loraplus_embedding_path_must_name_an_adapted_module():
         opt.init(lora)
     with pytest.raises(TypeError, match="`optimizer_factory` must be a function"):
         loraplus.loraplus(optax.sgd(0.1), 0.1)  # type: ignore[arg-type]
+
+
+# --- apply_mixed: an index out of range --------------------------------------------------------
+
+
+def test_apply_mixed_out_of_range_index_is_an_error_eagerly_and_nan_rows_under_jit():
+    model = nn.Dense(2, name="d")
+    x = jnp.arange(8.0).reshape(4, 2)
+    params = {"kernel": jnp.eye(2), "bias": jnp.zeros(2)}
+    config = jaxlora.LoraConfig(r=1, target_modules=".*", init_lora_weights=False)
+    members = [{"lora_a": jnp.full((2, 1), k + 1.0), "lora_b": jnp.ones((1, 2))} for k in range(2)]
+    stacked = adapters.stack(members)
+    for index in ([0, 2, 1, 0], [0, -1, 1, 0]):
+        with pytest.raises(ValueError, match=r"`index` must lie in \[0, 2\).*`index\[1\]`"):
+            adapters.apply_mixed(model, params, stacked, config, jnp.array(index), x)
+    # Under jit the index cannot be checked: rows out of range (2, and -1: never wrapped to the
+    # last adapter) come out NaN, the others as eagerly.
+    mixed = jax.jit(adapters.apply_mixed, static_argnums=(0, 3))
+    got = np.asarray(mixed(model, params, stacked, config, jnp.array([0, 2, -1, 1]), x))
+    assert np.isnan(got[1:3]).all() and np.isfinite(got[[0, 3]]).all()
+    want = np.asarray(mixed(model, params, stacked, config, jnp.array([0, 0, 1, 1]), x))
+    np.testing.assert_array_equal(got[[0, 3]], want[[0, 3]])  # the same program: bit for bit
