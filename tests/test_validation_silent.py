@@ -19,7 +19,7 @@ from safetensors.numpy import save_file
 import jaxlora
 from jaxlora import adapters, loraplus, variants
 from jaxlora._src.variants import base as variants_base
-from jaxlora.models import BertConfig, BertEncoder, generate, left_pad, llama
+from jaxlora.models import BertConfig, BertEncoder, generate, left_pad, llama, save_hf
 from jaxlora.models.hf import gemma as hf_gemma
 from jaxlora.models.hf import llama as hf_llama
 from jaxlora.models.hf import llama_export
@@ -324,3 +324,17 @@ def test_apply_mixed_out_of_range_index_is_an_error_eagerly_and_nan_rows_under_j
     assert np.isnan(got[1:3]).all() and np.isfinite(got[[0, 3]]).all()
     want = np.asarray(mixed(model, params, stacked, config, jnp.array([0, 0, 1, 1]), x))
     np.testing.assert_array_equal(got[[0, 3]], want[[0, 3]])  # the same program: bit for bit
+
+
+def test_save_hf_refuses_an_integer_weight_before_writing(tmp_path):
+    hf_config = dataclasses.replace(TINY_LLAMA, rope_interleaved=False)
+    params = {}
+    for spec in hf_llama.expected_tensors(hf_config).values():
+        node = params
+        for key in spec.path[:-1]:
+            node = node.setdefault(key, {})
+        node[spec.path[-1]] = np.zeros(spec.target_shape, np.float32)
+    params["layers_0"]["mlp"]["up_proj"]["kernel"] = np.zeros((8, 16), np.int8)
+    with pytest.raises(TypeError, match=r"`params` leaf layers_0/mlp/up_proj/kernel .* int8"):
+        save_hf(tmp_path / "out", hf_config, params)
+    assert not (tmp_path / "out").exists()
