@@ -100,8 +100,12 @@ def _entries(mutable: Any) -> list[tuple[str, Any]]:
     """Each filter the user gave in ``mutable``, with how to show it."""
     if isinstance(mutable, str | list | tuple):
         names = (mutable,) if isinstance(mutable, str) else mutable
-        return [(repr(n), _variable_type(n) if isinstance(n, str) else n) for n in names]
-    return [(repr(mutable), mutable)]
+        return [(_label(n), _variable_type(n) if isinstance(n, str) else n) for n in names]
+    return [(_label(mutable), mutable)]
+
+
+def _label(entry: Any) -> str:
+    return f"nnx.{entry.__name__}" if isinstance(entry, type) else repr(entry)
 
 
 def _kinds(module: nnx.Module) -> list[str]:
@@ -136,7 +140,8 @@ def check_nnx_selects(mutable: Any, module: nnx.Module) -> None:
         if not any(predicate(path, variable) for path, variable in flat):
             raise ValueError(
                 f"`mutable` entry {label} selects no variable of this model; the non-parameter "
-                f"variables that exist: {_kinds(module) or 'none'} (pass True for all of them)"
+                f"variables that exist: {', '.join(_kinds(module)) or 'none'} (pass True for "
+                "all of them)"
             )
 
 
