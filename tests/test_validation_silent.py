@@ -17,7 +17,7 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 import jaxlora
-from jaxlora import adapters, loraplus, variants
+from jaxlora import adapters, loraplus, quant, variants
 from jaxlora._src.variants import base as variants_base
 from jaxlora.models import BertConfig, BertEncoder, generate, left_pad, llama, save_hf
 from jaxlora.models.hf import gemma as hf_gemma
@@ -338,3 +338,16 @@ def test_save_hf_refuses_an_integer_weight_before_writing(tmp_path):
     with pytest.raises(TypeError, match=r"`params` leaf layers_0/mlp/up_proj/kernel .* int8"):
         save_hf(tmp_path / "out", hf_config, params)
     assert not (tmp_path / "out").exists()
+
+
+def test_cache_and_dequantize_dtypes_must_be_floating(tiny_llama):
+    model, params = tiny_llama
+    with pytest.raises(TypeError, match=r"`cache_dtype` must be a floating dtype .* got int8"):
+        generate(model, params, [[1]], max_new_tokens=1, cache_dtype=jnp.int8)
+    with pytest.raises(TypeError, match=r"`dtype` must be a floating dtype"):
+        llama.init_cache(TINY_LLAMA, 1, 4, "int32")
+    leaf = quant.quantize_kernel(jnp.ones((16, 16)), "int8")
+    for call in (lambda: quant.dequantize(leaf, jnp.int8),
+                 lambda: quant.dequantize_tree({"k": leaf}, "bool")):  # fmt: skip
+        with pytest.raises(TypeError, match=r"`dtype` must be None or a floating dtype"):
+            call()

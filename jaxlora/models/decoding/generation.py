@@ -45,6 +45,7 @@ from jaxlora.models.decoding.inputs import (
     model_init_cache,
     stop_array,
 )
+from jaxlora.models.decoding.kv_cache import check_cache_dtype
 from jaxlora.models.decoding.sampling import check_sampling, sample_logits
 
 __all__ = ["GenerationResult", "generate", "left_pad", "sample_logits", "step_function"]
@@ -218,6 +219,7 @@ def generate(
     if max_new_tokens < 1:
         raise ValueError(f"`max_new_tokens` must be at least 1, got {max_new_tokens}")
     check_sampling(temperature, top_p, top_k, key)
+    check_cache_dtype(cache_dtype, "cache_dtype")
     vocab_size = vocab_size_of(model)
     stop_tokens = check_stop_tokens(stop_tokens, vocab_size)
     if pad_id is None:
