@@ -39,7 +39,7 @@ def left_pad(
     rows = []
     for i, prompt in enumerate(prompts):
         row = np.asarray(prompt)
-        if row.ndim != 1 or row.size == 0 or not np.issubdtype(row.dtype, np.integer):
+        if row.ndim != 1 or row.size == 0 or not jnp.issubdtype(row.dtype, jnp.integer):
             raise ValueError(
                 f"`prompts[{i}]` must be a non-empty list of int token ids, got {prompt!r:.60}"
             )
@@ -59,7 +59,7 @@ def as_batch(prompts: Any, attention_mask: ArrayLike | None, pad_id: int):
     """``(ids, mask)`` from a list of lists, a 1-D prompt or a left-padded 2-D array."""
     if isinstance(prompts, np.ndarray | jax.Array) and prompts.ndim == 2:
         ids = np.asarray(prompts)
-        if ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
+        if ids.size == 0 or not jnp.issubdtype(ids.dtype, jnp.integer):
             raise ValueError(
                 f"`prompts` must be a non-empty int array [batch, length], got {ids.dtype} "
                 f"{ids.shape}"
@@ -168,7 +168,7 @@ def check_index(adapter_index: Any, lora: Any, batch: int, mode: str) -> jax.Arr
             "`adapter_index` (one adapter per row) runs factored; pass mode='factored'"
         )
     index = np.asarray(adapter_index)
-    if not np.issubdtype(index.dtype, np.integer) or index.shape != (batch,):
+    if not jnp.issubdtype(index.dtype, jnp.integer) or index.shape != (batch,):
         raise ValueError(
             f"`adapter_index` must be int[batch={batch}] (one adapter per prompt), got "
             f"{index.dtype} {index.shape}"
