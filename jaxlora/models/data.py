@@ -148,7 +148,8 @@ def encode_batch(
     if max_length < 1:
         raise ValueError(f"`max_length` must be positive, got {max_length}")
     vocab = getattr(tokenizer, "get_vocab_size", None)
-    check_token_id(pad_id, vocab() if callable(vocab) else None, "pad_id")
+    size = vocab() if callable(vocab) else None
+    check_token_id(pad_id, size if isinstance(size, int) else None, "pad_id")
     previous_truncation = tokenizer.truncation
     previous_padding = tokenizer.padding
     tokenizer.enable_truncation(max_length=max_length)

@@ -168,12 +168,14 @@ def scale_b(lora: LoraTree, multiplier: LoraTree) -> LoraTree:
 
 def _stack_size(stacked: LoraTree) -> int:
     """The number of adapters in ``stacked``: the leading size every leaf shares."""
-    sizes = {jnp.shape(x)[0] if jnp.ndim(x) else None for x in jax.tree.leaves(stacked)}
-    if len(sizes) != 1 or None in sizes:
-        shown = sorted(sizes, key=lambda s: -1 if s is None else s)
+    leaves = jax.tree.leaves(stacked)
+    sizes = {int(jnp.shape(x)[0]) for x in leaves if jnp.ndim(x)}
+    scalars = sum(not jnp.ndim(x) for x in leaves)
+    if len(sizes) != 1 or scalars:
         raise ValueError(
             "`stacked` must be adapters stacked on a leading axis (`jaxlora.adapters.stack`), "
-            f"every leaf with the same leading size; got leading sizes {shown} (None: a scalar)"
+            f"every leaf with the same leading size; got leading sizes {sorted(sizes)}"
+            + (f" and {scalars} scalar leaves" if scalars else "")
         )
     return sizes.pop()
 
