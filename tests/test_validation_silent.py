@@ -346,7 +346,7 @@ def test_cache_and_dequantize_dtypes_must_be_floating(tiny_llama):
         generate(model, params, [[1]], max_new_tokens=1, cache_dtype=jnp.int8)
     with pytest.raises(TypeError, match=r"`dtype` must be a floating dtype"):
         llama.init_cache(TINY_LLAMA, 1, 4, "int32")
-    leaf = quant.quantize_kernel(jnp.ones((16, 16)), "int8")
+    leaf = jax.eval_shape(lambda: quant.quantize_kernel(jnp.ones((16, 16)), "int8"))
     for call in (lambda: quant.dequantize(leaf, jnp.int8),
                  lambda: quant.dequantize_tree({"k": leaf}, "bool")):  # fmt: skip
         with pytest.raises(TypeError, match=r"`dtype` must be None or a floating dtype"):
