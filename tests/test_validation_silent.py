@@ -351,3 +351,11 @@ def test_cache_and_dequantize_dtypes_must_be_floating(tiny_llama):
                  lambda: quant.dequantize_tree({"k": leaf}, "bool")):  # fmt: skip
         with pytest.raises(TypeError, match=r"`dtype` must be None or a floating dtype"):
             call()
+
+
+def test_bert_state_dict_refuses_an_integer_weight():
+    from jaxlora.models.bert import weights
+
+    state = {"embeddings.word_embeddings.weight": np.zeros((10, 4), np.int8)}
+    with pytest.raises(TypeError, match=r"`embeddings.word_embeddings.weight` in here is int8"):
+        weights.hf_state_dict_to_params(state, {}, source="here")
