@@ -1615,6 +1615,26 @@ def hf_cases(w: World) -> list[Case]:
         params["layers_0"]["mlp"]["up_proj"]["kernel"] = np.zeros((8, 16), np.int8)
         return config, params
 
+    from jaxlora.models import generate, llama
+    from jaxlora.models.bert import weights as bert_weights
+
+    model, config, params = _tiny_llama()
+    leaf = jax.eval_shape(lambda: quant.quantize_kernel(jnp.ones((16, 16)), "int8"))
+    cases += [
+        Case("models.generate", "cache_dtype=int8",
+             lambda _: generate(model, params, [[1]], max_new_tokens=1, cache_dtype=jnp.int8),
+             ("cache_dtype",)),
+        Case("models.init_cache", "dtype='int32'",
+             lambda _: llama.init_cache(config, 1, 4, "int32"), ("dtype",)),
+        Case("quant.dequantize", "dtype=int8", lambda _: quant.dequantize(leaf, jnp.int8),
+             ("dtype",)),
+        Case("quant.dequantize_tree", "dtype='bool'",
+             lambda _: quant.dequantize_tree({"k": leaf}, "bool"), ("dtype",)),
+        Case("models.bert.hf_state_dict_to_params", "an int8 weight",
+             lambda _: bert_weights.hf_state_dict_to_params(
+                 {"embeddings.word_embeddings.weight": np.zeros((10, 4), np.int8)}, {}),
+             ("embeddings.word_embeddings.weight",)),
+    ]  # fmt: skip
     cases.append(Case("models.save_hf", "an int8 kernel",
                       lambda p: save_hf(w.fresh_dir() / "out", *p), ("up_proj", "params"),
                       prepare=int_params))  # fmt: skip
