@@ -7,7 +7,10 @@ weight-decomposed LoRA, a magnitude ``lora_magnitude`` per output column beside 
 (:func:`variant_of`), so one adapter may mix variants module by module.
 
 A new variant is a subclass of :class:`Variant` (its extra leaves, init, merge, unmerge, factored
-output and PEFT file entries) passed to :func:`register`; nothing else changes.
+output and PEFT file entries) passed to :func:`register`; nothing else changes. Its extra leaves
+are a tuple of new names: never a bare str, ``lora_a`` / ``lora_b``, or a base module's leaf
+(``kernel``, ``embedding``, ``bias``, ``scale``), which would make plain modules look like the
+variant; :func:`register` refuses them.
 
 Example:
     >>> import jax, jax.numpy as jnp, jaxlora

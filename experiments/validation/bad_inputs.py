@@ -1649,6 +1649,268 @@ def pissa_cases(w: World) -> list[Case]:
     return [Case("inits.pissa_split", label, run, tokens) for label, run, tokens in rows]
 
 
+# --- surfaces added since the first battery: token ids, HF loading, mutable, variants, LoRA+ ------
+
+
+def _tiny_llama() -> tuple[Any, Any, Any]:
+    """A tiny Llama, its config and abstract params (every case here fails before computing)."""
+    from jaxlora.models import llama
+
+    config = llama.LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=16, num_layers=1,
+                               num_heads=2, num_kv_heads=1, head_dim=4)  # fmt: skip
+    model = llama.LlamaForCausalLM(config)
+    params = jax.eval_shape(model.init, KEY, jnp.ones((1, 2), jnp.int32))["params"]
+    return model, config, params
+
+
+def token_id_cases(w: World) -> list[Case]:
+    from jaxlora.models import BertConfig, BertEncoder, generate, left_pad, llama
+
+    model, config, params = _tiny_llama()
+    real = {"params": params}
+
+    def gen(prompts: Any, **o: Any) -> Any:
+        return generate(model, params, prompts, max_new_tokens=1, **o)
+
+    bert = BertEncoder(BertConfig(vocab_size=10, hidden_size=4, num_layers=0, num_heads=1,
+                                  intermediate_size=4, max_position_embeddings=4))  # fmt: skip
+    bert_vars = jax.eval_shape(bert.init, KEY, jnp.ones((1, 2), jnp.int32))
+    rows = [
+        ("generate", "prompt id = vocab size", lambda _: gen([[1, 32]]), ("prompts", "32")),
+        ("generate", "prompt id negative", lambda _: gen([[1, -4]]), ("prompts",)),
+        ("generate", "array prompt id 99", lambda _: gen(np.array([[1, 2], [3, 99]])),
+         ("prompts",)),
+        ("generate", "prompt id 2**32+3 (wraps in int32)", lambda _: gen([[2**32 + 3]]),
+         ("prompts",)),
+        ("generate", "pad_id = vocab size", lambda _: gen([[1]], pad_id=32), ("pad_id",)),
+        ("generate", "pad_id=-1", lambda _: gen([[1]], pad_id=-1), ("pad_id",)),
+        ("generate", "stop token past the vocabulary", lambda _: gen([[1]], stop_tokens=[40]),
+         ("stop_tokens",)),
+        ("generate", "stop_tokens='2'", lambda _: gen([[1]], stop_tokens="2"), ("stop_tokens",)),
+        ("left_pad", "negative id", lambda _: left_pad([[3, -1]]), ("prompts",)),
+        ("left_pad", "pad_id=0.5", lambda _: left_pad([[3]], pad_id=0.5), ("pad_id",)),
+        ("LlamaForCausalLM", "input id = vocab size",
+         lambda _: model.apply(real, np.array([[1, 32]])), ("input_ids",)),
+        ("LlamaForCausalLM", "input id negative",
+         lambda _: model.apply(real, np.array([[-1, 2]])), ("input_ids",)),
+        ("llama.generate", "prompt id past the vocabulary",
+         lambda _: llama.generate(params, config, [1, 77], 1), ("prompt_ids",)),
+        ("llama.generate", "eos_id past the vocabulary",
+         lambda _: llama.generate(params, config, [1, 2], 1, eos_id=32), ("eos_id",)),
+        ("llama.generate", "max_new_tokens=2.0",
+         lambda _: llama.generate(params, config, [1, 2], 2.0), ("max_new_tokens",)),
+        ("BertEncoder", "input id = vocab size",
+         lambda _: bert.apply(bert_vars, np.array([[1, 10]])), ("input_ids",)),
+        ("BertEncoder", "token type 2 of 2",
+         lambda _: bert.apply(bert_vars, np.array([[1, 2]]), token_type_ids=np.array([[0, 2]])),
+         ("token_type_ids",)),
+        ("BertEncoder", "longer than max_position_embeddings",
+         lambda _: bert.apply(bert_vars, np.ones((1, 5), np.int32)),
+         ("max_position_embeddings", "input_ids")),
+    ]  # fmt: skip
+    return [Case(f"models.{func}", label, run, tokens) for func, label, run, tokens in rows]
+
+
+def _hf_directory(w: World, quantised: str | None = None) -> pathlib.Path:
+    """A tiny Llama checkpoint written with numpy (no torch); ``quantised`` names a tensor
+    stored as int8."""
+    from safetensors.numpy import save_file
+
+    from jaxlora.models.hf import llama as hf_llama
+    from jaxlora.models.hf import llama_export
+
+    _, config, _ = _tiny_llama()
+    config = dataclasses.replace(config, rope_interleaved=False)
+    directory = w.fresh_dir()
+    (directory / "config.json").write_text(json.dumps(llama_export.config_to_hf(config)))
+    tensors = {name: np.full(spec.shape, 0.25, np.float32)
+               for name, spec in hf_llama.expected_tensors(config).items()}  # fmt: skip
+    if quantised:
+        tensors[quantised] = tensors[quantised].astype(np.int8)
+    save_file(tensors, directory / "model.safetensors")
+    return directory
+
+
+def hf_cases(w: World) -> list[Case]:
+    from jaxlora.models import load_hf, save_hf
+    from jaxlora.models.hf import gemma as hf_gemma
+    from jaxlora.models.hf import llama as hf_llama
+
+    q_proj = "model.layers.0.self_attn.q_proj.weight"
+    cases = [
+        Case("models.load_hf", f"dtype={label}", lambda d, v=value: load_hf(d, dtype=v),
+             ("dtype",), prepare=lambda: _hf_directory(w))
+        for label, value in [("jnp.int8", jnp.int8), ("'int32'", "int32"), ("bool", bool),
+                             ("'bf16x'", "bf16x"), ("jnp.uint8", jnp.uint8)]
+    ]  # fmt: skip
+    cases += [
+        Case("models.load_hf_llama", "dtype=int8",
+             lambda d: hf_llama.load_hf_llama(d, dtype="int8"), ("dtype",),
+             prepare=lambda: _hf_directory(w)),
+        Case("models.load_hf_gemma", "dtype=int8",
+             lambda _: hf_gemma.load_hf_gemma(w.tmp / "none", dtype="int8"), ("dtype",)),
+        Case("models.load_hf", "int8 tensor under a weight's name", load_hf, (q_proj,),
+             prepare=lambda: _hf_directory(w, q_proj)),
+    ]  # fmt: skip
+
+    def int_params() -> tuple[Any, dict]:
+        from jaxlora.models.hf import llama as hf_llama
+
+        _, config, _ = _tiny_llama()
+        config = dataclasses.replace(config, rope_interleaved=False)
+        params: dict = {}
+        for spec in hf_llama.expected_tensors(config).values():
+            node = params
+            for key in spec.path[:-1]:
+                node = node.setdefault(key, {})
+            node[spec.path[-1]] = np.zeros(spec.target_shape, np.float32)
+        params["layers_0"]["mlp"]["up_proj"]["kernel"] = np.zeros((8, 16), np.int8)
+        return config, params
+
+    from jaxlora.models import generate, llama
+    from jaxlora.models.bert import weights as bert_weights
+
+    model, config, params = _tiny_llama()
+    leaf = jax.eval_shape(lambda: quant.quantize_kernel(jnp.ones((16, 16)), "int8"))
+    cases += [
+        Case("models.generate", "cache_dtype=int8",
+             lambda _: generate(model, params, [[1]], max_new_tokens=1, cache_dtype=jnp.int8),
+             ("cache_dtype",)),
+        Case("models.init_cache", "dtype='int32'",
+             lambda _: llama.init_cache(config, 1, 4, "int32"), ("dtype",)),
+        Case("quant.dequantize", "dtype=int8", lambda _: quant.dequantize(leaf, jnp.int8),
+             ("dtype",)),
+        Case("quant.dequantize_tree", "dtype='bool'",
+             lambda _: quant.dequantize_tree({"k": leaf}, "bool"), ("dtype",)),
+        Case("models.bert.hf_state_dict_to_params", "an int8 weight",
+             lambda _: bert_weights.hf_state_dict_to_params(
+                 {"embeddings.word_embeddings.weight": np.zeros((10, 4), np.int8)}, {}),
+             ("embeddings.word_embeddings.weight",)),
+    ]  # fmt: skip
+    cases.append(Case("models.save_hf", "an int8 kernel",
+                      lambda p: save_hf(w.fresh_dir() / "out", *p), ("up_proj", "params"),
+                      prepare=int_params))  # fmt: skip
+    return cases
+
+
+class NnxNormed(nnx.Module):
+    def __init__(self, rngs):
+        self.up = nnx.Linear(4, 6, rngs=rngs)
+        self.bn = nnx.BatchNorm(6, rngs=rngs)
+
+    def __call__(self, x):
+        return self.bn(self.up(x))
+
+
+def mutable_cases(w: World) -> list[Case]:
+    ap = jaxlora.apply
+    config = LoraConfig(r=2, target_modules=["up"])
+    graphdef, state = nnx.split(NnxNormed(nnx.Rngs(0)))
+    frozen, lora = jaxlora.split(state, config, KEY)
+
+    def nnx_call(mutable: Any) -> Any:
+        return ap(graphdef, frozen, lora, config, w.x, mutable=mutable)
+
+    def linen_call(mutable: Any) -> Any:
+        return ap(w.model, w.frozen, w.lora, w.config, w.x, mutable=mutable)
+
+    rows = [
+        ("NNX mutable='batchstats' (typo)", lambda _: nnx_call("batchstats"),
+         ("mutable", "batch_stats")),
+        ("NNX mutable=['batch_stats', 'cache'] (no cache)",
+         lambda _: nnx_call(["batch_stats", "cache"]), ("mutable", "cache")),
+        ("NNX mutable=nnx.Param", lambda _: nnx_call(nnx.Param), ("mutable", "Param")),
+        ("NNX mutable=nnx.Intermediate (never sown)", lambda _: nnx_call(nnx.Intermediate),
+         ("mutable",)),
+        ("NNX model without BatchNorm, mutable='batch_stats'",
+         lambda _: ap(w.graphdef, w.nnx_frozen, w.nnx_lora, w.config, w.x,
+                      mutable="batch_stats"), ("mutable",)),
+        ("linen mutable=['batchstats'] (typo)", lambda _: linen_call(["batchstats"]),
+         ("mutable",)),
+        ("linen mutable='intermediate' (never sown)", lambda _: linen_call("intermediate"),
+         ("mutable",)),
+    ]  # fmt: skip
+    return [Case("apply(mutable=)", label, run, tokens) for label, run, tokens in rows]
+
+
+def variant_cases(w: World) -> list[Case]:
+    from jaxlora import variants
+
+    def probe(**fields: Any) -> Any:
+        declared = {"name": "probe", "extra_leaves": ("lora_probe",), "fusable": False, **fields}
+        return type("Probe", (type(variants.DORA),), declared)()
+
+    def register(**fields: Any) -> Any:
+        variant = variants.register(probe(**fields))
+        variants.unregister(variant.name)  # reached only when accepted: leave the registry be
+        return variant
+
+    rows = [
+        ("extra_leaves=('lora_b',)", {"extra_leaves": ("lora_b",)}, ("extra_leaves", "lora_b")),
+        ("extra_leaves=('lora_a', 'g')", {"extra_leaves": ("lora_a", "g")},
+         ("extra_leaves", "lora_a")),
+        ("extra_leaves=('bias',)", {"extra_leaves": ("bias",)}, ("extra_leaves", "bias")),
+        ("extra_leaves=('kernel',)", {"extra_leaves": ("kernel",)}, ("extra_leaves", "kernel")),
+        ("extra_leaves=('embedding',)", {"extra_leaves": ("embedding",)},
+         ("extra_leaves", "embedding")),
+        ("extra_leaves='scale' (a str)", {"extra_leaves": "scale"}, ("extra_leaves",)),
+        ("extra_leaves=('g', 'g')", {"extra_leaves": ("g", "g")}, ("extra_leaves",)),
+        ("extra_leaves=('g', 3)", {"extra_leaves": ("g", 3)}, ("extra_leaves",)),
+        ("extra_leaves=('lora_magnitude',) (DoRA's)", {"extra_leaves": ("lora_magnitude",)},
+         ("lora_magnitude", "dora")),
+        ("name=''", {"name": ""}, ("name",)),
+        ("name=None", {"name": None}, ("name",)),
+        ("name='dora' (taken)", {"name": "dora"}, ("dora",)),
+        ("fusable='yes'", {"fusable": "yes"}, ("fusable",)),
+    ]  # fmt: skip
+    cases = [Case("variants.register", label, lambda _, f=fields: register(**f), tokens)
+             for label, fields, tokens in rows]  # fmt: skip
+    cases += [
+        Case("variants.register", "a class, not an instance",
+             lambda _: variants.register(type(probe())), ("variant",)),
+        Case("variants.unregister", "'lora' (built in)", lambda _: variants.unregister("lora"),
+             ("lora", "name")),
+        Case("variants.unregister", "'dora' (built in)", lambda _: variants.unregister("dora"),
+             ("dora", "name")),
+    ]  # fmt: skip
+    return cases
+
+
+def loraplus_cases(w: World) -> list[Case]:
+    from jaxlora import loraplus
+
+    def lp(**o: Any) -> Any:
+        return loraplus.loraplus(**{"optimizer_factory": optax.sgd, "lr": 0.1, **o})
+
+    rows = [
+        ("ratio=nan", {"ratio": NAN}, ("ratio",)),
+        ("ratio=inf", {"ratio": INF}, ("ratio",)),
+        ("ratio=0", {"ratio": 0.0}, ("ratio",)),
+        ("ratio=-4", {"ratio": -4}, ("ratio",)),
+        ("ratio='16'", {"ratio": "16"}, ("ratio",)),
+        ("ratio=None", {"ratio": None}, ("ratio",)),
+        ("lr=nan", {"lr": NAN}, ("lr",)),
+        ("lr=inf", {"lr": INF}, ("lr",)),
+        ("lr=-1e-3", {"lr": -1e-3}, ("lr",)),
+        ("lr=0", {"lr": 0.0}, ("lr",)),
+        ("lr='1e-3'", {"lr": "1e-3"}, ("lr",)),
+        ("lr=None", {"lr": None}, ("lr",)),
+        ("embedding_lr=nan", {"embedding_lr": NAN}, ("embedding_lr",)),
+        ("embedding_lr=-1", {"embedding_lr": -1.0}, ("embedding_lr",)),
+        ("embedding_paths='emb' (a str)", {"embedding_paths": "emb"}, ("embedding_paths",)),
+        ("embedding_paths=[3]", {"embedding_paths": [3]}, ("embedding_paths",)),
+        ("embedding_paths=5", {"embedding_paths": 5}, ("embedding_paths",)),
+        ("optimizer_factory=optax.sgd(0.1) (a transformation)",
+         {"optimizer_factory": optax.sgd(0.1)}, ("optimizer_factory",)),
+    ]  # fmt: skip
+    cases = [Case("loraplus.loraplus", label, lambda _, o=o: lp(**o), tokens)
+             for label, o, tokens in rows]  # fmt: skip
+    cases.append(Case("loraplus.loraplus", "embedding_paths naming no module (init)",
+                      lambda _: lp(embedding_paths=["emb"]).init(w.lora),
+                      ("embedding_paths", "emb")))  # fmt: skip
+    return cases
+
+
 def all_cases(w: World) -> list[Case]:
     return [
         *config_cases(w),
@@ -1669,6 +1931,11 @@ def all_cases(w: World) -> list[Case]:
         *adapter_cases(w),
         *quant_cases(w),
         *pissa_cases(w),
+        *token_id_cases(w),
+        *hf_cases(w),
+        *mutable_cases(w),
+        *variant_cases(w),
+        *loraplus_cases(w),
     ]
 
 

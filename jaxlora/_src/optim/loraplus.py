@@ -15,6 +15,8 @@ a small fixed rate instead, 1e-6 by default, which is the default here too.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable, Hashable, Iterable
 from typing import Any
 
@@ -43,11 +45,13 @@ def loraplus_labels(tree: LoraTree, embedding_paths: Iterable[str] = ()) -> Any:
         {'emb': {'lora_a': 'embedding'},
          'q': {'bias': 'lora_b', 'lora_a': 'lora_a', 'lora_b': 'lora_b'}}
     """
-    embeddings = set(embedding_paths)
+    embeddings = set(check_embedding_paths(embedding_paths))
+    adapted = set()
 
     def label(keys, names, leaf):
         module = paths.join(names[:-1])
         if names[-1] in (LORA_A, LORA_B):
+            adapted.add(module)
             holder = paths.get_in(tree, keys[:-1])
             if module in embeddings or _EMBEDDING_LEAF in holder:
                 return "embedding"
@@ -55,7 +59,49 @@ def loraplus_labels(tree: LoraTree, embedding_paths: Iterable[str] = ()) -> Any:
         vector = names[-1] in ("bias", "lora_magnitude") or getattr(leaf, "ndim", 0) == 1
         return "lora_b" if vector else "lora_a"
 
-    return paths.map_with_keys(label, tree)
+    labels = paths.map_with_keys(label, tree)
+    unknown = sorted(embeddings - adapted)
+    if unknown:
+        # A path that names no adapted module would leave that embedding at B's rate unseen.
+        raise ValueError(
+            f"`embedding_paths` entries {unknown} name no adapted module of the tree; adapted "
+            f"modules: {sorted(adapted)[:20]}"
+        )
+    return labels
+
+
+def check_embedding_paths(embedding_paths: Any) -> tuple[str, ...]:
+    """``embedding_paths`` as a tuple of str; a bare str (read as its letters) is a TypeError."""
+    if isinstance(embedding_paths, str | bytes):
+        raise TypeError(
+            f"`embedding_paths` must be a sequence of module paths, got the str "
+            f"{embedding_paths!r} (it would read as its letters); write [{embedding_paths!r}]"
+        )
+    if not isinstance(embedding_paths, Iterable):
+        raise TypeError(
+            f"`embedding_paths` must be a sequence of module paths, got "
+            f"{type(embedding_paths).__name__}"
+        )
+    entries = tuple(embedding_paths)
+    bad = [p for p in entries if not isinstance(p, str)]
+    if bad:
+        raise TypeError(f"`embedding_paths` entries must be '/'-joined str paths, got {bad!r:.80}")
+    return entries
+
+
+def _check_rate(value: Any, name: str, *, zero_ok: bool) -> None:
+    """A learning rate: an optax schedule (callable), or a finite number > 0 (>= 0 when
+    ``zero_ok``); NaN or inf would make every update of its group non-finite."""
+    if callable(value):
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"`{name}` must be a number or an optax schedule, got {type(value).__name__} "
+            f"{value!r:.40}"
+        )
+    low = ">= 0" if zero_ok else "> 0"
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
+        raise ValueError(f"`{name}` must be a finite number {low}, got {value!r}")
 
 
 def _scaled(lr: float | optax.Schedule, factor: float) -> float | optax.Schedule:
@@ -79,11 +125,17 @@ def loraplus(
             ``lambda lr: optax.adamw(lr, weight_decay=0.01)``.
         lr: A's learning rate (a float or an optax schedule).
         ratio: ``lr_B / lr_A``, at least 1 (the paper's default is 16).
-        embedding_lr: the rate of both factors of embedding tables (see the module docstring).
+        embedding_lr: the rate of both factors of embedding tables (see the module docstring);
+            0 freezes them.
         embedding_paths: module paths of embedding targets, as for :func:`loraplus_labels`.
 
     Raises:
-        ValueError: when ``ratio`` < 1.
+        ValueError: when ``ratio`` is below 1 or not finite, ``lr`` not a finite number > 0,
+            ``embedding_lr`` not a finite number >= 0 (0 freezes embedding factors), or (when
+            the optimizer first sees Θ) an ``embedding_paths`` entry names no adapted module.
+        TypeError: for a ``ratio`` or rate that is not a number (a rate may be an optax
+            schedule), a str ``embedding_paths`` (a sequence of paths is expected), or an
+            ``optimizer_factory`` that is not callable.
 
     Example:
         >>> import jax.numpy as jnp, optax
@@ -93,9 +145,21 @@ def loraplus(
         >>> float(updates["q"]["lora_a"][0, 0]), float(updates["q"]["lora_b"][0, 0])
         (-0.1, -0.4)
     """
-    if isinstance(ratio, bool) or not isinstance(ratio, int | float) or ratio < 1:
-        raise ValueError(f"`ratio` (lr_B / lr_A) must be a number >= 1, got {ratio!r}")
-    embedding_paths = tuple(embedding_paths)
+    if not callable(optimizer_factory):
+        raise TypeError(
+            "`optimizer_factory` must be a function from a learning rate to an optax "
+            f"transformation (e.g. optax.adamw), got {type(optimizer_factory).__name__}"
+        )
+    _check_rate(lr, "lr", zero_ok=False)
+    _check_rate(embedding_lr, "embedding_lr", zero_ok=True)
+    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real):
+        raise TypeError(f"`ratio` (lr_B / lr_A) must be a number >= 1, got {ratio!r:.40}")
+    if not math.isfinite(ratio) or ratio < 1:
+        raise ValueError(
+            f"`ratio` (lr_B / lr_A) must be a number >= 1, got {ratio!r} (and finite: NaN or "
+            "inf makes every update of B non-finite)"
+        )
+    embedding_paths = check_embedding_paths(embedding_paths)
     transforms: dict[Hashable, optax.GradientTransformation] = {
         "lora_a": optimizer_factory(lr),
         "lora_b": optimizer_factory(_scaled(lr, ratio)),

@@ -259,7 +259,8 @@ def quantize_kernel(
 
 
 def dequantize(leaf: QuantizedKernel, dtype: Any = None) -> jax.Array:
-    """The float kernel a :class:`QuantizedKernel` stands for (in its original dtype by default).
+    """The float kernel a :class:`QuantizedKernel` stands for (in its original dtype by default;
+    ``dtype`` must be floating: a TypeError otherwise).
 
     Example:
         >>> import jax.numpy as jnp
@@ -269,7 +270,7 @@ def dequantize(leaf: QuantizedKernel, dtype: Any = None) -> jax.Array:
     """
     if not isinstance(leaf, QuantizedKernel):
         raise TypeError(f"`leaf` must be a QuantizedKernel, got {type(leaf).__name__}")
-    dtype = jnp.dtype(dtype or leaf.dtype)
+    dtype = _float_dtype(leaf.dtype if dtype is None else dtype)
     if leaf.method == "int8":
         return (leaf.codes.astype(jnp.float32) * leaf.scale).astype(dtype)
     stack = leaf.stack_shape
@@ -289,8 +290,30 @@ def dequantize(leaf: QuantizedKernel, dtype: Any = None) -> jax.Array:
     return (jnp.swapaxes(out, -1, -2) if leaf.transposed else out).astype(dtype)
 
 
+def _float_dtype(dtype: Any) -> Any:
+    """``dtype`` of :func:`dequantize`: a floating dtype, since an integer one would truncate
+    every weight of the kernel."""
+    try:
+        resolved = jnp.dtype(dtype)
+    except (TypeError, ValueError):
+        raise TypeError(f"`dtype` must be None or a floating dtype, got {dtype!r:.60}") from None
+    if not jnp.issubdtype(resolved, jnp.floating):
+        raise TypeError(
+            f"`dtype` must be None or a floating dtype (float32, bfloat16, float16), got "
+            f"{resolved.name}: dequantising to it would truncate every weight"
+        )
+    return resolved
+
+
 def dequantize_tree(params: Any, dtype: Any = None) -> Any:
-    """``params`` with every :class:`QuantizedKernel` replaced by its float kernel."""
+    """``params`` with every :class:`QuantizedKernel` replaced by its float kernel.
+
+    Raises:
+        TypeError: for a ``dtype`` that is not floating (checked even when no leaf is
+            quantised).
+    """
+    if dtype is not None:
+        _float_dtype(dtype)
     return jax.tree.map(
         lambda x: dequantize(x, dtype) if is_quantized(x) else x, params, is_leaf=is_quantized
     )

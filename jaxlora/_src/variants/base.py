@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 import jax
 
 from jaxlora._src.config.lora_config import LoraConfig
-from jaxlora._src.config.targets import Target
+from jaxlora._src.config.targets import BIAS, EMBEDDING, KERNEL, Target
 from jaxlora._src.types import LORA_A, LORA_B, LoraTree
 
 #: A variant's extra leaves of one module: ``{leaf name: array}``.
@@ -91,17 +91,29 @@ class Variant(abc.ABC):
 
 
 _REGISTRY: dict[str, Variant] = {}
+#: Leaf names no variant may add: the factors, and the weights of the modules LoRA adapts or
+#: trains (kernels, embedding tables, biases, norm scales).
+RESERVED_LEAVES = (LORA_A, LORA_B, KERNEL, EMBEDDING, BIAS, "scale")
+BUILT_IN = ("lora", "dora")
 
 
 def register(variant: Variant) -> Variant:
     """Adds ``variant`` to the variants ``split``, ``merge`` and ``apply`` know; returns it.
 
     Raises:
-        TypeError: when ``variant`` is not a :class:`Variant`.
-        ValueError: when its name is taken, or its extra leaves clash with another variant's.
+        TypeError: when ``variant`` is not a :class:`Variant` instance, its ``name`` not a
+            non-empty str, its ``extra_leaves`` a str (not a tuple of names) or not str names,
+            its ``fusable`` not a bool.
+        ValueError: when its name is taken, its extra leaves repeat a name, use a reserved name
+            (``lora_a``, ``lora_b``, ``kernel``, ``embedding``, ``bias``, ``scale``), or are
+            another variant's.
     """
+    if isinstance(variant, type) and issubclass(variant, Variant):
+        raise TypeError(f"`variant` must be a Variant instance; got the class {variant.__name__}, "
+                        f"pass {variant.__name__}()")  # fmt: skip
     if not isinstance(variant, Variant):
         raise TypeError(f"`variant` must be a Variant, got {type(variant).__name__}")
+    _check_declaration(variant)
     if variant.name in _REGISTRY:
         raise ValueError(f"a variant named `{variant.name}` is registered already; pick a new name")
     for other in _REGISTRY.values():
@@ -114,8 +126,49 @@ def register(variant: Variant) -> Variant:
     return variant
 
 
+def _check_declaration(variant: Variant) -> None:
+    """``name`` a non-empty str; ``extra_leaves`` a sequence of distinct new leaf names; ``fusable``
+    a bool. A leaf that LoRA itself or a base module uses (``lora_b``, ``bias``) would make every
+    plain module, or every module with a bias, look like this variant."""
+    label = type(variant).__name__
+    if not isinstance(variant.name, str) or not variant.name:
+        raise TypeError(f"the `name` of variant {label} must be a non-empty str, "
+                        f"got {variant.name!r}")  # fmt: skip
+    leaves = variant.extra_leaves
+    if isinstance(leaves, str | bytes):
+        raise TypeError(
+            f"`extra_leaves` of variant `{variant.name}` must be a sequence of leaf names, got "
+            f"the str {leaves!r} (it would read as its letters); write ({leaves!r},)"
+        )
+    if not isinstance(leaves, tuple | list) or not all(isinstance(n, str) and n for n in leaves):
+        raise TypeError(
+            f"`extra_leaves` of variant `{variant.name}` must be a tuple of non-empty str leaf "
+            f"names, got {leaves!r}"
+        )
+    repeated = sorted({n for n in leaves if leaves.count(n) > 1})
+    if repeated:
+        raise ValueError(f"`extra_leaves` of variant `{variant.name}` repeats {repeated}")
+    taken = sorted(set(leaves) & set(RESERVED_LEAVES))
+    if taken:
+        raise ValueError(
+            f"`extra_leaves` of variant `{variant.name}` holds {taken}, a leaf name that LoRA or "
+            f"a base module uses (reserved: {list(RESERVED_LEAVES)}); give it names of its own, "
+            "e.g. 'lora_<what it is>'"
+        )
+    if not isinstance(variant.fusable, bool):
+        raise TypeError(f"`fusable` of variant `{variant.name}` must be a bool, "
+                        f"got {variant.fusable!r}")  # fmt: skip
+
+
 def unregister(name: str) -> None:
-    """Removes the variant ``name`` (a no-op when it is not registered)."""
+    """Removes the variant ``name`` (a no-op when it is not registered).
+
+    Raises:
+        ValueError: for the built-in ``"lora"`` and ``"dora"``: without them plain modules have
+            no variant, and a DoRA module would be read as plain LoRA, its magnitudes ignored.
+    """
+    if name in BUILT_IN:
+        raise ValueError(f"`name` {name!r} is a built-in variant and cannot be unregistered")
     _REGISTRY.pop(name, None)
 
 

@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
+from jaxlora.models._token_ids import check_token_ids
+
 __all__ = ["BertClassifier", "BertConfig", "BertEncoder", "mean_pool"]
 
 
@@ -183,13 +185,22 @@ class BertEncoder(nn.Module):
         Returns:
             The hidden states of the last layer, ``float32[batch, length, hidden_size]``.
         """
+        cfg = self.config
+        check_token_ids(input_ids, cfg.vocab_size, "input_ids")  # concrete ids only
         input_ids = jnp.asarray(input_ids)
         if input_ids.ndim != 2:
             raise ValueError(f"`input_ids` must be (batch, length), got shape {input_ids.shape}")
+        if input_ids.shape[1] > cfg.max_position_embeddings:
+            # A position past the table would read NaN position embeddings.
+            raise ValueError(
+                f"`input_ids` has {input_ids.shape[1]} tokens per row, more than the model's "
+                f"`max_position_embeddings` ({cfg.max_position_embeddings}); truncate them"
+            )
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, jnp.int32)
         if token_type_ids is None:
             token_type_ids = jnp.zeros(input_ids.shape, jnp.int32)
+        check_token_ids(token_type_ids, cfg.type_vocab_size, "token_type_ids")
         keep = jnp.asarray(attention_mask)[:, None, None, :] > 0
         mask_bias = jnp.where(keep, jnp.float32(0), jnp.finfo(jnp.float32).min)
         x = BertEmbeddings(self.config, name="embeddings")(

@@ -151,6 +151,7 @@ def hf_state_dict_to_params(
 
     Raises:
         ValueError: Listing unmapped tensors, or missing / misshapen params.
+        TypeError: For a weight tensor that is not floating point (naming it and ``source``).
     """
     flat: dict[tuple[str, ...], np.ndarray] = {}
     leftovers = []
@@ -169,6 +170,12 @@ def hf_state_dict_to_params(
         if leaf is None:
             leftovers.append(name)
             continue
+        if not jnp.issubdtype(np.asarray(array).dtype, jnp.floating):
+            # Casting would load the integers as weights; a weight is stored as floats.
+            raise TypeError(
+                f"the tensor `{name}` in {source} is {np.asarray(array).dtype}, not a floating "
+                "dtype: weights must be floating point"
+            )
         array = np.asarray(array, dtype=np.float32)
         flat[(*module_path.split("/"), leaf)] = array.T if leaf == "kernel" else array
     packaged.raise_on_leftovers(leftovers, source)

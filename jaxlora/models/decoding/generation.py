@@ -34,6 +34,7 @@ import numpy as np
 from jax.typing import ArrayLike, DTypeLike
 
 import jaxlora
+from jaxlora.models._token_ids import check_token_id, check_token_ids, vocab_size_of
 from jaxlora.models.decoding.inputs import (
     as_batch,
     check_adapter,
@@ -44,6 +45,7 @@ from jaxlora.models.decoding.inputs import (
     model_init_cache,
     stop_array,
 )
+from jaxlora.models.decoding.kv_cache import check_cache_dtype
 from jaxlora.models.decoding.sampling import check_sampling, sample_logits
 
 __all__ = ["GenerationResult", "generate", "left_pad", "sample_logits", "step_function"]
@@ -195,10 +197,11 @@ def generate(
         A :class:`GenerationResult` ``(tokens, lengths, finished, steps)``.
 
     Raises:
-        ValueError: for empty prompts, ``max_new_tokens < 1``, a sampling setting out of range,
-            sampling without ``key``, an adapter without its config, ``adapter_index`` of the
-            wrong shape or out of range, a prompt plus new tokens longer than the model's
-            ``max_position_embeddings``.
+        ValueError: for empty prompts, a prompt, stop or pad token id outside
+            ``[0, model.config.vocab_size)`` (the error names the position), ``max_new_tokens
+            < 1``, a sampling setting out of range, sampling without ``key``, an adapter without
+            its config, ``adapter_index`` of the wrong shape or out of range, a prompt plus new
+            tokens longer than the model's ``max_position_embeddings``.
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -216,10 +219,16 @@ def generate(
     if max_new_tokens < 1:
         raise ValueError(f"`max_new_tokens` must be at least 1, got {max_new_tokens}")
     check_sampling(temperature, top_p, top_k, key)
-    stop_tokens = check_stop_tokens(stop_tokens)
+    check_cache_dtype(cache_dtype, "cache_dtype")
+    vocab_size = vocab_size_of(model)
+    stop_tokens = check_stop_tokens(stop_tokens, vocab_size)
     if pad_id is None:
         pad_id = stop_tokens[0] if stop_tokens else 0
-    ids, mask = as_batch(prompts, attention_mask, int(pad_id))
+    pad_id = check_token_id(pad_id, vocab_size, "pad_id")
+    ids, mask = as_batch(prompts, attention_mask, pad_id)
+    # Checked where they enter: inside the jitted loop an id out of range would read a NaN (or
+    # another token's) embedding row and generation would go on as if nothing were wrong.
+    check_token_ids(ids, vocab_size, "prompts")
     check_length(model, ids.shape[1] + max_new_tokens)
     mode = check_adapter(lora, lora_config, mode)
     index = check_index(adapter_index, lora, ids.shape[0], mode)

@@ -15,6 +15,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 import jaxlora
+from jaxlora.models._token_ids import check_token_id, check_token_ids
 
 __all__ = ["left_pad"]
 
@@ -24,6 +25,9 @@ def left_pad(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Left-pads token-id lists (or 1-D int arrays) to one length: ``(ids int32[batch, L],
     mask int32[batch, L])``.
+
+    A negative id, or one past what int32 holds, is a ValueError naming ``prompts[i]`` and the
+    position; ``generate`` also checks the ids against the model's vocabulary.
 
     Example:
         >>> ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
@@ -35,11 +39,13 @@ def left_pad(
     rows = []
     for i, prompt in enumerate(prompts):
         row = np.asarray(prompt)
-        if row.ndim != 1 or row.size == 0 or not np.issubdtype(row.dtype, np.integer):
+        if row.ndim != 1 or row.size == 0 or not jnp.issubdtype(row.dtype, jnp.integer):
             raise ValueError(
                 f"`prompts[{i}]` must be a non-empty list of int token ids, got {prompt!r:.60}"
             )
+        check_token_ids(row, None, f"prompts[{i}]")  # before int32 could wrap it into range
         rows.append(row.astype(np.int32))
+    pad_id = check_token_id(pad_id, None, "pad_id")
     length = max(len(r) for r in rows)
     ids = np.full((len(rows), length), pad_id, np.int32)
     mask = np.zeros((len(rows), length), np.int32)
@@ -53,7 +59,7 @@ def as_batch(prompts: Any, attention_mask: ArrayLike | None, pad_id: int):
     """``(ids, mask)`` from a list of lists, a 1-D prompt or a left-padded 2-D array."""
     if isinstance(prompts, np.ndarray | jax.Array) and prompts.ndim == 2:
         ids = np.asarray(prompts)
-        if ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
+        if ids.size == 0 or not jnp.issubdtype(ids.dtype, jnp.integer):
             raise ValueError(
                 f"`prompts` must be a non-empty int array [batch, length], got {ids.dtype} "
                 f"{ids.shape}"
@@ -65,6 +71,7 @@ def as_batch(prompts: Any, attention_mask: ArrayLike | None, pad_id: int):
                 f"`attention_mask` must have the shape of `prompts` {ids.shape}, got {mask.shape}"
             )
         check_left_padded(mask)
+        check_token_ids(ids, None, "prompts")  # before int32 could wrap it into range
         return ids.astype(np.int32), (mask > 0).astype(np.int32)
     if attention_mask is not None:
         raise ValueError(
@@ -107,12 +114,16 @@ def model_init_cache(model: Any) -> Callable[..., Any]:
     return init_cache
 
 
-def check_stop_tokens(stop_tokens: Any) -> tuple[int, ...]:
+def check_stop_tokens(stop_tokens: Any, vocab_size: int | None = None) -> tuple[int, ...]:
     if isinstance(stop_tokens, int | np.integer):
         stop_tokens = (stop_tokens,)
+    if isinstance(stop_tokens, str | bytes):
+        raise TypeError(f"`stop_tokens` must be int token ids, got the string {stop_tokens!r:.60}")
     values = tuple(stop_tokens)
     if any(isinstance(t, bool) or not isinstance(t, int | np.integer) or t < 0 for t in values):
         raise ValueError(f"`stop_tokens` must be non-negative int token ids, got {values!r:.80}")
+    # An id the model cannot emit would never stop a row.
+    check_token_ids(np.asarray(values, np.int64), vocab_size, "stop_tokens")
     return tuple(sorted({int(t) for t in values}))
 
 
@@ -157,7 +168,7 @@ def check_index(adapter_index: Any, lora: Any, batch: int, mode: str) -> jax.Arr
             "`adapter_index` (one adapter per row) runs factored; pass mode='factored'"
         )
     index = np.asarray(adapter_index)
-    if not np.issubdtype(index.dtype, np.integer) or index.shape != (batch,):
+    if not jnp.issubdtype(index.dtype, jnp.integer) or index.shape != (batch,):
         raise ValueError(
             f"`adapter_index` must be int[batch={batch}] (one adapter per prompt), got "
             f"{index.dtype} {index.shape}"

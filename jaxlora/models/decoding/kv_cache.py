@@ -32,6 +32,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -69,6 +70,7 @@ class KVCache(struct.PyTreeNode):
         ):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive int, got {value!r}")
+        check_cache_dtype(dtype, "dtype")
         shape = (batch, max_length, num_kv_heads, head_dim)
         zeros = tuple(jnp.zeros(shape, dtype) for _ in range(num_layers))
         return cls(
@@ -155,3 +157,19 @@ def cache_positions(cache: KVCache, new_valid: ArrayLike) -> jax.Array:
     new_valid = jnp.asarray(new_valid).astype(jnp.int32)
     seen = jnp.sum(cache.valid, axis=1, dtype=jnp.int32)[:, None]
     return jnp.maximum(seen + jnp.cumsum(new_valid, axis=1) - 1, 0)
+
+
+def check_cache_dtype(dtype: Any, argument: str) -> None:
+    """Cached keys and values are floating point: an integer dtype would round every key and
+    value to whole numbers and generation would go on, producing nonsense."""
+    try:
+        resolved = jnp.dtype(dtype)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"`{argument}` must be a floating dtype (float32, bfloat16, float16), got {dtype!r:.60}"
+        ) from None
+    if not jnp.issubdtype(resolved, jnp.floating):
+        raise TypeError(
+            f"`{argument}` must be a floating dtype (float32, bfloat16, float16), got "
+            f"{resolved.name}"
+        )

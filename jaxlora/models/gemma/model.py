@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike, DTypeLike
 
+from jaxlora.models._token_ids import check_token_ids
 from jaxlora.models.decoding.kv_cache import KVCache, cache_positions
 from jaxlora.models.gemma.config import FULL as FULL
 from jaxlora.models.gemma.config import SLIDING as SLIDING
@@ -156,6 +157,7 @@ class GemmaForCausalLM(nn.Module):
                 from 0, so left padding is handled).
             cache: A :class:`~jaxlora.models.decoding.KVCache` from :func:`init_cache`, or None.
         """
+        check_token_ids(input_ids, self.config.vocab_size, "input_ids")  # concrete ids only
         input_ids = jnp.asarray(input_ids)
         if input_ids.ndim != 2:
             raise ValueError(f"`input_ids` must be (batch, length), got shape {input_ids.shape}")

@@ -37,6 +37,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding
@@ -97,6 +98,40 @@ class TensorSpec:
     def target_shape(self) -> tuple[int, ...]:
         """The Flax shape."""
         return self.shape if self.flax_shape is None else tuple(self.flax_shape)
+
+
+def check_weight_dtype(dtype: Any) -> np.dtype | None:
+    """``dtype`` (of ``load_hf`` and the loaders) as a numpy dtype: None, or a floating dtype.
+
+    Casting weights to an integer or bool dtype would truncate every weight (a q_proj kernel of
+    zeros) without an error, so only floating dtypes are accepted.
+
+    Raises:
+        TypeError: naming ``dtype`` and the allowed dtypes when it is not a floating dtype.
+    """
+    if dtype is None:
+        return None
+    allowed = "None (keep the stored dtypes) or a floating dtype: float32, bfloat16, float16"
+    try:
+        resolved = jnp.dtype(dtype)
+    except (TypeError, ValueError):
+        raise TypeError(f"`dtype` must be {allowed}; got {dtype!r:.60}") from None
+    if not jnp.issubdtype(resolved, jnp.floating):
+        raise TypeError(
+            f"`dtype` must be {allowed}; got {resolved.name}, which would truncate every weight"
+        )
+    return resolved
+
+
+def _check_floating(name: str, file: str, array: np.ndarray) -> None:
+    """Weights are floating point; an integer tensor under a weight's name is a quantised or
+    foreign checkpoint that these loaders do not read (casting it would be silently wrong)."""
+    if not jnp.issubdtype(array.dtype, jnp.floating):
+        raise TypeError(
+            f"the tensor `{name}` in `{file}` is {array.dtype}, not a floating dtype: weights "
+            "must be floating point (quantised checkpoints, e.g. GPTQ/AWQ/bitsandbytes int8, "
+            "are not read; dequantise them with transformers first)"
+        )
 
 
 def _read_json(path: str, what: str) -> dict[str, Any]:
@@ -219,8 +254,8 @@ def read_checkpoint(
         mesh: a ``jax.sharding.Mesh`` for ``PartitionSpec`` shardings.
         shardings: per-tensor placement (see the module docstring); ``None`` replicates over
             ``mesh``, or uses the default device without one.
-        dtype: cast every tensor to it; ``None`` keeps each tensor's stored dtype (bf16 stays
-            bf16).
+        dtype: cast every tensor to it, a floating dtype; ``None`` keeps each tensor's stored
+            dtype (bf16 stays bf16).
         progress: show a ``tqdm`` progress bar.
         ignore: a regular expression of checkpoint tensors that are not weights and are skipped
             (e.g. ``rotary_emb.inv_freq`` buffers); every other tensor must be in ``expected``.
@@ -232,7 +267,10 @@ def read_checkpoint(
         FileNotFoundError: for a missing weights file or shard.
         ValueError: naming every missing and unexpected tensor, or the first misshapen one; or
             naming the file, for a truncated file or one that is no safetensors file.
+        TypeError: for a ``dtype`` that is not floating, or a tensor stored with an integer or
+            bool dtype (named with its file).
     """
+    dtype = check_weight_dtype(dtype)
     directory = os.fspath(directory)
     files = tensor_files(directory)
     _check_names(files, expected, directory, ignore)
@@ -245,6 +283,7 @@ def read_checkpoint(
     flat = {}
     for name, array in tensors:
         spec = expected[name]
+        _check_floating(name, files[name], array)
         if tuple(array.shape) != tuple(spec.shape):
             raise ValueError(
                 f"the tensor `{name}` in `{files[name]}` has shape {tuple(array.shape)}, "

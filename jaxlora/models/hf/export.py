@@ -30,6 +30,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
@@ -143,6 +144,13 @@ def _fitting_leaves(params: Mapping[str, Any], specs: Mapping[str, Any]) -> dict
                 f"`params` leaf {'/'.join(spec.path)} ({name}) has shape "
                 f"{tuple(flat[spec.path].shape)}, expected {spec.target_shape}"
             )
+        # An integer or quantised leaf would be written as a weight that no reader (load_hf,
+        # transformers) takes for one; dequantise first.
+        if not jnp.issubdtype(flat[spec.path].dtype, jnp.floating):
+            raise TypeError(
+                f"`params` leaf {'/'.join(spec.path)} ({name}) is {flat[spec.path].dtype}; "
+                "weights are written as floating point (dequantise a quantised model first)"
+            )
     return flat
 
 
@@ -173,7 +181,8 @@ def save_hf(
             :func:`config_to_hf` (keeps its token ids and other fields); must describe ``config``.
 
     Raises:
-        TypeError: for a ``config`` of another model family, or a ``directory`` that is no path.
+        TypeError: for a ``config`` of another model family, a ``directory`` that is no path, or
+            a params leaf that is not floating point (naming it).
         ValueError: for a ``directory`` that is an existing file, a params tree that does not
             fit ``config`` (naming the path), a bad ``max_shard_size``, or a config Hugging Face
             has no model for.

@@ -28,6 +28,7 @@ from jaxlora.models.gemma.config import GemmaConfig
 from jaxlora.models.hf.checkpoint import (
     Shardings,
     TensorSpec,
+    check_weight_dtype,
     read_checkpoint,
     read_config,
     tensor_files,
@@ -143,7 +144,8 @@ def load_hf_gemma(
         directory: A ``save_pretrained`` or Hub snapshot directory (single file or sharded).
         mesh, shardings: Where each tensor goes, as
             :func:`~jaxlora.models.hf.checkpoint.read_checkpoint` places them.
-        dtype: Cast every tensor to it; None keeps the stored dtypes.
+        dtype: Cast every tensor to it, a floating dtype (an integer one is a TypeError); None
+            keeps the stored dtypes.
         progress: Show a progress bar while reading.
 
     Returns:
@@ -153,7 +155,10 @@ def load_hf_gemma(
         FileNotFoundError: If ``config.json`` or the weights are missing.
         ValueError: If the config is not a supported Gemma, or a tensor is missing, unexpected or
             of the wrong shape (the error names it).
+        TypeError: If ``dtype`` is not floating, or a weight is stored as integers (the error
+            names the tensor and its file).
     """
+    check_weight_dtype(dtype)  # before anything is read
     document = read_config(directory)
     config = config_from_hf(document)
     prefix = _text_prefix(directory, document.get("model_type"))

@@ -25,7 +25,13 @@ from typing import Any
 from jax.sharding import Mesh
 from jax.typing import DTypeLike
 
-from jaxlora.models.hf.checkpoint import Shardings, TensorSpec, read_checkpoint, read_config
+from jaxlora.models.hf.checkpoint import (
+    Shardings,
+    TensorSpec,
+    check_weight_dtype,
+    read_checkpoint,
+    read_config,
+)
 from jaxlora.models.hf.llama_config import LLAMA_MODEL_TYPES as LLAMA_MODEL_TYPES
 from jaxlora.models.hf.llama_config import config_from_hf as config_from_hf
 from jaxlora.models.llama.config import LlamaConfig
@@ -130,14 +136,18 @@ def load_hf_llama(
             or ``model.safetensors.index.json`` and its shards).
         mesh, shardings: where each tensor goes, see :mod:`jaxlora.models.hf.checkpoint`
             (e.g. ``{r"q_proj/kernel": PartitionSpec(None, "model")}``).
-        dtype: cast every weight to it; ``None`` keeps the stored dtype (bf16 stays bf16).
+        dtype: cast every weight to it, a floating dtype (an integer one is a TypeError);
+            ``None`` keeps the stored dtype (bf16 stays bf16).
         progress: show a ``tqdm`` progress bar.
 
     Raises:
         FileNotFoundError: for a missing ``config.json`` or weights file.
         ValueError: for an unsupported config, or naming each missing, unexpected or misshapen
             tensor.
+        TypeError: for a ``dtype`` that is not floating, or an integer tensor stored under a
+            weight's name (naming the tensor and its file).
     """
+    check_weight_dtype(dtype)  # before anything is read
     config = config_from_hf(read_config(directory))
     params = read_checkpoint(
         directory,
@@ -185,6 +195,7 @@ def load_hf(
         FileNotFoundError: when ``directory`` has no ``config.json``.
         ValueError: for any other ``model_type`` (listing the supported ones), and as the loader.
     """
+    check_weight_dtype(dtype)  # before anything is read
     kind = read_config(directory).get("model_type")
     if kind in LLAMA_MODEL_TYPES:
         loader = load_hf_llama

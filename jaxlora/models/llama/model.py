@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike, DTypeLike
 
+from jaxlora.models._token_ids import check_token_id, check_token_ids
 from jaxlora.models.decoding.kv_cache import KVCache, cache_positions
 from jaxlora.models.llama.config import LlamaConfig as LlamaConfig
 from jaxlora.models.llama.layers import LlamaBlock, cache_masks, full_masks
@@ -125,6 +126,7 @@ class LlamaForCausalLM(nn.Module):
             cache: If given, ``input_ids`` are the next tokens after those in the cache; the
                 result is then ``(hidden, new_cache)``.
         """
+        check_token_ids(input_ids, self.config.vocab_size, "input_ids")  # concrete ids only
         input_ids = jnp.asarray(input_ids)
         if input_ids.ndim != 2:
             raise ValueError(f"`input_ids` must be (batch, length), got shape {input_ids.shape}")
@@ -272,15 +274,22 @@ def generate(
         The new tokens, ``int32[max_new_tokens]`` or ``int32[batch, max_new_tokens]``.
 
     Raises:
-        ValueError: If ``prompt_ids`` is empty or not 1-D/2-D, or ``max_new_tokens < 1``.
+        ValueError: If ``prompt_ids`` is empty or not 1-D/2-D, holds an id outside
+            ``[0, config.vocab_size)`` (named with its position), if ``eos_id`` is outside it,
+            or ``max_new_tokens < 1``.
     """
+    check_token_ids(prompt_ids, config.vocab_size, "prompt_ids")  # before the int32 cast
     prompt = jnp.asarray(prompt_ids, dtype=jnp.int32)
     if prompt.ndim not in (1, 2) or prompt.shape[-1] == 0:
         raise ValueError(
             f"`prompt_ids` must be non-empty (length,) or (batch, length), got shape {prompt.shape}"
         )
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+        raise TypeError(f"`max_new_tokens` must be an int, got {max_new_tokens!r:.60}")
     if max_new_tokens < 1:
         raise ValueError(f"`max_new_tokens` must be at least 1, got {max_new_tokens}")
     eos = config.eos_token_id if eos_id is None else eos_id
+    eos_name = "config.eos_token_id" if eos_id is None else "eos_id"
+    eos = check_token_id(eos, config.vocab_size, eos_name)
     out = _greedy(params, config, jnp.atleast_2d(prompt), max_new_tokens, eos)
     return out[0] if prompt.ndim == 1 else out
