@@ -12,7 +12,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxlora._src import paths
+from jaxlora._src import paths, validate
 from jaxlora._src.config import axes_order, peft_layers, peft_rules
 
 _BIAS_MODES = ("none", "all", "lora_only")
@@ -235,17 +235,19 @@ class LoraConfig:
 
     def rank_for(self, module_path: str) -> int:
         """The rank of the update for ``module_path`` (``rank_pattern`` first, then ``r``)."""
+        validate.string("module_path", module_path, nonempty=False)
         found = paths.first_match(self.rank_pattern, module_path)
         return self.r if found is None else found[1]
 
     def alpha_for(self, module_path: str) -> float:
         """The alpha for ``module_path`` (``alpha_pattern`` first, then ``lora_alpha``)."""
+        validate.string("module_path", module_path, nonempty=False)
         found = paths.first_match(self.alpha_pattern, module_path)
         return self.lora_alpha if found is None else found[1]
 
     def scale_for(self, module_path: str, rank: int | None = None) -> float:
         """The factor s in W + s·A·B: alpha / r, or alpha / sqrt(r) with ``use_rslora``."""
-        rank = self.rank_for(module_path) if rank is None else rank
+        rank = self.rank_for(module_path) if rank is None else validate.positive_int("rank", rank)
         alpha = self.alpha_for(module_path)
         return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
 
@@ -266,7 +268,7 @@ class LoraConfig:
         """The inverse of :meth:`to_dict`; unknown keys are an error."""
         if not isinstance(data, Mapping):
             raise TypeError(
-                "`LoraConfig.from_dict` needs a dict of config fields (as `to_dict` returns), got "
+                "`data` of `LoraConfig.from_dict` must be a dict of config fields (as `to_dict` returns), got "
                 f"{type(data).__name__}"
             )
         known = {field.name for field in dataclasses.fields(cls)}

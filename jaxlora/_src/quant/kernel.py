@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlora._src import validate
+
 METHODS = ("int8", "nf4", "q4_1")
 #: The 16 NF4 levels (QLoRA, Dettmers et al. 2023, Appendix E), normalised to [-1, 1].
 NF4_LEVELS = (
@@ -242,6 +244,9 @@ def quantize_kernel(
         >>> q.codes.dtype, q.scale.shape, q.shape
         (dtype('int8'), (1, 32), (16, 32))
     """
+    validate.array("w", w, floating=True, min_ndim=1, nonempty=True)
+    if layout is not None:
+        validate.string("layout", layout)
     check_options(method, block_size, double_quant)
     layout = layout or ("io" if w.ndim == 2 else "")
     if len(layout) != w.ndim:
@@ -269,7 +274,7 @@ def dequantize(leaf: QuantizedKernel, dtype: Any = None) -> jax.Array:
     """
     if not isinstance(leaf, QuantizedKernel):
         raise TypeError(f"`leaf` must be a QuantizedKernel, got {type(leaf).__name__}")
-    dtype = jnp.dtype(dtype or leaf.dtype)
+    dtype = validate.float_dtype("dtype", leaf.dtype if dtype is None else dtype)
     if leaf.method == "int8":
         return (leaf.codes.astype(jnp.float32) * leaf.scale).astype(dtype)
     stack = leaf.stack_shape

@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 
 import jax
 
+from jaxlora._src import validate
 from jaxlora._src.config.lora_config import LoraConfig
 from jaxlora._src.config.targets import Target
 from jaxlora._src.types import LORA_A, LORA_B, LoraTree
@@ -116,6 +117,7 @@ def register(variant: Variant) -> Variant:
 
 def unregister(name: str) -> None:
     """Removes the variant ``name`` (a no-op when it is not registered)."""
+    validate.string("name", name)
     _REGISTRY.pop(name, None)
 
 
@@ -130,7 +132,11 @@ def get(name: str) -> Variant:
         ('lora_magnitude',)
     """
     if name not in _REGISTRY:
-        raise ValueError(f"`variant` must be one of {sorted(_REGISTRY)}, got {name!r}")
+        kind = TypeError if not isinstance(name, str) else ValueError
+        raise kind(
+            f"`variant` must be one of {sorted(_REGISTRY)}, got {name!r} (the `name` of a "
+            "registered variant)"
+        )
     return _REGISTRY[name]
 
 
@@ -154,6 +160,8 @@ def variant_of(module: Mapping[str, Any], where: str = "") -> Variant:
         >>> variant_of({"lora_a": 0, "lora_b": 0}).name
         'lora'
     """
+    validate.mapping("module", module)
+    validate.string("where", where, nonempty=False)
     fits = [v for v in _REGISTRY.values() if all(n in module for n in v.extra_leaves)]
     most = max(len(v.extra_leaves) for v in fits)
     best = [v for v in fits if len(v.extra_leaves) == most]
@@ -172,6 +180,7 @@ def variants_in(lora: Mapping[Any, Any]) -> set[str]:
         >>> sorted(variants_in({"q": {"lora_a": 0, "lora_b": 0}, "v": {"bias": 0}}))
         ['lora']
     """
+    validate.mapping("lora", lora)
     found = set()
     for key, value in lora.items():
         if not isinstance(value, Mapping):

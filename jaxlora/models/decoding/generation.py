@@ -34,6 +34,7 @@ import numpy as np
 from jax.typing import ArrayLike, DTypeLike
 
 import jaxlora
+from jaxlora._src import validate
 from jaxlora.models.decoding.inputs import (
     as_batch,
     check_adapter,
@@ -216,9 +217,15 @@ def generate(
     if max_new_tokens < 1:
         raise ValueError(f"`max_new_tokens` must be at least 1, got {max_new_tokens}")
     check_sampling(temperature, top_p, top_k, key)
+    if key is not None:
+        validate.prng_key("key", key)
+    if init_cache is not None:
+        validate.function("init_cache", init_cache)
+    validate.float_dtype("cache_dtype", cache_dtype)
     stop_tokens = check_stop_tokens(stop_tokens)
     if pad_id is None:
         pad_id = stop_tokens[0] if stop_tokens else 0
+    validate.integer("pad_id", pad_id, minimum=0)
     ids, mask = as_batch(prompts, attention_mask, int(pad_id))
     check_length(model, ids.shape[1] + max_new_tokens)
     mode = check_adapter(lora, lora_config, mode)

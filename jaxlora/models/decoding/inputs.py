@@ -6,7 +6,7 @@ names the argument.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jax
@@ -15,6 +15,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 import jaxlora
+from jaxlora._src import validate
 
 __all__ = ["left_pad"]
 
@@ -40,6 +41,7 @@ def left_pad(
                 f"`prompts[{i}]` must be a non-empty list of int token ids, got {prompt!r:.60}"
             )
         rows.append(row.astype(np.int32))
+    validate.integer("pad_id", pad_id, minimum=0)
     length = max(len(r) for r in rows)
     ids = np.full((len(rows), length), pad_id, np.int32)
     mask = np.zeros((len(rows), length), np.int32)
@@ -110,6 +112,8 @@ def model_init_cache(model: Any) -> Callable[..., Any]:
 def check_stop_tokens(stop_tokens: Any) -> tuple[int, ...]:
     if isinstance(stop_tokens, int | np.integer):
         stop_tokens = (stop_tokens,)
+    if isinstance(stop_tokens, str | bytes) or not isinstance(stop_tokens, Iterable):
+        raise validate.fail_type("stop_tokens", "a list of int token ids", stop_tokens)
     values = tuple(stop_tokens)
     if any(isinstance(t, bool) or not isinstance(t, int | np.integer) or t < 0 for t in values):
         raise ValueError(f"`stop_tokens` must be non-negative int token ids, got {values!r:.80}")

@@ -24,10 +24,12 @@ from typing import Any
 from jax.sharding import Mesh
 from jax.typing import DTypeLike
 
+from jaxlora._src import validate
 from jaxlora.models.gemma.config import GemmaConfig
 from jaxlora.models.hf.checkpoint import (
     Shardings,
     TensorSpec,
+    check_load_args,
     read_checkpoint,
     read_config,
     tensor_files,
@@ -104,6 +106,8 @@ def peft_module_name(path: str, index: tuple[int, ...] = ()) -> str:
     Raises:
         ValueError: For a stacked module (``index`` non-empty): Gemma has one module per layer.
     """
+    validate.string("path", path, nonempty=False)
+    validate.int_tuple("index", index)
     if index:
         raise ValueError(f"`{path}` is stacked (index {index}); GemmaForCausalLM has none")
     block = re.fullmatch(r"layers_(\d+)/(.+)", path)
@@ -154,6 +158,7 @@ def load_hf_gemma(
         ValueError: If the config is not a supported Gemma, or a tensor is missing, unexpected or
             of the wrong shape (the error names it).
     """
+    check_load_args(directory, mesh, shardings, progress)
     document = read_config(directory)
     config = config_from_hf(document)
     prefix = _text_prefix(directory, document.get("model_type"))

@@ -25,7 +25,14 @@ from typing import Any
 from jax.sharding import Mesh
 from jax.typing import DTypeLike
 
-from jaxlora.models.hf.checkpoint import Shardings, TensorSpec, read_checkpoint, read_config
+from jaxlora._src import validate
+from jaxlora.models.hf.checkpoint import (
+    Shardings,
+    TensorSpec,
+    check_load_args,
+    read_checkpoint,
+    read_config,
+)
 from jaxlora.models.hf.llama_config import LLAMA_MODEL_TYPES as LLAMA_MODEL_TYPES
 from jaxlora.models.hf.llama_config import config_from_hf as config_from_hf
 from jaxlora.models.llama.config import LlamaConfig
@@ -107,6 +114,8 @@ def peft_module_name(path: str, index: tuple[int, ...] = ()) -> str:
     Raises:
         ValueError: for a stacked module (``index`` non-empty): this model has one per layer.
     """
+    validate.string("path", path, nonempty=False)
+    validate.int_tuple("index", index)
     if index:
         raise ValueError(f"`{path}` is stacked (index {index}); LlamaForCausalLM has none")
     block = re.fullmatch(r"layers_(\d+)/(.+)", path)
@@ -138,6 +147,7 @@ def load_hf_llama(
         ValueError: for an unsupported config, or naming each missing, unexpected or misshapen
             tensor.
     """
+    check_load_args(directory, mesh, shardings, progress)
     config = config_from_hf(read_config(directory))
     params = read_checkpoint(
         directory,
@@ -185,6 +195,7 @@ def load_hf(
         FileNotFoundError: when ``directory`` has no ``config.json``.
         ValueError: for any other ``model_type`` (listing the supported ones), and as the loader.
     """
+    check_load_args(directory, mesh, shardings, progress)
     kind = read_config(directory).get("model_type")
     if kind in LLAMA_MODEL_TYPES:
         loader = load_hf_llama

@@ -19,6 +19,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from jaxlora._src import validate
+
 __all__ = ["Llama3RopeScaling", "apply_rope", "rope_frequencies"]
 
 
@@ -36,6 +38,7 @@ class Llama3RopeScaling:
     original_max_position_embeddings: int
 
     def __post_init__(self) -> None:
+        validate.dataclass_fields(self)
         if self.high_freq_factor <= self.low_freq_factor:
             raise ValueError(
                 f"`high_freq_factor` ({self.high_freq_factor}) must exceed `low_freq_factor` "
