@@ -38,7 +38,11 @@ def frozen() -> dict[str, Any]:
 
 @functools.cache
 def _lora() -> dict[str, Any]:
-    return jaxlora.split(frozen(), CONFIG, KEY)[1]
+    """What ``split(frozen(), CONFIG, KEY)`` gives, built without running its initialisers."""
+    return {
+        "up": {"lora_a": jnp.full((4, 2), 0.5), "lora_b": jnp.full((2, 6), 0.25)},
+        "down": {"lora_a": jnp.full((6, 2), 0.5), "lora_b": jnp.full((2, 4), 0.25)},
+    }
 
 
 def lora() -> dict[str, Any]:
@@ -54,9 +58,19 @@ class Tiny(nn.Module):
         return nn.Dense(4, use_bias=False, name="down")(x)
 
 
-class TinyNnx(nnx.Module):
+class _Up(nnx.Module):
     def __init__(self):
-        self.up = nnx.Linear(4, 6, use_bias=False, rngs=nnx.Rngs(0))
+        self.kernel = nnx.Param(jnp.ones((4, 6)))
+
+    def __call__(self, x):
+        return x @ self.kernel
+
+
+class TinyNnx(nnx.Module):
+    """An NNX model with one submodule ``up`` (no initialiser runs)."""
+
+    def __init__(self):
+        self.up = _Up()
 
     def __call__(self, x):
         return self.up(x)
@@ -96,12 +110,20 @@ def target() -> jaxlora.Target:
     return jaxlora.find_targets(frozen(), CONFIG)[0]
 
 
+def _int8_ones(shape: tuple[int, int]) -> quant.QuantizedKernel:
+    """What ``quantize_kernel(jnp.ones(shape), "int8")`` gives, built without computing it."""
+    return quant.QuantizedKernel(
+        codes=jnp.full(shape, 127, jnp.int8), scale=jnp.full((1, shape[1]), 1 / 127),
+        method="int8", kernel_shape=shape, dtype="float32", layout="io",
+    )  # fmt: skip
+
+
 def qkernel() -> quant.QuantizedKernel:
-    return quant.quantize_kernel(jnp.ones((4, 64)), "int8")
+    return _int8_ones((4, 64))
 
 
 def qfrozen() -> dict[str, Any]:
-    return quant.quantize(frozen(), CONFIG, "int8")
+    return {"up": {"kernel": _int8_ones((4, 6))}, "down": {"kernel": _int8_ones((6, 4))}}
 
 
 def q4_raw() -> np.ndarray:
@@ -232,8 +254,7 @@ CALLS: dict[str, Call] = {
         _kw(frozen=F, adapters=fac(lambda: [(lora(), CONFIG, 1.0)]))
     ),
     "jaxlora.adapters.apply_mixed": Call(
-        _kw(model=Tiny(), frozen=F, stacked=S, config=CONFIG, index=jnp.array([0, 1])),
-        args=(X,),
+        _kw(model=Tiny(), frozen=F, stacked=S, config=CONFIG, index=jnp.array([0, 1])), args=(X,)
     ),
     "jaxlora.adapters.pad_rank": Call(_kw(frozen=F, lora=L, config=CONFIG, rank=3)),
     "jaxlora.adapters.scale_b": Call(_kw(lora=L, multiplier={"up": {"lora_b": 2.0}})),

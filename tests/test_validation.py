@@ -343,7 +343,7 @@ def test_config_from_dict_and_json_name_the_problem():
         with pytest.raises(TypeError, match=r"`LoraConfig.from_dict` needs a dict"):
             LoraConfig.from_dict(data)
     for text in ("{x", ""):
-        with pytest.raises(ValueError, match=r"`LoraConfig.from_json`: the text is not valid JSON"):
+        with pytest.raises(ValueError, match=r"`text` of `LoraConfig.from_json` is not valid JSON"):
             LoraConfig.from_json(text)
 
 

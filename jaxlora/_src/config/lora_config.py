@@ -286,13 +286,14 @@ class LoraConfig:
         """Reads a config written by :meth:`to_json`."""
         if not isinstance(text, str | bytes | bytearray):
             raise TypeError(
-                f"`LoraConfig.from_json` needs the JSON text (a str), got {type(text).__name__}"
+                f"`text` of `LoraConfig.from_json` must be the JSON text (a str), got "
+                f"{type(text).__name__}"
             )
         try:
             data = json.loads(text)
         except json.JSONDecodeError as err:
             raise ValueError(
-                f"`LoraConfig.from_json`: the text is not valid JSON ({err}); pass the string "
+                f"`text` of `LoraConfig.from_json` is not valid JSON ({err}); pass the string "
                 "`LoraConfig.to_json` wrote"
             ) from None
         return cls.from_dict(data)

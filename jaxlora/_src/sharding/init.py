@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 from jax.sharding import Mesh, NamedSharding
 
+from jaxlora._src import validate
 from jaxlora._src import paths
 from jaxlora._src.config.lora_config import LoraConfig
 from jaxlora._src.config.targets import find_targets, find_trainable_leaves
@@ -91,6 +92,7 @@ def init_sharded(
         >>> lora["up"]["lora_b"].sharding.spec
         P(None, 'model')
     """
+    validate.prng_key("key", key)
     out_shardings = lora_shardings(
         frozen, config, shardings, rank_axis=rank_axis, mesh=mesh, rules=rules
     )
