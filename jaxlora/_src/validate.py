@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.core
 import jax.numpy as jnp
 import numpy as np
 
@@ -150,7 +151,7 @@ def one_of(name: str, value: Any, allowed: Iterable[str]) -> str:
 
 
 def str_sequence(name: str, value: Any, *, nonempty: bool = False) -> tuple[str, ...]:
-    """``value`` as a tuple of non-empty strings; a bare str is refused, not read letter by letter."""
+    """``value`` as a tuple of non-empty strings; a bare str is refused, not split into letters."""
     if isinstance(value, str):
         raise TypeError(
             f"`{name}` must be a list of strings, got the string {value!r}; wrap it: [{value!r}]"

@@ -268,8 +268,8 @@ class LoraConfig:
         """The inverse of :meth:`to_dict`; unknown keys are an error."""
         if not isinstance(data, Mapping):
             raise TypeError(
-                "`data` of `LoraConfig.from_dict` must be a dict of config fields (as `to_dict` returns), got "
-                f"{type(data).__name__}"
+                "`data` of `LoraConfig.from_dict` must be a dict of config fields (as `to_dict` "
+                f"returns), got {type(data).__name__}"
             )
         known = {field.name for field in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)

@@ -88,9 +88,8 @@ class _Selection:
             self.spec = tuple(modules)
         else:
             raise TypeError(
-                "`remat` must be a regular expression (str) or a non-empty list of module names (the "
-        "`modules` of `checkpointed`), "
-                f"got {modules!r}"
+                "`remat` must be a regular expression (str) or a non-empty list of module names "
+                f"(the `modules` of `checkpointed`), got {modules!r}"
             )
         self.seen: dict[str, None] = {}
         self.matched = 0

@@ -244,7 +244,7 @@ def quantize_kernel(
         >>> q.codes.dtype, q.scale.shape, q.shape
         (dtype('int8'), (1, 32), (16, 32))
     """
-    validate.array("w", w, floating=True, min_ndim=1, nonempty=True)
+    validate.array("w", w, min_ndim=1, nonempty=True)
     if layout is not None:
         validate.string("layout", layout)
     check_options(method, block_size, double_quant)

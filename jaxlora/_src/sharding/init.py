@@ -14,8 +14,7 @@ import flax.linen as nn
 import jax
 from jax.sharding import Mesh, NamedSharding
 
-from jaxlora._src import validate
-from jaxlora._src import paths
+from jaxlora._src import paths, validate
 from jaxlora._src.config.lora_config import LoraConfig
 from jaxlora._src.config.targets import find_targets, find_trainable_leaves
 from jaxlora._src.sharding.specs import AxisEntry, lora_shardings

@@ -19,8 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxlora._src import validate
-from jaxlora._src import paths
+from jaxlora._src import paths, validate
 from jaxlora._src.config import axes_order
 from jaxlora._src.config.lora_config import LoraConfig, require_config
 from jaxlora._src.config.targets import (

@@ -51,7 +51,7 @@ def column_norm(v: jax.Array, n_stack: int, n_out: int) -> jax.Array:
 
 
 def _check_dora(w: Any, a: Any, b: Any, m: Any, scale: Any, n_stack: Any) -> None:
-    """Errors naming the argument of :func:`dora_kernel` / :func:`magnitude_factor` that is wrong."""
+    """An error naming the wrong argument of :func:`dora_kernel` / :func:`magnitude_factor`."""
     for name, value in (("w", w), ("a", a), ("b", b), ("m", m)):
         validate.array(name, value, floating=True, min_ndim=1)
     if not validate.is_traced(scale):

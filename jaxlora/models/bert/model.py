@@ -68,9 +68,7 @@ class BertConfig:
         validate.mapping("hf_config", hf_config)
         missing = [k for k in _HF_FIELDS if k not in hf_config]
         if missing:
-            raise ValueError(
-                f"`hf_config` (a BertModel config.json) lacks the fields {missing}"
-            )
+            raise ValueError(f"`hf_config` (a BertModel config.json) lacks the fields {missing}")
         if hf_config.get("hidden_act", "gelu") != "gelu":
             raise ValueError(f"`hidden_act` must be 'gelu', got {hf_config['hidden_act']!r}")
         if hf_config.get("position_embedding_type", "absolute") != "absolute":

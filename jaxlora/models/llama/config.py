@@ -51,7 +51,9 @@ class LlamaConfig:
     def __post_init__(self) -> None:
         validate.dataclass_fields(self, nonnegative=("bos_token_id", "eos_token_id"))
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, Llama3RopeScaling):
-            raise validate.fail_type("rope_scaling", "a Llama3RopeScaling or None", self.rope_scaling)
+            raise validate.fail_type(
+                "rope_scaling", "a Llama3RopeScaling or None", self.rope_scaling
+            )
         if not isinstance(self.full_attention_layers, tuple):
             raise validate.fail_type(
                 "full_attention_layers", "a tuple of layer indices", self.full_attention_layers
