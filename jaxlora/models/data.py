@@ -90,9 +90,9 @@ def train_test_split(
         >>> len(train), len(test), sorted([*train, *test]) == list(range(10))
         (7, 3, True)
     """
-    validate.integer("num_examples", num_examples, minimum=2)
+    validate.integer("num_examples", num_examples, minimum=1)
     test_fraction = validate.number("test_fraction", test_fraction)
-    validate.integer("seed", seed, minimum=0)
+    validate.integer("seed", seed)
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"`test_fraction` must be in (0, 1), got {test_fraction}")
     if not 0 <= seed < 2**64:
@@ -148,7 +148,8 @@ def encode_batch(
     for i, text in enumerate(validate.sequence("texts", texts)):
         if not isinstance(text, str):
             raise validate.fail_type(f"texts[{i}]", "a str", text)
-    validate.positive_int("max_length", max_length)
+    if validate.integer("max_length", max_length) < 1:
+        raise ValueError(f"`max_length` must be positive, got {max_length}")
     validate.integer("pad_id", pad_id, minimum=0)
     previous_truncation = tokenizer.truncation
     previous_padding = tokenizer.padding
