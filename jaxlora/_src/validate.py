@@ -288,9 +288,8 @@ def dataclass_fields(
     class's own checks.
     """
     for field in dataclasses.fields(obj):
-        annotation = (
-            field.type if isinstance(field.type, str) else getattr(field.type, "__name__", "")
-        )
+        kind = field.type  # a string under `from __future__ import annotations`
+        annotation = kind if isinstance(kind, str) else getattr(kind, "__name__", str(kind))
         parts = {part.strip() for part in annotation.split("|")}
         value = getattr(obj, field.name)
         if "None" in parts and value is None:
