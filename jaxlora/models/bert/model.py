@@ -66,13 +66,13 @@ class BertConfig:
             ValueError: If the config uses an activation or position scheme this model lacks.
         """
         validate.mapping("hf_config", hf_config)
-        missing = [k for k in _HF_FIELDS if k not in hf_config]
-        if missing:
-            raise ValueError(f"`hf_config` (a BertModel config.json) lacks the fields {missing}")
         if hf_config.get("hidden_act", "gelu") != "gelu":
             raise ValueError(f"`hidden_act` must be 'gelu', got {hf_config['hidden_act']!r}")
         if hf_config.get("position_embedding_type", "absolute") != "absolute":
             raise ValueError("only `position_embedding_type='absolute'` is supported")
+        missing = [k for k in _HF_FIELDS if k not in hf_config]
+        if missing:
+            raise ValueError(f"`hf_config` (a BertModel config.json) lacks the fields {missing}")
         return cls(
             vocab_size=hf_config["vocab_size"],
             hidden_size=hf_config["hidden_size"],
