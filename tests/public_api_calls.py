@@ -384,4 +384,51 @@ CALLS: dict[str, Call] = {
     ),
     "jaxlora.models.peft_module_name": Call(_kw(path="layers_0/self_attn/q_proj")),
     "jaxlora.models.train_test_split": Call(_kw(num_examples=10)),
+    # --- jaxlora.models submodules ------------------------------------------------------------
+    "jaxlora.models.decoding.cache_positions": Call(
+        _kw(
+            cache=fac(lambda: jm.llama.init_cache(tiny_llama().config, 1, 4)),
+            new_valid=np.ones((1, 2), np.int32),
+        )
+    ),
+    "jaxlora.models.decoding.sample_logits": Call(_kw(logits=jnp.zeros((1, 4)), key=KEY)),
+    "jaxlora.models.gemma.init_cache": Call(
+        _kw(
+            config=jm.GemmaConfig(
+                vocab_size=8,
+                hidden_size=4,
+                intermediate_size=8,
+                num_layers=1,
+                num_heads=2,
+                num_kv_heads=1,
+                head_dim=4,
+            ),
+            batch=1,
+            max_length=4,
+        )
+    ),
+    "jaxlora.models.llama.init_cache": Call(
+        _kw(config=fac(lambda: tiny_llama().config), batch=1, max_length=4)
+    ),
+    "jaxlora.models.llama.apply_rope": Call(
+        _kw(
+            x=jnp.ones((1, 2, 1, 4)),
+            positions=jnp.zeros((1, 2), jnp.int32),
+            theta=1e4,
+            interleaved=True,
+        )
+    ),
+    "jaxlora.models.llama.rope_frequencies": Call(_kw(head_dim=4, theta=1e4)),
+    "jaxlora.models.llama.generate": Call(
+        _kw(
+            params={}, config=fac(lambda: tiny_llama().config), prompt_ids=[1, 2], max_new_tokens=2
+        ),
+        stop=("jaxlora.models.llama.model", "_greedy"),
+    ),
+    "jaxlora.models.shapes.TransformerShape": Call(
+        _kw(name="tiny", n_layers=1, d_model=4, d_ff=8, vocab=16, n_positions=8)
+    ),
+    "jaxlora.models.shapes.abstract_params": Call(
+        _kw(shape=jm.shapes.TransformerShape("tiny", 1, 4, 8, 16, 8))
+    ),
 }

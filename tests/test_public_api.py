@@ -40,6 +40,7 @@ MODULES = (
         ).split()
     ),
     "jaxlora.models",
+    *(f"jaxlora.models.{name}" for name in "decoding gemma llama shapes".split()),
 )
 NAN, INF = float("nan"), float("inf")
 
@@ -157,6 +158,14 @@ ALLOWED: dict[tuple[str, str, str], str] = {
     ("jaxlora.quant.shapes", "params", "*"): ANY_TREE,
     ("jaxlora.quant.dequantize_tree", "params", "*"): ANY_TREE,
     ("jaxlora.remat.recompute", "num_tied", "zero"): "0: no argument is tied",
+    ("jaxlora.models.decoding.step_function", "*", "*"): (
+        "the generate loop's internal step, exported for custom loops: its arguments are the ones "
+        "`generate` checked"
+    ),
+    ("jaxlora.models.decoding.sample_logits", "temperature", "zero"): "0 is greedy (the default)",
+    ("jaxlora.models.shapes.TransformerShape", "relative_buckets", "zero"): "0: no tables",
+    ("jaxlora.models.shapes.TransformerShape", "name", "unknown_name"): FREE_TEXT,
+    ("jaxlora.models.llama.generate", "eos_id", "zero"): "0 is a valid token id",
     ("jaxlora.models.BertConfig", "hidden_dropout", "zero"): "0 is no dropout",
     ("jaxlora.models.BertConfig", "attention_dropout", "zero"): "0 is no dropout",
     ("jaxlora.init_sharded", "rank_axis", "str"): "'x' is the name of the mesh's axis here",
