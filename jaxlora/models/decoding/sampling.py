@@ -45,8 +45,7 @@ def sample_logits(
     if not validate.is_traced(temperature):
         validate.number("temperature", temperature, minimum=0.0)
     if not validate.is_traced(top_p):
-        validate.number("top_p", top_p, above=0.0)
-        if float(top_p) > 1:
+        if validate.number("top_p", top_p, above=0.0) > 1:
             raise ValueError(f"`top_p` must be in (0, 1], got {top_p}")
     if top_k is not None:
         validate.positive_int("top_k", top_k)
