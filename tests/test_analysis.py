@@ -49,7 +49,7 @@ def test_amplification_orders_the_projections():
     [
         (
             lambda: analysis.subspace_similarity(np.ones(3), np.ones((3, 1)), 1, 1),
-            "`a` must be a 2-D",
+            r"`a1` must have 2 axes, got shape \(3,\)",
         ),
         (
             lambda: analysis.subspace_similarity(np.eye(3), np.eye(3), 4, 1),

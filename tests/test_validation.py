@@ -340,10 +340,10 @@ def test_config_task_type_and_dtype_are_checked(kwargs, error, match):
 
 def test_config_from_dict_and_json_name_the_problem():
     for data in ([1], None):
-        with pytest.raises(TypeError, match=r"`LoraConfig.from_dict` needs a dict"):
+        with pytest.raises(TypeError, match=r"`data` of `LoraConfig.from_dict` must be a dict"):
             LoraConfig.from_dict(data)
     for text in ("{x", ""):
-        with pytest.raises(ValueError, match=r"`LoraConfig.from_json`: the text is not valid JSON"):
+        with pytest.raises(ValueError, match=r"`text` of `LoraConfig.from_json` is not valid JSON"):
             LoraConfig.from_json(text)
 
 

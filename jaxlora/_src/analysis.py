@@ -13,12 +13,12 @@ import dataclasses
 import numpy as np
 from numpy.typing import ArrayLike
 
+from jaxlora._src import validate
+
 
 def _matrix(x: ArrayLike, name: str) -> np.ndarray:
-    array = np.asarray(x, dtype=np.float64)
-    if array.ndim != 2:
-        raise ValueError(f"`{name}` must be a 2-D matrix, got shape {array.shape}")
-    return array
+    validate.array_like(name, x, ndim=2, nonempty=True, finite=True)
+    return np.asarray(x, dtype=np.float64)
 
 
 def input_subspace(a: ArrayLike) -> np.ndarray:
@@ -30,7 +30,11 @@ def input_subspace(a: ArrayLike) -> np.ndarray:
     Returns:
         ``U`` of shape ``(in, r)``.
     """
-    u, _, _ = np.linalg.svd(_matrix(a, "a"), full_matrices=False)
+    return _subspace(a, "a")
+
+
+def _subspace(a: ArrayLike, name: str) -> np.ndarray:
+    u, _, _ = np.linalg.svd(_matrix(a, name), full_matrices=False)
     return u
 
 
@@ -46,7 +50,9 @@ def subspace_similarity(a1: ArrayLike, a2: ArrayLike, i: int, j: int) -> float:
         >>> round(subspace_similarity(a, 2 * a, 4, 4), 6)
         1.0
     """
-    u1, u2 = input_subspace(a1), input_subspace(a2)
+    u1, u2 = _subspace(a1, "a1"), _subspace(a2, "a2")
+    validate.integer("i", i)
+    validate.integer("j", j)
     for name, k, u in (("i", i, u1), ("j", j, u2)):
         if not 1 <= k <= u.shape[1]:
             raise ValueError(f"`{name}`={k} must be between 1 and the factor's rank {u.shape[1]}")
@@ -56,7 +62,7 @@ def subspace_similarity(a1: ArrayLike, a2: ArrayLike, i: int, j: int) -> float:
 
 def similarity_grid(a1: ArrayLike, a2: ArrayLike) -> np.ndarray:
     """φ(A1, A2, i, j) for every i ≤ rank(A1) and j ≤ rank(A2): the paper's Figure 3 heat map."""
-    u1, u2 = input_subspace(a1), input_subspace(a2)
+    u1, u2 = _subspace(a1, "a1"), _subspace(a2, "a2")
     squared = (u1.T @ u2) ** 2
     cumulative = np.cumsum(np.cumsum(squared, axis=0), axis=1)
     i = np.arange(1, u1.shape[1] + 1)[:, None]
@@ -109,6 +115,8 @@ def amplification(w: ArrayLike, delta: ArrayLike, r: int, seed: int = 0) -> Ampl
     w, delta = _matrix(w, "w"), _matrix(delta, "delta")
     if w.shape != delta.shape:
         raise ValueError(f"`w` {w.shape} and `delta` {delta.shape} must have the same shape")
+    validate.integer("r", r)
+    validate.integer("seed", seed, minimum=0)
     if not 1 <= r <= min(w.shape):
         raise ValueError(f"`r`={r} must be between 1 and {min(w.shape)}")
     u_d, _, vt_d = np.linalg.svd(delta, full_matrices=False)

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxlora._src import validate
 from jaxlora.models._token_ids import check_token_id
 from jaxlora.models.io import packaged
 
@@ -90,6 +91,9 @@ def train_test_split(
         >>> len(train), len(test), sorted([*train, *test]) == list(range(10))
         (7, 3, True)
     """
+    validate.integer("num_examples", num_examples, minimum=1)
+    test_fraction = validate.number("test_fraction", test_fraction)
+    validate.integer("seed", seed)
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"`test_fraction` must be in (0, 1), got {test_fraction}")
     if not 0 <= seed < 2**64:
@@ -143,6 +147,9 @@ def encode_batch(
     """
     if isinstance(texts, str):
         raise TypeError("`texts` must be a sequence of strings, got a single str; wrap it in [..]")
+    for i, text in enumerate(validate.sequence("texts", texts)):
+        if not isinstance(text, str):
+            raise validate.fail_type(f"texts[{i}]", "a str", text)
     if isinstance(max_length, bool) or not isinstance(max_length, int):
         raise TypeError(f"`max_length` must be an int, got {max_length!r:.60}")
     if max_length < 1:

@@ -12,6 +12,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from jaxlora._src import validate
+
 __all__ = ["PAPER_MODELS", "TransformerShape", "abstract_params"]
 
 
@@ -27,6 +29,10 @@ class TransformerShape:
     n_positions: int
     #: Relative-position tables (DeBERTa) are counted as extra (2 * buckets, d_model) embeddings.
     relative_buckets: int = 0
+
+    def __post_init__(self) -> None:
+        validate.string("name", self.name)
+        validate.dataclass_fields(self, nonnegative=("relative_buckets",))
 
 
 #: The models of the LoRA paper's tables, with their published configurations.
@@ -60,6 +66,9 @@ def abstract_params(shape: TransformerShape, dtype=jnp.float16) -> dict:
         >>> round(jaxlora.count(params).total / 1e9)
         175
     """
+    if not isinstance(shape, TransformerShape):
+        raise validate.fail_type("shape", "a TransformerShape (see PAPER_MODELS)", shape)
+    validate.float_dtype("dtype", dtype)
     d, f = shape.d_model, shape.d_ff
     layer = {
         "attention": {name: _dense(d, d, dtype) for name in ("query", "key", "value", "out")},

@@ -12,7 +12,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxlora._src import paths
+from jaxlora._src import paths, validate
 from jaxlora._src.config import axes_order, peft_layers, peft_rules
 
 _BIAS_MODES = ("none", "all", "lora_only")
@@ -235,17 +235,19 @@ class LoraConfig:
 
     def rank_for(self, module_path: str) -> int:
         """The rank of the update for ``module_path`` (``rank_pattern`` first, then ``r``)."""
+        validate.string("module_path", module_path, nonempty=False)
         found = paths.first_match(self.rank_pattern, module_path)
         return self.r if found is None else found[1]
 
     def alpha_for(self, module_path: str) -> float:
         """The alpha for ``module_path`` (``alpha_pattern`` first, then ``lora_alpha``)."""
+        validate.string("module_path", module_path, nonempty=False)
         found = paths.first_match(self.alpha_pattern, module_path)
         return self.lora_alpha if found is None else found[1]
 
     def scale_for(self, module_path: str, rank: int | None = None) -> float:
         """The factor s in W + s·A·B: alpha / r, or alpha / sqrt(r) with ``use_rslora``."""
-        rank = self.rank_for(module_path) if rank is None else rank
+        rank = self.rank_for(module_path) if rank is None else validate.positive_int("rank", rank)
         alpha = self.alpha_for(module_path)
         return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
 
@@ -266,8 +268,8 @@ class LoraConfig:
         """The inverse of :meth:`to_dict`; unknown keys are an error."""
         if not isinstance(data, Mapping):
             raise TypeError(
-                "`LoraConfig.from_dict` needs a dict of config fields (as `to_dict` returns), got "
-                f"{type(data).__name__}"
+                "`data` of `LoraConfig.from_dict` must be a dict of config fields (as `to_dict` "
+                f"returns), got {type(data).__name__}"
             )
         known = {field.name for field in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
@@ -284,13 +286,14 @@ class LoraConfig:
         """Reads a config written by :meth:`to_json`."""
         if not isinstance(text, str | bytes | bytearray):
             raise TypeError(
-                f"`LoraConfig.from_json` needs the JSON text (a str), got {type(text).__name__}"
+                f"`text` of `LoraConfig.from_json` must be the JSON text (a str), got "
+                f"{type(text).__name__}"
             )
         try:
             data = json.loads(text)
         except json.JSONDecodeError as err:
             raise ValueError(
-                f"`LoraConfig.from_json`: the text is not valid JSON ({err}); pass the string "
+                f"`text` of `LoraConfig.from_json` is not valid JSON ({err}); pass the string "
                 "`LoraConfig.to_json` wrote"
             ) from None
         return cls.from_dict(data)

@@ -18,7 +18,7 @@ import math
 from collections.abc import Mapping
 from typing import Any, cast
 
-from jaxlora._src import paths
+from jaxlora._src import paths, validate
 from jaxlora._src.config import axes_order, peft_rules, target_checks
 from jaxlora._src.config.lora_config import LoraConfig, require_config
 from jaxlora._src.types import Params
@@ -112,6 +112,7 @@ def _candidates(params: Params) -> list[_Candidate]:
 
 def module_paths(params: Params) -> list[str]:
     """Every module path of ``params`` that holds a kernel or embedding LoRA could adapt."""
+    validate.tree("params", params)
     return [c.path for c in _candidates(params)]
 
 
@@ -182,6 +183,9 @@ def find_targets(
         >>> [t.path for t in find_targets(params, jaxlora.LoraConfig(target_modules=["query"]))]
         ['attn/query']
     """
+    validate.string("argument", argument)
+    if caller is not None:
+        validate.string("caller", caller)
     where = f"`{argument}` (in `{caller or 'find_targets'}`)"
     require_config(config, caller or "find_targets")
     if not isinstance(params, Mapping):

@@ -8,6 +8,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from jaxlora._src import validate
 from jaxlora._src.tree.checks import check_lora_tree
 
 
@@ -18,6 +19,7 @@ def check_directory(directory: Any) -> None:
             "`directory` must be the adapter directory, a str or os.PathLike, got "
             f"{type(directory).__name__}"
         )
+    validate.path("directory", directory)
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise ValueError(
             f"`directory` `{os.fspath(directory)}` is a file, not a directory; pass the adapter "
@@ -53,6 +55,8 @@ def check_save_args(lora: Any, module_name: Any, base_model_name_or_path: Any) -
             "`base_model_name_or_path` must be a str (e.g. a hub id) or None, got "
             f"{base_model_name_or_path!r:.60}"
         )
+    if base_model_name_or_path is not None:
+        validate.string("base_model_name_or_path", base_model_name_or_path)
 
 
 def check_frozen(frozen: Any) -> None:

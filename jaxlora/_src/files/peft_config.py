@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from jaxlora._src import paths
+from jaxlora._src import paths, validate
 from jaxlora._src.config import peft_rules
-from jaxlora._src.config.lora_config import LoraConfig
+from jaxlora._src.config.lora_config import LoraConfig, require_config
 from jaxlora._src.config.targets import find_targets
 from jaxlora._src.files.peft_layout import ModuleName, named_modules, tensor_entries, torch_name
 from jaxlora._src.types import LORA_A, LORA_B, Params
@@ -46,6 +46,8 @@ def default_module_name(path: str, index: tuple[int, ...]) -> str:
         >>> default_module_name("encoder/layer_0/query", ())
         'encoder.layer_0.query'
     """
+    validate.string("path", path, nonempty=False)
+    validate.int_tuple("index", index)
     if index:
         raise ValueError(
             f"the stacked module `{path}` needs a PyTorch name for layer {index}; pass "
@@ -99,6 +101,12 @@ def peft_config(
         >>> out["target_modules"], out["rank_pattern"], out["peft_type"]
         (['l0.q', 'l1.q'], {'l1.q': 2}, 'LORA')
     """
+    require_config(config, "peft_config")
+    validate.tree("frozen", frozen)
+    validate.function("module_name", module_name)
+    validate.boolean("use_dora", use_dora)
+    if base_model_name_or_path is not None:
+        validate.string("base_model_name_or_path", base_model_name_or_path)
     entries = tensor_entries(frozen, config, module_name)
     known = [
         n for _, names in named_modules(frozen, config.layouts, module_name, True) for n in names
@@ -252,6 +260,12 @@ def config_from_peft(
         >>> config.target_modules, config.rank_pattern
         (('l0/q',), {'l0/q': 2})
     """
+    validate.mapping("peft", peft)
+    validate.tree("frozen", frozen)
+    validate.function("module_name", module_name)
+    if layouts is not None:
+        validate.mapping("layouts", layouts)
+    validate.string("source", source)
     _check_supported(peft, source)
     layouts = dict(layouts or {})
     candidates = named_modules(frozen, layouts, module_name, True)

@@ -32,6 +32,7 @@ import jax
 from flax import nnx, struct
 from flax.core import meta
 
+from jaxlora._src import validate
 from jaxlora._src.config import axes_order
 from jaxlora._src.config.lora_config import LoraConfig
 from jaxlora._src.quant.kernel import dequantize, is_quantized
@@ -257,6 +258,7 @@ def adapted_params(frozen: Params, lora: LoraTree, config: LoraConfig) -> Params
         >>> bool(jnp.allclose(y, merged, atol=1e-5))
         True
     """
+    validate.tree("frozen", frozen)
     tree = core.map_adapted(
         frozen, lora, config, _adapted_leaf(config), "apply", is_leaf=is_quantized
     )

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxlora._src import validate
 from jaxlora._src.config.lora_config import LoraConfig
 from jaxlora._src.forward import adapted, chunked, linen, nnx_remat
 from jaxlora._src.forward import apply_inputs as inputs
@@ -142,6 +143,7 @@ def apply(
         )
     if not isinstance(config, LoraConfig):
         raise TypeError(f"`config` must be a jaxlora.LoraConfig, got {type(config).__name__}")
+    validate.tree("frozen", frozen)
     kwargs = inputs.with_model_kwargs(kwargs, model_kwargs)
     if isinstance(rngs, nnx.Rngs):
         wanted = config.lora_dropout > 0 and lora_deterministic is not True and mode == "factored"

@@ -36,6 +36,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxlora._src import validate
 from jaxlora._src.axes import as_tuple, normalize_axes
 from jaxlora._src.config import axes_order
 from jaxlora._src.config.lora_config import LoraConfig
@@ -185,6 +186,7 @@ def lora_interceptor(config: LoraConfig, deterministic: bool = True) -> Callable
     """
     if not isinstance(config, LoraConfig):
         raise TypeError(f"`config` must be a jaxlora.LoraConfig, got {type(config).__name__}")
+    validate.boolean("deterministic", deterministic)
     use_dropout = config.lora_dropout > 0 and not deterministic
 
     def intercept(next_fun, args, kwargs, context):

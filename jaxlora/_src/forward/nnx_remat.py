@@ -23,7 +23,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from jaxlora._src import paths
+from jaxlora._src import paths, validate
 from jaxlora._src.forward import remat as remat_lib
 
 _LOCK = threading.Lock()
@@ -35,7 +35,8 @@ def _spec(modules: str | Sequence[str]) -> str | tuple[str, ...]:
     if isinstance(modules, Sequence) and modules and all(isinstance(m, str) for m in modules):
         return tuple(modules)
     raise TypeError(
-        "`remat` must be a regular expression (str) or a non-empty list of module names, "
+        "`remat` must be a regular expression (str) or a non-empty list of module names (the "
+        "`modules` of `checkpointed`), "
         f"got {modules!r}"
     )
 
@@ -125,6 +126,8 @@ def checkpointed(root: nnx.Module, modules: str | Sequence[str]) -> Iterator[Non
         >>> all(jnp.allclose(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
         True
     """
+    if not isinstance(root, nnx.Module):
+        raise validate.fail_type("root", "the NNX model (an nnx.Module)", root)
     chosen = _selected(root, modules)
     classes = list(dict.fromkeys(type(m) for m in chosen.values()))
     calls = [0]

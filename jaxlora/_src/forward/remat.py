@@ -28,7 +28,7 @@ import jax
 import jax.core
 import numpy as np
 
-from jaxlora._src import paths
+from jaxlora._src import paths, validate
 from jaxlora._src.forward.ties import is_float, tie_to
 
 
@@ -54,6 +54,9 @@ def recompute(fun: Callable[..., Any], num_tied: int | None = None) -> Callable[
         >>> all(jnp.allclose(a, b) for a, b in zip(g, jax.grad(f, argnums=(0, 1))(w, x)))
         True
     """
+    validate.function("fun", fun)
+    if num_tied is not None:
+        validate.integer("num_tied", num_tied, minimum=0)
 
     @jax.custom_vjp
     def run(*args):
@@ -85,8 +88,8 @@ class _Selection:
             self.spec = tuple(modules)
         else:
             raise TypeError(
-                "`remat` must be a regular expression (str) or a non-empty list of module names, "
-                f"got {modules!r}"
+                "`remat` must be a regular expression (str) or a non-empty list of module names "
+                f"(the `modules` of `checkpointed`), got {modules!r}"
             )
         self.seen: dict[str, None] = {}
         self.matched = 0

@@ -26,7 +26,7 @@ import jax
 import jax.core
 import jax.numpy as jnp
 
-from jaxlora._src import paths
+from jaxlora._src import paths, validate
 from jaxlora._src.config.lora_config import LoraConfig, require_config
 from jaxlora._src.config.targets import Target, find_targets
 from jaxlora._src.tree.checks import check_lora_tree, require_dicts
@@ -72,6 +72,8 @@ class AdapterBank:
         """
         if not isinstance(name, str) or not name:
             raise TypeError(f"`name` must be a non-empty string, got {name!r}")
+        check_lora_tree(lora, "AdapterBank.add")
+        require_config(config, "AdapterBank.add")
         where = f"the adapter {name!r}"
         check_fits(paths.by_path(lora), paths.by_path(expected_adapter(self.frozen, config)), where)
         self._adapters[name] = (lora, config)
@@ -86,6 +88,7 @@ class AdapterBank:
         Raises:
             KeyError: naming the adapters there are.
         """
+        validate.string("name", name)
         if name not in self._adapters:
             raise KeyError(f"no adapter named {name!r}; adapters: {self.names}")
         return self._adapters[name]
@@ -199,8 +202,9 @@ def add_weighted(
             f"`method` must be one of {METHODS}, got {method!r} (a 'linear' mix of A and B is "
             "not the weighted sum of the updates, so it is not offered)"
         )
-    if not adapters:
+    if isinstance(adapters, Sequence) and not isinstance(adapters, str) and not adapters:
         raise ValueError("`adapters` is empty; give at least one (lora, config, weight)")
+    validate.sequence("adapters", adapters)
     require_dicts(frozen=frozen)
     _check_rank(method, rank)
     targets: dict[str, Target] = {}

@@ -15,7 +15,7 @@ import jax
 import jax.core
 import jax.numpy as jnp
 
-from jaxlora._src import paths
+from jaxlora._src import paths, validate
 from jaxlora._src.config.lora_config import LoraConfig, require_config
 from jaxlora._src.config.targets import find_targets
 from jaxlora._src.tree.checks import check_lora_tree
@@ -75,6 +75,7 @@ def unstack(stacked: LoraTree) -> list[LoraTree]:
     Raises:
         ValueError: when ``stacked`` has no leaves or its leaves differ in the leading axis.
     """
+    check_lora_tree(stacked, "unstack", "stacked")
     leaves = paths.by_path(stacked)
     if not leaves:
         raise ValueError(
@@ -108,6 +109,7 @@ def pad_rank(
     Raises:
         ValueError: when ``rank`` is below a module's rank.
     """
+    validate.tree("frozen", frozen)
     require_config(config, "pad_rank")
     if isinstance(rank, bool) or not isinstance(rank, int):
         raise TypeError(f"`rank` must be a positive int (the rank to pad to), got {rank!r}")
@@ -259,6 +261,9 @@ def apply_mixed(
     """
     from jaxlora._src.forward.apply import apply
 
+    validate.tree("frozen", frozen)
+    check_lora_tree(stacked, "apply_mixed", "stacked")
+    require_config(config, "apply_mixed")
     index = _check_index(index)
     sizes = {jnp.shape(x)[0] for x in jax.tree.leaves(args)}
     if index.ndim != 1 or sizes != {index.shape[0]}:

@@ -12,6 +12,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlora._src import validate
 from jaxlora._src.quant.kernel import Q4_1_BLOCK, QuantizedKernel
 
 
@@ -26,7 +27,12 @@ def from_gguf_q4_1(
         shape: the flax kernel shape ``(in, out)``.
         dtype: what :func:`~jaxlora.quant.dequantize` returns.
     """
-    n_in, n_out = (int(n) for n in shape)
+    shape = validate.sequence("shape", shape)
+    if len(shape) != 2:
+        raise ValueError(f"`shape` must be the 2-D flax kernel shape (in, out), got {shape}")
+    n_in, n_out = (validate.positive_int("shape", n) for n in shape)
+    validate.array_like("raw", raw, integer=True, nonempty=True)
+    validate.float_dtype("dtype", dtype)
     raw = np.asarray(raw, np.uint8)
     if n_in % Q4_1_BLOCK or raw.size != n_out * n_in // Q4_1_BLOCK * 20:
         raise ValueError(
@@ -47,6 +53,9 @@ def from_gguf_q4_1(
 def permute_rows(leaf: QuantizedKernel, fn: Callable[[np.ndarray], np.ndarray]) -> QuantizedKernel:
     """Applies a row permutation ``fn`` (on GGUF's ``(out, ...)`` rows) to a transposed Q4_1 leaf,
     e.g. ``jaxlora.models.llama.weights.gguf_rows_to_hf`` for Hugging Face's q/k row order."""
+    if not isinstance(leaf, QuantizedKernel):
+        raise validate.fail_type("leaf", "a QuantizedKernel (from `from_gguf_q4_1`)", leaf)
+    validate.function("fn", fn)
     if leaf.zero is None:
         raise ValueError(f"`leaf` must be a Q4_1 QuantizedKernel, got method {leaf.method!r}")
     n_out = leaf.kernel_shape[1]

@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlora._src import validate
+
 METHODS = ("int8", "nf4", "q4_1")
 #: The 16 NF4 levels (QLoRA, Dettmers et al. 2023, Appendix E), normalised to [-1, 1].
 NF4_LEVELS = (
@@ -242,6 +244,9 @@ def quantize_kernel(
         >>> q.codes.dtype, q.scale.shape, q.shape
         (dtype('int8'), (1, 32), (16, 32))
     """
+    validate.array("w", w, min_ndim=1, nonempty=True)
+    if layout is not None:
+        validate.string("layout", layout)
     check_options(method, block_size, double_quant)
     layout = layout or ("io" if w.ndim == 2 else "")
     if len(layout) != w.ndim:

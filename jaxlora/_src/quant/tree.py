@@ -18,8 +18,8 @@ import jax.core
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlora._src import paths
-from jaxlora._src.config.lora_config import LoraConfig
+from jaxlora._src import paths, validate
+from jaxlora._src.config.lora_config import LoraConfig, require_config
 from jaxlora._src.config.targets import find_targets
 from jaxlora._src.quant.kernel import (
     check_options,
@@ -75,6 +75,11 @@ def quantize(
         >>> type(qparams["q"]["kernel"]).__name__, qparams["q"]["kernel"].nbytes
         ('QuantizedKernel', 2304)
     """
+    validate.tree("params", params)
+    if not isinstance(targets, LoraConfig | str):
+        validate.str_sequence("targets", targets, nonempty=True)
+    elif isinstance(targets, str):
+        validate.string("targets", targets)
     check_options(method, block_size, double_quant)
     config = targets if isinstance(targets, LoraConfig) else LoraConfig(target_modules=targets)
     _check_kernels(params)
@@ -122,7 +127,17 @@ def requantize(params: Params, like: Params) -> Params:
             leaf, ref.method, ref.layout, ref.block_size or 64, ref.scale_scale is not None
         )
 
-    return jax.tree.map(convert, params, like, is_leaf=is_quantized)
+    validate.tree("params", params)
+    validate.tree("like", like)
+    try:
+        return jax.tree.map(convert, params, like, is_leaf=is_quantized)
+    except ValueError as err:
+        if "structure" not in str(err):
+            raise
+        raise ValueError(
+            "`params` and `like` must have the same tree structure (`like` the quantised base "
+            f"that `params` was merged from): {err}"
+        ) from None
 
 
 def split_quantized(params: Params, config: LoraConfig, key: PRNGKey) -> tuple[Params, LoraTree]:
@@ -132,6 +147,8 @@ def split_quantized(params: Params, config: LoraConfig, key: PRNGKey) -> tuple[P
     Raises:
         ValueError: when a trainable copy (``modules_to_save``) would be a quantised kernel.
     """
+    validate.tree("params", params)
+    require_config(config, "split_quantized")
     view = shapes(params)
     for _, names, leaf in paths.flatten(view):
         if isinstance(leaf, jax.ShapeDtypeStruct) and config.modules_to_save:
@@ -153,6 +170,7 @@ def merge_quantized(qfrozen: Params, lora: LoraTree, config: LoraConfig) -> Para
     :func:`requantize` to store the merged model quantised again (lossy: see
     :func:`requantization_error`).
     """
+    validate.tree("qfrozen", qfrozen)
     return core.merge(qfrozen, lora, config)
 
 

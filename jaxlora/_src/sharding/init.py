@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 from jax.sharding import Mesh, NamedSharding
 
-from jaxlora._src import paths
+from jaxlora._src import paths, validate
 from jaxlora._src.config.lora_config import LoraConfig
 from jaxlora._src.config.targets import find_targets, find_trainable_leaves
 from jaxlora._src.sharding.specs import AxisEntry, lora_shardings
@@ -91,6 +91,7 @@ def init_sharded(
         >>> lora["up"]["lora_b"].sharding.spec
         P(None, 'model')
     """
+    validate.prng_key("key", key)
     out_shardings = lora_shardings(
         frozen, config, shardings, rank_axis=rank_axis, mesh=mesh, rules=rules
     )

@@ -31,7 +31,7 @@ from flax import nnx
 from flax.linen.spmd import logical_to_mesh_axes
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
-from jaxlora._src import paths
+from jaxlora._src import paths, validate
 from jaxlora._src.config.lora_config import LoraConfig
 from jaxlora._src.config.targets import Target, find_targets, find_trainable_leaves
 from jaxlora._src.types import LORA_A, LORA_B, LoraTree, Params
@@ -96,6 +96,12 @@ def factor_specs(
         >>> factor_specs(target, P(None, "fsdp", "model"))
         (P(None, 'fsdp', None), P(None, None, 'model', None))
     """
+    if not isinstance(target, Target):
+        raise validate.fail_type("target", "a jaxlora.Target (from `find_targets`)", target)
+    if not isinstance(spec, PartitionSpec):
+        raise validate.fail_type("spec", "a jax.sharding.PartitionSpec", spec)
+    if rank_axis is not None and not isinstance(rank_axis, str):
+        validate.str_sequence("rank_axis", rank_axis, nonempty=True)
     ndim = len(target.shape)
     if len(spec) > ndim:
         raise ValueError(

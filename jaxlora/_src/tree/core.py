@@ -19,7 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxlora._src import paths
+from jaxlora._src import paths, validate
 from jaxlora._src.config import axes_order
 from jaxlora._src.config.lora_config import LoraConfig, require_config
 from jaxlora._src.config.targets import (
@@ -105,6 +105,7 @@ def split(
         {'query': {'lora_a': (4, 2), 'lora_b': (2, 6)}}
     """
     require_config(config, "split")
+    validate.prng_key("key", key)
     chosen = variants.get(variant)
     # Of a full nnx.State, only the parameters: batch statistics and RNG state never train.
     view = count.params_only(params)

@@ -14,7 +14,7 @@ import jax
 import jax.core
 import jax.numpy as jnp
 
-from jaxlora._src import paths
+from jaxlora._src import paths, validate
 from jaxlora._src.config import axes_order
 from jaxlora._src.config.lora_config import LoraConfig
 from jaxlora._src.config.targets import Target, find_targets
@@ -49,6 +49,13 @@ def pissa_factors(
         ValueError: when the target's scale is 0 (``lora_alpha=0``) or its rank exceeds the
             kernel's smaller side.
     """
+    validate.array("w", w, floating=True, min_ndim=1, nonempty=True)
+    if not isinstance(target, Target):
+        raise validate.fail_type("target", "a jaxlora.Target (from `find_targets`)", target)
+    if niter is not None:
+        validate.integer("niter", niter, minimum=0)
+    if key is not None:
+        validate.prng_key("key", key)
     scale = target.scale
     n_stack = target.n_stack
     kernel = axes_order.to_canonical(w, target.layout)  # stack, input, output in that order

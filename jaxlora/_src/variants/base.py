@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 
 import jax
 
+from jaxlora._src import validate
 from jaxlora._src.config.lora_config import LoraConfig
 from jaxlora._src.config.targets import BIAS, EMBEDDING, KERNEL, Target
 from jaxlora._src.types import LORA_A, LORA_B, LoraTree
@@ -167,6 +168,7 @@ def unregister(name: str) -> None:
         ValueError: for the built-in ``"lora"`` and ``"dora"``: without them plain modules have
             no variant, and a DoRA module would be read as plain LoRA, its magnitudes ignored.
     """
+    validate.string("name", name)
     if name in BUILT_IN:
         raise ValueError(f"`name` {name!r} is a built-in variant and cannot be unregistered")
     _REGISTRY.pop(name, None)
@@ -183,7 +185,11 @@ def get(name: str) -> Variant:
         ('lora_magnitude',)
     """
     if name not in _REGISTRY:
-        raise ValueError(f"`variant` must be one of {sorted(_REGISTRY)}, got {name!r}")
+        kind = TypeError if not isinstance(name, str) else ValueError
+        raise kind(
+            f"`variant` must be one of {sorted(_REGISTRY)}, got {name!r} (the `name` of a "
+            "registered variant)"
+        )
     return _REGISTRY[name]
 
 
@@ -207,6 +213,8 @@ def variant_of(module: Mapping[str, Any], where: str = "") -> Variant:
         >>> variant_of({"lora_a": 0, "lora_b": 0}).name
         'lora'
     """
+    validate.mapping("module", module)
+    validate.string("where", where, nonempty=False)
     fits = [v for v in _REGISTRY.values() if all(n in module for n in v.extra_leaves)]
     most = max(len(v.extra_leaves) for v in fits)
     best = [v for v in fits if len(v.extra_leaves) == most]
@@ -225,6 +233,7 @@ def variants_in(lora: Mapping[Any, Any]) -> set[str]:
         >>> sorted(variants_in({"q": {"lora_a": 0, "lora_b": 0}, "v": {"bias": 0}}))
         ['lora']
     """
+    validate.mapping("lora", lora)
     found = set()
     for key, value in lora.items():
         if not isinstance(value, Mapping):

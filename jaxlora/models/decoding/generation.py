@@ -34,6 +34,7 @@ import numpy as np
 from jax.typing import ArrayLike, DTypeLike
 
 import jaxlora
+from jaxlora._src import validate
 from jaxlora.models._token_ids import check_token_id, check_token_ids, vocab_size_of
 from jaxlora.models.decoding.inputs import (
     as_batch,
@@ -219,6 +220,10 @@ def generate(
     if max_new_tokens < 1:
         raise ValueError(f"`max_new_tokens` must be at least 1, got {max_new_tokens}")
     check_sampling(temperature, top_p, top_k, key)
+    if key is not None:
+        validate.prng_key("key", key)
+    if init_cache is not None:
+        validate.function("init_cache", init_cache)
     check_cache_dtype(cache_dtype, "cache_dtype")
     vocab_size = vocab_size_of(model)
     stop_tokens = check_stop_tokens(stop_tokens, vocab_size)

@@ -6,7 +6,7 @@ names the argument.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jax
@@ -15,6 +15,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 import jaxlora
+from jaxlora._src import validate
 from jaxlora.models._token_ids import check_token_id, check_token_ids
 
 __all__ = ["left_pad"]
@@ -117,8 +118,8 @@ def model_init_cache(model: Any) -> Callable[..., Any]:
 def check_stop_tokens(stop_tokens: Any, vocab_size: int | None = None) -> tuple[int, ...]:
     if isinstance(stop_tokens, int | np.integer):
         stop_tokens = (stop_tokens,)
-    if isinstance(stop_tokens, str | bytes):
-        raise TypeError(f"`stop_tokens` must be int token ids, got the string {stop_tokens!r:.60}")
+    if isinstance(stop_tokens, str | bytes) or not isinstance(stop_tokens, Iterable):
+        raise validate.fail_type("stop_tokens", "a list of int token ids", stop_tokens)
     values = tuple(stop_tokens)
     if any(isinstance(t, bool) or not isinstance(t, int | np.integer) or t < 0 for t in values):
         raise ValueError(f"`stop_tokens` must be non-negative int token ids, got {values!r:.80}")

@@ -39,6 +39,8 @@ import jax.numpy as jnp
 from flax import struct
 from jax.typing import ArrayLike, DTypeLike
 
+from jaxlora._src import validate
+
 __all__ = ["KVCache", "cache_positions"]
 
 
@@ -154,6 +156,9 @@ def cache_positions(cache: KVCache, new_valid: ArrayLike) -> jax.Array:
     With left padding this numbers each row's real tokens 0, 1, 2, … (padding gets 0), as Hugging
     Face does for a left-padded batch.
     """
+    if not isinstance(cache, KVCache):
+        raise validate.fail_type("cache", "a KVCache", cache)
+    validate.array_like("new_valid", new_valid, ndim=2)
     new_valid = jnp.asarray(new_valid).astype(jnp.int32)
     seen = jnp.sum(cache.valid, axis=1, dtype=jnp.int32)[:, None]
     return jnp.maximum(seen + jnp.cumsum(new_valid, axis=1) - 1, 0)

@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
+from jaxlora._src import validate
+
 __all__ = ["check_sampling", "sample_logits"]
 
 
@@ -38,6 +40,15 @@ def sample_logits(
         >>> sample_logits(logits, jax.random.key(0), temperature=1.0, top_p=1e-6).tolist()
         [1, 0]
     """
+    validate.array("logits", logits, floating=True, ndim=2, nonempty=True)
+    validate.prng_key("key", key)
+    if not validate.is_traced(temperature):
+        validate.number("temperature", temperature, minimum=0.0)
+    if not validate.is_traced(top_p):
+        if validate.number("top_p", top_p, above=0.0) > 1:
+            raise ValueError(f"`top_p` must be in (0, 1], got {top_p}")
+    if top_k is not None:
+        validate.positive_int("top_k", top_k)
     logits = jnp.asarray(logits, jnp.float32)
     temperature = jnp.asarray(temperature, jnp.float32)
     top_p = jnp.asarray(top_p, jnp.float32)

@@ -13,11 +13,16 @@ from __future__ import annotations
 
 import dataclasses
 
+from jaxlora._src import validate
+
 __all__ = ["FULL", "SLIDING", "GemmaConfig"]
 
 #: ``layer_types`` entries, Hugging Face's names.
 FULL = "full_attention"
 SLIDING = "sliding_attention"
+
+
+TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +72,7 @@ class GemmaConfig:
     pad_token_id: int = 0
 
     def __post_init__(self) -> None:
+        validate.dataclass_fields(self, nonnegative=TOKEN_IDS)
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"`num_heads` ({self.num_heads}) must be a multiple of "
@@ -99,6 +105,7 @@ class GemmaConfig:
 
     def is_sliding(self, layer: int) -> bool:
         """Whether layer ``layer`` attends to a sliding window only."""
+        validate.integer("layer", layer, minimum=0, maximum=self.num_layers - 1)
         return self.layer_types is not None and self.layer_types[layer] == SLIDING
 
     def rope(self, layer: int) -> tuple[float, float]:

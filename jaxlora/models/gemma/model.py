@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike, DTypeLike
 
+from jaxlora._src import validate
 from jaxlora.models._token_ids import check_token_ids
 from jaxlora.models.decoding.kv_cache import KVCache, cache_positions
 from jaxlora.models.gemma.config import FULL as FULL
@@ -64,6 +65,11 @@ def init_cache(
         >>> init_cache(cfg, batch=1, max_length=6).keys[1].shape
         (1, 6, 1, 4)
     """
+    if not isinstance(config, GemmaConfig):
+        raise validate.fail_type("config", "a GemmaConfig", config)
+    validate.positive_int("batch", batch)
+    validate.positive_int("max_length", max_length)
+    validate.float_dtype("dtype", dtype)
     return KVCache.init(
         config.num_layers, batch, max_length, config.num_kv_heads, config.head_dim, dtype
     )

@@ -43,6 +43,7 @@ from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding
 from jax.typing import DTypeLike
 
+from jaxlora._src import validate
 from jaxlora._src.files.safetensors_read import open_safetensors
 
 __all__ = [
@@ -145,6 +146,19 @@ def _read_json(path: str, what: str) -> dict[str, Any]:
     if not isinstance(document, dict):
         raise ValueError(f"`{path}` must hold a JSON object, got {type(document).__name__}")
     return document
+
+
+def check_load_args(directory: Any, mesh: Any, shardings: Any, progress: Any) -> None:
+    """A TypeError / ValueError naming the first wrong argument of a ``load_hf*`` call, raised
+    before any file is opened."""
+    validate.path("directory", directory)
+    if mesh is not None and not isinstance(mesh, jax.sharding.Mesh):
+        raise validate.fail_type("mesh", "a jax.sharding.Mesh or None", mesh)
+    if shardings is not None and not (callable(shardings) or isinstance(shardings, Mapping)):
+        raise validate.fail_type(
+            "shardings", "a dict of path regex -> PartitionSpec, a function or None", shardings
+        )
+    validate.boolean("progress", progress)
 
 
 def read_config(directory: str | os.PathLike[str]) -> dict[str, Any]:

@@ -24,10 +24,12 @@ from typing import Any
 from jax.sharding import Mesh
 from jax.typing import DTypeLike
 
+from jaxlora._src import validate
 from jaxlora.models.gemma.config import GemmaConfig
 from jaxlora.models.hf.checkpoint import (
     Shardings,
     TensorSpec,
+    check_load_args,
     check_weight_dtype,
     read_checkpoint,
     read_config,
@@ -105,6 +107,8 @@ def peft_module_name(path: str, index: tuple[int, ...] = ()) -> str:
     Raises:
         ValueError: For a stacked module (``index`` non-empty): Gemma has one module per layer.
     """
+    validate.string("path", path, nonempty=False)
+    validate.int_tuple("index", index)
     if index:
         raise ValueError(f"`{path}` is stacked (index {index}); GemmaForCausalLM has none")
     block = re.fullmatch(r"layers_(\d+)/(.+)", path)
@@ -158,6 +162,7 @@ def load_hf_gemma(
         TypeError: If ``dtype`` is not floating, or a weight is stored as integers (the error
             names the tensor and its file).
     """
+    check_load_args(directory, mesh, shardings, progress)
     check_weight_dtype(dtype)  # before anything is read
     document = read_config(directory)
     config = config_from_hf(document)

@@ -25,9 +25,11 @@ from typing import Any
 from jax.sharding import Mesh
 from jax.typing import DTypeLike
 
+from jaxlora._src import validate
 from jaxlora.models.hf.checkpoint import (
     Shardings,
     TensorSpec,
+    check_load_args,
     check_weight_dtype,
     read_checkpoint,
     read_config,
@@ -113,6 +115,8 @@ def peft_module_name(path: str, index: tuple[int, ...] = ()) -> str:
     Raises:
         ValueError: for a stacked module (``index`` non-empty): this model has one per layer.
     """
+    validate.string("path", path, nonempty=False)
+    validate.int_tuple("index", index)
     if index:
         raise ValueError(f"`{path}` is stacked (index {index}); LlamaForCausalLM has none")
     block = re.fullmatch(r"layers_(\d+)/(.+)", path)
@@ -147,6 +151,7 @@ def load_hf_llama(
         TypeError: for a ``dtype`` that is not floating, or an integer tensor stored under a
             weight's name (naming the tensor and its file).
     """
+    check_load_args(directory, mesh, shardings, progress)
     check_weight_dtype(dtype)  # before anything is read
     config = config_from_hf(read_config(directory))
     params = read_checkpoint(
@@ -195,6 +200,7 @@ def load_hf(
         FileNotFoundError: when ``directory`` has no ``config.json``.
         ValueError: for any other ``model_type`` (listing the supported ones), and as the loader.
     """
+    check_load_args(directory, mesh, shardings, progress)
     check_weight_dtype(dtype)  # before anything is read
     kind = read_config(directory).get("model_type")
     if kind in LLAMA_MODEL_TYPES:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from jaxlora._src import validate
 from jaxlora.models.llama.rope import Llama3RopeScaling
 
 __all__ = ["LlamaConfig"]
@@ -48,6 +49,17 @@ class LlamaConfig:
     full_attention_layers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        validate.dataclass_fields(self, nonnegative=("bos_token_id", "eos_token_id"))
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, Llama3RopeScaling):
+            raise validate.fail_type(
+                "rope_scaling", "a Llama3RopeScaling or None", self.rope_scaling
+            )
+        if not isinstance(self.full_attention_layers, tuple):
+            raise validate.fail_type(
+                "full_attention_layers", "a tuple of layer indices", self.full_attention_layers
+            )
+        for layer in self.full_attention_layers:
+            validate.integer("full_attention_layers", layer, minimum=0, maximum=self.num_layers - 1)
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ValueError(f"`sliding_window` must be None or >= 1, got {self.sliding_window}")
         if self.num_heads % self.num_kv_heads:

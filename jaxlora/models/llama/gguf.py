@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from jaxlora import quant
+from jaxlora._src import validate
 from jaxlora.models.io.gguf_reader import GGUFFile
 from jaxlora.models.llama import weights as lw
 from jaxlora.models.llama.config import LlamaConfig
@@ -33,6 +34,9 @@ def load_gguf_llama(
     """
     from gguf import GGMLQuantizationType
 
+    if path is not None:
+        validate.path("path", path)
+    validate.boolean("hf_layout", hf_layout)
     file = GGUFFile(lw.smollm2_path() if path is None else path)
     config = lw.config_from_gguf(file)
     flat: dict[tuple[str, ...], Any] = {}

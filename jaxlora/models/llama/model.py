@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike, DTypeLike
 
+from jaxlora._src import validate
 from jaxlora.models._token_ids import check_token_id, check_token_ids
 from jaxlora.models.decoding.kv_cache import KVCache, cache_positions
 from jaxlora.models.llama.config import LlamaConfig as LlamaConfig
@@ -215,6 +216,11 @@ def init_cache(
     config: LlamaConfig, batch: int, max_length: int, dtype: DTypeLike = jnp.float32
 ) -> KVCache:
     """An empty :class:`~jaxlora.models.decoding.KVCache` sized for ``config``'s layers."""
+    if not isinstance(config, LlamaConfig):
+        raise validate.fail_type("config", "a LlamaConfig", config)
+    validate.positive_int("batch", batch)
+    validate.positive_int("max_length", max_length)
+    validate.float_dtype("dtype", dtype)
     return KVCache.init(
         config.num_layers, batch, max_length, config.num_kv_heads, config.head_dim, dtype
     )
@@ -278,6 +284,12 @@ def generate(
             ``[0, config.vocab_size)`` (named with its position), if ``eos_id`` is outside it,
             or ``max_new_tokens < 1``.
     """
+    if not isinstance(config, LlamaConfig):
+        raise validate.fail_type("config", "a LlamaConfig", config)
+    validate.tree("params", params)
+    validate.integer("max_new_tokens", max_new_tokens)
+    if eos_id is not None:
+        validate.integer("eos_id", eos_id, minimum=0)
     check_token_ids(prompt_ids, config.vocab_size, "prompt_ids")  # before the int32 cast
     prompt = jnp.asarray(prompt_ids, dtype=jnp.int32)
     if prompt.ndim not in (1, 2) or prompt.shape[-1] == 0:

@@ -19,6 +19,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from jaxlora._src import validate
+
 __all__ = ["Llama3RopeScaling", "apply_rope", "rope_frequencies"]
 
 
@@ -36,6 +38,7 @@ class Llama3RopeScaling:
     original_max_position_embeddings: int
 
     def __post_init__(self) -> None:
+        validate.dataclass_fields(self)
         if self.high_freq_factor <= self.low_freq_factor:
             raise ValueError(
                 f"`high_freq_factor` ({self.high_freq_factor}) must exceed `low_freq_factor` "
@@ -50,6 +53,12 @@ def rope_frequencies(
 
     With ``scaling`` the low frequencies are slowed down as Llama 3.1 does.
     """
+    if validate.positive_int("head_dim", head_dim) % 2:
+        raise ValueError(f"`head_dim` must be even for RoPE, got {head_dim}")
+    if not validate.is_traced(theta):
+        validate.number("theta", theta, above=0.0)
+    if scaling is not None and not isinstance(scaling, Llama3RopeScaling):
+        raise validate.fail_type("scaling", "a Llama3RopeScaling or None", scaling)
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
     if scaling is None:
         return inv_freq
@@ -80,6 +89,9 @@ def apply_rope(
     Pair k (frequency :func:`rope_frequencies`) is dimensions (2k, 2k+1) if ``interleaved``,
     else (k, k + head_dim/2).
     """
+    validate.array("x", x, floating=True, min_ndim=2)
+    validate.array_like("positions", positions, min_ndim=1, nonempty=True)
+    validate.boolean("interleaved", interleaved)
     half = x.shape[-1] // 2
     inv_freq = rope_frequencies(x.shape[-1], theta, scaling)
     angles = positions.astype(jnp.float32)[..., None] * inv_freq[None, None, :]  # (b, len, half)

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from jaxlora._src import validate
 from jaxlora.models.io import packaged
 from jaxlora.models.io.gguf_reader import GGUFFile, tokenizer_from_gguf
 from jaxlora.models.llama.model import LlamaConfig, LlamaForCausalLM
@@ -205,6 +206,9 @@ def load_smollm2(
     Raises:
         ValueError: If a tensor of the file is not mapped, or a param is missing or misshapen.
     """
+    if path is not None:
+        validate.path("path", path)
+    validate.boolean("hf_layout", hf_layout)
     file = GGUFFile(smollm2_path() if path is None else path)
     config = config_from_gguf(file)
     flat: dict[tuple[str, ...], np.ndarray] = {}
@@ -234,6 +238,8 @@ def load_smollm2(
 
 def load_smollm2_tokenizer(path: str | os.PathLike[str] | None = None):
     """The byte-level BPE ``tokenizers.Tokenizer`` stored in the GGUF file's metadata."""
+    if path is not None:
+        validate.path("path", path)
     return tokenizer_from_gguf(GGUFFile(smollm2_path() if path is None else path))
 
 
@@ -252,6 +258,9 @@ def chat_prompt(user_message: str, system: str | None = None) -> str:
         <|im_start|>assistant
         <BLANKLINE>
     """
+    validate.string("user_message", user_message, nonempty=False)
+    if system is not None:
+        validate.string("system", system, nonempty=False)
     if system is None:
         system = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
     return (
