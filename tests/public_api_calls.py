@@ -138,6 +138,27 @@ def tiny_llama() -> jm.LlamaForCausalLM:
     return jm.LlamaForCausalLM(config)
 
 
+@functools.cache
+def _llama_params() -> dict[str, Any]:
+    """Zeros of the tiny Llama's params (shapes from ``eval_shape``: nothing is initialised)."""
+    ids = jnp.zeros((1, 2), jnp.int32)
+    shapes = jax.eval_shape(tiny_llama().init, jax.random.key(0), ids)["params"]
+    return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+
+
+def _hf_llama_config() -> jm.LlamaConfig:
+    """The tiny Llama in Hugging Face's rotary layout (what ``save_hf`` writes)."""
+    return dataclasses.replace(tiny_llama().config, rope_interleaved=False)
+
+
+LLAMA_LORA = jaxlora.LoraConfig(r=1, target_modules=["q_proj"])
+
+
+@functools.cache
+def _llama_lora() -> dict[str, Any]:
+    return jaxlora.split(_llama_params(), LLAMA_LORA, jax.random.key(0))[1]
+
+
 def manager():
     return checkpoint.checkpoint_manager(fresh_dir())
 
@@ -368,6 +389,14 @@ CALLS: dict[str, Call] = {
     "jaxlora.models.rotten_tomatoes": Call(run_valid=False),
     "jaxlora.models.left_pad": Call(_kw(prompts=[[5, 6], [7]])),
     "jaxlora.models.load_gguf_llama": Call(_kw(path=MISSING), valid_error=(OSError, ValueError)),
+    "jaxlora.models.save_hf": Call(
+        _kw(directory=fac(fresh_dir), config=fac(_hf_llama_config),
+            params=fac(_llama_params))
+    ),  # fmt: skip
+    "jaxlora.models.save_hf_merged": Call(
+        _kw(directory=fac(fresh_dir), config=fac(_hf_llama_config),
+            frozen=fac(_llama_params), lora=fac(_llama_lora), lora_config=LLAMA_LORA)
+    ),  # fmt: skip
     "jaxlora.models.load_hf": Call(_kw(directory=MISSING), valid_error=(OSError, ValueError)),
     "jaxlora.models.load_hf_gemma": Call(_kw(directory=MISSING), valid_error=(OSError, ValueError)),
     "jaxlora.models.load_hf_llama": Call(_kw(directory=MISSING), valid_error=(OSError, ValueError)),

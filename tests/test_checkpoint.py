@@ -158,7 +158,8 @@ def test_sigkill_mid_write_leaves_previous_checkpoint_loadable(tmp_path):
             child.wait(timeout=60)
             child.stdout.close()
     assert child.returncode == -signal.SIGKILL
-    leftovers = [name for name in os.listdir(directory) if name != "1"]
+    # The writers' lock file stays (see checkpoint_manager); only the killed step's tmp is new.
+    leftovers = [name for name in os.listdir(directory) if name not in ("1", ".jaxlora-lock")]
     assert leftovers and all("tmp" in name for name in leftovers), leftovers
 
     base = {"l1": {"kernel": jnp.ones((16, 32))}, "l2": {"kernel": jnp.ones((32, 4))}}

@@ -33,7 +33,7 @@ from jaxlora._src import validate
         (validate.path, "", ValueError, r"`n` must be a non-empty path"),
         (validate.function, 3, TypeError, r"`n` must be a function, got 3"),
         (validate.prng_key, jnp.ones(2), TypeError, r"`n` must be a PRNG key"),
-        (validate.float_dtype, "int8", ValueError, r"`n` must be a floating dtype, got int8"),
+        (validate.float_dtype, "int8", TypeError, r"`n` must be a floating dtype, got int8"),
         (validate.float_dtype, "nope", TypeError, r"`n` must be a floating dtype"),
         (validate.int_tuple, (0, -1), ValueError, r"`n` must be an int >= 0, got -1"),
     ],

@@ -94,7 +94,7 @@ def test_models_refuse_concrete_token_ids_outside_the_vocabulary(tiny_llama):
         llama.generate(params, TINY_LLAMA, [1, 77], 1)
     with pytest.raises(ValueError, match=r"`eos_id` holds token id 32"):
         llama.generate(params, TINY_LLAMA, [1, 2], 1, eos_id=32)
-    bert = BertEncoder(BertConfig(vocab_size=10, hidden_size=4, num_layers=0, num_heads=1,
+    bert = BertEncoder(BertConfig(vocab_size=10, hidden_size=4, num_layers=1, num_heads=1,
                                   intermediate_size=4, max_position_embeddings=4))  # fmt: skip
     bert_params = jax.eval_shape(bert.init, jax.random.key(0), jnp.ones((1, 2), jnp.int32))
     with pytest.raises(ValueError, match=r"`input_ids` holds token id 10"):

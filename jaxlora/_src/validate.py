@@ -318,7 +318,7 @@ def float_dtype(name: str, value: Any) -> np.dtype:
     except (TypeError, ValueError):
         raise fail_type(name, "a floating dtype (e.g. 'float32', jnp.bfloat16)", value) from None
     if not is_floating(dtype):
-        raise ValueError(f"`{name}` must be a floating dtype, got {dtype}")
+        raise TypeError(f"`{name}` must be a floating dtype, got {dtype}")
     return dtype
 
 

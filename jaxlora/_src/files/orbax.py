@@ -119,6 +119,8 @@ def save(
     if not isinstance(lora, Mapping):
         raise TypeError(f"`lora` must be the adapter dict from jaxlora.split, got {type(lora)}")
     check_step(step)
+    if not isinstance(force, bool):
+        raise TypeError(f"`force` must be True or False, got {force!r:.60}")
     if not isinstance(manager, AdapterCheckpointManager):  # which checks under its lock instead
         manager.wait_until_finished()
         manager.reload()

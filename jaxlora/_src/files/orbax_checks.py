@@ -22,6 +22,8 @@ def check_manager_options(directory: Any, best_metric: Any, async_save: Any) -> 
         raise TypeError(
             f"`directory` must be a path (str or os.PathLike), got {type(directory).__name__}"
         )
+    if not os.fspath(directory):
+        raise ValueError("`directory` is empty; pass the folder the checkpoint steps live in")
     if best_metric is not None and (not isinstance(best_metric, str) or not best_metric):
         raise TypeError(
             "`best_metric` must be None or the name of a metric passed to `save` (e.g. 'loss'), "

@@ -184,11 +184,12 @@ def _stack_size(stacked: LoraTree) -> int:
 
 def _check_index(index: Any) -> jax.Array:
     """``index`` as an int array."""
-    if index is None or not jnp.issubdtype(jnp.result_type(index), jnp.integer):
-        raise TypeError(
-            "`index` must be an int array (one adapter index per example), got "
-            f"{'None' if index is None else jnp.result_type(index)}"
-        )
+    try:
+        kind = None if index is None else jnp.result_type(index)
+    except TypeError:  # a str, an object: no array dtype at all
+        kind = type(index).__name__
+    if kind is None or isinstance(kind, str) or not jnp.issubdtype(kind, jnp.integer):
+        raise TypeError(f"`index` must be an int array (one adapter index per example), got {kind}")
     return jnp.asarray(index)
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import optax
 
-from jaxlora._src import paths
+from jaxlora._src import paths, validate
 from jaxlora._src.types import LORA_A, LORA_B, LoraTree
 
 LABELS = ("lora_a", "lora_b", "embedding")
@@ -45,6 +45,7 @@ def loraplus_labels(tree: LoraTree, embedding_paths: Iterable[str] = ()) -> Any:
         {'emb': {'lora_a': 'embedding'},
          'q': {'bias': 'lora_b', 'lora_a': 'lora_a', 'lora_b': 'lora_b'}}
     """
+    validate.tree("tree", tree)
     embeddings = set(check_embedding_paths(embedding_paths))
     adapted = set()
 

@@ -168,6 +168,8 @@ def check_cache_dtype(dtype: Any, argument: str) -> None:
     """Cached keys and values are floating point: an integer dtype would round every key and
     value to whole numbers and generation would go on, producing nonsense."""
     try:
+        if dtype is None:  # jnp.dtype(None) is NumPy's default float64
+            raise TypeError
         resolved = jnp.dtype(dtype)
     except (TypeError, ValueError):
         raise TypeError(

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from jaxlora._src import validate
 from jaxlora._src.config.lora_config import LoraConfig
 from jaxlora._src.files import atomic
 from jaxlora._src.tree.core import merge
@@ -106,10 +107,18 @@ def _plan(sizes: Mapping[str, int], limit: int) -> list[list[str]]:
     return [*shards, current] if current else shards
 
 
-def _check_directory(directory: Any) -> None:
+def _check_arguments(directory: Any, hf_config: Any) -> None:
+    """The arguments every writer shares, checked before anything is computed or written."""
     if not isinstance(directory, str | os.PathLike):
         raise TypeError(
             f"`directory` must be a path (str or os.PathLike), got {type(directory).__name__}"
+        )
+    if not os.fspath(directory):
+        raise ValueError("`directory` is empty; pass the directory to write the checkpoint into")
+    if hf_config is not None and not isinstance(hf_config, Mapping):
+        raise TypeError(
+            "`hf_config` must be None or a Hugging Face config dict (config.json's contents), got "
+            f"{type(hf_config).__name__}"
         )
     if os.path.lexists(directory) and not os.path.isdir(directory):
         raise ValueError(
@@ -187,7 +196,8 @@ def save_hf(
             fit ``config`` (naming the path), a bad ``max_shard_size``, or a config Hugging Face
             has no model for.
     """
-    _check_directory(directory)
+    _check_arguments(directory, hf_config)
+    validate.tree("params", params)
     tensors_of, to_hf, _ = _family(config)
     limit = _shard_size(max_shard_size)
     if hf_config is None:
@@ -255,5 +265,11 @@ def save_hf_merged(
     :func:`save_hf`; ``frozen``, ``lora`` and ``lora_config`` as for :func:`jaxlora.merge`.
     """
     _family(config)  # a config of another family fails before the merge
+    _check_arguments(directory, hf_config)
+    if not isinstance(lora_config, LoraConfig):
+        raise TypeError(
+            f"`lora_config` must be a jaxlora.LoraConfig, got {type(lora_config).__name__}; pass "
+            "the config the adapter was made with"
+        )
     merged = merge(frozen, lora, lora_config)
     save_hf(directory, config, merged, max_shard_size=max_shard_size, hf_config=hf_config)
