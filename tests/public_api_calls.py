@@ -390,12 +390,16 @@ CALLS: dict[str, Call] = {
     "jaxlora.models.left_pad": Call(_kw(prompts=[[5, 6], [7]])),
     "jaxlora.models.load_gguf_llama": Call(_kw(path=MISSING), valid_error=(OSError, ValueError)),
     "jaxlora.models.save_hf": Call(
-        _kw(directory=fac(fresh_dir), config=fac(_hf_llama_config),
-            params=fac(_llama_params))
+        _kw(directory=fac(fresh_dir), config=fac(_hf_llama_config), params=fac(_llama_params))
     ),  # fmt: skip
     "jaxlora.models.save_hf_merged": Call(
-        _kw(directory=fac(fresh_dir), config=fac(_hf_llama_config),
-            frozen=fac(_llama_params), lora=fac(_llama_lora), lora_config=LLAMA_LORA)
+        _kw(
+            directory=fac(fresh_dir),
+            config=fac(_hf_llama_config),
+            frozen=fac(_llama_params),
+            lora=fac(_llama_lora),
+            lora_config=LLAMA_LORA,
+        )
     ),  # fmt: skip
     "jaxlora.models.load_hf": Call(_kw(directory=MISSING), valid_error=(OSError, ValueError)),
     "jaxlora.models.load_hf_gemma": Call(_kw(directory=MISSING), valid_error=(OSError, ValueError)),
