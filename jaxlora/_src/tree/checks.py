@@ -55,12 +55,14 @@ def check_lora_tree(lora: Any, what: str, name: str = "lora") -> None:
                 )
 
 
-def require_dicts(**trees: Any) -> None:
-    """A TypeError naming the first of ``trees`` (argument name -> value) that is no mapping."""
+def require_tree(**trees: Any) -> None:
+    """A TypeError naming the first of ``trees`` (argument name -> value) that is no pytree of
+    leaves: ``None``, a string, a number or an array alone is no params tree."""
     for name, tree in trees.items():
-        if not isinstance(tree, Mapping):
+        if tree is None or jax.tree_util.treedef_is_leaf(jax.tree.structure(tree)):
             raise TypeError(
-                f"`{name}` must be a nested dict (as `split` returns), got {tree!r:.60}"
+                f"`{name}` must be a params pytree (a nested dict or nnx.State, an Equinox module, "
+                f"a dataclass, list or tuple of arrays), got {tree!r:.60}"
             )
 
 

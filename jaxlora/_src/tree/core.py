@@ -22,15 +22,11 @@ import jax.numpy as jnp
 from jaxlora._src import paths
 from jaxlora._src.config import axes_order
 from jaxlora._src.config.lora_config import LoraConfig, require_config
-from jaxlora._src.config.targets import (
-    EMBEDDING,
-    KERNEL,
-    Target,
-    find_targets,
-    find_trainable_leaves,
-)
+from jaxlora._src.config.conventions import with_tree_layouts
+from jaxlora._src.config.targets import Target, find_targets, find_trainable_leaves
 from jaxlora._src.quant.kernel import dequantize_tree
 from jaxlora._src.tree import checks, count
+from jaxlora._src.tree.pairing import adapter_for
 from jaxlora._src.types import LORA_A, LORA_B, LoraTree, Params, PRNGKey
 from jaxlora._src.variants import base as variants
 from jaxlora._src.variants.lora import delta as delta
@@ -178,7 +174,8 @@ def fold_module(module, names, weight, config: LoraConfig, sign: float):
 
 
 def _fold(params: Params, lora: LoraTree, config: LoraConfig, sign: float, what: str) -> Params:
-    checks.require_dicts(**{"frozen" if sign > 0 else "merged": params})
+    checks.require_tree(**{"frozen" if sign > 0 else "merged": params})
+    config = with_tree_layouts(config, count.params_only(params))
     fold = lambda module, names, leaf: fold_module(module, names, leaf, config, sign)  # noqa: E731
     return map_adapted(dequantize_tree(params), lora, config, fold, what, copy=sign > 0)
 
@@ -200,16 +197,14 @@ def map_adapted(params: Params, lora: LoraTree, config: LoraConfig, fold, what: 
     checks.check_lora_tree(lora, what)
     checks.check_adapter_config(params, lora, config, what)
     used: set[tuple[Any, ...]] = set()
-    adapter = variants.adapter_leaves()
 
     def fold_leaf(keys, names, leaf):
-        module = paths.get_in(lora, keys[:-1]) if names[-1] in (KERNEL, EMBEDDING) else None
-        if isinstance(module, Mapping) and any(n in module for n in adapter):
-            out, leaves = fold(module, names, leaf)
+        replacement = adapter_for(lora, keys)
+        if isinstance(replacement, Mapping):
+            out, leaves = fold(replacement, names, leaf)
             used.update(keys[:-1] + (n,) for n in leaves)
             return out
-        replacement = paths.get_in(lora, keys)
-        if replacement is not None and not isinstance(replacement, Mapping):
+        if replacement is not None:
             used.add(keys)
             if copy:
                 if tuple(replacement.shape) != tuple(leaf.shape):
