@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -105,23 +106,33 @@ def _exact(module_paths: list[str]) -> str:
     return "(?<!.)(?:" + "|".join(re.escape(p) for p in sorted(module_paths)) + ")"
 
 
-def with_tree_layouts(config: LoraConfig, params: Params) -> LoraConfig:
-    """``config`` whose ``layouts`` also hold the tree's own conventions (:func:`tree_layouts`),
-    after the user's patterns, which win. One pattern per distinct layout, so a model with
-    thousands of layers adds a handful of patterns. A tree without ``weight`` leaves (Flax) gets
-    ``config`` itself back.
+def with_layouts_of(layouts: Mapping[str, str], params: Params) -> dict[str, str]:
+    """``layouts`` (``LoraConfig.layouts`` patterns) followed by the tree's own conventions
+    (:func:`tree_layouts`), which the user's patterns override: one exact-path pattern per
+    distinct layout, so a model with thousands of layers adds a handful of patterns.
 
-    This config is what a call works with; it is never returned to the user nor saved.
+    Example:
+        >>> import jax.numpy as jnp
+        >>> with_layouts_of({"q": "io"}, {"fc": {"weight": jnp.zeros((4, 3))}})
+        {'q': 'io', '(?<!.)(?:fc)': 'oi'}
     """
-    found = tree_layouts(params)
-    if not found:
-        return config
     by_layout: dict[str, list[str]] = {}
-    for path, layout in found.items():
+    for path, layout in tree_layouts(params).items():
         by_layout.setdefault(layout, []).append(path)
-    layouts: dict[str, str] = dict(config.layouts)
+    out = dict(layouts)
     for layout, module_paths in sorted(by_layout.items()):
-        layouts.setdefault(_exact(module_paths), layout)
+        out.setdefault(_exact(module_paths), layout)
+    return out
+
+
+def with_tree_layouts(config: LoraConfig, params: Params) -> LoraConfig:
+    """``config`` whose ``layouts`` also hold the tree's own conventions (:func:`with_layouts_of`);
+    ``config`` itself for a tree without ``weight`` leaves (Flax). What a call works with; never
+    returned to the user nor saved.
+    """
+    layouts = with_layouts_of(config.layouts, params)
+    if len(layouts) == len(config.layouts):
+        return config
     return dataclasses.replace(config, layouts=layouts)
 
 

@@ -144,13 +144,23 @@ def _layout(config: LoraConfig, cand: _Candidate) -> str | None:
     return None
 
 
+def _as_flax(cand: _Candidate, layout: str | None) -> tuple[str, str, tuple[int, ...], str | None]:
+    """``(path, leaf, shape, layout)`` as Flax would name and order it, for PEFT's rules: an
+    Equinox ``weight`` is a ``kernel`` or an ``embedding``, its axes in canonical order."""
+    leaf = EMBEDDING if cand.embed else KERNEL if cand.leaf == WEIGHT else cand.leaf
+    if layout is None:
+        return cand.path, leaf, cand.shape, None
+    shape = axes_order.canonical_shape(cand.shape, layout)
+    return cand.path, leaf, shape, axes_order.canonical_layout(layout)
+
+
 def _select(config: LoraConfig, cands: list[_Candidate]) -> list[_Candidate]:
     """PEFT's choice (:func:`peft_rules.select`); layouts are read only for ``"all-linear"``,
     which also skips integer and bool kernels (an explicit choice of one is an error)."""
     every = config.target_modules == peft_rules.ALL_LINEAR
     if every:
         cands = [c for c in cands if target_checks.is_float_kernel(c.dtype)]
-    kernels = [(c.path, c.leaf, c.shape, _layout(config, c) if every else None) for c in cands]
+    kernels = [_as_flax(c, _layout(config, c) if every else None) for c in cands]
     chosen = peft_rules.select(config, kernels)
     out = [c for c, keep in zip(cands, chosen, strict=True) if keep]
     target_checks.check_float_targets(out)

@@ -27,9 +27,17 @@ from typing import Any
 import numpy as np
 
 from jaxlora._src import paths
-from jaxlora._src.config import axes_order
+from jaxlora._src.config import axes_order, conventions
 from jaxlora._src.config.lora_config import LoraConfig
-from jaxlora._src.config.targets import BIAS, EMBEDDING, KERNEL, find_targets, find_trainable_leaves
+from jaxlora._src.config.targets import (
+    BIAS,
+    EMBEDDING,
+    KERNEL,
+    WEIGHT_LEAVES,
+    find_targets,
+    find_trainable_leaves,
+)
+from jaxlora._src.tree.count import params_only
 from jaxlora._src.types import LORA_A, LORA_B, Params
 from jaxlora._src.variants import base as variants
 
@@ -196,6 +204,8 @@ def tensor_entries(
         >>> [(e.key, e.peft_shape) for e in tensor_entries(base, config, lambda p, i: p)]
         [('base_model.model.q.lora_A.weight', (2, 4)), ('base_model.model.q.lora_B.weight', (6, 2))]
     """
+    base = params_only(base)  # of an Equinox model, its arrays
+    config = conventions.with_tree_layouts(config, base)
     targets = find_targets(base, config)
     by_path = {t.path: t for t in targets}
     entries = []
@@ -249,13 +259,15 @@ def named_modules(
     """``(flax module path, PyTorch names per layer)`` for the modules of ``base`` that hold an
     adaptable kernel (``adaptable``) or any leaf; modules ``module_name`` cannot name are left out.
     """
+    base = params_only(base)
+    layouts = conventions.with_layouts_of(layouts, base)
     shapes: dict[str, tuple[int, ...]] = {}
     for _, parts, leaf in paths.flatten(base):
         shape = tuple(getattr(leaf, "shape", ()))
         if not adaptable:
             for k in range(1, len(parts)):
                 shapes.setdefault(paths.join(parts[:k]), shape)
-        elif parts[-1] in (KERNEL, EMBEDDING) and len(shape) >= 2:
+        elif parts[-1] in WEIGHT_LEAVES and len(shape) >= 2:
             shapes.setdefault(paths.join(parts[:-1]), shape)
     found = []
     for module, shape in shapes.items():

@@ -55,9 +55,7 @@ def _as_dict(tree: Any) -> Any:
 
 def _combine(frozen: Params, lora: Mapping[Any, Any]) -> dict[Any, Any]:
     frozen = _as_dict(frozen)
-    out = {
-        k: _combine(v, {}) if isinstance(_as_dict(v), Mapping) else v for k, v in frozen.items()
-    }
+    out = {k: _combine(v, {}) if isinstance(_as_dict(v), Mapping) else v for k, v in frozen.items()}
     for key, value in lora.items():
         out[key] = _combine(out.get(key, {}), value) if isinstance(value, Mapping) else value
     return out

@@ -21,8 +21,8 @@ import jax.numpy as jnp
 
 from jaxlora._src import paths
 from jaxlora._src.config import axes_order
-from jaxlora._src.config.lora_config import LoraConfig, require_config
 from jaxlora._src.config.conventions import with_tree_layouts
+from jaxlora._src.config.lora_config import LoraConfig, require_config
 from jaxlora._src.config.targets import Target, find_targets, find_trainable_leaves
 from jaxlora._src.quant.kernel import dequantize_tree
 from jaxlora._src.tree import checks, count
