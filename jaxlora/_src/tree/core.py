@@ -104,7 +104,7 @@ def split(
     chosen = variants.get(variant)
     # Of a full nnx.State, only the parameters: batch statistics and RNG state never train.
     view = count.params_only(params)
-    targets = find_targets(view, config)
+    targets = find_targets(view, config, caller="split")
     trainable = find_trainable_leaves(view, config, targets)
     leaves = {keys: leaf for keys, _, leaf in paths.flatten(view)}
     lora: LoraTree = {}
