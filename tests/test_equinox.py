@@ -278,3 +278,29 @@ def test_adapter_bank_weighted_sum_and_stack():
     assert_trees_close(_arrays(got), _arrays(want), atol=1e-5)
     stacked = adapters.stack([one, two])
     assert stacked["layers"][0]["lora_a"].shape == (2, 4, 2)
+
+
+@pytest.mark.slow  # a subprocess
+def test_jaxlora_works_without_equinox():
+    """Equinox is an optional extra: jaxlora never imports it, and runs where it is missing."""
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]  # this checkout's jaxlora
+
+    code = (
+        "import sys; sys.modules['equinox'] = None\n"  # `import equinox` now raises ImportError
+        "import jax, jax.numpy as jnp, jaxlora\n"
+        "params = {'q': {'kernel': jnp.ones((2, 2))}, 'fc': {'weight': jnp.ones((3, 2))}}\n"
+        "config = jaxlora.LoraConfig(r=1, target_modules=['q', 'fc'])\n"
+        "frozen, lora = jaxlora.split(params, config, jax.random.key(0))\n"
+        "jaxlora.merge(frozen, lora, config); print(jaxlora.count(frozen, lora).trainable)\n"
+    )
+    run = dict(capture_output=True, text=True, check=False, cwd=root)
+    done = subprocess.run([sys.executable, "-c", code], **run)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(2 + 2 + 2 + 3)
+    imports = "import sys, jaxlora; print('equinox' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", imports], **run)
+    assert done.stdout.strip() == "False", done.stderr
