@@ -304,3 +304,14 @@ def test_jaxlora_works_without_equinox():
     imports = "import sys, jaxlora; print('equinox' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", imports], **run)
     assert done.stdout.strip() == "False", done.stderr
+
+
+def test_dora_on_equinox_weights():
+    model = _tagger()
+    config = jaxlora.LoraConfig(r=2, target_modules=["head", "conv"])
+    frozen, lora = jaxlora.split(model, config, KEY, variant="dora")
+    assert lora["head"]["lora_magnitude"].shape == (6,)  # one per output feature
+    merged = jaxlora.merge(frozen, lora, config)
+    assert_trees_close(_arrays(merged), _arrays(model), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"DoRA adapts dense and conv kernels; `emb` is an embed"):
+        jaxlora.split(model, jaxlora.LoraConfig(target_modules=["emb"]), KEY, variant="dora")

@@ -37,6 +37,8 @@ def combine(frozen: Params, lora: LoraTree) -> dict[Any, Any]:
         ['kernel', 'lora_a', 'lora_b']
     """
     checks.require_tree(frozen=frozen)
+    if not isinstance(lora, Mapping):
+        raise TypeError(f"`lora` must be a nested dict (as `split` returns), got {lora!r:.60}")
     count.check_fits(count.base_leaves(frozen), lora, "combine")
     return _combine(frozen, lora)
 

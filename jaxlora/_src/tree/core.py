@@ -74,9 +74,14 @@ def split(
     """Splits ``params`` into the frozen base and a fresh adapter Θ.
 
     Args:
-        params: a params pytree (linen ``params`` dict, ``nnx.State``, nested dicts). Of a
-            full ``nnx.State`` only the ``nnx.Param`` variables are adapted or trained, never
-            batch statistics, RNG state or other variables.
+        params: a params pytree: a linen ``params`` dict, an ``nnx.State``, an Equinox module or
+            its ``eqx.partition`` arrays, a dataclass / NamedTuple / list / tuple pytree, dicts
+            with any keys. Of a full ``nnx.State`` only the ``nnx.Param`` variables are adapted
+            or trained, never batch statistics, RNG state or other variables; of an Equinox
+            module only its arrays. Module paths come from the tree's own keys
+            (``layers/0/attn/q_proj``; PEFT files write ``layers.0.attn.q_proj``). Weights are
+            Flax's ``kernel`` (in, out) / ``embedding`` or Equinox's and PyTorch's ``weight``
+            (out, in) (:mod:`jaxlora._src.config.conventions`).
         config: which modules to adapt and how.
         key: PRNG key for the adapter's initial values.
         variant: ``"lora"`` (plain LoRA) or ``"dora"`` (each module also gets DoRA's magnitude
@@ -85,7 +90,8 @@ def split(
     Returns:
         ``(frozen, lora)``: ``frozen`` is ``params`` itself (never modified); ``lora`` is a nested
         dict with ``lora_a`` / ``lora_b`` (and the variant's leaves) under each adapted module and
-        copies of trainable leaves.
+        copies of trainable leaves, keyed by the raw keys of the params tree (a list index or an
+        int dict key stays an int) whatever the tree's types.
         Works under ``jax.jit`` and ``jax.eval_shape`` (with ``ShapeDtypeStruct`` params).
 
     Raises:
@@ -232,7 +238,8 @@ def merge(frozen: Params, lora: LoraTree, config: LoraConfig) -> Params:
     The update is computed in float32 and cast to W's dtype; trainable copies (biases,
     ``modules_to_save``) replace their base leaves. Quantised kernels of ``frozen``
     (:mod:`jaxlora.quant`) are dequantised first. The result has the structure, shapes and dtypes
-    of (the dequantised) ``frozen`` and runs with the model's ordinary apply at no added cost.
+    of (the dequantised) ``frozen`` and runs with the model's ordinary apply at no added cost: of
+    an Equinox model, the same model class, its non-array fields returned as they came.
 
     Raises:
         ValueError: when a leaf of ``lora`` has no counterpart in ``frozen`` or does not fit it.
