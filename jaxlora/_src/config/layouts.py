@@ -167,7 +167,7 @@ def infer_layouts(
         what = "a Module class" if isinstance(module, type) else type(module).__name__
         raise TypeError(
             f"`module` must be a flax.linen, nnx or Equinox Module instance, got {what} "
-            f"({module!r:.60}); pass the model object itself (e.g. `MyModel()`), not its `apply` or `__call__`, a"
-            " plain function or the class: layouts are read off the model's layers"
+            f"({module!r:.60}); pass the model object itself (e.g. `MyModel()`), not its `apply` "
+            "or `__call__`, a plain function or the class: layouts are read off the model's layers"
         )
     return _infer_linen(module, args, method, kwargs)
