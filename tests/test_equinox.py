@@ -315,3 +315,16 @@ def test_dora_on_equinox_weights():
     assert_trees_close(_arrays(merged), _arrays(model), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match=r"DoRA adapts dense and conv kernels; `emb` is an embed"):
         jaxlora.split(model, jaxlora.LoraConfig(target_modules=["emb"]), KEY, variant="dora")
+
+
+class Named(eqx.Module):
+    value: eqx.nn.Linear  # the name of an NNX Variable's array attribute, here a real field
+
+
+def test_a_field_named_value_keeps_its_path():
+    model = Named(_mlp().layers[0])
+    config = jaxlora.LoraConfig(r=2, target_modules=["value"], init_lora_weights=False)
+    frozen, lora = jaxlora.split(model, config, KEY)
+    assert [t.path for t in jaxlora.find_targets(model, config)] == ["value"]
+    assert sorted(lora["value"]) == ["lora_a", "lora_b"]
+    assert jaxlora.merge(frozen, lora, config).value.weight.shape == (4, 4)

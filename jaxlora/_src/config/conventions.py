@@ -8,6 +8,9 @@ Equinox layer in the tree tells the rest: an ``eqx.nn.Embedding`` table is an em
 looked up by row), an ``eqx.nn.Conv`` kernel ``"oi" + "w" * n``, and a layer whose weight has
 extra leading axes (``eqx.filter_vmap``-made stacks) gets them as ``s``.
 
+Other Equinox layers are not read: a ``ConvTranspose`` or a 3-D ``weight`` outside a known layer
+needs ``LoraConfig.layouts``, and a cell's ``weight_ih`` / ``weight_hh`` are no ``weight`` leaf.
+
 These defaults reach every function through :func:`with_tree_layouts`, which adds them, after the
 user's own ``LoraConfig.layouts`` patterns (those win), to the config a call works with. Equinox is
 never imported here: a tree can only hold Equinox modules once the user has imported it.
