@@ -277,7 +277,7 @@ def test_merge_errors():
         jaxlora.merge(frozen, dora, config)
     with pytest.raises(ValueError, match="`variant` must be one of"):
         jaxlora.split(params, config, jax.random.key(0), variant="vera")
-    with pytest.raises(TypeError, match="`frozen` must be a nested dict"):
-        jaxlora.combine([1], lora)
+    with pytest.raises(TypeError, match="`frozen` must be a params pytree"):
+        jaxlora.combine("params", lora)
     with pytest.raises(ValueError, match="`lora` leaf `w/kernel` has no counterpart in `frozen`"):
         jaxlora.count(frozen, {"w": {"kernel": jnp.ones(2)}})

@@ -208,7 +208,7 @@ def test_matching_errors(unrolled, kwargs, match):
 
 
 def test_params_without_kernels_is_an_error():
-    with pytest.raises(ValueError, match="holds no 'kernel' or 'embedding' leaf"):
+    with pytest.raises(ValueError, match="holds no 'kernel', 'embedding' or 'weight' leaf"):
         find_targets({"params": {"w": jnp.ones((2, 2))}}, LoraConfig(target_modules=["w"]))
 
 

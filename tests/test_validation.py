@@ -358,7 +358,7 @@ def test_merge_rejects_adapters_that_cannot_be_right(mlp, fn):
             fn(frozen, no_factors, config)
     with pytest.raises(ValueError, match=r"lacks the trainable copies .*`bias`='all'"):
         fn(frozen, lora, LoraConfig(r=2, target_modules=["up", "down"], bias="all"))
-    with pytest.raises(TypeError, match=r"`(frozen|merged)` must be a nested dict"):
+    with pytest.raises(TypeError, match=r"`(frozen|merged)` must be a params pytree"):
         fn("params", lora, config)
 
 

@@ -20,14 +20,18 @@ from jaxlora._src.types import ModulePath, Params
 _VARIABLE_ATTRS = ("value", "raw_value")
 
 
-def _key_name(entry: Any) -> tuple[Any, str] | None:
-    """Returns ``(raw key, string)`` for one path entry, or None for a variable wrapper."""
+def _key_name(entry: Any, last: bool = True) -> tuple[Any, str] | None:
+    """Returns ``(raw key, string)`` for one path entry, or None for a variable wrapper.
+
+    An NNX ``Variable``'s ``value`` ends the path of an array leaf; an attribute named ``value``
+    that leads on to more keys (an Equinox field holding a layer) is a real key.
+    """
     if isinstance(entry, jax.tree_util.DictKey):
         return entry.key, str(entry.key)
     if isinstance(entry, jax.tree_util.SequenceKey):
         return entry.idx, str(entry.idx)
     if isinstance(entry, jax.tree_util.GetAttrKey):
-        if entry.name in _VARIABLE_ATTRS:
+        if entry.name in _VARIABLE_ATTRS and (last or entry.name == "raw_value"):
             return None
         return entry.name, entry.name
     if isinstance(entry, jax.tree_util.FlattenedIndexKey):
@@ -37,13 +41,13 @@ def _key_name(entry: Any) -> tuple[Any, str] | None:
 
 def leaf_keys(keypath: tuple[Any, ...]) -> tuple[Any, ...]:
     """The raw keys (strings, ints) of a ``tree_flatten_with_path`` key path, wrappers dropped."""
-    names = (_key_name(entry) for entry in keypath)
+    names = (_key_name(entry, k == len(keypath) - 1) for k, entry in enumerate(keypath))
     return tuple(name[0] for name in names if name is not None)
 
 
 def leaf_path(keypath: tuple[Any, ...]) -> ModulePath:
     """String form of a key path: ``[DictKey('d'), DictKey('k')]`` -> ``('d', 'k')``."""
-    names = (_key_name(entry) for entry in keypath)
+    names = (_key_name(entry, k == len(keypath) - 1) for k, entry in enumerate(keypath))
     return tuple(name[1] for name in names if name is not None)
 
 

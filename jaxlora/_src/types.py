@@ -6,12 +6,16 @@ from typing import Any, TypeAlias
 
 import jax
 
-#: A parameter pytree: a linen ``params`` dict, an ``nnx.State``, or any pytree whose leaves are
-#: arrays or :class:`jax.ShapeDtypeStruct`.
+#: A parameter pytree: a linen ``params`` dict, an ``nnx.State``, an Equinox module (or its
+#: ``eqx.partition`` arrays), or any pytree (dataclasses, NamedTuples, lists, tuples, dicts with
+#: any keys) whose leaves are arrays or :class:`jax.ShapeDtypeStruct`.
 Params: TypeAlias = Any
 
 #: The adapter Θ: nested dicts mirroring the nesting of :data:`Params`, holding only the adapted
-#: modules (``lora_a`` / ``lora_b``) and any trainable copies (biases, ``modules_to_save``).
+#: modules (``lora_a`` / ``lora_b``) and any trainable copies (biases, ``modules_to_save``). Its
+#: keys are the raw keys of the params tree's own key paths, whatever the tree's types: dict keys
+#: as they are (ints stay ints), sequence indices as ints, attribute names (Equinox modules,
+#: dataclasses, NamedTuples) as strings; see :func:`jaxlora._src.tree.pairing.adapter_for`.
 LoraTree: TypeAlias = dict[Any, Any]
 
 #: A JAX PRNG key (new-style ``jax.random.key`` or legacy ``uint32[2]``).

@@ -274,6 +274,18 @@ def tree(name: str, value: Any) -> Any:
     return value
 
 
+def pytree(name: str, value: Any) -> Any:
+    """``value`` if it is a params pytree of any kind: a nested dict or ``nnx.State``, an Equinox
+    module, a dataclass, list or tuple of arrays; ``None``, a string, a number or an array alone
+    is none."""
+    if value is None or jax.tree_util.treedef_is_leaf(jax.tree.structure(value)):
+        raise TypeError(
+            f"`{name}` must be a params pytree (a nested dict or nnx.State, an Equinox module, "
+            f"a dataclass, list or tuple of arrays), got {value!r:.60}"
+        )
+    return value
+
+
 def dataclass_fields(
     obj: Any,
     *,

@@ -3,6 +3,7 @@ allocated), an NNX module by its layers' own attributes (no trace at all)."""
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import flax.linen as nn
@@ -11,7 +12,7 @@ from flax import nnx
 
 from jaxlora._src import paths
 from jaxlora._src.axes import as_tuple
-from jaxlora._src.config import axes_order
+from jaxlora._src.config import axes_order, conventions
 from jaxlora._src.config.targets import EMBEDDING, KERNEL
 
 
@@ -112,11 +113,21 @@ def _infer_linen(module: nn.Module, args, method, kwargs) -> dict[str, str]:
     return layouts
 
 
+def _is_equinox(module: Any) -> bool:
+    eqx = sys.modules.get("equinox")  # never imported here: an Equinox model means it was
+    return eqx is not None and isinstance(module, eqx.Module)
+
+
 def infer_layouts(
     module: nn.Module | nnx.Module, *args: Any, method: Any = None, **kwargs: Any
 ) -> dict[str, str]:
     """Layouts of every Dense / DenseGeneral / Einsum / Conv / Embed kernel of a linen or NNX
-    model (``nnx.Linear`` / ``LinearGeneral`` / ``Einsum`` / ``Conv`` / ``Embed``).
+    model (``nnx.Linear`` / ``LinearGeneral`` / ``Einsum`` / ``Conv`` / ``Embed``), or of every
+    ``weight`` of an Equinox model (``eqx.nn.Linear`` ``"oi"``, ``Conv2d`` ``"oiww"``,
+    ``Embedding`` ``"io"``, a leading ``s`` per stacked axis, any other 2-D ``weight`` ``"oi"``).
+
+    Equinox layouts need not be passed to ``LoraConfig``: every function reads them off the tree
+    itself; this call shows what they are.
 
     A linen model is initialised under ``jax.eval_shape`` with ``nn.intercept_methods`` watching
     each layer, so nothing is allocated. An NNX model already holds its layers: each one's layout
@@ -144,14 +155,19 @@ def infer_layouts(
         >>> attn = nnx.MultiHeadAttention(2, 8, decode=False, rngs=nnx.Rngs(0))
         >>> infer_layouts(attn)
         {'key': 'ioo', 'out': 'iio', 'query': 'ioo', 'value': 'ioo'}
+        >>> import equinox as eqx
+        >>> infer_layouts(eqx.nn.MLP(2, 3, 4, 1, key=jax.random.key(0)))
+        {'layers/0': 'oi', 'layers/1': 'oi'}
     """
     if isinstance(module, nnx.Module):
         return _infer_nnx(module)
+    if _is_equinox(module):
+        return conventions.tree_layouts(module)
     if not isinstance(module, nn.Module):
         what = "a Module class" if isinstance(module, type) else type(module).__name__
         raise TypeError(
-            f"`module` must be a flax.linen or an nnx Module instance, got {what} ({module!r:.60});"
-            " pass the model object itself (e.g. `MyModel()`), not its `apply` or `__call__`, a"
-            " plain function or the class: layouts are read off the model's layers"
+            f"`module` must be a flax.linen, nnx or Equinox Module instance, got {what} "
+            f"({module!r:.60}); pass the model object itself (e.g. `MyModel()`), not its `apply` "
+            "or `__call__`, a plain function or the class: layouts are read off the model's layers"
         )
     return _infer_linen(module, args, method, kwargs)

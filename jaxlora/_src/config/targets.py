@@ -15,17 +15,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
 from typing import Any, cast
 
+import jax
+
 from jaxlora._src import paths, validate
-from jaxlora._src.config import axes_order, peft_rules, target_checks
+from jaxlora._src.config import axes_order, conventions, peft_rules, target_checks
+from jaxlora._src.config.conventions import EMBEDDING as EMBEDDING
+from jaxlora._src.config.conventions import KERNEL as KERNEL
+from jaxlora._src.config.conventions import WEIGHT as WEIGHT
+from jaxlora._src.config.conventions import WEIGHT_LEAVES as WEIGHT_LEAVES
 from jaxlora._src.config.lora_config import LoraConfig, require_config
 from jaxlora._src.types import Params
 
-#: Leaf names of the weights LoRA can adapt (Flax's names for Dense/Conv/Einsum and Embed).
-KERNEL = "kernel"
-EMBEDDING = "embedding"
 BIAS = "bias"
 
 
@@ -48,11 +50,13 @@ class Target:
     rank: int
     alpha: float
     scale: float
+    #: An embedding table under another leaf name (an ``eqx.nn.Embedding``'s ``weight``).
+    embed: bool = False
 
     @property
     def kind(self) -> str:
         """``"embed"``, ``"conv"`` or ``"dense"``."""
-        if self.leaf == EMBEDDING:
+        if self.leaf == EMBEDDING or self.embed:
             return "embed"
         return "conv" if "w" in self.layout else "dense"
 
@@ -97,22 +101,27 @@ class _Candidate:
     leaf: str
     shape: tuple[int, ...]
     dtype: Any
+    embed: bool = False
 
 
 def _candidates(params: Params) -> list[_Candidate]:
+    """Every weight leaf of 2 or more axes: Flax's ``kernel`` / ``embedding``, Equinox's (and
+    PyTorch-style trees') ``weight`` (:mod:`jaxlora._src.config.conventions`)."""
+    embeds = conventions.embedding_paths(params)
     found = []
     for keys, names, leaf in paths.flatten(params):
         shape = getattr(leaf, "shape", None)
-        if names and names[-1] in (KERNEL, EMBEDDING) and shape is not None and len(shape) >= 2:
+        if names and names[-1] in WEIGHT_LEAVES and shape is not None and len(shape) >= 2:
+            path = paths.join(names[:-1])
             found.append(
-                _Candidate(keys[:-1], paths.join(names[:-1]), names[-1], tuple(shape), leaf.dtype)
+                _Candidate(keys[:-1], path, names[-1], tuple(shape), leaf.dtype, path in embeds)
             )
     return found
 
 
 def module_paths(params: Params) -> list[str]:
     """Every module path of ``params`` that holds a kernel or embedding LoRA could adapt."""
-    validate.tree("params", params)
+    validate.pytree("params", params)
     return [c.path for c in _candidates(params)]
 
 
@@ -125,15 +134,25 @@ def _layout(config: LoraConfig, cand: _Candidate) -> str | None:
                 f"`layouts[{found[0]!r}]`={layout!r} has {len(layout)} axes but the {cand.leaf} at "
                 f"`{cand.path}` has shape {cand.shape}; give one letter per axis"
             )
-        if cand.leaf == EMBEDDING and layout.strip("s") != "io":
+        if (cand.leaf == EMBEDDING or cand.embed) and layout.strip("s") != "io":
             raise ValueError(
                 f"`layouts[{found[0]!r}]`={layout!r} does not fit the embedding table at "
                 f"`{cand.path}`: an embedding takes 'io' with optional leading 's' axes"
             )
         return layout
-    if len(cand.shape) == 2:
+    if len(cand.shape) == 2 and cand.leaf != WEIGHT:
         return "io"
     return None
+
+
+def _as_flax(cand: _Candidate, layout: str | None) -> tuple[str, str, tuple[int, ...], str | None]:
+    """``(path, leaf, shape, layout)`` as Flax would name and order it, for PEFT's rules: an
+    Equinox ``weight`` is a ``kernel`` or an ``embedding``, its axes in canonical order."""
+    leaf = EMBEDDING if cand.embed else KERNEL if cand.leaf == WEIGHT else cand.leaf
+    if layout is None:
+        return cand.path, leaf, cand.shape, None
+    shape = axes_order.canonical_shape(cand.shape, layout)
+    return cand.path, leaf, shape, axes_order.canonical_layout(layout)
 
 
 def _select(config: LoraConfig, cands: list[_Candidate]) -> list[_Candidate]:
@@ -142,7 +161,7 @@ def _select(config: LoraConfig, cands: list[_Candidate]) -> list[_Candidate]:
     every = config.target_modules == peft_rules.ALL_LINEAR
     if every:
         cands = [c for c in cands if target_checks.is_float_kernel(c.dtype)]
-    kernels = [(c.path, c.leaf, c.shape, _layout(config, c) if every else None) for c in cands]
+    kernels = [_as_flax(c, _layout(config, c) if every else None) for c in cands]
     chosen = peft_rules.select(config, kernels)
     out = [c for c, keep in zip(cands, chosen, strict=True) if keep]
     target_checks.check_float_targets(out)
@@ -163,8 +182,10 @@ def find_targets(
     """The kernels of ``params`` that ``config`` adapts, in the tree's flattening order.
 
     Args:
-        params: a params pytree (linen ``params`` dict, ``nnx.State``, nested dicts); its leaves
-            may be arrays or ``jax.ShapeDtypeStruct``.
+        params: a params pytree (linen ``params`` dict, ``nnx.State``, nested dicts, an Equinox
+            module or its ``eqx.partition`` arrays, dataclasses, lists, tuples); its leaves may be
+            arrays or ``jax.ShapeDtypeStruct``. Module paths come from the tree's own keys
+            (dict keys, attribute names, sequence indices): ``layers/0/q_proj``.
         config: the LoRA config.
         argument: the caller's name for ``params``, used in error messages (e.g. ``"frozen"``).
         caller: the public function that called, named in error messages (default: this one).
@@ -188,16 +209,18 @@ def find_targets(
         validate.string("caller", caller)
     where = f"`{argument}` (in `{caller or 'find_targets'}`)"
     require_config(config, caller or "find_targets")
-    if not isinstance(params, Mapping):
+    if jax.tree_util.treedef_is_leaf(jax.tree.structure(params)):
         raise TypeError(
-            f"{where} must be the model's params, a nested dict or nnx.State of arrays, got "
-            f"{type(params).__name__}; pass the model's `params` collection (variables['params'])"
+            f"{where} must be the model's params, a pytree of arrays (a nested dict or nnx.State, "
+            f"an Equinox module, a dataclass, list or tuple), got {type(params).__name__}; pass "
+            "the model's `params` collection (variables['params']) or the Equinox model"
         )
+    config = conventions.with_tree_layouts(config, params)
     cands = _candidates(params)
     if not cands:
         raise ValueError(
-            f"{where} holds no 'kernel' or 'embedding' leaf of 2 or more dimensions, so nothing "
-            "can be adapted; pass the model's `params` collection (variables['params'])"
+            f"{where} holds no 'kernel', 'embedding' or 'weight' leaf of 2 or more dimensions, "
+            "so nothing can be adapted; pass the model's `params` collection (variables['params'])"
         )
     all_paths = [c.path for c in cands]
     _check_patterns("layouts", config.layouts, all_paths, "module")
@@ -229,6 +252,7 @@ def find_targets(
                 rank=rank,
                 alpha=config.alpha_for(c.path),
                 scale=config.scale_for(c.path, rank),
+                embed=c.embed,
             )
         )
     return targets

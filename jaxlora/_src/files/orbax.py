@@ -45,6 +45,7 @@ from jaxlora._src.files.orbax_manager import (
     OPT_STATE_ITEM,
     AdapterCheckpointManager,
 )
+from jaxlora._src.tree.checks import require_tree
 from jaxlora._src.tree.fit import check_fits, expected_adapter
 from jaxlora._src.types import LoraTree, Params
 
@@ -257,11 +258,7 @@ def restore(
     if isinstance(manager, AdapterCheckpointManager):
         manager.check_open("`restore`")
     check_optimizer(optimizer)
-    if not isinstance(frozen, Mapping):
-        raise TypeError(
-            "`frozen` must be the base params (a nested dict of arrays or ShapeDtypeStructs), "
-            f"got {type(frozen).__name__}"
-        )
+    require_tree(frozen=frozen)
     step = _resolve_step(manager, step)
     where = f"the adapter checkpoint at step {step} in `{manager.directory}`"
     config, digests = _read_config(manager, step)

@@ -34,7 +34,7 @@ from jaxlora._src.files.peft_checks import (
 )
 from jaxlora._src.files.peft_config import config_from_peft, default_module_name, peft_config
 from jaxlora._src.files.peft_layout import ModuleName, check_tensors, tensor_entries
-from jaxlora._src.tree import core
+from jaxlora._src.tree import core, count
 from jaxlora._src.tree.fit import check_fits
 from jaxlora._src.types import LoraTree, Params
 from jaxlora._src.variants import base as variants
@@ -66,7 +66,9 @@ def _write(directory: str, document: dict[str, Any], tensors: dict[str, np.ndarr
 def _expected(base: Params, config: LoraConfig, variant: str) -> LoraTree:
     """Shapes and dtypes of the Θ of ``variant`` that ``config`` makes for ``base``."""
     key = jax.random.key(0)
-    return jax.eval_shape(lambda params: core.split(params, config, key, variant=variant)[1], base)
+    # Of an Equinox model, its arrays: functions and Python numbers are no jax types.
+    view = count.params_only(base)
+    return jax.eval_shape(lambda params: core.split(params, config, key, variant=variant)[1], view)
 
 
 def save_peft(

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from jaxlora._src import validate
-from jaxlora._src.tree.checks import check_lora_tree
+from jaxlora._src.tree.checks import check_lora_tree, require_tree
 
 
 def check_directory(directory: Any) -> None:
@@ -60,11 +60,8 @@ def check_save_args(lora: Any, module_name: Any, base_model_name_or_path: Any) -
 
 
 def check_frozen(frozen: Any) -> None:
-    if not isinstance(frozen, Mapping):
-        raise TypeError(
-            "`frozen` must be the base params (a nested dict of arrays or ShapeDtypeStructs), "
-            f"got {type(frozen).__name__}"
-        )
+    """A TypeError unless ``frozen`` is a params pytree (any pytree but a lone leaf or None)."""
+    require_tree(frozen=frozen)
 
 
 def check_layouts(layouts: Any) -> None:

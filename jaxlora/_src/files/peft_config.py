@@ -102,7 +102,7 @@ def peft_config(
         (['l0.q', 'l1.q'], {'l1.q': 2}, 'LORA')
     """
     require_config(config, "peft_config")
-    validate.tree("frozen", frozen)
+    validate.pytree("frozen", frozen)
     validate.function("module_name", module_name)
     validate.boolean("use_dora", use_dora)
     if base_model_name_or_path is not None:
@@ -261,7 +261,7 @@ def config_from_peft(
         (('l0/q',), {'l0/q': 2})
     """
     validate.mapping("peft", peft)
-    validate.tree("frozen", frozen)
+    validate.pytree("frozen", frozen)
     validate.function("module_name", module_name)
     if layouts is not None:
         validate.mapping("layouts", layouts)

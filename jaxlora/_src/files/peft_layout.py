@@ -5,10 +5,10 @@ PEFT keys each tensor by the PyTorch module name: ``base_model.model.<name>.lora
 ``.lora_embedding_B`` ``(dim, r)``; trainable biases of adapted modules ``.base_layer.bias``, other
 biases ``.bias``; ``modules_to_save`` as the module's own parameters (``.weight``, ``.bias``); a
 DoRA magnitude ``.lora_magnitude_vector``, ``(out,)`` (a conv's ``(1, Cout, 1, …)``).
-Flax's ``(in, out)`` kernels are the transpose of PyTorch's; N-D kernels are flattened to
-``(prod(in), prod(out))`` in C order, input and output axes each in kernel order whatever the
-layout (``"oio"`` (h, d, k): in ``d``, out ``h·k``); a conv's A is ``(r, Cin, *window)``, its B
-``(Cout, r, 1, …)``.
+Flax's ``(in, out)`` kernels are the transpose of PyTorch's (Equinox's ``weight`` is PyTorch's);
+N-D kernels are flattened to ``(prod(in), prod(out))`` in C order, input and output axes each in
+kernel order whatever the layout (``"oio"`` (h, d, k): in ``d``, out ``h·k``); a conv's A is
+``(r, Cin, *window)``, its B ``(Cout, r, 1, …)``.
 
 A ``module_name(path, index)`` function maps a Flax module path (``"encoder/layer_0/query"``) to the
 PyTorch module name: ``index`` is ``()`` for plain modules and the layer index (a tuple) for stacked
@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from jaxlora._src import paths
-from jaxlora._src.config import axes_order
+from jaxlora._src.config import axes_order, conventions
 from jaxlora._src.config.lora_config import LoraConfig
 from jaxlora._src.config.targets import BIAS, EMBEDDING, KERNEL, find_targets, find_trainable_leaves
 from jaxlora._src.types import LORA_A, LORA_B, Params
@@ -196,6 +196,7 @@ def tensor_entries(
         >>> [(e.key, e.peft_shape) for e in tensor_entries(base, config, lambda p, i: p)]
         [('base_model.model.q.lora_A.weight', (2, 4)), ('base_model.model.q.lora_B.weight', (6, 2))]
     """
+    config = conventions.with_tree_layouts(config, base)  # Equinox's weights: (out, in)
     targets = find_targets(base, config)
     by_path = {t.path: t for t in targets}
     entries = []
@@ -210,7 +211,7 @@ def tensor_entries(
                         PREFIX + name + suffix, name, False, keys, index, shape, to_peft, from_peft
                     )
                 )
-    shapes = {keys: tuple(leaf.shape) for keys, _, leaf in paths.flatten(base)}
+    shapes = {keys: tuple(getattr(x, "shape", ())) for keys, _, x in paths.flatten(base)}
     saved = config.modules_to_save or ()
     for keys, path in find_trainable_leaves(base, config, targets):
         names = path.split("/")
@@ -249,13 +250,13 @@ def named_modules(
     """``(flax module path, PyTorch names per layer)`` for the modules of ``base`` that hold an
     adaptable kernel (``adaptable``) or any leaf; modules ``module_name`` cannot name are left out.
     """
-    shapes: dict[str, tuple[int, ...]] = {}
+    layouts, shapes = conventions.with_layouts_of(layouts, base), {}
     for _, parts, leaf in paths.flatten(base):
         shape = tuple(getattr(leaf, "shape", ()))
         if not adaptable:
             for k in range(1, len(parts)):
                 shapes.setdefault(paths.join(parts[:k]), shape)
-        elif parts[-1] in (KERNEL, EMBEDDING) and len(shape) >= 2:
+        elif parts[-1] in conventions.WEIGHT_LEAVES and len(shape) >= 2:
             shapes.setdefault(paths.join(parts[:-1]), shape)
     found = []
     for module, shape in shapes.items():

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from jaxlora._src import paths, validate
 from jaxlora._src.config.lora_config import LoraConfig, require_config
 from jaxlora._src.config.targets import Target, find_targets
-from jaxlora._src.tree.checks import check_lora_tree, require_dicts
+from jaxlora._src.tree.checks import check_lora_tree, require_tree
 from jaxlora._src.tree.core import delta, merge
 from jaxlora._src.tree.fit import check_fits, expected_adapter
 from jaxlora._src.types import LORA_A, LORA_B, LoraTree, Params
@@ -56,7 +56,7 @@ class AdapterBank:
     """
 
     def __init__(self, frozen: Params):
-        require_dicts(frozen=frozen)
+        require_tree(frozen=frozen)
         self.frozen = frozen
         self._adapters: dict[str, tuple[LoraTree, LoraConfig]] = {}
 
@@ -205,7 +205,7 @@ def add_weighted(
     if isinstance(adapters, Sequence) and not isinstance(adapters, str) and not adapters:
         raise ValueError("`adapters` is empty; give at least one (lora, config, weight)")
     validate.sequence("adapters", adapters)
-    require_dicts(frozen=frozen)
+    require_tree(frozen=frozen)
     _check_rank(method, rank)
     targets: dict[str, Target] = {}
     parts: dict[str, list[tuple[jax.Array, jax.Array, float]]] = {}

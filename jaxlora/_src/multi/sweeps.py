@@ -109,7 +109,7 @@ def pad_rank(
     Raises:
         ValueError: when ``rank`` is below a module's rank.
     """
-    validate.tree("frozen", frozen)
+    validate.pytree("frozen", frozen)
     require_config(config, "pad_rank")
     if isinstance(rank, bool) or not isinstance(rank, int):
         raise TypeError(f"`rank` must be a positive int (the rank to pad to), got {rank!r}")

@@ -43,10 +43,11 @@ def _is_trainable(combined: Params, config: LoraConfig, keys: tuple[Any, ...], n
 def _check_combined(combined: Any, config: LoraConfig, where: str, factors: bool = True) -> None:
     """``combined`` must be a tree (with factors, when ``factors`` and ``config`` targets any)."""
     require_config(config, where)
-    if not isinstance(combined, Mapping):
+    if combined is None or jax.tree_util.treedef_is_leaf(jax.tree.structure(combined)):
         raise TypeError(
             f"`combined` (in `{where}`) must be the combined params tree, a nested dict from "
-            f"`jaxlora.combine(frozen, lora)`, got {type(combined).__name__}"
+            f"`jaxlora.combine(frozen, lora)` (or any params pytree holding Θ's leaves), got "
+            f"{type(combined).__name__}"
         )
     _check_saved(combined, config, where)
     names = {n[-1] for _, n, _ in paths.flatten(combined) if n}

@@ -13,7 +13,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxlora._src import paths
+from jaxlora._src import paths, validate
 from jaxlora._src.config.lora_config import LoraConfig
 from jaxlora._src.config.targets import (
     Target,
@@ -55,13 +55,11 @@ def check_lora_tree(lora: Any, what: str, name: str = "lora") -> None:
                 )
 
 
-def require_dicts(**trees: Any) -> None:
-    """A TypeError naming the first of ``trees`` (argument name -> value) that is no mapping."""
+def require_tree(**trees: Any) -> None:
+    """A TypeError naming the first of ``trees`` (argument name -> value) that is no pytree of
+    leaves (:func:`jaxlora._src.validate.pytree`)."""
     for name, tree in trees.items():
-        if not isinstance(tree, Mapping):
-            raise TypeError(
-                f"`{name}` must be a nested dict (as `split` returns), got {tree!r:.60}"
-            )
+        validate.pytree(name, tree)
 
 
 def _abstract(params: Params) -> Params:

@@ -21,16 +21,12 @@ import jax.numpy as jnp
 
 from jaxlora._src import paths, validate
 from jaxlora._src.config import axes_order
+from jaxlora._src.config.conventions import with_tree_layouts
 from jaxlora._src.config.lora_config import LoraConfig, require_config
-from jaxlora._src.config.targets import (
-    EMBEDDING,
-    KERNEL,
-    Target,
-    find_targets,
-    find_trainable_leaves,
-)
+from jaxlora._src.config.targets import Target, find_targets, find_trainable_leaves
 from jaxlora._src.quant.kernel import dequantize_tree
 from jaxlora._src.tree import checks, count
+from jaxlora._src.tree.pairing import adapter_for
 from jaxlora._src.types import LORA_A, LORA_B, LoraTree, Params, PRNGKey
 from jaxlora._src.variants import base as variants
 from jaxlora._src.variants.lora import delta as delta
@@ -78,9 +74,14 @@ def split(
     """Splits ``params`` into the frozen base and a fresh adapter Θ.
 
     Args:
-        params: a params pytree (linen ``params`` dict, ``nnx.State``, nested dicts). Of a
-            full ``nnx.State`` only the ``nnx.Param`` variables are adapted or trained, never
-            batch statistics, RNG state or other variables.
+        params: a params pytree: a linen ``params`` dict, an ``nnx.State``, an Equinox module or
+            its ``eqx.partition`` arrays, a dataclass / NamedTuple / list / tuple pytree, dicts
+            with any keys. Of a full ``nnx.State`` only the ``nnx.Param`` variables are adapted
+            or trained, never batch statistics, RNG state or other variables; of an Equinox
+            module only its arrays. Module paths come from the tree's own keys
+            (``layers/0/attn/q_proj``; PEFT files write ``layers.0.attn.q_proj``). Weights are
+            Flax's ``kernel`` (in, out) / ``embedding`` or Equinox's and PyTorch's ``weight``
+            (out, in) (:mod:`jaxlora._src.config.conventions`).
         config: which modules to adapt and how.
         key: PRNG key for the adapter's initial values.
         variant: ``"lora"`` (plain LoRA) or ``"dora"`` (each module also gets DoRA's magnitude
@@ -89,7 +90,8 @@ def split(
     Returns:
         ``(frozen, lora)``: ``frozen`` is ``params`` itself (never modified); ``lora`` is a nested
         dict with ``lora_a`` / ``lora_b`` (and the variant's leaves) under each adapted module and
-        copies of trainable leaves.
+        copies of trainable leaves, keyed by the raw keys of the params tree (a list index or an
+        int dict key stays an int) whatever the tree's types.
         Works under ``jax.jit`` and ``jax.eval_shape`` (with ``ShapeDtypeStruct`` params).
 
     Raises:
@@ -109,7 +111,7 @@ def split(
     chosen = variants.get(variant)
     # Of a full nnx.State, only the parameters: batch statistics and RNG state never train.
     view = count.params_only(params)
-    targets = find_targets(view, config)
+    targets = find_targets(view, config, caller="split")
     trainable = find_trainable_leaves(view, config, targets)
     leaves = {keys: leaf for keys, _, leaf in paths.flatten(view)}
     lora: LoraTree = {}
@@ -179,7 +181,8 @@ def fold_module(module, names, weight, config: LoraConfig, sign: float):
 
 
 def _fold(params: Params, lora: LoraTree, config: LoraConfig, sign: float, what: str) -> Params:
-    checks.require_dicts(**{"frozen" if sign > 0 else "merged": params})
+    checks.require_tree(**{"frozen" if sign > 0 else "merged": params})
+    config = with_tree_layouts(config, count.params_only(params))
     fold = lambda module, names, leaf: fold_module(module, names, leaf, config, sign)  # noqa: E731
     return map_adapted(dequantize_tree(params), lora, config, fold, what, copy=sign > 0)
 
@@ -201,16 +204,14 @@ def map_adapted(params: Params, lora: LoraTree, config: LoraConfig, fold, what: 
     checks.check_lora_tree(lora, what)
     checks.check_adapter_config(params, lora, config, what)
     used: set[tuple[Any, ...]] = set()
-    adapter = variants.adapter_leaves()
 
     def fold_leaf(keys, names, leaf):
-        module = paths.get_in(lora, keys[:-1]) if names[-1] in (KERNEL, EMBEDDING) else None
-        if isinstance(module, Mapping) and any(n in module for n in adapter):
-            out, leaves = fold(module, names, leaf)
+        replacement = adapter_for(lora, keys)
+        if isinstance(replacement, Mapping):
+            out, leaves = fold(replacement, names, leaf)
             used.update(keys[:-1] + (n,) for n in leaves)
             return out
-        replacement = paths.get_in(lora, keys)
-        if replacement is not None and not isinstance(replacement, Mapping):
+        if replacement is not None:
             used.add(keys)
             if copy:
                 if tuple(replacement.shape) != tuple(leaf.shape):
@@ -238,7 +239,8 @@ def merge(frozen: Params, lora: LoraTree, config: LoraConfig) -> Params:
     The update is computed in float32 and cast to W's dtype; trainable copies (biases,
     ``modules_to_save``) replace their base leaves. Quantised kernels of ``frozen``
     (:mod:`jaxlora.quant`) are dequantised first. The result has the structure, shapes and dtypes
-    of (the dequantised) ``frozen`` and runs with the model's ordinary apply at no added cost.
+    of (the dequantised) ``frozen`` and runs with the model's ordinary apply at no added cost: of
+    an Equinox model, the same model class, its non-array fields returned as they came.
 
     Raises:
         ValueError: when a leaf of ``lora`` has no counterpart in ``frozen`` or does not fit it.

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from typing import Any
 
 import jax
+import numpy as np
 from flax import nnx
 
 from jaxlora._src import paths
-from jaxlora._src.config.targets import EMBEDDING, KERNEL
+from jaxlora._src.config.conventions import WEIGHT_LEAVES
 from jaxlora._src.quant.kernel import is_quantized
 from jaxlora._src.tree import checks
 from jaxlora._src.types import ADAPTER_LEAVES, LORA_A, LORA_B, LoraTree, Params
@@ -28,7 +30,9 @@ def params_only(tree: Params) -> Params:
     """``tree`` without the NNX variables that are not parameters (``nnx.BatchStat``, ``RngKey``,
     ``RngCount``, caches, ...): what a full ``nnx.State`` from ``nnx.split(model)`` holds that LoRA
     neither counts nor adapts nor trains. ``nnx.Param`` and its subclasses stay, at their paths;
-    a tree without NNX variables (a linen ``params`` dict) is returned as it is.
+    a tree without NNX variables (a linen ``params`` dict) is returned as it is. Of a tree that
+    holds an Equinox module, only the array leaves: its functions, activation choices and Python
+    numbers (a dropout rate) are no parameters (``None`` in their place, as ``eqx.partition``).
 
     Example:
         >>> from flax import nnx
@@ -36,6 +40,7 @@ def params_only(tree: Params) -> Params:
         >>> sorted(params_only(state))
         ['bias', 'scale']
     """
+    tree = _equinox_arrays(tree)
     leaves = jax.tree.leaves(tree, is_leaf=_is_variable)
     if not any(_is_variable(x) and not isinstance(x, nnx.Param) for x in leaves):
         return tree
@@ -46,6 +51,21 @@ def params_only(tree: Params) -> Params:
         return None if _is_variable(x) and not isinstance(x, nnx.Param) else x
 
     return jax.tree.map(keep, tree, is_leaf=_is_variable)
+
+
+def _is_array(x: Any) -> bool:
+    return isinstance(x, jax.Array | np.ndarray | jax.ShapeDtypeStruct) or is_quantized(x)
+
+
+def _equinox_arrays(tree: Params) -> Params:
+    """``tree`` with ``None`` for every non-array leaf when it holds an Equinox module."""
+    eqx = sys.modules.get("equinox")
+    if eqx is None:
+        return tree
+    nodes = jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, eqx.Module))
+    if not any(isinstance(x, eqx.Module) for x in nodes):
+        return tree
+    return jax.tree.map(lambda x: x if _is_array(x) else None, tree, is_leaf=is_quantized)
 
 
 def base_leaves(frozen: Params) -> dict[tuple[str, ...], Any]:
@@ -71,11 +91,18 @@ def base_leaves(frozen: Params) -> dict[tuple[str, ...], Any]:
     return out
 
 
-def _check_factors_fit(base: dict, lora: LoraTree, names: tuple[str, ...]) -> None:
-    """A ValueError unless ``frozen`` holds a weight at the module that the factors fit."""
+def _check_factors_fit(base: dict, lora: LoraTree, keys: tuple[Any, ...], names) -> None:
+    """A ValueError unless ``frozen`` holds a weight at the module that the factors fit.
+
+    ``keys`` are the raw keys of the ``lora_a`` leaf (ints stay ints, so a dict keyed by layer
+    number or a list of layers finds its factors), ``names`` their string forms.
+    """
     module = paths.join(names[:-1])
-    weight = base.get(names[:-1] + (KERNEL,), base.get(names[:-1] + (EMBEDDING,)))
-    factors = paths.get_in(lora, tuple(names[:-1]))
+    weight = next(
+        (base[names[:-1] + (leaf,)] for leaf in WEIGHT_LEAVES if names[:-1] + (leaf,) in base),
+        None,
+    )
+    factors = paths.get_in(lora, tuple(keys[:-1]))
     a, b = factors.get(LORA_A), factors.get(LORA_B)
     fits = False
     if weight is not None and b is not None:
@@ -108,9 +135,9 @@ def check_fits(base: dict, lora: LoraTree, what: str) -> None:
             "`lora_a` / `lora_b` factors: it looks like the frozen base itself. Pass the adapter "
             "Θ, the second value of `jaxlora.split(params, config, key)`"
         )
-    for _, names, leaf in flat:
+    for keys, names, leaf in flat:
         if names[-1] == LORA_A:
-            _check_factors_fit(base, lora, names)
+            _check_factors_fit(base, lora, keys, names)
         elif names[-1] in ADAPTER_LEAVES:
             continue
         elif names not in base or tuple(base[names].shape) != tuple(leaf.shape):

@@ -13,6 +13,7 @@ import jax
 
 from jaxlora._src.config.lora_config import LoraConfig
 from jaxlora._src.tree.core import split
+from jaxlora._src.tree.count import params_only
 from jaxlora._src.types import LoraTree, Params
 
 
@@ -21,7 +22,8 @@ def expected_adapter(base: Params, config: LoraConfig) -> LoraTree:
 
     ``base`` may hold arrays or ``jax.ShapeDtypeStruct``; nothing is computed or allocated.
     """
-    return jax.eval_shape(lambda params: split(params, config, jax.random.key(0))[1], base)
+    view = params_only(base)  # of an Equinox model its arrays: functions are no jax types
+    return jax.eval_shape(lambda params: split(params, config, jax.random.key(0))[1], view)
 
 
 def describe(leaf: Any) -> str:

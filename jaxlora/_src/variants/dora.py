@@ -144,7 +144,7 @@ class Dora(Variant):
             )
 
     def init(self, target, weight, config):
-        self.check(target.leaf, target.path)
+        self.check(EMBEDDING if target.kind == "embed" else target.leaf, target.path)
         norm = column_norm(_float(weight), target.n_stack, target.n_out)
         shape = target.shape[: target.n_stack] + target.b_shape[target.n_stack + 1 :]
         return {LORA_MAGNITUDE: norm.reshape(shape).astype(jnp.dtype(config.dtype))}
@@ -176,7 +176,7 @@ class Dora(Variant):
         return out if bias is None else out + _to_output(bias, y)
 
     def file_entries(self, target):
-        self.check(target.leaf, target.path)
+        self.check(EMBEDDING if target.kind == "embed" else target.leaf, target.path)
         output = target.b_shape[target.n_stack + 1 :]
         size = math.prod(output)
         windows = target.layout.count("w")
