@@ -261,7 +261,9 @@ def kinds_for(param: inspect.Parameter) -> list[str]:
         return kinds + ["int", "empty_str"]
     if "LoraConfig" in heads and len(heads) == 1:
         return kinds + ["dict_config", "str"]
-    if heads & {"Params", "LoraTree", "Mapping", "dict"}:
+    if heads & {"Params"}:  # any pytree: a list of arrays is a model's params too
+        return kinds + ["int", "str"]
+    if heads & {"LoraTree", "Mapping", "dict"}:
         return kinds + ["int", "str", "list_for_dict"]
     if heads & {"PRNGKey"}:
         return kinds + ["int", "str", "float_array"]

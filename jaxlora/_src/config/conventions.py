@@ -133,6 +133,8 @@ def with_tree_layouts(config: LoraConfig, params: Params) -> LoraConfig:
     ``config`` itself for a tree without ``weight`` leaves (Flax). What a call works with; never
     returned to the user nor saved.
     """
+    if not isinstance(config, LoraConfig):  # the caller's own check names the argument
+        return config
     layouts = with_layouts_of(config.layouts, params)
     if len(layouts) == len(config.layouts):
         return config

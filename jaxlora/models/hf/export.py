@@ -271,5 +271,6 @@ def save_hf_merged(
             f"`lora_config` must be a jaxlora.LoraConfig, got {type(lora_config).__name__}; pass "
             "the config the adapter was made with"
         )
+    validate.tree("frozen", frozen)
     merged = merge(frozen, lora, lora_config)
     save_hf(directory, config, merged, max_shard_size=max_shard_size, hf_config=hf_config)
