@@ -239,7 +239,7 @@ def _shard_map(params, invals):
             if _lazy(x) else local[at]
             for x, at in zip(invals, slots, strict=True)
         ]  # fmt: skip
-        return run_folded(params["jaxpr"], (), *args)
+        return tuple(run_folded(params["jaxpr"], (), *args))
 
     mapped = jax.shard_map(body, mesh=params["mesh"], in_specs=tuple(specs),
                            out_specs=params["out_specs"], check_vma=params["check_vma"],
