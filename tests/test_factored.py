@@ -180,3 +180,17 @@ def test_bad_inputs_are_refused():
     wrong = {"fc1": {"lora_a": jnp.zeros((5, 2)), "lora_b": jnp.zeros((2, 8))}}
     with pytest.raises(ValueError, match="fc1"):
         jaxlora.factored(case.fn, config)(frozen, wrong, *case.args)
+
+
+@pytest.mark.slow  # runs the README's example: 200 jitted steps
+@pytest.mark.standard_dtypes  # optax's Adam
+def test_readme_example_trains():
+    from tests.test_readme import block
+
+    namespace = {}
+    exec(compile(block("any-jax-function"), "README.md", "exec"), namespace)
+    x, y, frozen, lora, config = (namespace[n] for n in ("x", "y", "frozen", "lora", "config"))
+    mlp, forward, deployed = namespace["mlp"], namespace["forward"], namespace["deployed"]
+    start = float(jnp.mean((mlp(frozen, x) - y) ** 2))
+    assert float(namespace["loss"]) < 0.5 * start
+    np.testing.assert_allclose(forward(frozen, lora, x), mlp(deployed, x), rtol=1e-4, atol=1e-5)
