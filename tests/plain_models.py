@@ -56,7 +56,8 @@ def transposed() -> Case:
 
 def cnn() -> Case:
     k = _keys(3)
-    params = {"conv": {"kernel": _normal(k[0], (3, 3, 2, 4))}, "head": {"kernel": _normal(k[1], (4, 3))}}
+    params = {"conv": {"kernel": _normal(k[0], (3, 3, 2, 4))},
+              "head": {"kernel": _normal(k[1], (4, 3))}}  # fmt: skip
 
     def fn(p, x):
         h = lax.conv_general_dilated(x, p["conv"]["kernel"], (1, 1), "SAME",
@@ -141,9 +142,11 @@ def custom_vjp() -> Case:
 
 
 def shared_uses() -> Case:
-    """A kernel used in a matmul and in its own norm; an embedding looked up and tied to the head."""
+    """A kernel used in a matmul and in its own norm; an embedding looked up and tied to the
+    output head."""
     k = _keys(3)
-    params = {"proj": {"kernel": _normal(k[0], (5, 5))}, "embed": {"embedding": _normal(k[1], (7, 5))}}
+    params = {"proj": {"kernel": _normal(k[0], (5, 5))},
+              "embed": {"embedding": _normal(k[1], (7, 5))}}  # fmt: skip
 
     def fn(p, ids):
         table, w = p["embed"]["embedding"], p["proj"]["kernel"]
@@ -159,7 +162,8 @@ def shared_uses() -> Case:
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float = 1e-6) -> jax.Array:
-    return x * lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps) * scale.reshape((1,) * (x.ndim - 1) + (-1,))
+    inverse = lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
+    return x * inverse * scale.reshape((1,) * (x.ndim - 1) + (-1,))
 
 
 def rotary(x: jax.Array, base: float = 10000.0) -> jax.Array:
@@ -208,7 +212,8 @@ def llama_params(seed: int, vocab=11, d=8, layers=2, mlp=12) -> dict[str, Any]:
     stack["attn_norm"] = {"scale": 1.0 + _normal(rng, (layers, d), 0.1)}
     stack["mlp_norm"] = {"scale": 1.0 + _normal(rng, (layers, d), 0.1)}
     return {"embed": {"embedding": _normal(rng, (vocab, d))}, "layers": stack,
-            "norm": {"scale": jnp.ones((d,))}, "lm_head": {"kernel": _normal(rng, (d, vocab))}}  # fmt: skip
+            "norm": {"scale": jnp.ones((d,))},
+            "lm_head": {"kernel": _normal(rng, (d, vocab))}}  # fmt: skip
 
 
 def llama() -> Case:

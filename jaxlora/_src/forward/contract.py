@@ -63,8 +63,10 @@ def dot_general(params: dict[str, Any], lhs: Any, rhs: Any) -> jax.Array | None:
     batch = [w.labels[k] for k in w_b]
     lhs_labels = w.labels if w_left else tuple(x_labels)
     rhs_labels = tuple(x_labels) if w_left else w.labels
-    free = lambda labels, dims: [l for k, l in enumerate(labels) if k not in dims]  # noqa: E731
-    out_labels = tuple(batch + free(lhs_labels, (*lhs_c, *lhs_b)) + free(rhs_labels, (*rhs_c, *rhs_b)))
+    free = lambda labels, dims: [lab for k, lab in enumerate(labels) if k not in dims]  # noqa: E731
+    out_labels = tuple(
+        batch + free(lhs_labels, (*lhs_c, *lhs_b)) + free(rhs_labels, (*rhs_c, *rhs_b))
+    )
     term = _term(w, x, tuple(x_labels), summed, out_labels, precision)
     if term is None:
         return None
@@ -75,15 +77,15 @@ def dot_general(params: dict[str, Any], lhs: Any, rhs: Any) -> jax.Array | None:
 def _term(w: LazyWeight, x, x_labels, summed, out_labels, precision) -> jax.Array | None:
     """``s·einsum(x, A, B)`` through the rank-r intermediate, or None when ``x`` contracts axes
     of both A and B (the intermediate would not be small)."""
-    a_only = {l for l in summed if w.kind(l) == "in"}
-    b_only = {l for l in summed if w.kind(l) == "out"}
+    a_only = {lab for lab in summed if w.kind(lab) == "in"}
+    b_only = {lab for lab in summed if w.kind(lab) == "out"}
     if a_only and b_only:
         return None
     (first, f_labels), (second, s_labels) = (
         ((w.b, w.b_labels), (w.a, w.a_labels)) if b_only else ((w.a, w.a_labels), (w.b, w.b_labels))
     )
     keep = set(s_labels) | set(out_labels)
-    h_labels = tuple(dict.fromkeys(l for l in x_labels + f_labels if l in keep))
+    h_labels = tuple(dict.fromkeys(lab for lab in x_labels + f_labels if lab in keep))
     x_lora = x.astype(first.dtype)
     h = einsum((x_lora, x_labels), (first, f_labels), out=h_labels, precision=precision)
     h = h * jnp.asarray(w.scale, h.dtype)
@@ -100,11 +102,11 @@ def conv(params: dict[str, Any], lhs: Any, rhs: Any) -> jax.Array | None:
     w, x = rhs, lhs
     _, rhs_spec, out_spec = params["dimension_numbers"]
     out_label = w.labels[rhs_spec[0]]
-    others = [l for k, l in enumerate(w.labels) if k != rhs_spec[0]]
-    if w.b_labels != (RANK, out_label) or any(w.kind(l) != "in" for l in others):
+    others = [lab for k, lab in enumerate(w.labels) if k != rhs_spec[0]]
+    if w.b_labels != (RANK, out_label) or any(w.kind(lab) != "in" for lab in others):
         return None
-    kernel_labels = tuple(RANK if k == rhs_spec[0] else l for k, l in enumerate(w.labels))
-    a_kernel = w.a.transpose([w.a_labels.index(l) for l in kernel_labels])
+    kernel_labels = tuple(RANK if k == rhs_spec[0] else lab for k, lab in enumerate(w.labels))
+    a_kernel = w.a.transpose([w.a_labels.index(lab) for lab in kernel_labels])
     y = lax.conv_general_dilated_p.bind(x, w.base(), **params)
     lora_params = dict(params, preferred_element_type=None)
     h = lax.conv_general_dilated_p.bind(x.astype(a_kernel.dtype), a_kernel, **lora_params)

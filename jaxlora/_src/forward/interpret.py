@@ -173,7 +173,7 @@ def _scanned(w: LazyWeight):
         arrays["b"] = jax.numpy.moveaxis(w.b, b_k, 0)
 
     def rebuild(sliced):
-        drop = lambda labels: tuple(l for l in labels if l != label)  # noqa: E731
+        drop = lambda labels: tuple(lab for lab in labels if lab != label)  # noqa: E731
         a_labels = w.a_labels if a_k is None else drop(w.a_labels)
         b_labels = w.b_labels if b_k is None else drop(w.b_labels)
         return dataclasses.replace(
@@ -187,7 +187,8 @@ def _scanned(w: LazyWeight):
 def _while(params, invals):
     n_cc, n_bc = params["cond_nconsts"], params["body_nconsts"]
     cond, body_j = params["cond_jaxpr"], params["body_jaxpr"]
-    cond_consts, body_consts, carry = invals[:n_cc], invals[n_cc : n_cc + n_bc], invals[n_cc + n_bc :]
+    cond_consts, body_consts = invals[:n_cc], invals[n_cc : n_cc + n_bc]
+    carry = invals[n_cc + n_bc :]
     kept = _passthrough(body_j.jaxpr, n_bc, len(carry))
     fixed = {k: x for k, x in enumerate(carry) if _lazy(x) and k in kept}
     carry = [x if k in fixed else fold(x) for k, x in enumerate(carry)]
@@ -228,8 +229,9 @@ def _shard_map(params, invals):
             specs.append(spec)
             arrays.append(x)
             continue
-        entry = dict(zip(x.labels, tuple(spec) + (None,) * (x.weight.ndim - len(spec))))
-        specs.extend([spec, *(jax.sharding.PartitionSpec(*(entry.get(l) for l in labels))
+        padded = tuple(spec) + (None,) * (x.weight.ndim - len(spec))
+        entry = dict(zip(x.labels, padded, strict=True))
+        specs.extend([spec, *(jax.sharding.PartitionSpec(*(entry.get(lab) for lab in labels))
                               for labels in (x.a_labels, x.b_labels))])  # fmt: skip
         arrays.extend([x.weight, x.a, x.b])
 
@@ -255,9 +257,18 @@ _RULES: dict[str, Callable[[dict[str, Any], list[Any]], list[Any] | None]] = {
     "copy": _one(lambda p, w: w),
     "copy_p": _one(lambda p, w: w),
     "dynamic_slice": _one(lambda p, w, *starts: w.slice(starts, tuple(p["slice_sizes"]))),
-    "slice": _one(lambda p, w: None if p.get("strides") else w.slice(
-        tuple(p["start_indices"]),
-        tuple(hi - lo for lo, hi in zip(p["start_indices"], p["limit_indices"], strict=True)))),
+    "slice": _one(
+        lambda p, w: (
+            None
+            if p.get("strides")
+            else w.slice(
+                tuple(p["start_indices"]),
+                tuple(
+                    hi - lo for lo, hi in zip(p["start_indices"], p["limit_indices"], strict=True)
+                ),
+            )
+        )
+    ),
     "dot_general": _contraction(contract.dot_general),
     "conv_general_dilated": _contraction(contract.conv),
     "jit": _call("jaxpr"),

@@ -16,6 +16,7 @@ Where a view op cannot be followed (``None`` from the op), the caller folds the 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 from typing import Any
 
@@ -94,8 +95,8 @@ class LazyWeight:
         out = self
         for label in (self.labels[d] for d in dims):
             out = out._drop_label(label)
-        return out._with(lax.squeeze(self.weight, dims),
-                         tuple(l for k, l in enumerate(self.labels) if k not in dims))  # fmt: skip
+        kept = tuple(lab for k, lab in enumerate(self.labels) if k not in dims)
+        return out._with(lax.squeeze(self.weight, dims), kept)
 
     def slice(self, starts: tuple[Any, ...], sizes: tuple[int, ...]) -> LazyWeight:
         """The view ``weight[starts : starts + sizes]`` (starts may be traced)."""
@@ -105,7 +106,8 @@ class LazyWeight:
                 continue
             label = self.labels[axis]
             weight = lax.dynamic_slice_in_dim(weight, start, size, axis)
-            out = out._map_factors(label, lambda f, k: lax.dynamic_slice_in_dim(f, start, size, k))
+            cut = functools.partial(_slice_axis, start=start, size=size)
+            out = out._map_factors(label, cut)
         return out._with(weight, self.labels)
 
     def reshape(self, new_shape: tuple[int, ...]) -> LazyWeight | None:
@@ -125,7 +127,7 @@ class LazyWeight:
                 out = out._regroup([], labels[-1:], [1])
             else:
                 olds = [self.labels[k] for k in old]
-                kinds = {out.kind(l) for l in olds}
+                kinds = {out.kind(lab) for lab in olds}
                 if len(kinds) != 1 or kinds == {"stack"}:
                     return None
                 news = [fresh() for _ in new]
@@ -150,8 +152,8 @@ class LazyWeight:
         out = self._map_factors(label, lambda f, k: lax.squeeze(f, (k,)))
         return dataclasses.replace(
             out,
-            a_labels=tuple(l for l in self.a_labels if l != label),
-            b_labels=tuple(l for l in self.b_labels if l != label),
+            a_labels=tuple(lab for lab in self.a_labels if lab != label),
+            b_labels=tuple(lab for lab in self.b_labels if lab != label),
         )
 
     def _regroup(self, olds: list[int], news: list[int], sizes: list[int]) -> LazyWeight:
@@ -159,14 +161,18 @@ class LazyWeight:
         by axes ``news`` of ``sizes``."""
         in_b = bool(olds) and olds[0] in self.b_labels and olds[0] not in self.a_labels
         factor, flabels = (self.b, self.b_labels) if in_b else (self.a, self.a_labels)
-        rest = [l for l in flabels if l not in olds]
-        moved = factor.transpose([flabels.index(l) for l in olds + rest])
+        rest = [lab for lab in flabels if lab not in olds]
+        moved = factor.transpose([flabels.index(lab) for lab in olds + rest])
         rest_shape = moved.shape[len(olds) :]
         factor = moved.reshape(tuple(sizes) + tuple(rest_shape))
         labels = tuple(news + rest)
         if in_b:
             return dataclasses.replace(self, b=factor, b_labels=labels)
         return dataclasses.replace(self, a=factor, a_labels=labels)
+
+
+def _slice_axis(factor: jax.Array, axis: int, *, start: Any, size: int) -> jax.Array:
+    return lax.dynamic_slice_in_dim(factor, start, size, axis)
 
 
 def _reshape_groups(old: tuple[int, ...], new: tuple[int, ...]):
@@ -205,8 +211,8 @@ def einsum(*operands: tuple[jax.Array, tuple[int, ...]], out: tuple[int, ...], p
     letters: dict[int, str] = {}
     for label in itertools.chain(*(labels for _, labels in operands), out):
         letters.setdefault(label, LETTERS[len(letters)])
-    spec = ",".join("".join(letters[l] for l in labels) for _, labels in operands)
-    spec += "->" + "".join(letters[l] for l in out)
+    spec = ",".join("".join(letters[lab] for lab in labels) for _, labels in operands)
+    spec += "->" + "".join(letters[lab] for lab in out)
     arrays = [x if dtype is None else x.astype(dtype) for x, _ in operands]
     return jnp.einsum(spec, *arrays, precision=precision)
 
