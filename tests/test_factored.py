@@ -7,6 +7,8 @@ temporary, the transform works under ``jit`` / ``vmap`` / ``grad``, inside ``whi
 ``cond`` / ``shard_map``, and bad inputs are refused by name.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,12 +26,13 @@ LAW_CASES = ["mlp", pytest.param("transposed", marks=SLOW), pytest.param("cnn", 
              pytest.param("llama", marks=SLOW)]  # fmt: skip
 
 
-def _setup(name, init=False):
+def _setup(name, init=False, layouts=None):
     """The case, its config, and ``(frozen, lora)``: a fresh adapter from ``jaxlora.split`` when
     ``init``, else one with every factor nonzero (numpy draws: nothing extra to compile)."""
     case = plain_models.CASES[name]()
+    layouts = case.layouts if layouts is None else layouts
     config = jaxlora.LoraConfig(r=2, lora_alpha=4.0, target_modules=case.targets,
-                                layouts=case.layouts)  # fmt: skip
+                                layouts=layouts)  # fmt: skip
     if init:
         split = jax.jit(lambda p: jaxlora.split(p, config, jax.random.key(3)))
         frozen, lora = split(case.params)
@@ -54,8 +57,8 @@ def _both_losses(case, config, frozen):
     return jax.jit(lambda t, *a: (factored_loss(t, *a), merged_loss(t, *a)))
 
 
-def _check_laws(name):
-    case, config, frozen, lora = _setup(name)
+def _check_laws(name, layouts=None):
+    case, config, frozen, lora = _setup(name, layouts=layouts)
     before = jax.tree.map(np.asarray, frozen)
     both = _both_losses(case, config, frozen)
     (value, grads), (value_m, grads_m) = both(lora, *case.args)
@@ -76,6 +79,36 @@ def _check_laws(name):
 @pytest.mark.parametrize("name", LAW_CASES)
 def test_factored_equals_merged(name):
     _check_laws(name)
+
+
+EXPECTED_LAYOUTS = {"transposed": {"proj": "oi"}, "llama": {"lm_head": "io"}}
+
+
+@pytest.mark.parametrize("name", list(plain_models.CASES))
+def test_infer_layouts_reads_them_off_the_function(name):
+    """The layout of each kernel, from how the function contracts it: what the cases state by
+    hand, "io" for the 2-D kernels they leave out, "oi" for a weight used as ``x @ W.T``."""
+    case = plain_models.CASES[name]()
+    inferred = jaxlora.infer_layouts(case.fn, case.params, *case.args)
+    kernels = [t.path for t in jaxlora.find_targets(case.params, jaxlora.LoraConfig(
+        target_modules=case.targets, layouts=case.layouts)) if t.leaf == "kernel"]  # fmt: skip
+    stated = lambda path: next(  # noqa: E731
+        (v for k, v in case.layouts.items() if re.fullmatch(f"(?:.*/)?(?:{k})", path)), "io"
+    )
+    expected = {p: EXPECTED_LAYOUTS.get(name, {}).get(p) or stated(p) for p in kernels}
+    assert {p: inferred[p] for p in kernels} == expected
+
+
+def test_inferred_layout_of_a_transposed_weight_trains_it_fused():
+    """``x @ W.T`` with W (out, in): with the inferred layout "oi", A is (in, r) as in PEFT, the
+    dense fast path runs, and the laws hold."""
+    case = plain_models.transposed()
+    layouts = jaxlora.infer_layouts(case.fn, case.params, *case.args)
+    _check_laws("transposed", layouts)
+    case, config, frozen, lora = _setup("transposed", layouts=layouts)
+    assert lora["proj"]["lora_a"].shape == (5, 2)
+    jaxpr = jax.make_jaxpr(jaxlora.factored(case.fn, config))(frozen, lora, *case.args)
+    assert "custom_vjp_call" in str(jaxpr)
 
 
 @pytest.mark.parametrize("name", ["mlp", "attention", pytest.param("scan", marks=SLOW),

@@ -3,6 +3,7 @@ allocated), an NNX module by its layers' own attributes (no trace at all)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -113,10 +114,20 @@ def _infer_linen(module: nn.Module, args, method, kwargs) -> dict[str, str]:
 
 
 def infer_layouts(
-    module: nn.Module | nnx.Module, *args: Any, method: Any = None, **kwargs: Any
+    module: nn.Module | nnx.Module | Callable[..., Any],
+    *args: Any,
+    method: Any = None,
+    **kwargs: Any,
 ) -> dict[str, str]:
     """Layouts of every Dense / DenseGeneral / Einsum / Conv / Embed kernel of a linen or NNX
-    model (``nnx.Linear`` / ``LinearGeneral`` / ``Einsum`` / ``Conv`` / ``Embed``).
+    model (``nnx.Linear`` / ``LinearGeneral`` / ``Einsum`` / ``Conv`` / ``Embed``), or of every
+    ``kernel`` of a plain JAX function's params.
+
+    A plain function ``fn(params, *inputs)`` is called as ``infer_layouts(fn, params, *inputs)``:
+    it is traced abstractly and each kernel's axes are read off the contractions that use it
+    (contracted: ``i``, kept: ``o``, batched, scanned or indexed over: ``s``, a convolution's
+    window: ``w``), through transposes, reshapes, calls and control flow; a kernel used
+    inconsistently or in no contraction is left out.
 
     A linen model is initialised under ``jax.eval_shape`` with ``nn.intercept_methods`` watching
     each layer, so nothing is allocated. An NNX model already holds its layers: each one's layout
@@ -127,8 +138,9 @@ def infer_layouts(
     those no layout describes (an axis summed away, a batch axis after the others) are left out.
 
     Args:
-        module: a linen module or an NNX module.
-        *args: linen: sample inputs (arrays or ``jax.ShapeDtypeStruct``), as for ``module.init``.
+        module: a linen module, an NNX module, or a function ``fn(params, *inputs)``.
+        *args: linen: sample inputs (arrays or ``jax.ShapeDtypeStruct``), as for ``module.init``;
+            a function: its params, then its sample inputs.
         method: linen: the method to trace, as for ``module.init``.
         **kwargs: linen: keyword inputs for ``module.init``.
 
@@ -144,9 +156,25 @@ def infer_layouts(
         >>> attn = nnx.MultiHeadAttention(2, 8, decode=False, rngs=nnx.Rngs(0))
         >>> infer_layouts(attn)
         {'key': 'ioo', 'out': 'iio', 'query': 'ioo', 'value': 'ioo'}
+        >>> def proj(params, x):  # a weight stored (out, in), and a scanned stack
+        ...     h = x @ params["proj"]["kernel"].T
+        ...     return jax.lax.scan(lambda h, w: (h @ w, None), h, params["stack"]["kernel"])[0]
+        >>> params = {"proj": {"kernel": jnp.ones((4, 8))},
+        ...           "stack": {"kernel": jnp.ones((3, 4, 4))}}
+        >>> infer_layouts(proj, params, jnp.ones((2, 8)))
+        {'proj': 'oi', 'stack': 'sio'}
     """
     if isinstance(module, nnx.Module):
         return _infer_nnx(module)
+    if callable(module) and not isinstance(module, type | nn.Module):
+        from jaxlora._src.forward.trace_layouts import function_layouts  # forward imports config
+
+        if not args:
+            raise TypeError(
+                "`infer_layouts` of a function takes its params and sample inputs: "
+                "`infer_layouts(fn, params, *inputs)`"
+            )
+        return function_layouts(module, *args, **kwargs)
     if not isinstance(module, nn.Module):
         what = "a Module class" if isinstance(module, type) else type(module).__name__
         raise TypeError(

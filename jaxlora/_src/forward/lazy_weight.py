@@ -113,7 +113,7 @@ class LazyWeight:
     def reshape(self, new_shape: tuple[int, ...]) -> LazyWeight | None:
         """The view reshaped, where the reshape only splits or joins axes of one factor (or
         keeps an axis as it is) and adds or drops unit axes; None otherwise."""
-        groups = _reshape_groups(self.shape, tuple(new_shape))
+        groups = reshape_groups(self.shape, tuple(new_shape))
         if groups is None:
             return None
         out, labels = self, []
@@ -175,7 +175,7 @@ def _slice_axis(factor: jax.Array, axis: int, *, start: Any, size: int) -> jax.A
     return lax.dynamic_slice_in_dim(factor, start, size, axis)
 
 
-def _reshape_groups(old: tuple[int, ...], new: tuple[int, ...]):
+def reshape_groups(old: tuple[int, ...], new: tuple[int, ...]):
     """Pairs of (old axes, new axes) with equal sizes, in order, covering both shapes (unit axes
     form groups of their own with an empty other side); None when no such pairing exists."""
     groups, i, j = [], 0, 0
