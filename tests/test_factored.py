@@ -224,6 +224,8 @@ def test_readme_example_trains():
     exec(compile(block("any-jax-function"), "README.md", "exec"), namespace)
     x, y, frozen, lora, config = (namespace[n] for n in ("x", "y", "frozen", "lora", "config"))
     mlp, forward, deployed = namespace["mlp"], namespace["forward"], namespace["deployed"]
+    assert namespace["layouts"] == {"down": "oi", "up": "io"}
+    assert lora["down"]["lora_a"].shape == (64, 4)  # (in, r), as PEFT's A transposed
     start = float(jnp.mean((mlp(frozen, x) - y) ** 2))
     assert float(namespace["loss"]) < 0.5 * start
     np.testing.assert_allclose(forward(frozen, lora, x), mlp(deployed, x), rtol=1e-4, atol=1e-5)
