@@ -21,9 +21,10 @@ import numpy as np
 
 from jaxlora._src.config import axes_order
 from jaxlora._src.config.lora_config import LoraConfig
-from jaxlora._src.forward import interpret, lazy_weight
-from jaxlora._src.forward.adapted import AdaptedWeight, adapted_params
+from jaxlora._src.forward import adapted, interpret, lazy_weight
+from jaxlora._src.forward.adapted import AdaptedWeight
 from jaxlora._src.quant.kernel import dequantize, is_quantized
+from jaxlora._src.tree import core
 from jaxlora._src.types import LoraTree, Params
 from jaxlora._src.variants import base as variants
 
@@ -37,7 +38,8 @@ def _paired(frozen: Params, lora: LoraTree, config: LoraConfig) -> tuple[list[An
     :class:`AdaptedWeight`) and each trainable copy of Θ in place of its base leaf, and the
     treedef that rebuilds the params. The one place that knows how Θ's leaves find their weight.
     """
-    tree = adapted_params(frozen, lora, config)
+    wrap = adapted.adapted_leaf(config)
+    tree = core.map_adapted(frozen, lora, config, wrap, "jaxlora.factored", is_leaf=is_quantized)
     return jax.tree.flatten(tree, is_leaf=_is_adapted)
 
 
