@@ -31,6 +31,8 @@ def _uses(p, x4, x6, xs):
         x4[None] @ w[None],  # unit axes added
         jnp.dot(w, x6[0]),  # the weight on the left, contracted over its output axis
         x4 @ s.reshape(12, 5)[4:8],  # stack and input merged: folded, still exact
+        x4 @ jax.nn.relu(w),  # a custom_jvp function of the weight: folded
+        jax.jit(lambda a, b: a @ b)(x4, w),  # inside a nested jit
         (x4.astype(jnp.bfloat16) @ w.astype(jnp.bfloat16)).astype(jnp.float32),  # a cast
     )
 
@@ -66,3 +68,15 @@ def test_every_use_equals_the_merged_weights():
     assert_trees_close(got[:-1], want[:-1], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(got[-1], want[-1], rtol=0.05, atol=0.1)  # bfloat16
     assert_trees_close(grads, grads_want, rtol=1e-4, atol=1e-4)
+
+
+def test_dora_modules_run_on_their_merged_weight():
+    """A variant whose output is not the plain sum (DoRA) reaches the function folded."""
+    rng = np.random.default_rng(1)
+    params = {"w": {"kernel": jnp.asarray(rng.standard_normal((4, 6)), jnp.float32)}}
+    config = jaxlora.LoraConfig(r=2, target_modules=["w"], init_lora_weights=False)
+    _, lora = jaxlora.split(params, config, jax.random.key(0), variant="dora")
+    x = jnp.asarray(rng.standard_normal((2, 4)), jnp.float32)
+    fn = lambda p, x: jnp.tanh(x @ p["w"]["kernel"])  # noqa: E731
+    got = jaxlora.factored(fn, config)(params, lora, x)
+    np.testing.assert_allclose(got, fn(jaxlora.merge(params, lora, config), x), rtol=1e-6)
