@@ -211,6 +211,8 @@ def test_bad_inputs_are_refused():
         jaxlora.factored(case.fn, {"r": 2})  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="`lora_dropout`"):
         jaxlora.factored(case.fn, jaxlora.LoraConfig(target_modules=["fc1"], lora_dropout=0.1))
+    with pytest.raises(TypeError, match=r"or a plain function `fn\(params, \*inputs\)`"):
+        jaxlora.infer_layouts(case.fn, {"fc1": {"bias": jnp.ones(3)}}, *case.args)
     wrong = {"fc1": {"lora_a": jnp.zeros((5, 2)), "lora_b": jnp.zeros((2, 8))}}
     with pytest.raises(ValueError, match="`lora` factors at `fc1` do not fit"):
         jaxlora.factored(case.fn, config)(frozen, wrong, *case.args)

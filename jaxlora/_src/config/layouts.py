@@ -113,6 +113,11 @@ def _infer_linen(module: nn.Module, args, method, kwargs) -> dict[str, str]:
     return layouts
 
 
+def _holds_kernels(params: Any) -> bool:
+    return any(names and names[-1] == KERNEL and len(getattr(leaf, "shape", ())) >= 2
+               for _, names, leaf in paths.flatten(params))  # fmt: skip
+
+
 def infer_layouts(
     module: nn.Module | nnx.Module | Callable[..., Any],
     *args: Any,
@@ -166,20 +171,17 @@ def infer_layouts(
     """
     if isinstance(module, nnx.Module):
         return _infer_nnx(module)
-    if callable(module) and not isinstance(module, type | nn.Module):
+    is_function = callable(module) and not isinstance(module, type | nn.Module)
+    if is_function and args and _holds_kernels(args[0]):
         from jaxlora._src.forward.trace_layouts import function_layouts  # forward imports config
 
-        if not args:
-            raise TypeError(
-                "`infer_layouts` of a function takes its params and sample inputs: "
-                "`infer_layouts(fn, params, *inputs)`"
-            )
         return function_layouts(module, *args, **kwargs)
     if not isinstance(module, nn.Module):
         what = "a Module class" if isinstance(module, type) else type(module).__name__
         raise TypeError(
             f"`module` must be a flax.linen or an nnx Module instance, got {what} ({module!r:.60});"
-            " pass the model object itself (e.g. `MyModel()`), not its `apply` or `__call__`, a"
-            " plain function or the class: layouts are read off the model's layers"
+            " pass the model object itself (e.g. `MyModel()`), not its `apply` or `__call__` or"
+            " the class: layouts are read off the model's layers; or a plain function"
+            " `fn(params, *inputs)` followed by its params (holding 'kernel' leaves) and inputs"
         )
     return _infer_linen(module, args, method, kwargs)
