@@ -112,7 +112,8 @@ def test_inferred_layout_of_a_transposed_weight_trains_it_fused():
     assert "custom_vjp_call" in str(jaxpr)
 
 
-@pytest.mark.parametrize("name", ["mlp", "attention", pytest.param("scan", marks=SLOW),
+@pytest.mark.parametrize("name", ["mlp", pytest.param("attention", marks=SLOW),
+                                  pytest.param("scan", marks=SLOW),
                                   pytest.param("shared_uses", marks=SLOW),
                                   pytest.param("llama", marks=SLOW)])  # fmt: skip
 def test_fresh_adapter_is_the_base_bit_for_bit(name):
