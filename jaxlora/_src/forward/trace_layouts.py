@@ -77,7 +77,8 @@ def _walk(jaxpr: jcore.Jaxpr, tracks: list[Track | None], letters: _Letters) -> 
             letters.mark(ins[1], (rhs_spec[1],), "i")
             letters.mark(ins[1], rhs_spec[2:], "w")
         elif name == "reshape" and ins[0] and not params.get("dimensions"):
-            outs = [_regrouped(ins[0], eqn.invars[0].aval.shape, params["new_sizes"])]
+            old_shape = tuple(getattr(eqn.invars[0].aval, "shape", ()))
+            outs = [_regrouped(ins[0], old_shape, params["new_sizes"])]
         elif name in _CALLS:
             inner, _ = _jaxpr_of(params[_CALLS[name]])
             outs = _walk(inner, ins, letters)
