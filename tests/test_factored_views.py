@@ -80,3 +80,16 @@ def test_dora_modules_run_on_their_merged_weight():
     fn = lambda p, x: jnp.tanh(x @ p["w"]["kernel"])  # noqa: E731
     got = jaxlora.factored(fn, config)(params, lora, x)
     np.testing.assert_allclose(got, fn(jaxlora.merge(params, lora, config), x), rtol=1e-6)
+
+
+def test_quantised_base():
+    """Adapted and plain quantised kernels reach the function dequantised, as in ``merge``."""
+    from tests import plain_models
+
+    case = plain_models.mlp()
+    config = jaxlora.LoraConfig(r=2, target_modules=["fc1"], init_lora_weights=False)
+    quantised = jaxlora.quant.quantize(case.params, ["fc1", "fc2"], "int8")
+    frozen, lora = jaxlora.quant.split_quantized(quantised, config, jax.random.key(0))
+    got = jax.jit(jaxlora.factored(case.fn, config))(frozen, lora, *case.args)
+    want = case.fn(jaxlora.merge(frozen, lora, config), *case.args)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

@@ -40,7 +40,7 @@ def _paired(frozen: Params, lora: LoraTree, config: LoraConfig) -> tuple[list[An
     """
     wrap = adapted.adapted_leaf(config)
     tree = core.map_adapted(frozen, lora, config, wrap, "jaxlora.factored", is_leaf=is_quantized)
-    return jax.tree.flatten(tree, is_leaf=_is_adapted)
+    return jax.tree.flatten(tree, is_leaf=lambda x: _is_adapted(x) or is_quantized(x))
 
 
 def _lazy(weight: AdaptedWeight) -> Any:
@@ -52,6 +52,11 @@ def _lazy(weight: AdaptedWeight) -> Any:
     layout = axes_order.layout_at(weight.lora_config.layouts, weight.where, weight.names[-1],
                                   tuple(base.shape))  # fmt: skip
     return lazy_weight.from_adapted(base, weight.a, weight.b, layout, weight.scale, weight.where)
+
+
+def _dequantized(x: Any) -> Any:
+    """A quantised kernel as the float weight ``merge`` would give the function."""
+    return dequantize(x) if is_quantized(x) else x
 
 
 def _is_array(x: Any) -> bool:
@@ -67,7 +72,8 @@ def factored(fn: Callable[..., Any], config: LoraConfig) -> Callable[..., Any]:
     other use of the weight (a norm of it, an embedding lookup, an op it cannot see through, a
     ``custom_vjp`` function) gets the merged weight ``W + s·A·B``, never the bare W. So ``g``
     equals ``fn(jaxlora.merge(frozen, lora, config), *args)`` in outputs and gradients, within
-    float rounding. It follows the weights into ``jit``, ``lax.scan`` (a stack of layers
+    float rounding (a quantised base, :mod:`jaxlora.quant`, is dequantised as ``merge`` does).
+    It follows the weights into ``jit``, ``lax.scan`` (a stack of layers
     scanned over slices A and B with W), ``fori_loop`` / ``while_loop``, ``cond``,
     ``jax.checkpoint`` and ``shard_map``, and ``g`` itself works under ``jax.jit``,
     ``jax.grad`` and ``jax.vmap``. Which axes of a weight are its input is read from how
@@ -115,7 +121,7 @@ def factored(fn: Callable[..., Any], config: LoraConfig) -> Callable[..., Any]:
     @functools.wraps(fn)
     def g(frozen: Params, lora: LoraTree, *args: Any, **kwargs: Any) -> Any:
         leaves, treedef = _paired(frozen, lora, config)
-        values = [_lazy(x) if _is_adapted(x) else x for x in leaves]
+        values = [_lazy(x) if _is_adapted(x) else _dequantized(x) for x in leaves]
         shapes = [jax.ShapeDtypeStruct(v.shape, v.dtype) if _is_lazy(v) else v for v in values]
         arg_leaves, arg_tree = jax.tree.flatten((args, kwargs))
         traced = [k for k, x in enumerate(arg_leaves) if _is_array(x)]
