@@ -1,4 +1,5 @@
-"""``jaxlora.factored`` sees an adapted weight through layout ops and every contraction pattern.
+"""``jaxlora.factored`` sees an adapted weight through layout ops and every contraction pattern,
+and handles DoRA modules, quantised bases and grad / vmap inside the function.
 
 One function uses two adapted kernels in many ways at once (transposed, reshaped, sliced,
 indexed, cast, batched over a stack, on the left of a product); each output and the gradients
@@ -93,3 +94,29 @@ def test_quantised_base():
     got = jax.jit(jaxlora.factored(case.fn, config))(frozen, lora, *case.args)
     want = case.fn(jaxlora.merge(frozen, lora, config), *case.args)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_inside_grad_and_vmap():
+    """``fn`` taking per-example input gradients (``vmap`` of ``grad`` inside it): the
+    transposed contractions of the backward pass are factored too; outputs and the outer
+    gradient equal the merged path's."""
+    from tests import plain_models
+
+    case = plain_models.mlp()
+    config = jaxlora.LoraConfig(r=2, target_modules=["fc1", "fc2"], init_lora_weights=False)
+    frozen, lora = jaxlora.split(case.params, config, jax.random.key(0))
+
+    def fn(p, x):
+        return jax.vmap(jax.grad(lambda z: jnp.sum(case.fn(p, z[None]))))(x)
+
+    factored = jaxlora.factored(fn, config)
+
+    def both(t, x):
+        loss = lambda f: lambda t: jnp.sum(f(t) ** 2)  # noqa: E731
+        ours = lambda t: factored(frozen, t, x)  # noqa: E731
+        merged = lambda t: fn(jaxlora.merge(frozen, t, config), x)  # noqa: E731
+        return ours(t), merged(t), jax.grad(loss(ours))(t), jax.grad(loss(merged))(t)
+
+    got, want, grads, grads_want = jax.jit(both)(lora, *case.args)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert_trees_close(grads, grads_want, rtol=1e-4, atol=1e-5)
