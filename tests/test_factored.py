@@ -210,8 +210,6 @@ def test_bad_inputs_are_refused():
         jaxlora.factored("mlp", config)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="`config` must be a jaxlora.LoraConfig"):
         jaxlora.factored(case.fn, {"r": 2})  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="`lora_dropout`"):
-        jaxlora.factored(case.fn, jaxlora.LoraConfig(target_modules=["fc1"], lora_dropout=0.1))
     with pytest.raises(TypeError, match=r"or a plain function `fn\(params, \*inputs\)`"):
         jaxlora.infer_layouts(case.fn, {"fc1": {"bias": jnp.ones(3)}}, *case.args)
     wrong = {"fc1": {"lora_a": jnp.zeros((5, 2)), "lora_b": jnp.zeros((2, 8))}}
@@ -233,3 +231,37 @@ def test_readme_example_trains():
     start = float(jnp.mean((mlp(frozen, x) - y) ** 2))
     assert float(namespace["loss"]) < 0.5 * start
     np.testing.assert_allclose(forward(frozen, lora, x), mlp(deployed, x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow  # seconds of compiling (a vmap over keys, a scan): full suite only
+def test_lora_dropout():
+    """With ``lora_key``: a fresh adapter still gives the base, one key gives one output, two
+    keys two, and over many keys the mean is the output without dropout (inverted
+    dropout is unbiased for the linear low-rank term). Inside ``lax.scan`` too."""
+    case = plain_models.scanned()
+    config = jaxlora.LoraConfig(r=2, target_modules=case.targets, layouts=case.layouts,
+                                lora_dropout=0.5)  # fmt: skip
+    _, fresh = jax.jit(lambda p: jaxlora.split(p, config, jax.random.key(3)))(case.params)
+    _, _, frozen, lora = _setup("scan")
+    lin = lambda p, x: x @ p["layers"]["kernel"][0] + x @ p["layers"]["kernel"][1]  # noqa: E731
+    forward = jaxlora.factored(lin, config)
+    keys = jax.random.split(jax.random.key(5), 2000)
+
+    @jax.jit
+    def run(lora, keys):
+        return jax.vmap(lambda k: forward(frozen, lora, *case.args, lora_key=k))(keys)
+
+    outs = run(lora, keys)
+    plain = forward(frozen, lora, *case.args)
+    assert not np.allclose(outs[0], outs[1])
+    np.testing.assert_allclose(outs[0], run(lora, keys[:1])[0], rtol=1e-5, atol=1e-6)
+    lora_term = plain - lin(frozen, *case.args)
+    np.testing.assert_allclose(outs.mean(0), plain, atol=0.1 * float(jnp.abs(lora_term).max()))
+    scanned = jax.jit(jaxlora.factored(case.fn, config))
+    assert not np.allclose(scanned(frozen, lora, *case.args, lora_key=keys[0]),
+                           scanned(frozen, lora, *case.args, lora_key=keys[1]))  # fmt: skip
+    # A fresh adapter's term is zero under dropout too (XLA may fuse the sum differently from
+    # the base program's: equal to within an ulp, not bit for bit).
+    base = jax.jit(case.fn)(frozen, *case.args)
+    np.testing.assert_allclose(scanned(frozen, fresh, *case.args, lora_key=keys[0]), base,
+                               rtol=1e-6, atol=1e-7)  # fmt: skip

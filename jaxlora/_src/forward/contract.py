@@ -9,7 +9,8 @@ The side of ΔW that ``x`` contracts is read off the contraction: contracting A'
 ``(x·A)·B`` (a dense layer), contracting B's gives ``(x·Bᵀ)·Aᵀ`` (a weight stored as (out, in)
 and used transposed, or a tied output head); either way the rank-r intermediate is the one
 tensor formed, scaled there since it is the smallest. As on the Flax path the low-rank term runs
-in the factors' dtype with the op's precision and is cast to the output's dtype before the add.
+in the factors' dtype with the op's precision and is cast to the output's dtype before the add,
+and LoRA dropout (:mod:`~jaxlora._src.forward.lora_dropout`) acts on its input only.
 A plain dense contraction (``x``'s trailing axes against the view's leading input axes) runs as
 one :func:`~jaxlora._src.forward.fused.dense`, whose backward is a few 2-D GEMMs.
 """
@@ -22,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxlora._src.forward import fused
+from jaxlora._src.forward import fused, lora_dropout
 from jaxlora._src.forward.lazy_weight import RANK, LazyWeight, einsum, fresh
 
 
@@ -41,7 +42,8 @@ def _dense_in(w: LazyWeight, x: jax.Array, contract, batch, precision, preferred
     stored = w.weight
     narrow = jnp.issubdtype(stored.dtype, jnp.floating) and stored.dtype.itemsize < x.itemsize
     kernel = stored if narrow else w.base()
-    return fused.trailing_dense(x, kernel, None, w.a, w.b, None, w.scale, 0.0, precision, n)
+    keep, rate = lora_dropout.keep_mask(x.shape), lora_dropout.rate()
+    return fused.trailing_dense(x, kernel, None, w.a, w.b, keep, w.scale, rate, precision, n)
 
 
 def dot_general(params: dict[str, Any], lhs: Any, rhs: Any) -> jax.Array | None:
@@ -86,7 +88,8 @@ def _term(w: LazyWeight, x, x_labels, summed, out_labels, precision) -> jax.Arra
     )
     keep = set(s_labels) | set(out_labels)
     h_labels = tuple(dict.fromkeys(lab for lab in x_labels + f_labels if lab in keep))
-    x_lora = x.astype(first.dtype)
+    x_lora = fused.apply_mask(x.astype(first.dtype), lora_dropout.keep_mask(x.shape),
+                              lora_dropout.rate())  # fmt: skip
     h = einsum((x_lora, x_labels), (first, f_labels), out=h_labels, precision=precision)
     h = h * jnp.asarray(w.scale, h.dtype)
     return einsum((h, h_labels), (second, s_labels), out=out_labels, precision=precision)
@@ -109,7 +112,9 @@ def conv(params: dict[str, Any], lhs: Any, rhs: Any) -> jax.Array | None:
     a_kernel = w.a.transpose([w.a_labels.index(lab) for lab in kernel_labels])
     y = lax.conv_general_dilated_p.bind(x, w.base(), **params)
     lora_params = dict(params, preferred_element_type=None)
-    h = lax.conv_general_dilated_p.bind(x.astype(a_kernel.dtype), a_kernel, **lora_params)
+    x_lora = fused.apply_mask(x.astype(a_kernel.dtype), lora_dropout.keep_mask(x.shape),
+                              lora_dropout.rate())  # fmt: skip
+    h = lax.conv_general_dilated_p.bind(x_lora, a_kernel, **lora_params)
     h = h * jnp.asarray(w.scale, h.dtype)
     term = jnp.moveaxis(jnp.tensordot(h, w.b, axes=((out_spec[1],), (0,))), -1, out_spec[1])
     return y + term.astype(y.dtype)

@@ -21,9 +21,10 @@ from typing import Any
 
 import jax
 import jax.extend.core as jcore
+import jax.numpy as jnp
 from jax import lax
 
-from jaxlora._src.forward import contract
+from jaxlora._src.forward import contract, lora_dropout
 from jaxlora._src.forward.lazy_weight import LazyWeight
 
 
@@ -144,17 +145,21 @@ def _scan(params, invals):
     plain_carry = [x for k, x in enumerate(carry) if k not in fixed_carry]
     plain_xs = [x for k, x in enumerate(xs) if k not in lazy_xs]
 
+    site, rate = lora_dropout.site_key(), lora_dropout.rate()
+
     def body(c, x):
-        plain, sliced = x
+        plain, sliced, index = x
         full_carry = _interleave(carry, fixed_carry, c)
         slices = {k: rebuild(sliced[k]) for k, (rebuild, _) in scanned.items()}
         full_xs = _interleave(xs, slices, plain)
-        outs = run_folded(closed.jaxpr, closed.consts, *consts, *full_carry, *full_xs)
+        with lora_dropout.scope(lora_dropout.step(site, index), rate):
+            outs = run_folded(closed.jaxpr, closed.consts, *consts, *full_carry, *full_xs)
         c_out, ys = outs[:n_carry], outs[n_carry:]
         return [c_out[k] for k in range(n_carry) if k not in fixed_carry], ys
 
     stacked = {k: arrays for k, (_, arrays) in scanned.items()}
-    c, ys = lax.scan(body, plain_carry, (plain_xs, stacked), length=params["length"],
+    steps = None if site is None else jnp.arange(params["length"], dtype=jnp.uint32)
+    c, ys = lax.scan(body, plain_carry, (plain_xs, stacked, steps), length=params["length"],
                      reverse=params["reverse"], unroll=params["unroll"])  # fmt: skip
     return _interleave(carry, fixed_carry, c) + list(ys)
 
@@ -193,17 +198,24 @@ def _while(params, invals):
     fixed = {k: x for k, x in enumerate(carry) if _lazy(x) and k in kept}
     carry = [x if k in fixed else fold(x) for k, x in enumerate(carry)]
 
+    site, rate = lora_dropout.site_key(), lora_dropout.rate()
+    # With dropout on, a step counter rides as the last carry: each step draws its own masks.
+    counted = site is not None
+
     def cond_fun(c):
-        full = _interleave(carry, fixed, c)
+        full = _interleave(carry, fixed, c[:-1] if counted else c)
         return run_folded(cond.jaxpr, cond.consts, *cond_consts, *full)[0]
 
     def body_fun(c):
-        full = _interleave(carry, fixed, c)
-        outs = run_folded(body_j.jaxpr, body_j.consts, *body_consts, *full)
-        return [x for k, x in enumerate(outs) if k not in fixed]
+        full = _interleave(carry, fixed, c[:-1] if counted else c)
+        with lora_dropout.scope(lora_dropout.step(site, c[-1]) if counted else None, rate):
+            outs = run_folded(body_j.jaxpr, body_j.consts, *body_consts, *full)
+        outs = [x for k, x in enumerate(outs) if k not in fixed]
+        return outs + [c[-1] + 1] if counted else outs
 
-    out = lax.while_loop(cond_fun, body_fun, [x for k, x in enumerate(carry) if k not in fixed])
-    return _interleave(carry, fixed, out)
+    init = [x for k, x in enumerate(carry) if k not in fixed]
+    out = lax.while_loop(cond_fun, body_fun, init + [jnp.uint32(0)] if counted else init)
+    return _interleave(carry, fixed, out[:-1] if counted else out)
 
 
 def _cond(params, invals):

@@ -21,7 +21,7 @@ import numpy as np
 
 from jaxlora._src.config import axes_order
 from jaxlora._src.config.lora_config import LoraConfig
-from jaxlora._src.forward import adapted, interpret, lazy_weight
+from jaxlora._src.forward import adapted, interpret, lazy_weight, lora_dropout
 from jaxlora._src.forward.adapted import AdaptedWeight
 from jaxlora._src.quant.kernel import dequantize, is_quantized
 from jaxlora._src.tree import core
@@ -84,12 +84,14 @@ def factored(fn: Callable[..., Any], config: LoraConfig) -> Callable[..., Any]:
         config: the config ``lora`` was made with (its scale and layouts).
 
     Returns:
-        ``g(frozen, lora, *args, **kwargs)``. Array arguments are traced; other arguments
-        (Python numbers, strings, flags) reach ``fn`` as they are.
+        ``g(frozen, lora, *args, lora_key=None, **kwargs)``. Array arguments are traced; other
+        arguments (Python numbers, strings, flags) reach ``fn`` as they are. LoRA dropout
+        (``config.lora_dropout``) is on exactly when a PRNG key is given as ``lora_key``: it
+        acts on the input of each factored low-rank term (a weight used folded takes none, as
+        on the Flax path), with its own mask for each contraction and each step of a loop.
 
     Raises:
-        ValueError: when ``config`` asks for LoRA dropout (not applied on this path yet), or,
-            from ``g``, when ``lora`` does not fit ``frozen`` (as :func:`jaxlora.merge`).
+        ValueError: from ``g``, when ``lora`` does not fit ``frozen`` (as :func:`jaxlora.merge`).
         TypeError: when ``fn`` is not callable or ``config`` is not a ``LoraConfig``.
 
     Example:
@@ -112,14 +114,9 @@ def factored(fn: Callable[..., Any], config: LoraConfig) -> Callable[..., Any]:
         raise TypeError(f"`fn` must be a function fn(params, *args), got {type(fn).__name__}")
     if not isinstance(config, LoraConfig):
         raise TypeError(f"`config` must be a jaxlora.LoraConfig, got {type(config).__name__}")
-    if config.lora_dropout > 0:
-        raise ValueError(
-            f"`config` has `lora_dropout`={config.lora_dropout}, which `jaxlora.factored` does "
-            "not apply yet; use a config with `lora_dropout=0` (the adapter and file stay the same)"
-        )
 
     @functools.wraps(fn)
-    def g(frozen: Params, lora: LoraTree, *args: Any, **kwargs: Any) -> Any:
+    def g(frozen: Params, lora: LoraTree, *args: Any, lora_key: Any = None, **kwargs: Any) -> Any:
         leaves, treedef = _paired(frozen, lora, config)
         values = [_lazy(x) if _is_adapted(x) else _dequantized(x) for x in leaves]
         shapes = [jax.ShapeDtypeStruct(v.shape, v.dtype) if _is_lazy(v) else v for v in values]
@@ -136,7 +133,9 @@ def factored(fn: Callable[..., Any], config: LoraConfig) -> Callable[..., Any]:
         dynamic = [arg_leaves[k] for k in traced]
         closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(shapes, dynamic)
         inputs = jax.tree.leaves((values, dynamic), is_leaf=_is_lazy)
-        outs = interpret.run_folded(closed.jaxpr, closed.consts, *inputs)
+        key = lora_key if config.lora_dropout > 0 else None
+        with lora_dropout.scope(key, config.lora_dropout):
+            outs = interpret.run_folded(closed.jaxpr, closed.consts, *inputs)
         return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
 
     return g
