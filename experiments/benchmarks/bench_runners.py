@@ -150,13 +150,15 @@ def plain_group(args, c, batch) -> list[JaxRunner]:
         return fn(t, inputs)
 
     rows = [JaxRunner("full FT", "plain", full, params, None, batch)]
-    for name, targets in [("q,v", QV), ("all-linear", "all-linear")]:
-        config = _lora_config(args, targets)
+    variants = [("q,v", QV, 0.0), ("all-linear", "all-linear", 0.0),
+                ("all-linear, dropout 0.1", "all-linear", 0.1)]  # fmt: skip
+    for name, targets, dropout in variants:
+        config = _lora_config(args, targets, dropout)
         frozen, lora = jaxlora.split(params, config, jax.random.key(1))
         forward = jaxlora.factored(fn, config)
 
-        def lora_fwd(t, f, inputs, key, forward=forward):
-            return forward(f, t, inputs)
+        def lora_fwd(t, f, inputs, key, forward=forward, dropout=dropout):
+            return forward(f, t, inputs, lora_key=key if dropout else None)
 
         rows.append(JaxRunner(f"jaxlora factored {name}", "plain", lora_fwd, lora, frozen, batch))
     floors = [("floor q,v", QV), ("floor all-linear", ALL_LINEAR)]
