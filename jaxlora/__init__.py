@@ -5,7 +5,7 @@ The data path, stage by stage (each stage's implementation lives in ``jaxlora/_s
 * config and targets: :class:`LoraConfig`, :func:`find_targets`, :func:`infer_layouts`;
 * split and merge: :func:`split`, :func:`merge`, :func:`unmerge`, :func:`delta`, :func:`count`;
 * forward paths: :func:`apply` (linen and NNX, factored or merged), :func:`lora_interceptor`
-  with :func:`adapted_params`;
+  with :func:`adapted_params`, :func:`factored` (any JAX function of a params pytree);
 * optimisation: :func:`freeze`, :func:`partition`, :func:`trainable_mask`, :mod:`jaxlora.loraplus`;
 * files: :mod:`jaxlora.checkpoint` (orbax), :mod:`jaxlora.peft` (PEFT's format);
 * quantised bases: :mod:`jaxlora.quant`; variants (DoRA) and inits: :mod:`jaxlora.variants`,
@@ -34,6 +34,7 @@ from jaxlora._src.files.peft import save_peft as save_peft
 from jaxlora._src.forward.adapted import adapted_params as adapted_params
 from jaxlora._src.forward.apply import apply as apply
 from jaxlora._src.forward.linen import lora_interceptor as lora_interceptor
+from jaxlora._src.forward.transform import factored as factored
 from jaxlora._src.multi.bank import AdapterBank as AdapterBank
 from jaxlora._src.optim.masks import freeze as freeze
 from jaxlora._src.optim.masks import partition as partition
@@ -68,6 +69,7 @@ __all__ = [
     "combine",
     "count",
     "delta",
+    "factored",
     "find_targets",
     "freeze",
     "infer_layouts",

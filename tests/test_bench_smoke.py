@@ -18,7 +18,7 @@ def test_tiny_benchmark_writes_results(tmp_path):
     saved = json.loads((tmp_path / "bench_train_step_smoke.json").read_text())
     assert saved["rows"].keys() == result["rows"].keys()
     rows = saved["rows"]
-    for group in ("linen", "linen-mha", "nnx", "bf16"):
+    for group in ("linen", "linen-mha", "nnx", "bf16", "plain"):
         assert rows[f"{group} | full FT"]["ratio"] == 1.0
     assert rows["inference | base"]["ratio"] == 1.0
     qv = rows["linen | jaxlora factored q,v"]["trainable"]
@@ -27,11 +27,12 @@ def test_tiny_benchmark_writes_results(tmp_path):
     assert rows["linen | jaxlora merged q,v"]["trainable"] == qv
     assert rows["linen-mha | jaxlora factored q,v"]["trainable"] == qv
     assert rows["nnx | jaxlora factored q,v"]["trainable"] == qv
+    assert rows["plain | jaxlora factored q,v"]["trainable"] == qv
     all_linear = rows["linen | jaxlora factored all-linear"]["trainable"]
     assert rows["nnx | jaxlora factored all-linear"]["trainable"] == all_linear
     assert "temp_mb" in rows["linen | jaxlora factored q,v"]
     # The floors train only the target layers' biases: the least work of any adapter there.
-    for group in ("linen", "linen-mha", "nnx"):
+    for group in ("linen", "linen-mha", "nnx", "plain"):
         assert rows[f"{group} | floor q,v"]["trainable"] < rows[f"{group} | floor all-linear"][
             "trainable"] < qv  # fmt: skip
         assert f"{group} | jaxlora factored q,v / floor q,v" in saved["over_floor"]

@@ -22,6 +22,11 @@ def _is_target_bias(path, targets) -> bool:
 
 def linen_floors(group, model, params, batch, floors) -> list[JaxRunner]:
     """A floor row (see the module docstring) for each ``(name, target layer names)``."""
+    return function_floors(group, lambda p, x: model.apply({"params": p}, x), params, batch, floors)
+
+
+def function_floors(group, fn, params, batch, floors) -> list[JaxRunner]:
+    """:func:`linen_floors` for a model that is a function ``fn(params, inputs)``."""
     flat = traverse_util.flatten_dict(params)
     rows = []
     for name, targets in floors:
@@ -29,7 +34,7 @@ def linen_floors(group, model, params, batch, floors) -> list[JaxRunner]:
         rest = {k: v for k, v in flat.items() if k not in biases}
 
         def forward(t, f, inputs, key):
-            return model.apply({"params": traverse_util.unflatten_dict({**f, **t})}, inputs)
+            return fn(traverse_util.unflatten_dict({**f, **t}), inputs)
 
         rows.append(JaxRunner(name, group, forward, biases, rest, batch))
     return rows

@@ -9,6 +9,8 @@ fine-tuning):
 * ``nnx``: the same GPT in Flax NNX (``nnx.MultiHeadAttention``, ``nnx.Linear``), with qwix's LoRA
   beside jaxlora's when qwix is installed;
 * ``bf16``: the linen GPT with bfloat16 weights and activations, a float32 adapter (PEFT's default);
+* ``plain``: the same GPT as a plain JAX function of its params dict (``models_gpt.plain_gpt``),
+  adapted by ``jaxlora.factored``;
 * ``inference``: forwards of the linen GPT: base, merged adapter, factored adapter.
 
 Every training group also has the *floor* rows of ``bench_baselines.py``: the least work any
@@ -26,14 +28,19 @@ from flax import nnx
 
 import jaxlora
 from experiments.benchmarks import models_gpt
-from experiments.benchmarks.bench_baselines import linen_floors, nnx_floors, qwix_rows
+from experiments.benchmarks.bench_baselines import (
+    function_floors,
+    linen_floors,
+    nnx_floors,
+    qwix_rows,
+)
 from experiments.benchmarks.bench_jax_runner import JaxRunner
 
 QV = ["q_proj", "v_proj"]
 QV_MHA = ["query", "value"]
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "fc_in", "fc_out"]
 ALL_LINEAR_MHA = ["query", "key", "value", "out", "fc_in", "fc_out"]
-GROUPS = ("linen", "linen-mha", "nnx", "bf16", "inference")
+GROUPS = ("linen", "linen-mha", "nnx", "bf16", "plain", "inference")
 
 
 def _lora_config(args, targets, dropout=0.0, layouts=None) -> jaxlora.LoraConfig:
@@ -132,6 +139,32 @@ def nnx_group(args, c, batch) -> list[JaxRunner]:
     return rows
 
 
+def plain_group(args, c, batch) -> list[JaxRunner]:
+    """The GPT as a plain JAX function: full FT, ``jaxlora.factored`` adapters, floors."""
+    _, params = models_gpt.init(c, jax.random.key(0))
+
+    def fn(p, inputs):
+        return models_gpt.plain_gpt(p, inputs, c)
+
+    def full(t, f, inputs, key):
+        return fn(t, inputs)
+
+    rows = [JaxRunner("full FT", "plain", full, params, None, batch)]
+    variants = [("q,v", QV, 0.0), ("all-linear", "all-linear", 0.0),
+                ("all-linear, dropout 0.1", "all-linear", 0.1)]  # fmt: skip
+    for name, targets, dropout in variants:
+        config = _lora_config(args, targets, dropout)
+        frozen, lora = jaxlora.split(params, config, jax.random.key(1))
+        forward = jaxlora.factored(fn, config)
+
+        def lora_fwd(t, f, inputs, key, forward=forward, dropout=dropout):
+            return forward(f, t, inputs, lora_key=key if dropout else None)
+
+        rows.append(JaxRunner(f"jaxlora factored {name}", "plain", lora_fwd, lora, frozen, batch))
+    floors = [("floor q,v", QV), ("floor all-linear", ALL_LINEAR)]
+    return rows + function_floors("plain", fn, params, batch, floors)
+
+
 def inference_group(args, c, batch) -> list[JaxRunner]:
     """Forwards: the base model, the merged adapter (merged once, then the plain model: the same
     function as the base) and factored adapters. All take the same arguments, so the base and
@@ -166,6 +199,7 @@ BUILDERS: dict[str, Callable[..., list[JaxRunner]]] = {
     "linen-mha": linen_mha_group,
     "nnx": nnx_group,
     "bf16": bf16_group,
+    "plain": plain_group,
     "inference": inference_group,
 }
 

@@ -68,6 +68,38 @@ class GPT(nn.Module):
         return embed.attend(nn.LayerNorm(name="ln_f")(x))
 
 
+def _layer_norm(x: jax.Array, p: dict, eps: float = 1e-6) -> jax.Array:
+    """Flax's ``nn.LayerNorm`` (epsilon 1e-6, scale and bias) on the last axis."""
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    shape = (1,) * (x.ndim - 1) + (-1,)
+    return (x - mean) * jax.lax.rsqrt(var + eps) * p["scale"].reshape(shape) + p[
+        "bias"].reshape(shape)  # fmt: skip
+
+
+def _dense(x: jax.Array, p: dict) -> jax.Array:
+    return x @ p["kernel"] + p["bias"].reshape((1,) * (x.ndim - 1) + (-1,))
+
+
+def plain_gpt(params: dict, ids: jax.Array, config: GPTConfig) -> jax.Array:
+    """:class:`GPT` as a plain JAX function of its own ``params`` dict (no Flax in the forward):
+    the model of the benchmark's plain-JAX group, adapted by ``jaxlora.factored``."""
+    c = config
+    table = params["wte"]["embedding"]
+    x = table[ids] + params["wpe"]["embedding"][: ids.shape[1]][None]
+    batch, seq = ids.shape
+    for i in range(c.layers):
+        p = params[f"h_{i}"]
+        h = _layer_norm(x, p["ln_1"])
+        split = lambda t: t.reshape(batch, seq, c.heads, c.d_model // c.heads)  # noqa: E731
+        q, k, v = (split(_dense(h, p[n])) for n in ("q_proj", "k_proj", "v_proj"))
+        attn = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+        x = x + _dense(attn.reshape(batch, seq, c.d_model), p["o_proj"])
+        h = jax.nn.gelu(_dense(_layer_norm(x, p["ln_2"]), p["fc_in"]), approximate=True)
+        x = x + _dense(h, p["fc_out"])
+    return _layer_norm(x, params["ln_f"]) @ table.T
+
+
 def init(config: GPTConfig, key: jax.Array):
     """The model and its ``params``."""
     model = GPT(config)

@@ -4,6 +4,7 @@ allocated), an NNX module by its layers' own attributes (no trace at all)."""
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -118,8 +119,16 @@ def _is_equinox(module: Any) -> bool:
     return eqx is not None and isinstance(module, eqx.Module)
 
 
+def _holds_kernels(params: Any) -> bool:
+    return any(names and names[-1] == KERNEL and len(getattr(leaf, "shape", ())) >= 2
+               for _, names, leaf in paths.flatten(params))  # fmt: skip
+
+
 def infer_layouts(
-    module: nn.Module | nnx.Module, *args: Any, method: Any = None, **kwargs: Any
+    module: nn.Module | nnx.Module | Callable[..., Any],
+    *args: Any,
+    method: Any = None,
+    **kwargs: Any,
 ) -> dict[str, str]:
     """Layouts of every Dense / DenseGeneral / Einsum / Conv / Embed kernel of a linen or NNX
     model (``nnx.Linear`` / ``LinearGeneral`` / ``Einsum`` / ``Conv`` / ``Embed``), or of every
@@ -128,6 +137,12 @@ def infer_layouts(
 
     Equinox layouts need not be passed to ``LoraConfig``: every function reads them off the tree
     itself; this call shows what they are.
+
+    A plain function ``fn(params, *inputs)`` is called as ``infer_layouts(fn, params, *inputs)``:
+    it is traced abstractly and each kernel's axes are read off the contractions that use it
+    (contracted: ``i``, kept: ``o``, batched, scanned or indexed over: ``s``, a convolution's
+    window: ``w``), through transposes, reshapes, calls and control flow; a kernel used
+    inconsistently or in no contraction is left out.
 
     A linen model is initialised under ``jax.eval_shape`` with ``nn.intercept_methods`` watching
     each layer, so nothing is allocated. An NNX model already holds its layers: each one's layout
@@ -138,8 +153,9 @@ def infer_layouts(
     those no layout describes (an axis summed away, a batch axis after the others) are left out.
 
     Args:
-        module: a linen module or an NNX module.
-        *args: linen: sample inputs (arrays or ``jax.ShapeDtypeStruct``), as for ``module.init``.
+        module: a linen module, an NNX module, or a function ``fn(params, *inputs)``.
+        *args: linen: sample inputs (arrays or ``jax.ShapeDtypeStruct``), as for ``module.init``;
+            a function: its params, then its sample inputs.
         method: linen: the method to trace, as for ``module.init``.
         **kwargs: linen: keyword inputs for ``module.init``.
 
@@ -158,16 +174,30 @@ def infer_layouts(
         >>> import equinox as eqx
         >>> infer_layouts(eqx.nn.MLP(2, 3, 4, 1, key=jax.random.key(0)))
         {'layers/0': 'oi', 'layers/1': 'oi'}
+        >>> def proj(params, x):  # a weight stored (out, in), and a scanned stack
+        ...     h = x @ params["proj"]["kernel"].T
+        ...     return jax.lax.scan(lambda h, w: (h @ w, None), h, params["stack"]["kernel"])[0]
+        >>> params = {"proj": {"kernel": jnp.ones((4, 8))},
+        ...           "stack": {"kernel": jnp.ones((3, 4, 4))}}
+        >>> infer_layouts(proj, params, jnp.ones((2, 8)))
+        {'proj': 'oi', 'stack': 'sio'}
     """
     if isinstance(module, nnx.Module):
         return _infer_nnx(module)
-    if _is_equinox(module):
+    if _is_equinox(module):  # an Equinox model is callable too: before the function form
         return conventions.tree_layouts(module)
+    is_function = callable(module) and not isinstance(module, type | nn.Module)
+    if is_function and args and _holds_kernels(args[0]):
+        from jaxlora._src.forward.trace_layouts import function_layouts  # forward imports config
+
+        return function_layouts(module, *args, **kwargs)
     if not isinstance(module, nn.Module):
         what = "a Module class" if isinstance(module, type) else type(module).__name__
         raise TypeError(
             f"`module` must be a flax.linen, nnx or Equinox Module instance, got {what} "
-            f"({module!r:.60}); pass the model object itself (e.g. `MyModel()`), not its `apply` "
-            "or `__call__`, a plain function or the class: layouts are read off the model's layers"
+            f"({module!r:.60});"
+            " pass the model object itself (e.g. `MyModel()`), not its `apply` or `__call__` or"
+            " the class: layouts are read off the model's layers; or a plain function"
+            " `fn(params, *inputs)` followed by its params (holding 'kernel' leaves) and inputs"
         )
     return _infer_linen(module, args, method, kwargs)

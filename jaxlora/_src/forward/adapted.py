@@ -210,7 +210,7 @@ class AdaptedParam(nnx.Param):
         return self.get_raw_value().ndim
 
 
-def _adapted_leaf(config: LoraConfig):
+def adapted_leaf(config: LoraConfig):
     """The ``fold`` of :func:`core.map_adapted` that wraps a weight instead of folding it."""
     adapter = variants.adapter_leaves()
 
@@ -260,6 +260,6 @@ def adapted_params(frozen: Params, lora: LoraTree, config: LoraConfig) -> Params
     """
     validate.tree("frozen", frozen)
     tree = core.map_adapted(
-        frozen, lora, config, _adapted_leaf(config), "apply", is_leaf=is_quantized
+        frozen, lora, config, adapted_leaf(config), "apply", is_leaf=is_quantized
     )
     return jax.tree.map(_hoist, tree, is_leaf=lambda x: isinstance(x, meta.AxisMetadata))
