@@ -20,11 +20,12 @@ import jax
 import numpy as np
 
 from jaxlora._src.config import axes_order
+from jaxlora._src.config.conventions import with_tree_layouts
 from jaxlora._src.config.lora_config import LoraConfig
 from jaxlora._src.forward import adapted, interpret, lazy_weight, lora_dropout
 from jaxlora._src.forward.adapted import AdaptedWeight
 from jaxlora._src.quant.kernel import dequantize, is_quantized
-from jaxlora._src.tree import core
+from jaxlora._src.tree import core, count
 from jaxlora._src.types import LoraTree, Params
 from jaxlora._src.variants import base as variants
 
@@ -38,6 +39,7 @@ def _paired(frozen: Params, lora: LoraTree, config: LoraConfig) -> tuple[list[An
     :class:`AdaptedWeight`) and each trainable copy of Θ in place of its base leaf, and the
     treedef that rebuilds the params. The one place that knows how Θ's leaves find their weight.
     """
+    config = with_tree_layouts(config, count.params_only(frozen))  # Equinox's (out, in) weights
     wrap = adapted.adapted_leaf(config)
     tree = core.map_adapted(frozen, lora, config, wrap, "jaxlora.factored", is_leaf=is_quantized)
     return jax.tree.flatten(tree, is_leaf=lambda x: _is_adapted(x) or is_quantized(x))
@@ -115,15 +117,22 @@ def factored(fn: Callable[..., Any], config: LoraConfig) -> Callable[..., Any]:
     if not isinstance(config, LoraConfig):
         raise TypeError(f"`config` must be a jaxlora.LoraConfig, got {type(config).__name__}")
 
-    @functools.wraps(fn)
+    @functools.wraps(fn, assigned=("__module__", "__name__", "__qualname__", "__doc__"))
     def g(frozen: Params, lora: LoraTree, *args: Any, lora_key: Any = None, **kwargs: Any) -> Any:
         leaves, treedef = _paired(frozen, lora, config)
         values = [_lazy(x) if _is_adapted(x) else _dequantized(x) for x in leaves]
-        shapes = [jax.ShapeDtypeStruct(v.shape, v.dtype) if _is_lazy(v) else v for v in values]
+        # Arrays (and adapted weights) are traced; any other leaf (an Equinox model's activation
+        # function, a Python number) reaches ``fn`` as it is, like the non-array arguments.
+        weights = [k for k, v in enumerate(values) if _is_lazy(v) or _is_array(v)]
+        shapes = [jax.ShapeDtypeStruct(v.shape, v.dtype) if _is_lazy(v) else v
+                  for v in (values[k] for k in weights)]  # fmt: skip
         arg_leaves, arg_tree = jax.tree.flatten((args, kwargs))
         traced = [k for k, x in enumerate(arg_leaves) if _is_array(x)]
 
-        def flat_fn(params_leaves, traced_args):
+        def flat_fn(traced_weights, traced_args):
+            params_leaves = list(values)
+            for k, x in zip(weights, traced_weights, strict=True):
+                params_leaves[k] = x
             full = list(arg_leaves)
             for k, x in zip(traced, traced_args, strict=True):
                 full[k] = x
@@ -132,12 +141,14 @@ def factored(fn: Callable[..., Any], config: LoraConfig) -> Callable[..., Any]:
 
         dynamic = [arg_leaves[k] for k in traced]
         closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(shapes, dynamic)
-        inputs = jax.tree.leaves((values, dynamic), is_leaf=_is_lazy)
+        inputs = jax.tree.leaves(([values[k] for k in weights], dynamic), is_leaf=_is_lazy)
         key = lora_key if config.lora_dropout > 0 else None
         with lora_dropout.scope(key, config.lora_dropout):
             outs = interpret.run_folded(closed.jaxpr, closed.consts, *inputs)
         return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
 
+    # g's own signature, not fn's: eqx.filter_jit and inspect.signature bind (frozen, lora, ...)
+    del g.__wrapped__
     return g
 
 
