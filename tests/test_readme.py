@@ -37,6 +37,20 @@ def test_hf_models_block_runs(tmp_path):
     assert (tmp_path / "tiny-qwen2-adapter" / "adapter_model.safetensors").exists()
 
 
+@pytest.mark.slow  # compiles an Equinox training step
+@pytest.mark.standard_dtypes  # optax's Adam
+def test_equinox_blocks_run_and_train():
+    pytest.importorskip("equinox")
+    namespace = {}
+    exec(compile(block("equinox"), str(README), "exec"), namespace)
+    fresh = namespace["lora"]
+    exec(compile(block("equinox-loop"), str(README), "exec"), namespace)
+    first = namespace["forward"](namespace["frozen"], fresh, namespace["x"])
+    first_loss = float(((first - namespace["y"]) ** 2).mean())
+    assert float(namespace["loss"]) < 0.5 * first_loss
+    assert type(namespace["tuned"]) is type(namespace["model"])
+
+
 def test_ci_runs_the_readme_test_command():
     ci = (README.parent / ".ci" / "run").read_text()
     assert "test-command" in ci
