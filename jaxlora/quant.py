@@ -22,6 +22,8 @@ float (or int8) base, or kept unmerged.
 
 from __future__ import annotations
 
+from jaxlora._src.quant.dequantize import dequantize as dequantize
+from jaxlora._src.quant.dequantize import dequantize_tree as dequantize_tree
 from jaxlora._src.quant.forward import dequantizing_interceptor as dequantizing_interceptor
 from jaxlora._src.quant.forward import tie as tie
 from jaxlora._src.quant.gguf import from_gguf_q4_1 as from_gguf_q4_1
@@ -31,8 +33,6 @@ from jaxlora._src.quant.kernel import METHODS as METHODS
 from jaxlora._src.quant.kernel import NF4_LEVELS as NF4_LEVELS
 from jaxlora._src.quant.kernel import Q4_1_BLOCK as Q4_1_BLOCK
 from jaxlora._src.quant.kernel import QuantizedKernel as QuantizedKernel
-from jaxlora._src.quant.kernel import dequantize as dequantize
-from jaxlora._src.quant.kernel import dequantize_tree as dequantize_tree
 from jaxlora._src.quant.kernel import is_quantized as is_quantized
 from jaxlora._src.quant.kernel import quantize_kernel as quantize_kernel
 from jaxlora._src.quant.tree import merge_quantized as merge_quantized

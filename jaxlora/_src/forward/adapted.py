@@ -35,7 +35,8 @@ from flax.core import meta
 from jaxlora._src import validate
 from jaxlora._src.config import axes_order
 from jaxlora._src.config.lora_config import LoraConfig
-from jaxlora._src.quant.kernel import dequantize, is_quantized
+from jaxlora._src.quant.dequantize import dequantize
+from jaxlora._src.quant.kernel import is_quantized
 from jaxlora._src.tree import core
 from jaxlora._src.types import LORA_A, LORA_B, LoraTree, Params
 from jaxlora._src.variants import base as variants

@@ -24,7 +24,8 @@ from jaxlora._src.config.conventions import with_tree_layouts
 from jaxlora._src.config.lora_config import LoraConfig
 from jaxlora._src.forward import adapted, interpret, lazy_weight, lora_dropout
 from jaxlora._src.forward.adapted import AdaptedWeight
-from jaxlora._src.quant.kernel import dequantize, is_quantized
+from jaxlora._src.quant.dequantize import dequantize
+from jaxlora._src.quant.kernel import is_quantized
 from jaxlora._src.tree import core, count
 from jaxlora._src.types import LoraTree, Params
 from jaxlora._src.variants import base as variants

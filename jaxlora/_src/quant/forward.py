@@ -24,7 +24,8 @@ from flax import nnx
 
 from jaxlora._src.forward.adapted import AdaptedParam, AdaptedWeight, read
 from jaxlora._src.forward.ties import tie_to
-from jaxlora._src.quant.kernel import dequantize, dequantize_tree, is_quantized
+from jaxlora._src.quant.dequantize import dequantize, dequantize_tree
+from jaxlora._src.quant.kernel import is_quantized
 from jaxlora._src.types import Params
 
 

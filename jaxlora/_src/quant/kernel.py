@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, cast
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -142,7 +142,8 @@ def _pack(codes: jax.Array) -> jax.Array:
     return codes[..., :half] | (codes[..., half:] << np.uint8(4))
 
 
-def _unpack(packed: jax.Array) -> jax.Array:
+def unpack_codes(packed: jax.Array) -> jax.Array:
+    """Two 4-bit codes per byte, back to one code per element."""
     return jnp.concatenate([packed & _LOW, packed >> np.uint8(4)], axis=-1)
 
 
@@ -155,7 +156,8 @@ def _blocks(w: jax.Array, n_stack: int, block_size: int) -> jax.Array:
     return flat.reshape(stack + (-1, block_size))
 
 
-def _unblock(blocks: jax.Array, stack: tuple[int, ...], shape: tuple[int, ...]) -> jax.Array:
+def unblock(blocks: jax.Array, stack: tuple[int, ...], shape: tuple[int, ...]) -> jax.Array:
+    """Blocks back to the stacked kernel of ``shape`` (the padding of the last block dropped)."""
     flat = blocks.reshape(stack + (-1,))[..., : math.prod(shape)]
     return flat.reshape(stack + shape)
 
@@ -261,64 +263,3 @@ def quantize_kernel(
     if method == "nf4":
         return _nf4(w, layout, block_size or 64, double_quant)
     return quantize_q4_1(w, layout, transposed=False)
-
-
-def dequantize(leaf: QuantizedKernel, dtype: Any = None) -> jax.Array:
-    """The float kernel a :class:`QuantizedKernel` stands for (in its original dtype by default;
-    ``dtype`` must be floating: a TypeError otherwise).
-
-    Example:
-        >>> import jax.numpy as jnp
-        >>> w = jnp.linspace(-1, 1, 256).reshape(16, 16)
-        >>> bool(jnp.abs(dequantize(quantize_kernel(w, "nf4")) - w).max() < 0.16)
-        True
-    """
-    if not isinstance(leaf, QuantizedKernel):
-        raise TypeError(f"`leaf` must be a QuantizedKernel, got {type(leaf).__name__}")
-    dtype = _float_dtype(leaf.dtype if dtype is None else dtype)
-    if leaf.method == "int8":
-        return (leaf.codes.astype(jnp.float32) * leaf.scale).astype(dtype)
-    stack = leaf.stack_shape
-    codes = _unpack(leaf.codes)
-    if leaf.method == "nf4":
-        absmax = leaf.scale
-        if leaf.scale_scale is not None:  # double-quantised: scale_mean is stored with it
-            mean = cast(jax.Array, leaf.scale_mean)
-            grouped = leaf.scale.astype(jnp.float32) * leaf.scale_scale + mean
-            absmax = grouped.reshape(stack + (-1,))[..., : codes.shape[-2]]
-        values = jnp.asarray(NF4_LEVELS, jnp.float32)[codes] * absmax[..., None]
-    else:
-        d, m = leaf.scale.astype(jnp.float32), cast(jax.Array, leaf.zero).astype(jnp.float32)
-        values = d[..., None] * codes.astype(jnp.float32) + m[..., None]
-    shape = leaf.kernel_shape[::-1] if leaf.transposed else leaf.kernel_shape
-    out = _unblock(values, stack, shape)
-    return (jnp.swapaxes(out, -1, -2) if leaf.transposed else out).astype(dtype)
-
-
-def _float_dtype(dtype: Any) -> Any:
-    """``dtype`` of :func:`dequantize`: a floating dtype, since an integer one would truncate
-    every weight of the kernel."""
-    try:
-        resolved = jnp.dtype(dtype)
-    except (TypeError, ValueError):
-        raise TypeError(f"`dtype` must be None or a floating dtype, got {dtype!r:.60}") from None
-    if not jnp.issubdtype(resolved, jnp.floating):
-        raise TypeError(
-            f"`dtype` must be None or a floating dtype (float32, bfloat16, float16), got "
-            f"{resolved.name}: dequantising to it would truncate every weight"
-        )
-    return resolved
-
-
-def dequantize_tree(params: Any, dtype: Any = None) -> Any:
-    """``params`` with every :class:`QuantizedKernel` replaced by its float kernel.
-
-    Raises:
-        TypeError: for a ``dtype`` that is not floating (checked even when no leaf is
-            quantised).
-    """
-    if dtype is not None:
-        _float_dtype(dtype)
-    return jax.tree.map(
-        lambda x: dequantize(x, dtype) if is_quantized(x) else x, params, is_leaf=is_quantized
-    )

@@ -21,9 +21,9 @@ import numpy as np
 from jaxlora._src import paths, validate
 from jaxlora._src.config.lora_config import LoraConfig, require_config
 from jaxlora._src.config.targets import find_targets
+from jaxlora._src.quant.dequantize import dequantize_tree
 from jaxlora._src.quant.kernel import (
     check_options,
-    dequantize_tree,
     is_quantized,
     quantize_kernel,
     quantize_q4_1,

@@ -24,7 +24,7 @@ from jaxlora._src.config import axes_order
 from jaxlora._src.config.conventions import with_tree_layouts
 from jaxlora._src.config.lora_config import LoraConfig, require_config
 from jaxlora._src.config.targets import Target, find_targets, find_trainable_leaves
-from jaxlora._src.quant.kernel import dequantize_tree
+from jaxlora._src.quant.dequantize import dequantize_tree
 from jaxlora._src.tree import checks, count
 from jaxlora._src.tree.pairing import adapter_for
 from jaxlora._src.types import LORA_A, LORA_B, LoraTree, Params, PRNGKey

@@ -24,7 +24,8 @@ import jax.numpy as jnp
 
 from jaxlora._src import validate
 from jaxlora._src.config.targets import EMBEDDING
-from jaxlora._src.quant.kernel import dequantize, is_quantized
+from jaxlora._src.quant.dequantize import dequantize
+from jaxlora._src.quant.kernel import is_quantized
 from jaxlora._src.types import LORA_MAGNITUDE
 from jaxlora._src.variants.base import FileEntry, Variant
 from jaxlora._src.variants.lora import delta

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from jaxlora._src import validate
-from jaxlora.models._token_ids import check_token_ids
+from jaxlora.models.token_ids import check_token_ids
 
 __all__ = ["BertClassifier", "BertConfig", "BertEncoder", "mean_pool"]
 

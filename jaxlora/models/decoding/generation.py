@@ -35,7 +35,6 @@ from jax.typing import ArrayLike, DTypeLike
 
 import jaxlora
 from jaxlora._src import validate
-from jaxlora.models._token_ids import check_token_id, check_token_ids, vocab_size_of
 from jaxlora.models.decoding.inputs import (
     as_batch,
     check_adapter,
@@ -48,6 +47,7 @@ from jaxlora.models.decoding.inputs import (
 )
 from jaxlora.models.decoding.kv_cache import check_cache_dtype
 from jaxlora.models.decoding.sampling import check_sampling, sample_logits
+from jaxlora.models.token_ids import check_token_id, check_token_ids, vocab_size_of
 
 __all__ = ["GenerationResult", "generate", "left_pad", "sample_logits", "step_function"]
 

@@ -16,7 +16,7 @@ from jax.typing import ArrayLike
 
 import jaxlora
 from jaxlora._src import validate
-from jaxlora.models._token_ids import check_token_id, check_token_ids
+from jaxlora.models.token_ids import check_token_id, check_token_ids
 
 __all__ = ["left_pad"]
 

@@ -44,12 +44,12 @@ import numpy as np
 from jax.typing import ArrayLike, DTypeLike
 
 from jaxlora._src import validate
-from jaxlora.models._token_ids import check_token_ids
 from jaxlora.models.decoding.kv_cache import KVCache, cache_positions
 from jaxlora.models.gemma.config import FULL as FULL
 from jaxlora.models.gemma.config import SLIDING as SLIDING
 from jaxlora.models.gemma.config import GemmaConfig as GemmaConfig
 from jaxlora.models.gemma.layers import GemmaBlock, GemmaRMSNorm, softcap
+from jaxlora.models.token_ids import check_token_ids
 
 __all__ = ["FULL", "SLIDING", "GemmaConfig", "GemmaForCausalLM", "init_cache"]
 

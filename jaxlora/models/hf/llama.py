@@ -26,11 +26,10 @@ from jax.sharding import Mesh
 from jax.typing import DTypeLike
 
 from jaxlora._src import validate
+from jaxlora.models.hf.arguments import check_load_args, check_weight_dtype
 from jaxlora.models.hf.checkpoint import (
     Shardings,
     TensorSpec,
-    check_load_args,
-    check_weight_dtype,
     read_checkpoint,
     read_config,
 )

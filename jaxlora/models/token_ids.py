@@ -18,6 +18,8 @@ import numpy as np
 
 INT32_LIMIT = 2**31
 
+__all__ = ["check_token_id", "check_token_ids", "vocab_size_of"]
+
 
 def check_token_ids(ids: Any, vocab_size: int | None, argument: str) -> None:
     """Raises a ValueError naming ``argument``, the first offending position and the vocabulary
