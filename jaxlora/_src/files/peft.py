@@ -17,7 +17,6 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -34,8 +33,7 @@ from jaxlora._src.files.peft_checks import (
 )
 from jaxlora._src.files.peft_config import config_from_peft, default_module_name, peft_config
 from jaxlora._src.files.peft_layout import ModuleName, check_tensors, tensor_entries
-from jaxlora._src.tree import core, count
-from jaxlora._src.tree.fit import check_fits
+from jaxlora._src.tree.fit import check_fits, expected_adapter
 from jaxlora._src.types import LoraTree, Params
 from jaxlora._src.variants import base as variants
 
@@ -61,14 +59,6 @@ def _write(directory: str, document: dict[str, Any], tensors: dict[str, np.ndarr
         json.dump(document, f, indent=2, sort_keys=True)
     metadata = {"format": "pt", DIGEST_KEY: _digest(tensors)}
     save_file(tensors, os.path.join(directory, WEIGHTS_FILE), metadata=metadata)
-
-
-def _expected(base: Params, config: LoraConfig, variant: str) -> LoraTree:
-    """Shapes and dtypes of the Θ of ``variant`` that ``config`` makes for ``base``."""
-    key = jax.random.key(0)
-    # Of an Equinox model, its arrays: functions and Python numbers are no jax types.
-    view = count.params_only(base)
-    return jax.eval_shape(lambda params: core.split(params, config, key, variant=variant)[1], view)
 
 
 def save_peft(
@@ -109,7 +99,7 @@ def save_peft(
     check_frozen(frozen)
     variant = variants.adapter_variant(lora)
     use_dora = variant == "dora"
-    expected = _expected(frozen, config, variant)
+    expected = expected_adapter(frozen, config, variant, caller="save_peft")
     check_fits(paths.by_path(lora), paths.by_path(expected), "`lora`")
     tensors = {}
     for entry in tensor_entries(frozen, config, module_name, variant):
@@ -211,7 +201,7 @@ def load_peft(
     variant = "dora" if document.get("use_dora", False) else "lora"
     entries = tensor_entries(frozen, config, module_name, variant)
     check_tensors(entries, tensors, source)
-    expected = _expected(frozen, config, variant)
+    expected = expected_adapter(frozen, config, variant, caller="load_peft")
     arrays: dict[tuple[Any, ...], np.ndarray] = {}
     for entry in entries:
         if entry.lora_keys not in arrays:

@@ -75,7 +75,8 @@ class AdapterBank:
         check_lora_tree(lora, "AdapterBank.add")
         require_config(config, "AdapterBank.add")
         where = f"the adapter {name!r}"
-        check_fits(paths.by_path(lora), paths.by_path(expected_adapter(self.frozen, config)), where)
+        expected = expected_adapter(self.frozen, config, caller="AdapterBank.add")
+        check_fits(paths.by_path(lora), paths.by_path(expected), where)
         self._adapters[name] = (lora, config)
 
     def remove(self, name: str) -> None:

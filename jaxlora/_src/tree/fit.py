@@ -12,18 +12,25 @@ from typing import Any
 import jax
 
 from jaxlora._src.config.lora_config import LoraConfig
+from jaxlora._src.config.targets import find_targets
 from jaxlora._src.tree.core import split
 from jaxlora._src.tree.count import params_only
 from jaxlora._src.types import LoraTree, Params
 
 
-def expected_adapter(base: Params, config: LoraConfig) -> LoraTree:
-    """The shapes and dtypes of the Θ that ``config`` makes for ``base``, as ShapeDtypeStructs.
+def expected_adapter(
+    base: Params, config: LoraConfig, variant: str = "lora", *, argument: str = "frozen",
+    caller: str | None = None,
+) -> LoraTree:  # fmt: skip
+    """The shapes and dtypes of the Θ of ``variant`` that ``config`` makes for ``base``, as
+    ShapeDtypeStructs; a base without a weight to adapt is named as ``argument`` (of ``caller``).
 
     ``base`` may hold arrays or ``jax.ShapeDtypeStruct``; nothing is computed or allocated.
     """
     view = params_only(base)  # of an Equinox model its arrays: functions are no jax types
-    return jax.eval_shape(lambda params: split(params, config, jax.random.key(0))[1], view)
+    find_targets(view, config, argument=argument, caller=caller)
+    key = jax.random.key(0)
+    return jax.eval_shape(lambda params: split(params, config, key, variant=variant)[1], view)
 
 
 def describe(leaf: Any) -> str:
