@@ -1181,12 +1181,6 @@ def _hf_export(w: World, shard: str = "5GB") -> pathlib.Path:
     return directory
 
 
-def _a_file_path(w: World) -> pathlib.Path:
-    path = w.fresh_dir() / "model"
-    path.write_text("a file, not a directory")
-    return path
-
-
 def writer_cases(w: World) -> list[Case]:
     from jaxlora.models import load_hf
     from jaxlora.models.hf.export import save_hf, save_hf_merged
@@ -1254,13 +1248,13 @@ def writer_cases(w: World) -> list[Case]:
     cases += [
         Case("models.save_hf", "directory is a file",
              lambda path: save_hf(path, *_hf_model()), ("directory",),
-             prepare=lambda: _a_file_path(w)),
+             prepare=lambda: _a_file(w)),
         Case("models.save_hf", "directory=None", lambda _: save_hf(None, *_hf_model()),
              ("directory",)),
         Case("models.save_hf", "directory=5", lambda _: save_hf(5, *_hf_model()),
              ("directory",)),
         Case("models.save_hf_merged", "directory is a file", merged, ("directory",),
-             prepare=lambda: _a_file_path(w)),
+             prepare=lambda: _a_file(w)),
     ]  # fmt: skip
     return cases
 
