@@ -109,12 +109,7 @@ def _plan(sizes: Mapping[str, int], limit: int) -> list[list[str]]:
 
 def _check_arguments(directory: Any, hf_config: Any) -> None:
     """The arguments every writer shares, checked before anything is computed or written."""
-    if not isinstance(directory, str | os.PathLike):
-        raise TypeError(
-            f"`directory` must be a path (str or os.PathLike), got {type(directory).__name__}"
-        )
-    if not os.fspath(directory):
-        raise ValueError("`directory` is empty; pass the directory to write the checkpoint into")
+    validate.path("directory", directory)
     if hf_config is not None and not isinstance(hf_config, Mapping):
         raise TypeError(
             "`hf_config` must be None or a Hugging Face config dict (config.json's contents), got "
