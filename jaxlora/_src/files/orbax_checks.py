@@ -3,14 +3,13 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from typing import Any
 
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from jaxlora._src import paths
+from jaxlora._src import paths, validate
 from jaxlora._src.config.lora_config import LoraConfig
 from jaxlora._src.config.peft_rules import ALL_LINEAR
 from jaxlora._src.types import LORA_A, LoraTree
@@ -18,12 +17,7 @@ from jaxlora._src.types import LORA_A, LoraTree
 
 def check_manager_options(directory: Any, best_metric: Any, async_save: Any) -> None:
     """TypeErrors / ValueErrors naming ``directory``, ``best_metric`` or ``async_save``."""
-    if not isinstance(directory, str | os.PathLike):
-        raise TypeError(
-            f"`directory` must be a path (str or os.PathLike), got {type(directory).__name__}"
-        )
-    if not os.fspath(directory):
-        raise ValueError("`directory` is empty; pass the folder the checkpoint steps live in")
+    validate.path("directory", directory)
     if best_metric is not None and (not isinstance(best_metric, str) or not best_metric):
         raise TypeError(
             "`best_metric` must be None or the name of a metric passed to `save` (e.g. 'loss'), "
