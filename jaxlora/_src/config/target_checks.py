@@ -14,7 +14,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from jaxlora._src import paths
+from jaxlora._src import paths, validate
 from jaxlora._src.types import Params
 
 
@@ -75,10 +75,7 @@ def check_target_entries(config: Any, params: Params, kernel_paths: Sequence[str
 
 def is_float_kernel(dtype: Any) -> bool:
     """Whether a kernel of ``dtype`` can take a LoRA update (floating point only)."""
-    try:
-        return bool(jnp.issubdtype(jnp.dtype(dtype), jnp.floating))
-    except TypeError:
-        return False
+    return validate.is_floating(dtype)
 
 
 def check_float_targets(chosen: Sequence[Any]) -> None:
