@@ -8,8 +8,10 @@ Equinox layer in the tree tells the rest: an ``eqx.nn.Embedding`` table is an em
 looked up by row), an ``eqx.nn.Conv`` kernel ``"oi" + "w" * n``, and a layer whose weight has
 extra leading axes (``eqx.filter_vmap``-made stacks) gets them as ``s``.
 
-Other Equinox layers are not read: a ``ConvTranspose`` or a 3-D ``weight`` outside a known layer
-needs ``LoraConfig.layouts``, and a cell's ``weight_ih`` / ``weight_hh`` are no ``weight`` leaf.
+An Equinox normalisation layer's ``weight`` is a per-feature scale, never a target, even when
+stacking layers makes it 2-D. Other Equinox layers are not read: a ``ConvTranspose`` or a 3-D
+``weight`` outside a known layer needs ``LoraConfig.layouts``, and a cell's ``weight_ih`` /
+``weight_hh`` are no ``weight`` leaf.
 
 These defaults reach every function through :func:`with_tree_layouts`, which adds them, after the
 user's own ``LoraConfig.layouts`` patterns (those win), to the config a call works with. Equinox is
@@ -21,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
@@ -39,12 +41,37 @@ WEIGHT = "weight"
 WEIGHT_LEAVES = (KERNEL, EMBEDDING, WEIGHT)
 
 
+#: Equinox layers whose ``weight`` scales features instead of being contracted: never adapted,
+#: though a stacked one (``eqx.filter_vmap``-made) has a 2-D ``weight`` like a Linear's.
+_EQUINOX_NORMS = ("LayerNorm", "RMSNorm", "GroupNorm", "BatchNorm")
+
+
 def _equinox_layers() -> tuple[type, ...]:
     """``(Linear, Conv, Embedding)`` of Equinox when it is imported, else ``()``."""
     eqx = sys.modules.get("equinox")
     if eqx is None:
         return ()
     return (eqx.nn.Linear, eqx.nn.Conv, eqx.nn.Embedding)
+
+
+def _equinox_norms() -> tuple[type, ...]:
+    """Equinox's normalisation layers (:data:`_EQUINOX_NORMS`) when it is imported, else ``()``."""
+    eqx = sys.modules.get("equinox")
+    if eqx is None:
+        return ()
+    return tuple(getattr(eqx.nn, name) for name in _EQUINOX_NORMS if hasattr(eqx.nn, name))
+
+
+def _layer_weights(params: Params, layers: tuple[type, ...]) -> Iterator[tuple[str, Any, Any]]:
+    """``(module path, layer, its weight)`` of every instance of ``layers`` in ``params`` that
+    holds an array ``weight`` (an ``eqx.partition`` half without it is skipped)."""
+    if not layers:
+        return
+    is_layer = lambda x: isinstance(x, layers)  # noqa: E731
+    for keypath, node in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_layer)[0]:
+        weight = getattr(node, WEIGHT, None) if is_layer(node) else None
+        if getattr(weight, "shape", None) is not None:
+            yield paths.join(paths.leaf_path(keypath)), node, weight
 
 
 def _layer_layout(layer: Any, ndim: int) -> tuple[str, bool] | None:
@@ -70,19 +97,11 @@ def equinox_layers(params: Params) -> dict[str, tuple[str, bool]]:
         >>> equinox_layers({"head": eqx.nn.Linear(3, 2, key=jax.random.key(0))})
         {'head': ('oi', False)}
     """
-    layers = _equinox_layers()
-    if not layers:
-        return {}
     found = {}
-    is_layer = lambda x: isinstance(x, layers)  # noqa: E731
-    for keypath, node in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_layer)[0]:
-        weight = getattr(node, WEIGHT, None) if is_layer(node) else None
-        shape = getattr(weight, "shape", None)
-        if shape is None:
-            continue
-        layout = _layer_layout(node, len(shape))
+    for path, layer, weight in _layer_weights(params, _equinox_layers()):
+        layout = _layer_layout(layer, len(weight.shape))
         if layout is not None:
-            found[paths.join(paths.leaf_path(keypath))] = layout
+            found[path] = layout
     return found
 
 
@@ -96,10 +115,12 @@ def tree_layouts(params: Params) -> dict[str, str]:
         {'fc': 'oi'}
     """
     found = {path: layout for path, (layout, _) in equinox_layers(params).items()}
+    norms = norm_paths(params)
     for _, names, leaf in paths.flatten(params):
         shape = getattr(leaf, "shape", None)
         if names and names[-1] == WEIGHT and shape is not None and len(shape) == 2:
-            found.setdefault(paths.join(names[:-1]), "oi")
+            if paths.join(names[:-1]) not in norms:
+                found.setdefault(paths.join(names[:-1]), "oi")
     return found
 
 
@@ -139,6 +160,18 @@ def with_tree_layouts(config: LoraConfig, params: Params) -> LoraConfig:
     if len(layouts) == len(config.layouts):
         return config
     return dataclasses.replace(config, layouts=layouts)
+
+
+def norm_paths(params: Params) -> set[str]:
+    """Module paths of Equinox normalisation layers (LayerNorm, RMSNorm, GroupNorm, BatchNorm):
+    their ``weight`` is a per-feature scale, never a LoRA target, even stacked to 2-D.
+
+    Example:
+        >>> import equinox as eqx
+        >>> norm_paths({"ln": eqx.nn.LayerNorm(4), "ln_off": eqx.nn.LayerNorm(4, use_weight=False)})
+        {'ln'}
+    """
+    return {path for path, _, _ in _layer_weights(params, _equinox_norms())}
 
 
 def embedding_paths(params: Params) -> set[str]:

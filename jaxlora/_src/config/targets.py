@@ -107,12 +107,14 @@ class _Candidate:
 def _candidates(params: Params) -> list[_Candidate]:
     """Every weight leaf of 2 or more axes: Flax's ``kernel`` / ``embedding``, Equinox's (and
     PyTorch-style trees') ``weight`` (:mod:`jaxlora._src.config.conventions`)."""
-    embeds = conventions.embedding_paths(params)
+    embeds, norms = conventions.embedding_paths(params), conventions.norm_paths(params)
     found = []
     for keys, names, leaf in paths.flatten(params):
         shape = getattr(leaf, "shape", None)
         if names and names[-1] in WEIGHT_LEAVES and shape is not None and len(shape) >= 2:
             path = paths.join(names[:-1])
+            if path in norms:
+                continue
             found.append(
                 _Candidate(keys[:-1], path, names[-1], tuple(shape), leaf.dtype, path in embeds)
             )

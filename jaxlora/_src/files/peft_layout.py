@@ -251,13 +251,15 @@ def named_modules(
     adaptable kernel (``adaptable``) or any leaf; modules ``module_name`` cannot name are left out.
     """
     layouts, shapes = conventions.with_layouts_of(layouts, base), {}
+    norms = conventions.norm_paths(base) if adaptable else set()
     for _, parts, leaf in paths.flatten(base):
         shape = tuple(getattr(leaf, "shape", ()))
         if not adaptable:
             for k in range(1, len(parts)):
                 shapes.setdefault(paths.join(parts[:k]), shape)
         elif parts[-1] in conventions.WEIGHT_LEAVES and len(shape) >= 2:
-            shapes.setdefault(paths.join(parts[:-1]), shape)
+            if paths.join(parts[:-1]) not in norms:
+                shapes.setdefault(paths.join(parts[:-1]), shape)
     found = []
     for module, shape in shapes.items():
         names = []
