@@ -6,7 +6,9 @@ test that steps such an optimizer says so with ``@pytest.mark.standard_dtypes``.
 Tests marked ``slow`` (registered in pyproject.toml) need notebooks, PyTorch, subprocesses,
 pretrained weights or many compiled models; ``python -m pytest -m "not slow"`` runs the fast core.
 Under exactly that selection a module marked slow as a whole (``pytestmark = pytest.mark.slow``) is
-not even imported, so the core does not pay for importing torch or the weight readers.
+not even imported, nor is a module searched only for doctests (they are all slow, see
+:func:`pytest_collection_modifyitems`), so the core does not pay for importing torch or the weight
+readers.
 
 Compiled programs are shared across the run: every process of it (the pytest-xdist workers and
 the subprocesses that tests start) uses one JAX persistent compilation cache, so a program that
@@ -112,6 +114,8 @@ def pytest_collection_modifyitems(config, items):
 def pytest_ignore_collect(collection_path, config):
     if config.getoption("markexpr", "").strip() != FAST_CORE or collection_path.suffix != ".py":
         return None
+    if not collection_path.name.startswith("test_"):
+        return True  # a module searched only for its doctests, which are all slow
     return True if SLOW_MODULE.search(collection_path.read_text()) else None
 
 
