@@ -14,6 +14,9 @@ groups time the very same function.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -80,7 +83,7 @@ class GPT(eqx.Module):
         return jax.vmap(self.ln_f)(x) @ self.wte.weight.T
 
 
-def from_params(params: dict, config: GPTConfig) -> GPT:
+def from_params(params: Mapping[str, Any], config: GPTConfig) -> GPT:
     """The Equinox GPT holding the linen ``models_gpt.GPT``'s ``params``: the same function."""
     # Shapes only: every array leaf is replaced below, so none is initialised.
     model = eqx.filter_eval_shape(GPT, config, jax.random.key(0))
