@@ -18,7 +18,9 @@ def test_tiny_benchmark_writes_results(tmp_path):
     saved = json.loads((tmp_path / "bench_train_step_smoke.json").read_text())
     assert saved["rows"].keys() == result["rows"].keys()
     rows = saved["rows"]
-    for group in ("linen", "linen-mha", "nnx", "bf16", "plain"):
+    # Equinox is an optional extra: its group has no rows without it.
+    functional = ("plain", "equinox") if _has("equinox") else ("plain",)
+    for group in ("linen", "linen-mha", "nnx", "bf16", *functional):
         assert rows[f"{group} | full FT"]["ratio"] == 1.0
     assert rows["inference | base"]["ratio"] == 1.0
     qv = rows["linen | jaxlora factored q,v"]["trainable"]
@@ -29,9 +31,17 @@ def test_tiny_benchmark_writes_results(tmp_path):
     assert rows["nnx | jaxlora factored q,v"]["trainable"] == qv
     assert rows["plain | jaxlora factored q,v"]["trainable"] == qv
     all_linear = rows["linen | jaxlora factored all-linear"]["trainable"]
-    assert rows["nnx | jaxlora factored all-linear"]["trainable"] == all_linear
+    for group in ("nnx", *functional):
+        assert rows[f"{group} | jaxlora factored all-linear"]["trainable"] == all_linear
+    for group in functional:  # the linen GPT's params in other forms: the same full FT and floor
+        assert rows[f"{group} | full FT"]["trainable"] == rows["linen | full FT"]["trainable"]
+        floor = rows[f"{group} | floor all-linear"]["trainable"]
+        assert floor == rows["linen | floor all-linear"]["trainable"]
+        assert f"{group} | jaxlora factored all-linear, dropout 0.1 / floor all-linear" in saved[
+            "over_floor"]  # fmt: skip
     assert "temp_mb" in rows["linen | jaxlora factored q,v"]
     # The floors train only the target layers' biases: the least work of any adapter there.
+    # (The Equinox group skips its q,v rows in --tiny: the all-linear rows run the same code.)
     for group in ("linen", "linen-mha", "nnx", "plain"):
         assert rows[f"{group} | floor q,v"]["trainable"] < rows[f"{group} | floor all-linear"][
             "trainable"] < qv  # fmt: skip

@@ -9,6 +9,7 @@ frameworks compare on the frozen model alone.
 
 from __future__ import annotations
 
+import jax
 from flax import nnx, traverse_util
 
 from experiments.benchmarks import models_gpt
@@ -16,7 +17,8 @@ from experiments.benchmarks.bench_jax_runner import JaxRunner
 
 
 def _is_target_bias(path, targets) -> bool:
-    names = [str(getattr(p, "key", p)) for p in path]
+    # dict and nnx.State keys (``.key``), Equinox module fields (``.name``)
+    names = [str(getattr(p, "key", getattr(p, "name", p))) for p in path]
     return len(names) >= 2 and names[-1] == "bias" and names[-2] in targets
 
 
@@ -51,6 +53,23 @@ def nnx_floors(c, batch, floors) -> list[JaxRunner]:
             return nnx.merge(graphdef, t, f)(inputs)
 
         rows.append(JaxRunner(name, "nnx", forward, biases, rest, batch))
+    return rows
+
+
+def equinox_floors(group, fn, arrays, batch, floors) -> list[JaxRunner]:
+    """:func:`linen_floors` for an Equinox model as a function ``fn(arrays, inputs)`` of its
+    ``eqx.partition`` arrays, split again by leaf path (``eqx.partition`` / ``eqx.combine``)."""
+    import equinox as eqx  # the optional extra: only this group needs it
+
+    rows = []
+    for name, targets in floors:
+        is_bias = lambda path, _, targets=targets: _is_target_bias(path, targets)  # noqa: E731
+        biases, rest = eqx.partition(arrays, jax.tree.map_with_path(is_bias, arrays))
+
+        def forward(t, f, inputs, key):
+            return fn(eqx.combine(t, f), inputs)
+
+        rows.append(JaxRunner(name, group, forward, biases, rest, batch))
     return rows
 
 

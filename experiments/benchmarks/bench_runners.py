@@ -11,6 +11,9 @@ fine-tuning):
 * ``bf16``: the linen GPT with bfloat16 weights and activations, a float32 adapter (PEFT's default);
 * ``plain``: the same GPT as a plain JAX function of its params dict (``models_gpt.plain_gpt``),
   adapted by ``jaxlora.factored``;
+* ``equinox``: the same GPT in Equinox (``models_gpt_eqx.py``: ``eqx.nn.Linear`` layers holding the
+  linen GPT's params, so the same function), adapted by ``jaxlora.factored`` over the model's own
+  call (skipped when Equinox is not installed);
 * ``inference``: forwards of the linen GPT: base, merged adapter, factored adapter.
 
 Every training group also has the *floor* rows of ``bench_baselines.py``: the least work any
@@ -29,6 +32,7 @@ from flax import nnx
 import jaxlora
 from experiments.benchmarks import models_gpt
 from experiments.benchmarks.bench_baselines import (
+    equinox_floors,
     function_floors,
     linen_floors,
     nnx_floors,
@@ -40,7 +44,7 @@ QV = ["q_proj", "v_proj"]
 QV_MHA = ["query", "value"]
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "fc_in", "fc_out"]
 ALL_LINEAR_MHA = ["query", "key", "value", "out", "fc_in", "fc_out"]
-GROUPS = ("linen", "linen-mha", "nnx", "bf16", "plain", "inference")
+GROUPS = ("linen", "linen-mha", "nnx", "bf16", "plain", "equinox", "inference")
 
 
 def _lora_config(args, targets, dropout=0.0, layouts=None) -> jaxlora.LoraConfig:
@@ -165,6 +169,49 @@ def plain_group(args, c, batch) -> list[JaxRunner]:
     return rows + function_floors("plain", fn, params, batch, floors)
 
 
+def equinox_group(args, c, batch) -> list[JaxRunner]:
+    """The GPT in Equinox (``models_gpt_eqx.py``, holding the linen GPT's params): full FT of every
+    float array, ``jaxlora.factored`` adapters over the model's own call, floors. Skipped (no rows)
+    when Equinox, an optional extra, is not installed."""
+    try:
+        import equinox as eqx
+
+        from experiments.benchmarks import models_gpt_eqx
+    except ImportError:
+        print("equinox is not installed (`pip install jaxlora[equinox]`): its group is skipped")
+        return []
+    _, params = models_gpt.init(c, jax.random.key(0))
+    model = models_gpt_eqx.from_params(params, c)
+    # The arrays are trained or frozen; the rest (none in this model, but any field that is not a
+    # float array) stays a Python constant of the step.
+    arrays, static = eqx.partition(model, eqx.is_inexact_array)
+
+    def fn(arrays, inputs):
+        return jax.vmap(eqx.combine(arrays, static))(inputs)
+
+    def full(t, f, inputs, key):
+        return fn(t, inputs)
+
+    rows = [JaxRunner("full FT", "equinox", full, arrays, None, batch)]
+    variants = [("q,v", QV, 0.0), ("all-linear", "all-linear", 0.0),
+                ("all-linear, dropout 0.1", "all-linear", 0.1)]  # fmt: skip
+    floors = [("floor q,v", QV), ("floor all-linear", ALL_LINEAR)]
+    if args.tiny:  # the smoke test: q,v runs the all-linear rows' code on fewer layers
+        variants, floors = variants[1:], floors[1:]
+    for name, targets, dropout in variants:
+        config = _lora_config(args, targets, dropout)
+        frozen, lora = jaxlora.split(arrays, config, jax.random.key(1))
+        forward = jaxlora.factored(fn, config)
+
+        def lora_fwd(t, f, inputs, key, forward=forward, dropout=dropout):
+            return forward(f, t, inputs, lora_key=key if dropout else None)
+
+        rows.append(
+            JaxRunner(f"jaxlora factored {name}", "equinox", lora_fwd, lora, frozen, batch)
+        )  # fmt: skip
+    return rows + equinox_floors("equinox", fn, arrays, batch, floors)
+
+
 def inference_group(args, c, batch) -> list[JaxRunner]:
     """Forwards: the base model, the merged adapter (merged once, then the plain model: the same
     function as the base) and factored adapters. All take the same arguments, so the base and
@@ -200,6 +247,7 @@ BUILDERS: dict[str, Callable[..., list[JaxRunner]]] = {
     "nnx": nnx_group,
     "bf16": bf16_group,
     "plain": plain_group,
+    "equinox": equinox_group,
     "inference": inference_group,
 }
 

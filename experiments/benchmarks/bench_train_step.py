@@ -5,10 +5,11 @@ The model is the GPT-2-style decoder of ``models_gpt.py`` (d_model 768, 12 heads
 linear layers, in several groups (``bench_runners.py``): the linen GPT with ``nn.Dense`` layers, the
 same with Flax's ``nn.MultiHeadDotProductAttention``, the NNX GPT (with qwix's LoRA when installed),
 a bfloat16 group, the same GPT as a plain JAX function adapted by ``jaxlora.factored``
-(``plain``), and inference forwards. Each row is a ratio to the full fine-tuning of its own
-group, measured in the same run; the *floor* rows of ``bench_baselines.py`` (only the target
-layers' biases train: the least work of any adapter there) give each adapter's own cost as
-``adapter / floor``, in JAX and in PyTorch (``bench_report.py`` makes the tables).
+(``plain``) and as an Equinox model holding the same params (``equinox``, ``models_gpt_eqx.py``;
+with ``--tiny`` its all-linear rows only), and inference forwards. Each row is a ratio to the full
+fine-tuning of its own group, measured in the same run; the *floor* rows of ``bench_baselines.py``
+(only the target layers' biases train: the least work of any adapter there) give each adapter's
+own cost as ``adapter / floor``, in JAX and in PyTorch (``bench_report.py`` makes the tables).
 
 How it measures (so that the numbers can be defended):
 
