@@ -47,6 +47,16 @@ hypothesis.settings.register_profile("thorough", max_examples=THOROUGH_EXAMPLES,
 hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "suite"))
 
 FAST_CORE = "not slow"
+#: The longest test modules, longest first (their seconds in a full run on the 2-core machine, from
+#: ``--durations``/junit: 105-40 s each). pytest-xdist (``--dist loadscope
+#: --no-loadscope-reorder``) hands whole modules to the workers in collection order, which puts
+#: these first, so that no long module starts last while the other worker has nothing left to do.
+SCHEDULE_FIRST = (
+    "tests/test_bench_smoke.py", "tests/test_remat.py", "tests/test_notebooks.py",
+    "tests/test_parallel.py", "tests/test_models_llama.py", "tests/test_bench_memory_smoke.py",
+    "tests/test_multihost.py", "tests/test_quant.py", "tests/test_fused.py",
+    "tests/test_unseen_models.py", "tests/test_equinox.py", "tests/test_chunked.py",
+)  # fmt: skip
 SLOW_MODULE = re.compile(r"^pytestmark = pytest\.mark\.slow\b", re.MULTILINE)
 CACHE_VARIABLE = "JAXLORA_TEST_COMPILATION_CACHE"
 #: XLA:CPU options for test-sized compiles. Measured on a two-block GPT LoRA training step
@@ -109,6 +119,9 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if isinstance(item, pytest.DoctestItem):
             item.add_marker(pytest.mark.slow)
+    # Longest modules first (a stable sort keeps each module's own order).
+    rank = {name: k for k, name in enumerate(SCHEDULE_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))
 
 
 def pytest_ignore_collect(collection_path, config):
