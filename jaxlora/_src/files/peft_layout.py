@@ -13,8 +13,7 @@ kernel order whatever the layout (``"oio"`` (h, d, k): in ``d``, out ``h·k``); 
 A ``module_name(path, index)`` function maps a Flax module path (``"encoder/layer_0/query"``) to the
 PyTorch module name: ``index`` is ``()`` for plain modules and the layer index (a tuple) for stacked
 (``nn.scan``) ones, which export one PEFT module per layer; returning None means "no counterpart".
-:func:`tensor_entries` lists every PEFT tensor of an adapter with the converters between the two
-layouts; :mod:`jaxlora.peft` reads and writes the files.
+:func:`tensor_entries` lists every PEFT tensor of an adapter with the converters between layouts.
 """
 
 from __future__ import annotations
@@ -251,15 +250,14 @@ def named_modules(
     adaptable kernel (``adaptable``) or any leaf; modules ``module_name`` cannot name are left out.
     """
     layouts, shapes = conventions.with_layouts_of(layouts, base), {}
-    norms = conventions.norm_paths(base) if adaptable else set()
+    norms = conventions.norm_paths(base)  # a stacked norm's 2-D `weight` is no kernel
     for _, parts, leaf in paths.flatten(base):
-        shape = tuple(getattr(leaf, "shape", ()))
+        shape, module = tuple(getattr(leaf, "shape", ())), paths.join(parts[:-1])
         if not adaptable:
             for k in range(1, len(parts)):
                 shapes.setdefault(paths.join(parts[:k]), shape)
-        elif parts[-1] in conventions.WEIGHT_LEAVES and len(shape) >= 2:
-            if paths.join(parts[:-1]) not in norms:
-                shapes.setdefault(paths.join(parts[:-1]), shape)
+        elif parts[-1] in conventions.WEIGHT_LEAVES and len(shape) >= 2 and module not in norms:
+            shapes.setdefault(module, shape)
     found = []
     for module, shape in shapes.items():
         names = []
