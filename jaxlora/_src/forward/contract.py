@@ -11,8 +11,9 @@ and used transposed, or a tied output head); either way the rank-r intermediate 
 tensor formed, scaled there since it is the smallest. As on the Flax path the low-rank term runs
 in the factors' dtype with the op's precision and is cast to the output's dtype before the add,
 and LoRA dropout (:mod:`~jaxlora._src.forward.lora_dropout`) acts on its input only.
-A plain dense contraction (``x``'s trailing axes against the view's leading input axes) runs as
-one :func:`~jaxlora._src.forward.fused.dense`, whose backward is a few 2-D GEMMs.
+A plain dense contraction (``x``'s trailing axes against the view's input axes, an ``(in, out)``
+kernel or an ``(out, in)`` weight, on either side of the op) runs as one
+:func:`~jaxlora._src.forward.fused.dense`, whose backward is a few 2-D GEMMs.
 """
 
 from __future__ import annotations
@@ -27,15 +28,21 @@ from jaxlora._src.forward import fused, lora_dropout
 from jaxlora._src.forward.lazy_weight import RANK, LazyWeight, einsum, fresh
 
 
-def _dense_in(w: LazyWeight, x: jax.Array, contract, batch, precision, preferred) -> Any:
-    """The fused call for ``x`` (trailing axes) against ``w``'s leading axes, or None."""
+def _dense(w: LazyWeight, x: jax.Array, contract, batch, precision, preferred) -> Any:
+    """The fused call for ``x``'s trailing axes against ``w``'s input axes, ``(..., out)`` (with
+    ``x``'s free axes first), or None. The input axes are ``w``'s leading axes (an ``(in, out)``
+    kernel) or its trailing ones (an ``(out, in)`` weight, contracted as stored)."""
     (x_c, w_c), (x_b, _) = contract, batch
     n = len(w_c)
     if x_b or not fused.enabled() or n == 0 or w.a.dtype != w.b.dtype or x.dtype != w.dtype:
         return None
-    if tuple(x_c) != tuple(range(x.ndim - n, x.ndim)) or tuple(w_c) != tuple(range(n)):
+    if tuple(x_c) != tuple(range(x.ndim - n, x.ndim)):
         return None
-    if w.a_labels != w.labels[:n] + (RANK,) or w.b_labels != (RANK,) + w.labels[n:]:
+    out_first = tuple(w_c) != tuple(range(n))
+    if out_first and tuple(w_c) != tuple(range(len(w.labels) - n, len(w.labels))):
+        return None
+    ins, outs = (w.labels[-n:], w.labels[:-n]) if out_first else (w.labels[:n], w.labels[n:])
+    if w.a_labels != ins + (RANK,) or w.b_labels != (RANK,) + outs:
         return None
     if preferred is not None and jnp.dtype(preferred) != x.dtype:
         return None
@@ -43,7 +50,8 @@ def _dense_in(w: LazyWeight, x: jax.Array, contract, batch, precision, preferred
     narrow = jnp.issubdtype(stored.dtype, jnp.floating) and stored.dtype.itemsize < x.itemsize
     kernel = stored if narrow else w.base()
     keep, rate = lora_dropout.keep_mask(x.shape), lora_dropout.rate()
-    return fused.trailing_dense(x, kernel, None, w.a, w.b, keep, w.scale, rate, precision, n)
+    return fused.trailing_dense(x, kernel, None, w.a, w.b, keep, w.scale, rate, precision, n,
+                                out_first)  # fmt: skip
 
 
 def dot_general(params: dict[str, Any], lhs: Any, rhs: Any) -> jax.Array | None:
@@ -54,10 +62,10 @@ def dot_general(params: dict[str, Any], lhs: Any, rhs: Any) -> jax.Array | None:
     w, x = (lhs, rhs) if w_left else (rhs, lhs)
     w_c, x_c = (lhs_c, rhs_c) if w_left else (rhs_c, lhs_c)
     w_b, x_b = (lhs_b, rhs_b) if w_left else (rhs_b, lhs_b)
-    if not w_left:
-        out = _dense_in(w, x, (x_c, w_c), (x_b, w_b), precision, preferred)
-        if out is not None:
-            return out
+    out = _dense(w, x, (x_c, w_c), (x_b, w_b), precision, preferred)
+    if out is not None:  # (x's free axes, w's): the other way round when w is the left operand
+        lead = x.ndim - len(x_c)
+        return out if not w_left else jnp.moveaxis(out, tuple(range(lead)), tuple(range(-lead, 0)))
     x_labels = [fresh() for _ in range(x.ndim)]
     for xa, wa in zip(tuple(x_c) + tuple(x_b), tuple(w_c) + tuple(w_b), strict=True):
         x_labels[xa] = w.labels[wa]

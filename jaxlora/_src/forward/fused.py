@@ -139,7 +139,7 @@ def _compute_kernel(kernel: jax.Array, like: jax.Array) -> jax.Array:
     return ties.tie_to(kernel, like).astype(like.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
 def dense(
     x: jax.Array,
     kernel: jax.Array,
@@ -150,18 +150,21 @@ def dense(
     scale: float,
     rate: float,
     precision: Any,
+    out_first: bool = False,
 ) -> jax.Array:
     """``x·W + bias + s·(drop(x)·A)·B`` over the last axis of ``x``, with a 2-D backward.
 
     Args:
         x: the layer input ``(..., k)`` in the compute dtype.
-        kernel: W ``(k, n)``, in ``x``'s dtype or a narrower float type.
+        kernel: W ``(k, n)`` (``(n, k)`` with ``out_first``: PyTorch's and Equinox's ``weight``,
+            contracted as stored, never transposed), in ``x``'s dtype or a narrower float type.
         bias: ``(n,)`` in ``x``'s dtype, or None.
         a: A ``(k, r)``; b: B ``(r, n)``, both in one (the adapter's) dtype.
         keep: the dropout keep-mask (:func:`keep_mask`), ``x``'s shape, or None for no dropout.
         scale: s = alpha / r (or the rsLoRA scale).
         rate: the dropout rate ``keep`` was drawn with (unused without ``keep``).
         precision: the layer's ``precision``.
+        out_first: whether ``kernel`` is stored outputs first, ``(n, k)``.
 
     Returns:
         ``(..., n)`` in ``x``'s dtype.
@@ -173,33 +176,35 @@ def dense(
         Array([[6., 6., 6.],
                [6., 6., 6.]], dtype=float32)
     """
-    return _dense_fwd(x, kernel, bias, a, b, keep, scale, rate, precision)[0]
+    return _dense_fwd(x, kernel, bias, a, b, keep, scale, rate, precision, out_first)[0]
 
 
-def _dense_fwd(x, kernel, bias, a, b, keep, scale, rate, precision):
-    x2 = _rows(x)
-    y = lax.dot_general(x2, _compute_kernel(kernel, x2), _LAST_FIRST, precision=precision)
+def _dense_fwd(x, kernel, bias, a, b, keep, scale, rate, precision, out_first):
+    x2, dims = _rows(x), _LAST_LAST if out_first else _LAST_FIRST
+    y = lax.dot_general(x2, _compute_kernel(kernel, x2), dims, precision=precision)
     x_lora = apply_mask(_rows(x.astype(a.dtype)), None if keep is None else _rows(keep), rate)
     h = lax.dot_general(x_lora, a, _LAST_FIRST, precision=precision) * jnp.asarray(scale, a.dtype)
     y = y + lax.dot_general(h, b, _LAST_FIRST, precision=precision).astype(y.dtype)
     if bias is not None:
         y = y + bias.reshape(1, -1)
-    y = y.reshape(x.shape[:-1] + (kernel.shape[1],))
+    y = y.reshape(x.shape[:-1] + (kernel.shape[0 if out_first else 1],))
     return y, (x, kernel, a, h, b, bias, keep)
 
 
-def _dense_bwd(scale, rate, precision, residuals, dy):
+def _dense_bwd(scale, rate, precision, out_first, residuals, dy):
     x, kernel, a, h, b, bias, keep = residuals
     dy2 = _rows(dy)
     dy_lora = dy2.astype(b.dtype)
     dh = lax.dot_general(dy_lora, b, _LAST_LAST, precision=precision)
     dh = dh * jnp.asarray(scale, dh.dtype)
-    dx = lax.dot_general(dy2, _compute_kernel(kernel, dy2), _LAST_LAST, precision=precision)
+    dims = _LAST_FIRST if out_first else _LAST_LAST
+    dx = lax.dot_general(dy2, _compute_kernel(kernel, dy2), dims, precision=precision)
     dx_lora = lax.dot_general(dh, a, _LAST_LAST, precision=precision)
     keep2 = None if keep is None else _rows(keep)
     dx = dx + apply_mask(dx_lora, keep2, rate).astype(dx.dtype)
     x_lora = apply_mask(_rows(x.astype(a.dtype)), keep2, rate)
-    d_kernel = _contract_rows(_rows(x), dy2, precision).astype(kernel.dtype)
+    rows_in_out = (dy2, _rows(x)) if out_first else (_rows(x), dy2)
+    d_kernel = _contract_rows(*rows_in_out, precision).astype(kernel.dtype)
     d_a = _contract_rows(x_lora, dh, precision)
     d_b = _contract_rows(h, dy_lora, precision)
     d_bias = None if bias is None else jnp.sum(dy2, axis=0).astype(bias.dtype)
@@ -222,19 +227,24 @@ def trailing_dense(
     rate: float,
     precision: Any,
     n_in: int,
+    out_first: bool = False,
 ) -> jax.Array:
-    """:func:`dense` for a kernel ``in_shape + out_shape`` contracting the last ``n_in`` axes of
-    ``x`` (``DenseGeneral`` / ``LinearGeneral`` with trailing ``axis`` and no batch axes).
+    """:func:`dense` for a kernel ``in_shape + out_shape`` (``out_shape + in_shape`` with
+    ``out_first``) contracting the last ``n_in`` axes of ``x`` (``DenseGeneral`` / ``LinearGeneral``
+    with trailing ``axis`` and no batch axes; an Equinox ``Linear``).
 
     ``a`` is ``in_shape + (r,)``, ``b`` ``(r,) + out_shape``, ``bias`` ``out_shape`` or None; the
     result is ``x.shape[:-n_in] + out_shape``.
     """
-    in_shape, out_shape = kernel.shape[:n_in], kernel.shape[n_in:]
+    split = kernel.ndim - n_in if out_first else n_in
+    in_shape, out_shape = kernel.shape[:split], kernel.shape[split:]
+    if out_first:
+        in_shape, out_shape = out_shape, in_shape
     k, n, r = math.prod(in_shape), math.prod(out_shape), a.shape[-1]
     lead = x.shape[: x.ndim - n_in]
     flat = dense(
         x.reshape(lead + (k,)),
-        kernel.reshape(k, n),
+        kernel.reshape((n, k) if out_first else (k, n)),
         None if bias is None else bias.reshape(n),
         a.reshape(k, r),
         b.reshape(r, n),
@@ -242,6 +252,7 @@ def trailing_dense(
         scale,
         rate,
         precision,
+        out_first,
     )
     # jax's stubs lose a custom_vjp's return type (custom_vjp.__new__ is typed loosely).
     return cast(jax.Array, flat).reshape(lead + out_shape)
