@@ -1,4 +1,4 @@
-"""``jaxlora.factored`` on Equinox, proven as on Flax: a recurrent cell, LoRA dropout, quantised bases.
+"""``jaxlora.factored`` on Equinox, proven as on Flax: a recurrent cell, dropout, quantised bases.
 
 The model is ``tests/equinox_models.GRU``, a GRU-style cell of ``eqx.nn.Linear`` layers run over a
 sequence by ``lax.scan``: the same adapted weights at every step, the carry flowing through. On it,
@@ -106,6 +106,7 @@ def _check_laws(lora, frozen, base, steps=3):
     assert_trees_bitwise_equal(frozen, before)
 
 
+@pytest.mark.slow  # compiles the gradients of both paths through the scan
 def test_recurrent_cell_factored_equals_merged_and_trains():
     _, frozen, lora = _setup()
     _check_laws(lora, frozen, frozen)
@@ -155,6 +156,7 @@ def test_an_equinox_cell_trains_in_full_with_modules_to_save():
 RATE = 0.5
 
 
+@pytest.mark.slow  # compiles the scanned forward with and without dropout
 def test_lora_dropout_one_key_one_output():
     """Under ``eqx.filter_jit``: a key gives one output, another key another; no key (or a
     rate of 0) is the deterministic forward, as the Flax path without a ``dropout`` rng."""
@@ -204,7 +206,7 @@ def test_lora_dropout_gradients_reach_every_leaf():
     config, frozen, lora = _setup(lora_dropout=RATE)
     run = jaxlora.factored(lambda model, xs: model(xs), config)
     loss = lambda t, key: _loss(run(frozen, t, equinox_models.sequence(), lora_key=key))  # noqa: E731
-    grads = eqx.filter_jit(eqx.filter_grad(loss))(lora, jax.random.key(5))
+    grads = jax.jit(jax.grad(loss))(lora, jax.random.key(5))  # plain jax.jit / jax.grad here
     _trained_every_leaf(grads)
     plain = _both()(lora, frozen, frozen, equinox_models.sequence())[0][1]
     assert not np.allclose(grads["input_gates"]["lora_a"], plain["input_gates"]["lora_a"])
@@ -230,6 +232,9 @@ def test_quantize_keeps_an_equinox_model_whole(method):
     errors = quant.requantization_error(qfrozen, lora, config)
     assert sorted(errors) == ["hidden_gates", "input_gates"]
     assert all(0 < e["weight"] < 1 and np.isfinite(e["update"]) for e in errors.values())
+    with pytest.raises(ValueError, match="`input_gates`") as again:  # a quantised kernel's
+        quant.quantize(qfrozen, ["input_gates"], method)  # codes are no cell's weights
+    assert "recurrent cell" not in str(again.value)
 
 
 @pytest.mark.slow  # compiles the laws' program once more, over quantised leaves

@@ -3,7 +3,8 @@
 PEFT raises only when *no* module matches ``target_modules``, so a typo beside a good name
 (``["up", "dwon"]``) silently adapts less than asked. Here each list entry must name at least one
 adaptable kernel, and an adapted kernel must be floating point: ``W + s·A·B`` cast back to an
-integer or bool dtype would truncate the update.
+integer or bool dtype would truncate the update. A module whose 2+-D weights have other names (a
+recurrent cell's ``weight_ih`` / ``weight_hh``) named by an entry or a regex gets the reason.
 """
 
 from __future__ import annotations
@@ -32,10 +33,13 @@ def _leaf_names(params: Params) -> dict[str, list[str]]:
 
 def unadaptable_weights(params: Params) -> dict[str, list[str]]:
     """``{module path: [names]}`` of the 2+-D leaves under names LoRA does not adapt: an RNN
-    cell's ``weight_ih`` / ``weight_hh`` (Equinox's ``GRUCell``, ``LSTMCell``)."""
+    cell's ``weight_ih`` / ``weight_hh`` (Equinox's ``GRUCell``, ``LSTMCell``). The parts of a
+    weight stored as a pytree (a quantised kernel's ``codes``) are the weight's, not others."""
     modules: dict[str, list[str]] = {}
     for _, names, leaf in paths.flatten(params):
-        if names and names[-1] not in WEIGHT_LEAVES and len(getattr(leaf, "shape", ())) >= 2:
+        if not names or names[-1] in WEIGHT_LEAVES or len(getattr(leaf, "shape", ())) < 2:
+            continue
+        if not any(n in WEIGHT_LEAVES for n in names[:-1]):
             modules.setdefault(paths.join(names[:-1]), []).append(names[-1])
     return modules
 
@@ -89,8 +93,9 @@ def _why_not(
 def check_target_entries(config: Any, params: Params, kernel_paths: Sequence[str]) -> None:
     """Raises a ValueError naming each list entry of ``target_modules`` that matches no kernel.
 
-    Only list entries are checked: a regex is one pattern and already fails when it matches
-    nothing, as does a list none of whose names exists anywhere (:func:`peft_rules.select`).
+    A regex is one pattern and already fails when it matches nothing, as does a list none of
+    whose names exists anywhere (:func:`peft_rules.select`); here a regex is refused only when it
+    matches no kernel but does match a module holding weights under other names.
     ``kernel_paths`` are the module paths holding an adaptable kernel or embedding.
     """
     spec = config.target_modules
@@ -103,9 +108,13 @@ def check_target_entries(config: Any, params: Params, kernel_paths: Sequence[str
         return
     modules = _leaf_names(params)
     unadaptable = unadaptable_weights(params)
-    if len(unmatched) == len(spec) and not any(
-        paths.matches_literal(n, m) or f"/{n}/" in f"/{m}/" for n in spec for m in modules
-    ) and not any(_names_cell(n, m, x) for n in spec for m, x in unadaptable.items()):
+
+    def exists(entry: str) -> bool:  # as a module, a module's ancestor, or a cell's weight
+        return any(
+            paths.matches_literal(entry, m) or f"/{entry}/" in f"/{m}/" for m in modules
+        ) or any(_names_cell(entry, m, names) for m, names in unadaptable.items())
+
+    if len(unmatched) == len(spec) and not any(exists(n) for n in spec):
         return  # plain names that exist nowhere: `peft_rules.select`'s "no module matched"
     reasons = "; ".join(
         f"{n!r}: {_why_not(n, modules, kernel_paths, unadaptable)}" for n in unmatched
