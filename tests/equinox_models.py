@@ -57,7 +57,8 @@ def gru():
 
 @functools.cache
 def sequence():
-    return jax.random.normal(jax.random.key(1), (STEPS, WIDTH))
+    with jax.ensure_compile_time_eval():  # concrete even when first asked for inside a trace
+        return jax.random.normal(jax.random.key(1), (STEPS, WIDTH))
 
 
 class WithCell(eqx.Module):

@@ -204,11 +204,11 @@ def test_lora_dropout_fresh_adapter_is_the_base():
 @pytest.mark.slow  # compiles a gradient through dropout masks in a scan
 def test_lora_dropout_gradients_reach_every_leaf():
     config, frozen, lora = _setup(lora_dropout=RATE)
-    run = jaxlora.factored(lambda model, xs: model(xs), config)
-    loss = lambda t, key: _loss(run(frozen, t, equinox_models.sequence(), lora_key=key))  # noqa: E731
+    run, xs = jaxlora.factored(lambda model, xs: model(xs), config), equinox_models.sequence()
+    loss = lambda t, key: _loss(run(frozen, t, xs, lora_key=key))  # noqa: E731
     grads = jax.jit(jax.grad(loss))(lora, jax.random.key(5))  # plain jax.jit / jax.grad here
     _trained_every_leaf(grads)
-    plain = _both()(lora, frozen, frozen, equinox_models.sequence())[0][1]
+    plain = _both()(lora, frozen, frozen, xs)[0][1]
     assert not np.allclose(grads["input_gates"]["lora_a"], plain["input_gates"]["lora_a"])
 
 
