@@ -192,13 +192,13 @@ def test_lora_dropout_masks_the_lora_input_only():
 
 
 def test_lora_dropout_fresh_adapter_is_the_base():
-    """With B = 0 the output under dropout is the base's: dropout touches only the LoRA branch."""
+    """With B = 0 the output under dropout is the base's, bit for bit: dropout touches only
+    the LoRA branch."""
     model, xs = equinox_models.gru(), equinox_models.sequence()
     config = jaxlora.LoraConfig(r=2, target_modules=TARGETS, lora_dropout=RATE)
     frozen, fresh = jaxlora.split(model, config, KEY)
     got = _forward(RATE)(frozen, fresh, xs, lora_key=jax.random.key(5))
-    # Within an ulp, not bit for bit: the dropout program orders XLA's sums differently.
-    np.testing.assert_allclose(got, _base_forward()(model, xs), rtol=1e-6, atol=1e-7)
+    assert_trees_bitwise_equal(got, _base_forward()(model, xs))
 
 
 @pytest.mark.slow  # compiles a gradient through dropout masks in a scan
