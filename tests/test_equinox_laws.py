@@ -4,9 +4,10 @@ The model is ``tests/equinox_models.GRU``, a GRU-style cell of ``eqx.nn.Linear``
 sequence by ``lax.scan``: the same adapted weights at every step, the carry flowing through. On it,
 under ``eqx.filter_jit`` / ``jax.jit`` and ``eqx.filter_grad`` / ``jax.grad``: factored == merged
 in outputs and gradients w.r.t. Θ; the base bit-identical after optax steps; every adapter leaf
-trained; a fresh adapter gives the base. LoRA dropout acts on the LoRA branch's input only, one key
-one output. An int8 or NF4 base runs factored as the merged forward over the dequantised base, and
-its codes never move. Equinox's own cells (``weight_ih`` / ``weight_hh``) are refused by name.
+trained; a fresh adapter gives the base bit for bit. LoRA dropout acts on the LoRA branch's input
+only, one key one output; no key is no dropout, as on Flax without a ``dropout`` rng. An int8 or
+NF4 base runs factored as the merged forward over the dequantised base, and its codes never move.
+Equinox's own cells (``weight_ih`` / ``weight_hh``) are refused by name.
 """
 
 import functools
