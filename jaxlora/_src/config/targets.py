@@ -220,9 +220,15 @@ def find_targets(
     config = conventions.with_tree_layouts(config, params)
     cands = _candidates(params)
     if not cands:
+        cells = target_checks.unadaptable_weights(params)
+        hint = (
+            target_checks.why_unadaptable(cells)
+            if cells
+            else "pass the model's `params` collection (variables['params'])"
+        )
         raise ValueError(
             f"{where} holds no 'kernel', 'embedding' or 'weight' leaf of 2 or more dimensions, "
-            "so nothing can be adapted; pass the model's `params` collection (variables['params'])"
+            f"so nothing can be adapted; {hint}"
         )
     all_paths = [c.path for c in cands]
     _check_patterns("layouts", config.layouts, all_paths, "module")

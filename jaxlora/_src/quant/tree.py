@@ -51,7 +51,8 @@ def quantize(
     """Replaces the selected kernels of ``params`` by :class:`QuantizedKernel` leaves.
 
     Args:
-        params: float params (a nested dict; the rest of the tree is returned as it is).
+        params: float params (a nested dict, ``nnx.State``, an Equinox module or any other
+            params pytree; the rest of the tree is returned as it is).
         targets: which kernels: a ``LoraConfig`` (its targets and layouts) or a
             ``target_modules`` value (list of names, regex, or ``"all-linear"``, the default,
             which like QLoRA quantises every dense kernel except the output head).
@@ -75,7 +76,7 @@ def quantize(
         >>> type(qparams["q"]["kernel"]).__name__, qparams["q"]["kernel"].nbytes
         ('QuantizedKernel', 2304)
     """
-    validate.tree("params", params)
+    validate.pytree("params", params)
     if not isinstance(targets, LoraConfig | str):
         validate.str_sequence("targets", targets, nonempty=True)
     elif isinstance(targets, str):
@@ -127,8 +128,8 @@ def requantize(params: Params, like: Params) -> Params:
             leaf, ref.method, ref.layout, ref.block_size or 64, ref.scale_scale is not None
         )
 
-    validate.tree("params", params)
-    validate.tree("like", like)
+    validate.pytree("params", params)
+    validate.pytree("like", like)
     try:
         return jax.tree.map(convert, params, like, is_leaf=is_quantized)
     except ValueError as err:
@@ -147,7 +148,7 @@ def split_quantized(params: Params, config: LoraConfig, key: PRNGKey) -> tuple[P
     Raises:
         ValueError: when a trainable copy (``modules_to_save``) would be a quantised kernel.
     """
-    validate.tree("params", params)
+    validate.pytree("params", params)
     require_config(config, "split_quantized")
     view = shapes(params)
     for _, names, leaf in paths.flatten(view):
@@ -170,7 +171,7 @@ def merge_quantized(qfrozen: Params, lora: LoraTree, config: LoraConfig) -> Para
     :func:`requantize` to store the merged model quantised again (lossy: see
     :func:`requantization_error`).
     """
-    validate.tree("qfrozen", qfrozen)
+    validate.pytree("qfrozen", qfrozen)
     return core.merge(qfrozen, lora, config)
 
 
@@ -186,11 +187,14 @@ def requantization_error(
     base = dequantize_tree(frozen)
     merged = core.merge(base, lora, config)
     again = dequantize_tree(requantize(merged, frozen))
+    # By joined path, not by dict keys: an Equinox module's weights are attributes.
+    trees = [paths.by_path(t) for t in (base, merged, again)]
+    adapted = {p.rsplit("/", 1)[0] for p in paths.by_path(lora)}
     out = {}
-    for keys, names, leaf in paths.flatten(shapes(frozen)):
-        if not isinstance(leaf, jax.ShapeDtypeStruct) or paths.get_in(lora, keys[:-1]) is None:
+    for _, names, leaf in paths.flatten(shapes(frozen)):
+        if not isinstance(leaf, jax.ShapeDtypeStruct) or paths.join(names[:-1]) not in adapted:
             continue
-        w, w2, q = (np.asarray(paths.get_in(t, keys), np.float64) for t in (base, merged, again))
+        w, w2, q = (np.asarray(t[paths.join(names)], np.float64) for t in trees)
         update = np.linalg.norm(w2 - w)
         out[paths.join(names[:-1])] = {
             "weight": float(np.linalg.norm(q - w2) / np.linalg.norm(w2)),
