@@ -28,7 +28,7 @@ from jaxlora._src.forward import fused, lora_dropout
 from jaxlora._src.forward.lazy_weight import RANK, LazyWeight, einsum, fresh
 
 
-def _dense(w: LazyWeight, x: jax.Array, contract, batch, precision, preferred) -> Any:
+def _dense(w: LazyWeight, x: jax.Array, contract, batch, precision, preferred, w_left) -> Any:
     """The fused call for ``x``'s trailing axes against ``w``'s input axes, ``(..., out)`` (with
     ``x``'s free axes first), or None. The input axes are ``w``'s leading axes (an ``(in, out)``
     kernel) or its trailing ones (an ``(out, in)`` weight, contracted as stored)."""
@@ -51,7 +51,7 @@ def _dense(w: LazyWeight, x: jax.Array, contract, batch, precision, preferred) -
     kernel = stored if narrow else w.base()
     keep, rate = lora_dropout.keep_mask(x.shape), lora_dropout.rate()
     return fused.trailing_dense(x, kernel, None, w.a, w.b, keep, w.scale, rate, precision, n,
-                                out_first)  # fmt: skip
+                                out_first, w_left)  # fmt: skip
 
 
 def dot_general(params: dict[str, Any], lhs: Any, rhs: Any) -> jax.Array | None:
@@ -62,7 +62,7 @@ def dot_general(params: dict[str, Any], lhs: Any, rhs: Any) -> jax.Array | None:
     w, x = (lhs, rhs) if w_left else (rhs, lhs)
     w_c, x_c = (lhs_c, rhs_c) if w_left else (rhs_c, lhs_c)
     w_b, x_b = (lhs_b, rhs_b) if w_left else (rhs_b, lhs_b)
-    out = _dense(w, x, (x_c, w_c), (x_b, w_b), precision, preferred)
+    out = _dense(w, x, (x_c, w_c), (x_b, w_b), precision, preferred, w_left)
     if out is not None:  # (x's free axes, w's): the other way round when w is the left operand
         lead = x.ndim - len(x_c)
         return out if not w_left else jnp.moveaxis(out, tuple(range(lead)), tuple(range(-lead, 0)))

@@ -139,7 +139,7 @@ def _compute_kernel(kernel: jax.Array, like: jax.Array) -> jax.Array:
     return ties.tie_to(kernel, like).astype(like.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
 def dense(
     x: jax.Array,
     kernel: jax.Array,
@@ -151,6 +151,7 @@ def dense(
     rate: float,
     precision: Any,
     out_first: bool = False,
+    kernel_left: bool = False,
 ) -> jax.Array:
     """``x·W + bias + s·(drop(x)·A)·B`` over the last axis of ``x``, with a 2-D backward.
 
@@ -165,6 +166,8 @@ def dense(
         rate: the dropout rate ``keep`` was drawn with (unused without ``keep``).
         precision: the layer's ``precision``.
         out_first: whether ``kernel`` is stored outputs first, ``(n, k)``.
+        kernel_left: the forward computes ``x·W`` as ``(W·xᵀ)ᵀ``, as an op with the kernel on its
+            left does (a vmapped Equinox Linear), so that B = 0 gives that op's bits.
 
     Returns:
         ``(..., n)`` in ``x``'s dtype.
@@ -176,12 +179,18 @@ def dense(
         Array([[6., 6., 6.],
                [6., 6., 6.]], dtype=float32)
     """
-    return _dense_fwd(x, kernel, bias, a, b, keep, scale, rate, precision, out_first)[0]
+    args = (scale, rate, precision, out_first, kernel_left)
+    return _dense_fwd(x, kernel, bias, a, b, keep, *args)[0]
 
 
-def _dense_fwd(x, kernel, bias, a, b, keep, scale, rate, precision, out_first):
-    x2, dims = _rows(x), _LAST_LAST if out_first else _LAST_FIRST
-    y = lax.dot_general(x2, _compute_kernel(kernel, x2), dims, precision=precision)
+def _dense_fwd(x, kernel, bias, a, b, keep, scale, rate, precision, out_first, kernel_left):
+    x2, k_axis = _rows(x), 1 if out_first else 0
+    w = _compute_kernel(kernel, x2)
+    if kernel_left:  # the op's own product: x not flattened, the kernel's rows first
+        y = lax.dot_general(w, x, (((k_axis,), (x.ndim - 1,)), ((), ())), precision=precision)
+        y = jnp.moveaxis(y, 0, -1).reshape(x2.shape[0], -1)
+    else:
+        y = lax.dot_general(x2, w, (((1,), (k_axis,)), ((), ())), precision=precision)
     x_lora = apply_mask(_rows(x.astype(a.dtype)), None if keep is None else _rows(keep), rate)
     h = lax.dot_general(x_lora, a, _LAST_FIRST, precision=precision) * jnp.asarray(scale, a.dtype)
     y = y + lax.dot_general(h, b, _LAST_FIRST, precision=precision).astype(y.dtype)
@@ -191,7 +200,7 @@ def _dense_fwd(x, kernel, bias, a, b, keep, scale, rate, precision, out_first):
     return y, (x, kernel, a, h, b, bias, keep)
 
 
-def _dense_bwd(scale, rate, precision, out_first, residuals, dy):
+def _dense_bwd(scale, rate, precision, out_first, kernel_left, residuals, dy):
     x, kernel, a, h, b, bias, keep = residuals
     dy2 = _rows(dy)
     dy_lora = dy2.astype(b.dtype)
@@ -228,6 +237,7 @@ def trailing_dense(
     precision: Any,
     n_in: int,
     out_first: bool = False,
+    kernel_left: bool = False,
 ) -> jax.Array:
     """:func:`dense` for a kernel ``in_shape + out_shape`` (``out_shape + in_shape`` with
     ``out_first``) contracting the last ``n_in`` axes of ``x`` (``DenseGeneral`` / ``LinearGeneral``
@@ -253,6 +263,7 @@ def trailing_dense(
         rate,
         precision,
         out_first,
+        kernel_left,
     )
     # jax's stubs lose a custom_vjp's return type (custom_vjp.__new__ is typed loosely).
     return cast(jax.Array, flat).reshape(lead + out_shape)
