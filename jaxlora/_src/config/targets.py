@@ -29,6 +29,8 @@ from jaxlora._src.config.lora_config import LoraConfig, require_config
 from jaxlora._src.types import Params
 
 BIAS = "bias"
+#: What to pass when a tree holds no weight at all (a model object, or its variables by mistake).
+PARAMS_HINT = "pass the model's `params` collection (variables['params'])"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,11 +223,7 @@ def find_targets(
     cands = _candidates(params)
     if not cands:
         cells = target_checks.unadaptable_weights(params)
-        hint = (
-            target_checks.why_unadaptable(cells)
-            if cells
-            else "pass the model's `params` collection (variables['params'])"
-        )
+        hint = target_checks.why_unadaptable(cells) if cells else PARAMS_HINT
         raise ValueError(
             f"{where} holds no 'kernel', 'embedding' or 'weight' leaf of 2 or more dimensions, "
             f"so nothing can be adapted; {hint}"
