@@ -149,6 +149,7 @@ def test_svd_at_full_rank_is_exact_and_truncation_is_eckart_young():
         np.testing.assert_allclose(error, np.sqrt((singular[2:] ** 2).sum()), rtol=1e-4)
 
 
+@pytest.mark.slow  # 1.7 s in the fast core
 def test_naive_linear_mix_is_not_the_weighted_sum():
     """The documented pitfall: (Σ w_i A_i)(Σ w_i B_i) has cross terms w_i w_j A_i B_j."""
     base = _base()

@@ -112,6 +112,7 @@ def test_nnx_subclasses_raw_reads_cells_and_attribute_reads():
     assert "jaxlora" not in nnx.Linear.__call__.__module__
 
 
+@pytest.mark.slow  # 1.6 s in the fast core
 def test_boxed_params_linen_and_nnx():
     init = nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", "mlp"))
     model = nn.Dense(5, kernel_init=init)
@@ -200,6 +201,7 @@ def test_dora_on_kernels_with_output_axes_first():
     _check(graphdef, frozen, lora, config, X, base=layer(X))
 
 
+@pytest.mark.slow  # 1.6 s in the fast core
 def test_pissa_on_kernels_with_output_axes_first():
     config = jaxlora.LoraConfig(r=2, target_modules=["q"], layouts={"q": "oio"})
     params = _GemmaQuery().init(jax.random.key(0), X)["params"]

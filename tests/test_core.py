@@ -173,6 +173,7 @@ def test_bias_modes():
     assert n_lora_bias == n_bias
 
 
+@pytest.mark.slow  # compiles several steps (3.8 s in the fast core)
 def test_trainable_copies_are_used_by_merge_and_not_aliased():
     _, params, layouts = decoder(False)
     config = LoraConfig(

@@ -109,6 +109,7 @@ def test_without_jit():
     assert_close(y_f, apply(graphdef, frozen, lora, config, IDS, mode="merged"), 1e-5)
 
 
+@pytest.mark.slow  # 2.5 s in the fast core
 def test_graphdef_and_state_are_untouched():
     graphdef, frozen, lora, config = setup(Net)
     before = jax.tree.map(np.asarray, frozen)

@@ -79,6 +79,7 @@ def _adapter(frozen, seed, config=CONFIG):
     return jaxlora.split(frozen, config, jax.random.key(seed))[1]
 
 
+@pytest.mark.slow  # compiles both twins (2.7 s in the fast core)
 def test_the_twins_compute_the_same_function():
     (linen, params), (graphdef, state) = _model("linen"), _model("nnx")
     assert jax.tree.structure(nnx.to_pure_dict(state)) == jax.tree.structure(params)

@@ -345,6 +345,7 @@ def test_per_example_gradients_share_one_cast_kernel():
     assert _temp_bytes(per_example, lora, x, frozen) < 4 * 1024 * 1024 * 4  # < 4 f32 copies
 
 
+@pytest.mark.slow  # compiles a remat step (4 s in the fast core)
 def test_context_entered_outside_jit_says_so():
     model, params, ids = _llama(layers=2)
     step = jax.jit(lambda p: model.apply({"params": p}, ids))

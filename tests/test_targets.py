@@ -7,16 +7,20 @@ from jaxlora import LoraConfig, find_targets, infer_layouts
 from tests import linen_models as lm
 
 
+def _abstract(model):
+    """The model, its params as shapes (targets need no values: nothing is initialised), layouts."""
+    params = jax.eval_shape(lambda: lm.init(model, lm.ids()))
+    return model, params, infer_layouts(model, lm.ids())
+
+
 @pytest.fixture(scope="module")
 def unrolled():
-    model = lm.Decoder()
-    return model, lm.init(model, lm.ids()), infer_layouts(model, lm.ids())
+    return _abstract(lm.Decoder())
 
 
 @pytest.fixture(scope="module")
 def scanned():
-    model = lm.Decoder(scan=True)
-    return model, lm.init(model, lm.ids()), infer_layouts(model, lm.ids())
+    return _abstract(lm.Decoder(scan=True))
 
 
 def paths_of(params, **kwargs):
