@@ -32,12 +32,15 @@ def _leaf_names(params: Params) -> dict[str, list[str]]:
 
 
 def unadaptable_weights(params: Params) -> dict[str, list[str]]:
-    """``{module path: [names]}`` of the 2+-D leaves under names LoRA does not adapt: an RNN
-    cell's ``weight_ih`` / ``weight_hh`` (Equinox's ``GRUCell``, ``LSTMCell``). The parts of a
-    weight stored as a pytree (a quantised kernel's ``codes``) are the weight's, not others."""
+    """``{module path: [names]}`` of the 2+-D ``weight_*`` leaves LoRA does not adapt: an RNN
+    cell's ``weight_ih`` / ``weight_hh`` (Equinox's ``GRUCell``, ``LSTMCell``). Stacked scales
+    and biases are no such weights; the parts of a weight stored as a pytree (a quantised
+    kernel's ``codes``) are the weight's."""
     modules: dict[str, list[str]] = {}
     for _, names, leaf in paths.flatten(params):
         if not names or names[-1] in WEIGHT_LEAVES or len(getattr(leaf, "shape", ())) < 2:
+            continue
+        if not names[-1].startswith("weight_"):
             continue
         if not any(n in WEIGHT_LEAVES for n in names[:-1]):
             modules.setdefault(paths.join(names[:-1]), []).append(names[-1])
