@@ -137,11 +137,9 @@ def test_factored_esm2_trains_as_merged_and_keeps_the_base():
     assert all(jax.tree.leaves(moved))
     assert_trees_bitwise_equal(eqx.filter(frozen, eqx.is_array), base_before)
 
-    # A fresh adapter (B = 0) is the base, bit for bit, op by op and jitted.
+    # A fresh adapter (B = 0) is the base, bit for bit, jitted (op by op too, which
+    # test_equinox.py's scanned transformer checks: ESM2 eagerly costs 9 s).
     fresh_config = jaxlora.LoraConfig(r=2, target_modules="all-linear")
     fresh = jaxlora.split(model, fresh_config, jax.random.key(2))[1]
-    with jax.disable_jit():
-        eager = loss(frozen, fresh, tokens, targets)
-        assert_trees_bitwise_equal(eager, _mlm_loss(model, tokens, targets))
     jitted = eqx.filter_jit(loss)(frozen, fresh, tokens, targets)
     assert_trees_bitwise_equal(jitted, eqx.filter_jit(_mlm_loss)(model, tokens, targets))
