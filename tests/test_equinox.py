@@ -6,6 +6,7 @@ layer, which the merged forward of each model proves here against the factored a
 """
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -218,6 +219,24 @@ def test_factored_equinox_model_equals_merged_in_output_and_gradient(name):
     # Gradients reach ~250 (attention): float32 sums in another order differ by ~1e-5 there.
     assert_trees_close(got, jax.value_and_grad(merged)(lora), rtol=1e-5, atol=1e-4)
     assert all(bool(jnp.any(g != 0)) for g in jax.tree.leaves(got[1]))
+
+
+@pytest.mark.slow  # compiles a gradient
+def test_factored_equinox_linears_form_no_weight_sized_value():
+    """A vmapped Linear's ``W·x`` (the weight on the left, stored (out, in)) takes the fused path:
+    the compiled gradient holds no ``W + s·A·B``, no ΔW, no transposed copy of W, no gradient of
+    W: the weights' shapes appear only as its parameters."""
+    model = eqx.nn.MLP(3, 5, 6, 1, key=KEY)  # weights (6, 3) and (5, 6)
+    config = jaxlora.LoraConfig(r=2, target_modules=EVERYTHING)
+    frozen, lora = jaxlora.split(model, config, KEY)
+    arrays, static = eqx.partition(frozen, eqx.is_array)
+    run = jaxlora.factored(lambda m, x: jax.vmap(m)(x), config)
+    x = jnp.ones((7, 3))
+    assert "custom_vjp_call" in str(jax.make_jaxpr(lambda t: run(frozen, t, x))(lora))  # fused
+    grad = jax.jit(jax.grad(lambda t, a: jnp.sum(run(eqx.combine(a, static), t, x))))
+    hlo = grad.lower(lora, arrays).compile().as_text()
+    formed = re.findall(r"= f32\[(6,3|3,6|5,6|6,5)\]\S* (\w+)", hlo)
+    assert sorted(formed) == [("5,6", "parameter"), ("6,3", "parameter")], formed
 
 
 class _Block(eqx.Module):
