@@ -143,19 +143,20 @@ def nnx_group(args, c, batch) -> list[JaxRunner]:
     return rows
 
 
-def plain_group(args, c, batch) -> list[JaxRunner]:
-    """The GPT as a plain JAX function: full FT, ``jaxlora.factored`` adapters, floors."""
-    _, params = models_gpt.init(c, jax.random.key(0))
+#: ``(row name, targets, LoRA dropout)`` of the groups run by ``jaxlora.factored``; their floors.
+FACTORED_VARIANTS = [("q,v", QV, 0.0), ("all-linear", "all-linear", 0.0),
+                     ("all-linear, dropout 0.1", "all-linear", 0.1)]  # fmt: skip
+FUNCTION_FLOORS = [("floor q,v", QV), ("floor all-linear", ALL_LINEAR)]
 
-    def fn(p, inputs):
-        return models_gpt.plain_gpt(p, inputs, c)
+
+def _factored_rows(args, group, fn, params, batch, variants) -> list[JaxRunner]:
+    """Full FT of ``fn(params, inputs)``'s every leaf, then one ``jaxlora.factored`` row per
+    variant of ``(name, targets, dropout)``."""
 
     def full(t, f, inputs, key):
         return fn(t, inputs)
 
-    rows = [JaxRunner("full FT", "plain", full, params, None, batch)]
-    variants = [("q,v", QV, 0.0), ("all-linear", "all-linear", 0.0),
-                ("all-linear, dropout 0.1", "all-linear", 0.1)]  # fmt: skip
+    rows = [JaxRunner("full FT", group, full, params, None, batch)]
     for name, targets, dropout in variants:
         config = _lora_config(args, targets, dropout)
         frozen, lora = jaxlora.split(params, config, jax.random.key(1))
@@ -164,9 +165,19 @@ def plain_group(args, c, batch) -> list[JaxRunner]:
         def lora_fwd(t, f, inputs, key, forward=forward, dropout=dropout):
             return forward(f, t, inputs, lora_key=key if dropout else None)
 
-        rows.append(JaxRunner(f"jaxlora factored {name}", "plain", lora_fwd, lora, frozen, batch))
-    floors = [("floor q,v", QV), ("floor all-linear", ALL_LINEAR)]
-    return rows + function_floors("plain", fn, params, batch, floors)
+        rows.append(JaxRunner(f"jaxlora factored {name}", group, lora_fwd, lora, frozen, batch))
+    return rows
+
+
+def plain_group(args, c, batch) -> list[JaxRunner]:
+    """The GPT as a plain JAX function: full FT, ``jaxlora.factored`` adapters, floors."""
+    _, params = models_gpt.init(c, jax.random.key(0))
+
+    def fn(p, inputs):
+        return models_gpt.plain_gpt(p, inputs, c)
+
+    rows = _factored_rows(args, "plain", fn, params, batch, FACTORED_VARIANTS)
+    return rows + function_floors("plain", fn, params, batch, FUNCTION_FLOORS)
 
 
 def equinox_group(args, c, batch) -> list[JaxRunner]:
@@ -189,26 +200,10 @@ def equinox_group(args, c, batch) -> list[JaxRunner]:
     def fn(arrays, inputs):
         return jax.vmap(eqx.combine(arrays, static))(inputs)
 
-    def full(t, f, inputs, key):
-        return fn(t, inputs)
-
-    rows = [JaxRunner("full FT", "equinox", full, arrays, None, batch)]
-    variants = [("q,v", QV, 0.0), ("all-linear", "all-linear", 0.0),
-                ("all-linear, dropout 0.1", "all-linear", 0.1)]  # fmt: skip
-    floors = [("floor q,v", QV), ("floor all-linear", ALL_LINEAR)]
+    variants, floors = FACTORED_VARIANTS, FUNCTION_FLOORS
     if args.tiny:  # the smoke test: q,v runs the all-linear rows' code on fewer layers
         variants, floors = variants[1:], floors[1:]
-    for name, targets, dropout in variants:
-        config = _lora_config(args, targets, dropout)
-        frozen, lora = jaxlora.split(arrays, config, jax.random.key(1))
-        forward = jaxlora.factored(fn, config)
-
-        def lora_fwd(t, f, inputs, key, forward=forward, dropout=dropout):
-            return forward(f, t, inputs, lora_key=key if dropout else None)
-
-        rows.append(
-            JaxRunner(f"jaxlora factored {name}", "equinox", lora_fwd, lora, frozen, batch)
-        )  # fmt: skip
+    rows = _factored_rows(args, "equinox", fn, arrays, batch, variants)
     return rows + equinox_floors("equinox", fn, arrays, batch, floors)
 
 
