@@ -56,5 +56,6 @@ def images(batch=2):
 
 
 def init(model, x, dtype=jnp.float32):
-    params = model.init(jax.random.key(0), x)["params"]
+    # Jitted: an eager init compiles every op on its own (seconds per model, per test).
+    params = jax.jit(model.init)(jax.random.key(0), x)["params"]
     return jax.tree.map(lambda p: p.astype(dtype), params)

@@ -1,3 +1,5 @@
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +14,7 @@ from tests.treeutil import assert_trees_bitwise_equal, assert_trees_close
 DTYPES = [jnp.float32, jnp.bfloat16]
 
 
+@functools.cache  # one model per (scan, dtype) for the module: jax arrays are immutable
 def decoder(scan, dtype=jnp.float32):
     model = lm.Decoder(scan=scan)
     return model, lm.init(model, lm.ids(), dtype), infer_layouts(model, lm.ids())
