@@ -172,7 +172,7 @@ class BertEncoder(nn.Module):
         ...                  intermediate_size=16, max_position_embeddings=16)
         >>> ids = jnp.ones((2, 5), jnp.int32)
         >>> params = jax.jit(BertEncoder(cfg).init)(jax.random.key(0), ids)["params"]
-        >>> BertEncoder(cfg).apply({"params": params}, ids).shape
+        >>> jax.jit(BertEncoder(cfg).apply)({"params": params}, ids).shape
         (2, 5, 8)
     """
 

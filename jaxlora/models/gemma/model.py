@@ -87,7 +87,7 @@ class GemmaForCausalLM(nn.Module):
         ...                   layer_types=(SLIDING, FULL), sandwich_norms=True)
         >>> ids = jnp.ones((1, 6), jnp.int32)
         >>> params = jax.jit(GemmaForCausalLM(cfg).init)(jax.random.key(0), ids)["params"]
-        >>> GemmaForCausalLM(cfg).apply({"params": params}, ids).shape
+        >>> jax.jit(GemmaForCausalLM(cfg).apply)({"params": params}, ids).shape
         (1, 6, 32)
     """
 

@@ -14,7 +14,8 @@ Example (a tiny random model; writes one ``model.safetensors``):
     >>> from jaxlora.models.llama import LlamaConfig, LlamaForCausalLM
     >>> cfg = LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=8, num_layers=1,
     ...                   num_heads=2, num_kv_heads=1, head_dim=4, rope_interleaved=False)
-    >>> params = LlamaForCausalLM(cfg).init(jax.random.key(0), jnp.ones((1, 2), int))["params"]
+    >>> ids = jnp.ones((1, 2), int)
+    >>> params = jax.jit(LlamaForCausalLM(cfg).init)(jax.random.key(0), ids)["params"]
     >>> d = tempfile.mkdtemp()
     >>> save_hf(d, cfg, params)
     >>> sorted(os.listdir(d))

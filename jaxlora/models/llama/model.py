@@ -62,10 +62,11 @@ class LlamaForCausalLM(nn.Module):
         ...                   num_heads=4, num_kv_heads=2, head_dim=4)
         >>> ids = jnp.ones((1, 6), jnp.int32)
         >>> params = jax.jit(LlamaForCausalLM(cfg).init)(jax.random.key(0), ids)["params"]
-        >>> LlamaForCausalLM(cfg).apply({"params": params}, ids).shape
+        >>> forward = jax.jit(LlamaForCausalLM(cfg).apply)
+        >>> forward({"params": params}, ids).shape
         (1, 6, 32)
-        >>> logits, cache = LlamaForCausalLM(cfg).apply(
-        ...     {"params": params}, ids, cache=init_cache(cfg, batch=1, max_length=8))
+        >>> logits, cache = forward({"params": params}, ids,
+        ...                         cache=init_cache(cfg, batch=1, max_length=8))
         >>> int(cache.length)
         6
     """
