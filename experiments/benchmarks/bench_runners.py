@@ -4,7 +4,9 @@ A ``JaxRunner`` (``bench_jax_runner.py``) holds one compiled step; the builders 
 runners of each group (a model and the fine-tuning variants compared with its own full
 fine-tuning):
 
-* ``linen``: the GPT of ``models_gpt.py`` (separate ``nn.Dense`` q/k/v/o), float32;
+* ``linen``: the GPT of ``models_gpt.py`` (separate ``nn.Dense`` q/k/v/o), float32 (with
+  ``--tiny`` without its q,v dropout and merged all-linear rows: the same code as the all-linear
+  dropout and merged q,v rows);
 * ``linen-mha``: the same GPT with Flax's ``nn.MultiHeadDotProductAttention``;
 * ``nnx``: the same GPT in Flax NNX (``nnx.MultiHeadAttention``, ``nnx.Linear``), with qwix's LoRA
   beside jaxlora's when qwix is installed;
@@ -86,6 +88,9 @@ def linen_group(args, c, batch) -> list[JaxRunner]:
             ("jaxlora merged q,v", _lora_config(args, QV), "merged"),
             ("jaxlora merged all-linear", _lora_config(args, "all-linear"), "merged"),
         ]
+    if args.tiny:  # the smoke test: these rows run the code of the rows kept, on other layers
+        skipped = ("jaxlora factored q,v, dropout 0.1", "jaxlora merged all-linear")
+        configs = [config for config in configs if config[0] not in skipped]
     rows = linen_rows("linen", model, params, batch, configs)
     floors = [("floor q,v", QV), ("floor all-linear", ALL_LINEAR)]
     return rows + linen_floors("linen", model, params, batch, floors)
