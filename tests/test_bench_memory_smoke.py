@@ -1,5 +1,5 @@
-"""Smoke test of experiments/benchmarks/bench_memory.py on a tiny model (five configurations),
-and of xla_peak_breakdown.py on the XLA dump of its run."""
+"""Smoke test of experiments/benchmarks/bench_memory.py on a tiny model (``--tiny``: one layer;
+five configurations), and of xla_peak_breakdown.py on the XLA dump of its run."""
 
 import json
 import os
@@ -23,7 +23,7 @@ def nnx_run(tmp_path_factory):
     ``lora_nf4_factored_remat`` runs last, so its step is the dump's last ``jit_step``."""
     out = tmp_path_factory.mktemp("bench_memory")
     configs = "full_ft,lora_nf4_factored,nnx_full_ft,nnx_lora_nf4_factored,lora_nf4_factored_remat"
-    cmd = [sys.executable, SCRIPT, "--small", "--nnx", "--configs", configs, "--per-process", "5"]
+    cmd = [sys.executable, SCRIPT, "--tiny", "--nnx", "--configs", configs, "--per-process", "5"]
     dump = out / "dump"
     env = {
         **os.environ,
@@ -33,9 +33,9 @@ def nnx_run(tmp_path_factory):
     env.pop("JAX_COMPILATION_CACHE_DIR", None)  # a cached program is not compiled, so not dumped
     proc = subprocess.run(cmd + ["--out", str(out)], capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    data = json.loads((out / "bench_memory_nnx_small.json").read_text())
+    data = json.loads((out / "bench_memory_nnx_tiny.json").read_text())
     rows = {row["config"]: row for row in data["rows"]}
-    return rows, (out / "bench_memory_nnx_small.md").read_text(), dump
+    return rows, (out / "bench_memory_nnx_tiny.md").read_text(), dump
 
 
 def test_bench_memory_small_writes_json_and_markdown(nnx_run):
