@@ -1,4 +1,5 @@
-"""Smoke test of experiments/benchmarks/bench_memory.py on a tiny model (five configurations)."""
+"""Smoke test of experiments/benchmarks/bench_memory.py on a tiny model (``--tiny``: one layer;
+five configurations), and of xla_peak_breakdown.py on the XLA dump of its run."""
 
 import json
 import os
@@ -16,20 +17,29 @@ SCRIPT = os.path.join(
 
 @pytest.fixture(scope="module")
 def nnx_run(tmp_path_factory):
-    """One run of the script (each configuration in its own worker process, as the script does):
-    the linen rows the first test reads and the NNX rows and twins the last one reads."""
+    """One run of the script, its five configurations in one worker process (``--per-process``:
+    one JAX start instead of five), with XLA dumping each compiled step: the linen rows the first
+    test reads, the NNX rows and twins the last one reads, and the dump the breakdown test reads.
+    ``lora_nf4_factored_remat`` runs last, so its step is the dump's last ``jit_step``."""
     out = tmp_path_factory.mktemp("bench_memory")
-    configs = "full_ft,lora_nf4_factored,lora_nf4_factored_remat,nnx_full_ft,nnx_lora_nf4_factored"
-    cmd = [sys.executable, SCRIPT, "--small", "--nnx", "--configs", configs, "--out", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    configs = "full_ft,lora_nf4_factored,nnx_full_ft,nnx_lora_nf4_factored,lora_nf4_factored_remat"
+    cmd = [sys.executable, SCRIPT, "--tiny", "--nnx", "--configs", configs, "--per-process", "5"]
+    dump = out / "dump"
+    env = {
+        **os.environ,
+        "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")
+        + f" --xla_dump_to={dump} --xla_dump_hlo_module_re=.*step.*",
+    }
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)  # a cached program is not compiled, so not dumped
+    proc = subprocess.run(cmd + ["--out", str(out)], capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    data = json.loads((out / "bench_memory_nnx_small.json").read_text())
+    data = json.loads((out / "bench_memory_nnx_tiny.json").read_text())
     rows = {row["config"]: row for row in data["rows"]}
-    return rows, (out / "bench_memory_nnx_small.md").read_text()
+    return rows, (out / "bench_memory_nnx_tiny.md").read_text(), dump
 
 
 def test_bench_memory_small_writes_json_and_markdown(nnx_run):
-    rows, table = nnx_run
+    rows, table, _ = nnx_run
     full, nf4 = rows["full_ft"], rows["lora_nf4_factored"]
     assert nf4["base_bytes"] < full["base_bytes"] / 3  # 4-bit codes + scales vs float32
     assert 0 < nf4["trainable"] < full["params"]
@@ -42,17 +52,8 @@ def test_bench_memory_small_writes_json_and_markdown(nnx_run):
     assert remat["remat"] and abs(remat["loss"] - nf4["loss"]) < 1e-5  # the same step
 
 
-def test_xla_peak_breakdown_reads_a_dump(tmp_path):
-    dump = tmp_path / "dump"
-    env = {
-        **os.environ,
-        "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")
-        + f" --xla_dump_to={dump} --xla_dump_hlo_module_re=.*step.*",
-    }
-    env.pop("JAX_COMPILATION_CACHE_DIR", None)  # a cached program is not compiled, so not dumped
-    worker = [sys.executable, SCRIPT, "--small", "--worker", "lora_nf4_factored_remat"]
-    proc = subprocess.run(worker, capture_output=True, text=True, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_xla_peak_breakdown_reads_a_dump(nnx_run):
+    *_, dump = nnx_run
     breakdown = os.path.join(os.path.dirname(SCRIPT), "xla_peak_breakdown.py")
     proc = subprocess.run([sys.executable, breakdown, str(dump)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -64,7 +65,7 @@ def test_xla_peak_breakdown_reads_a_dump(tmp_path):
 def test_bench_memory_nnx_rows_match_their_linen_twins(nnx_run):
     """The NNX decoder draws linen's weights and computes linen's step: the same full fine-tuning
     loss; its quantised LoRA row runs and the parity table pairs the twins."""
-    rows, table = nnx_run
+    rows, table, _ = nnx_run
     linen, nnx = rows["full_ft"], rows["nnx_full_ft"]
     assert (linen["framework"], nnx["framework"]) == ("linen", "nnx")
     assert nnx["params"] == linen["params"] and nnx["base_bytes"] == linen["base_bytes"]

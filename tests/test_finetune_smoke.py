@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow  # a smoke run of experiments/examples/finetune.py
 def test_finetune_smoke(tmp_path):
     out = tmp_path / "finetune.json"
     result = finetune.main(
-        ["--steps", "4", "--n-test", "64", "--max-length", "16", "--batch-size", "8",
+        ["--steps", "4", "--n-test", "16", "--max-length", "16", "--batch-size", "8",
          "--adapter-dir", str(tmp_path / "adapter"), "--results", str(out)]
     )  # fmt: skip
     assert result["trainable"] == 2 * 6 * 8 * (384 + 384) + 384 * 2 + 2

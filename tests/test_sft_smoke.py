@@ -1,21 +1,13 @@
 """experiments/examples/sft_smollm2.py: its data, its answer-only loss mask, a tiny full run."""
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from experiments.examples import sft_smollm2
-from jaxlora.models.llama import weights as llama_weights
 
-pytestmark = pytest.mark.slow  # the SmolLM2 tokenizer, and a subprocess run of the script
-
-SCRIPT = os.path.join(
-    os.path.dirname(__file__), os.pardir, "experiments", "examples", "sft_smollm2.py"
-)
+pytestmark = pytest.mark.slow  # the SmolLM2 tokenizer, and a tiny run of the script
 
 
 def test_question_answer_pairs_from_pydoc_topics():
@@ -32,7 +24,7 @@ def test_question_answer_pairs_from_pydoc_topics():
 
 
 def test_loss_mask_covers_exactly_the_answer():
-    tokenizer = llama_weights.load_smollm2_tokenizer()
+    tokenizer = sft_smollm2.smollm2_tokenizer()  # the tiny run's tokenizer, read once
     pair = {"question": "What is x?", "answer": "It is a name. It names a value."}
     examples = sft_smollm2.encode([pair], tokenizer, max_answer=48)
     prompt, answer = examples[0]
@@ -48,13 +40,14 @@ def test_loss_mask_covers_exactly_the_answer():
     assert tokenizer.decode(cut[:-1]) == "Short first sentence."
 
 
+@pytest.mark.standard_dtypes  # optax's AdamW
 def test_tiny_run_writes_results(tmp_path):
+    """The script's own main, in this process (no second JAX start)."""
     argv = ["--tiny", "--steps", "2", "--eval-examples", "4", "--generate", "2",
             "--max-new-tokens", "4", "--out", str(tmp_path)]  # fmt: skip
-    proc = subprocess.run([sys.executable, SCRIPT, *argv], capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    returned = sft_smollm2.main(argv)
     result = json.loads((tmp_path / "sft_smollm2.json").read_text())
+    assert result == json.loads(json.dumps(returned))
     assert result["held_out_pairs"] == 4 and result["steps"] == 2
     assert np.isfinite([result["held_out_loss_before"], result["held_out_loss_after"]]).all()
     assert result["merged_generation_agrees"] is True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import re
 import resource
 import time
@@ -82,11 +83,27 @@ class JaxRunner:
         else:
             self.args = [trainable, frozen]
             self.fn = jax.jit(lambda t, f, key: forward(t, f, inputs, key))
-        self.fn = self.fn.lower(*self.args, self.key).compile(dict(_COMPILER_OPTIONS) or None)
+        self.lowered = self.fn.lower(*self.args, self.key)
+        self._compile(rss_before)
+
+    def _compile(self, rss_before: float) -> None:
+        self.fn = self.lowered.compile(dict(_COMPILER_OPTIONS) or None)
         self.memory = _xla_memory(self.fn)
         self.run()  # the first call, outside the timings
         self.memory["rss_delta_mb"] = round(_rss_mb() - rss_before, 1)
         self.times: list[float] = []
+
+    def recompiled(self, group: str) -> JaxRunner:
+        """The same step in another row of ``group``, compiled again from the same lowered program
+        with the current :func:`compiler_options` (tracing it again would give the same program)."""
+        rss_before = _rss_mb()
+        twin = copy.copy(self)
+        twin.group = group
+        twin.args = list(self.args)
+        if self.kind == "train":  # a step donates the trainable tree and optimizer state
+            twin.args[:2] = jax.tree.map(lambda x: x.copy(), self.args[:2])
+        twin._compile(rss_before)
+        return twin
 
     def program(self) -> str:
         """The compiled program's HLO without source locations, so that two runners compare equal

@@ -2,7 +2,8 @@
 
 One AdamW training step of a parameter-dominated Llama-style decoder (``jaxlora.models.llama``,
 ~335M parameters at the default size, batch 1 × 128 tokens) for each configuration, each in its
-own process. Two measures per configuration:
+own process (``--per-process N`` runs N in one, as the smoke test does to save JAX starts; their
+RSS is then not each its own). Two measures per configuration:
 
 * XLA's view: ``jax.jit(step).lower(...).compile().memory_analysis()``: arguments + outputs −
   donated (aliased) buffers + temporaries: the bytes the step needs at its peak.
@@ -24,7 +25,8 @@ fine-tuning included, recompute every decoder block in the backward pass
 with gradient checkpointing too); their ratios are to ``full_ft_remat``.
 
     python experiments/benchmarks/bench_memory.py            # -> results/bench_memory.{json,md}
-    python experiments/benchmarks/bench_memory.py --small    # tiny model, for the smoke test
+    python experiments/benchmarks/bench_memory.py --small    # a small model (2 layers, d 64)
+    python experiments/benchmarks/bench_memory.py --tiny     # its 1-layer twin, the smoke test
     python experiments/benchmarks/bench_memory.py --quality  # NF4 vs fp32 LoRA accuracy (RT)
     python experiments/benchmarks/bench_memory.py --nnx      # + the NNX rows -> bench_memory_nnx.*
 
@@ -84,7 +86,9 @@ SIZES = {
     "small": dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
                   num_heads=4, num_kv_heads=4, head_dim=16, tie_word_embeddings=False),
 }  # fmt: skip
-SEQ_LEN = {"default": 128, "small": 16}
+# The smoke test's size: one block runs every code path (remat included) and compiles faster.
+SIZES["tiny"] = {**SIZES["small"], "num_layers": 1}
+SEQ_LEN = {"default": 128, "small": 16, "tiny": 16}
 RANK = 8
 
 
@@ -473,9 +477,27 @@ def _write_quality(rows: list[dict], out: str, command: str, steps: int, n_test:
     print("\n".join(lines))
 
 
+def _run_workers(names: list[str], size: str) -> list[dict]:
+    """The rows of ``names``, run one after another in one worker process."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", ",".join(names)]
+    cmd += [] if size == "default" else [f"--{size}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    found = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode or len(found) != len(names):
+        failed = names[min(len(found), len(names) - 1)]
+        raise SystemExit(f"configuration {failed} failed:\n{proc.stderr[-4000:]}")
+    rows = [json.loads(line[len("RESULT ") :]) for line in found]
+    for row in rows:
+        print(json.dumps(row), flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--small", action="store_true", help="tiny model (smoke test)")
+    parser.add_argument("--small", action="store_true", help="small model (2 layers, d 64)")
+    parser.add_argument(
+        "--tiny", action="store_true", help="the small model's 1-layer twin (smoke)"
+    )
     parser.add_argument("--configs", default=None, help="comma-separated names")
     parser.add_argument(
         "--nnx",
@@ -483,7 +505,14 @@ def main(argv: list[str] | None = None) -> int:
         help="the NNX rows and their linen twins, run together -> bench_memory_nnx.{json,md}",
     )
     parser.add_argument("--out", default=os.path.join(EXPERIMENTS, "results"))
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # comma-separated configurations
+    parser.add_argument(
+        "--per-process",
+        type=int,
+        default=1,
+        help="configurations per worker process (default 1: each has its own, so its peak RSS "
+        "is its own; the smoke test runs several in one, paying for one JAX start)",
+    )
     parser.add_argument("--quality", action="store_true", help="the Rotten Tomatoes QLoRA check")
     parser.add_argument("--steps", type=int, default=300, help="--quality: training steps")
     parser.add_argument("--n-test", type=int, default=None, help="--quality: test snippets")
@@ -495,25 +524,20 @@ def main(argv: list[str] | None = None) -> int:
         os.makedirs(args.out, exist_ok=True)
         _write_quality(rows, args.out, command.strip(), args.steps, rows[0]["n_test"])
         return 0
-    size = "small" if args.small else "default"
+    size = "tiny" if args.tiny else "small" if args.small else "default"
     if args.worker:
-        print("RESULT " + json.dumps(run_config(args.worker, size)), flush=True)
+        for name in args.worker.split(","):
+            print("RESULT " + json.dumps(run_config(name, size)), flush=True)
         return 0
     linen_names = [n for n in CONFIGS if not n.startswith("nnx_")]
     default = [n for n in CONFIGS if n != "idle"] if args.nnx else linen_names
     names = args.configs.split(",") if args.configs else default
+    unknown = [name for name in names if name not in CONFIGS]
+    if unknown:
+        parser.error(f"unknown configuration {unknown[0]!r}; known: {', '.join(CONFIGS)}")
     rows = []
-    for name in names:
-        if name not in CONFIGS:
-            parser.error(f"unknown configuration {name!r}; known: {', '.join(CONFIGS)}")
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", name]
-        cmd += ["--small"] if args.small else []
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        found = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode or not found:
-            raise SystemExit(f"configuration {name} failed:\n{proc.stderr[-4000:]}")
-        rows.append(json.loads(found[-1][len("RESULT ") :]))
-        print(json.dumps(rows[-1]), flush=True)
+    for first in range(0, len(names), max(1, args.per_process)):
+        rows += _run_workers(names[first : first + max(1, args.per_process)], size)
     import jax
 
     command = "python experiments/benchmarks/bench_memory.py " + " ".join(argv or sys.argv[1:])
@@ -529,7 +553,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d"),
     }
     os.makedirs(args.out, exist_ok=True)
-    stem = "bench_memory" + ("_nnx" if args.nnx else "") + ("_small" if args.small else "")
+    stem = "bench_memory" + ("_nnx" if args.nnx else "") + ("" if size == "default" else f"_{size}")
     stem = os.path.join(args.out, stem)
     with open(stem + ".json", "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=2)

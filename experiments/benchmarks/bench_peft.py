@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from experiments.benchmarks.models_gpt import GPTConfig
+from experiments.benchmarks.gpt_config import GPTConfig
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "fc_in", "fc_out"]
 
@@ -93,18 +93,25 @@ class Runner:
         return time.perf_counter() - start
 
 
-def runners(c: GPTConfig, r: int, alpha: float, batch: int) -> dict[str, Runner]:
+def runners(c: GPTConfig, r: int, alpha: float, batch: int, names=None) -> dict[str, Runner]:
     """Full fine-tuning, PEFT LoRA on q,v and on all linear layers, and the floors of both
-    (only the target layers' biases train), from one base model."""
+    (only the target layers' biases train), from one base model; only those in ``names`` if
+    given."""
     torch.manual_seed(0)
     base = GPT(c)
+    qv = ["q_proj", "v_proj"]
+    configs = {
+        "torch full FT": (None, 0.0, False),
+        "PEFT LoRA q,v": (qv, 0.0, False),
+        "PEFT LoRA all-linear": (ALL_LINEAR, 0.0, False),
+        "PEFT LoRA all-linear, dropout 0.1": (ALL_LINEAR, 0.1, False),
+        "torch floor q,v": (qv, 0.0, True),
+        "torch floor all-linear": (ALL_LINEAR, 0.0, True),
+    }
     return {
-        "torch full FT": Runner(c, base, None, r, alpha, batch),
-        "PEFT LoRA q,v": Runner(c, base, ["q_proj", "v_proj"], r, alpha, batch),
-        "PEFT LoRA all-linear": Runner(c, base, ALL_LINEAR, r, alpha, batch),
-        "PEFT LoRA all-linear, dropout 0.1": Runner(c, base, ALL_LINEAR, r, alpha, batch, 0.1),
-        "torch floor q,v": Runner(c, base, ["q_proj", "v_proj"], r, alpha, batch, floor=True),
-        "torch floor all-linear": Runner(c, base, ALL_LINEAR, r, alpha, batch, floor=True),
+        name: Runner(c, base, targets, r, alpha, batch, dropout, floor)
+        for name, (targets, dropout, floor) in configs.items()
+        if names is None or name in names
     }
 
 

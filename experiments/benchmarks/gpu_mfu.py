@@ -44,8 +44,9 @@ BILLION = LlamaConfig(
     num_kv_heads=8, head_dim=64, rope_interleaved=False, tie_word_embeddings=True,
     max_position_embeddings=4096,
 )  # fmt: skip
+#: ``--tiny``: one layer runs every code path of the step (compiled on CPU, for the smoke test).
 TINY = LlamaConfig(
-    vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+    vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=1, num_heads=4,
     num_kv_heads=2, head_dim=16, rope_interleaved=False, max_position_embeddings=128,
 )  # fmt: skip
 
@@ -138,10 +139,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     config = TINY if args.tiny else BILLION
-    batch, seq = args.batch or (2 if args.tiny else 8), args.seq or (32 if args.tiny else 1024)
+    batch, seq = args.batch or (2 if args.tiny else 8), args.seq or (16 if args.tiny else 1024)
     steps = args.steps or (2 if args.tiny else 10)
     peak = matmul_peak(
-        [256, 512] if args.tiny else [4096, 8192, 16384], steps=3 if args.tiny else 10
+        [64, 128] if args.tiny else [4096, 8192, 16384], steps=3 if args.tiny else 10
     )
     model = LlamaForCausalLM(config)
     ids = jax.random.randint(jax.random.key(0), (batch, seq + 1), 0, config.vocab_size)

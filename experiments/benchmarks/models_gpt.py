@@ -10,7 +10,7 @@ defaults are the benchmark's size: d_model 768, 12 heads, 4 layers, MLP 3072, vo
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -18,19 +18,11 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from experiments.benchmarks import gpt_config
 
-@dataclasses.dataclass(frozen=True)
-class GPTConfig:
-    vocab: int = 8192
-    d_model: int = 768
-    heads: int = 12
-    layers: int = 4
-    mlp: int = 3072
-    seq: int = 128
-
-
-#: The smoke tests' model: one block runs every code path and compiles in half the time.
-TINY = GPTConfig(vocab=64, d_model=32, heads=2, layers=1, mlp=64, seq=16)
+# The sizes live in a module without JAX, for the PyTorch side (``bench_peft.py``).
+GPTConfig = gpt_config.GPTConfig
+TINY = gpt_config.TINY
 
 
 class Block(nn.Module):
@@ -100,10 +92,17 @@ def plain_gpt(params: dict, ids: jax.Array, config: GPTConfig) -> jax.Array:
     return _layer_norm(x, params["ln_f"]) @ table.T
 
 
+@functools.cache
+def _jitted_init(model: nn.Module):
+    """``model.init`` compiled once per model: run eagerly, each initialiser op is compiled and
+    dispatched on its own (seconds for the benchmark's several builds of the same GPT)."""
+    return jax.jit(model.init)
+
+
 def init(config: GPTConfig, key: jax.Array):
     """The model and its ``params``."""
     model = GPT(config)
-    params = model.init(key, jnp.zeros((1, config.seq), jnp.int32))["params"]
+    params = _jitted_init(model)(key, jnp.zeros((1, config.seq), jnp.int32))["params"]
     return model, params
 
 
@@ -183,7 +182,7 @@ class NnxGPT(nnx.Module):
 def init_attention(config: GPTConfig, key: jax.Array):
     """:class:`AttentionGPT` and its ``params``."""
     model = AttentionGPT(config)
-    params = model.init(key, jnp.zeros((1, config.seq), jnp.int32))["params"]
+    params = _jitted_init(model)(key, jnp.zeros((1, config.seq), jnp.int32))["params"]
     return model, params
 
 

@@ -76,12 +76,18 @@ def profile_jax(tiny: bool) -> dict[str, dict[str, float]]:
     import jax
     from jax.profiler import ProfileData
 
-    from experiments.benchmarks import bench_runners, models_gpt
+    import jaxlora
+    from experiments.benchmarks import bench_baselines, bench_runners, models_gpt
 
     c = models_gpt.TINY if tiny else models_gpt.GPTConfig()
     batch = jax.random.randint(jax.random.key(2), (2 if tiny else 8, c.seq + 1), 0, c.vocab)
-    args = argparse.Namespace(r=8, alpha=16.0, quick=True)
-    runners = bench_runners.linen_group(args, c, batch)
+    # The linen group's rows of bench_train_step.py, only those profiled (each compiles a step).
+    model, params = models_gpt.init(c, jax.random.key(0))
+    config = jaxlora.LoraConfig(r=8, lora_alpha=16.0, target_modules="all-linear")
+    lora = [("jaxlora factored all-linear", config, "factored")]
+    runners = bench_runners.linen_rows("linen", model, params, batch, lora)
+    floor = [("floor all-linear", bench_runners.ALL_LINEAR)]
+    runners += bench_baselines.linen_floors("linen", model, params, batch, floor)
     wanted = {"full FT": "JAX full FT", "jaxlora factored all-linear": "jaxlora all-linear",
               "floor all-linear": "JAX floor all-linear"}  # fmt: skip
     out = {}
@@ -142,12 +148,12 @@ def profile_torch(tiny: bool) -> dict[str, dict[str, float]]:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from experiments.benchmarks import bench_peft, models_gpt
+    from experiments.benchmarks import bench_peft, gpt_config
 
-    c = models_gpt.TINY if tiny else models_gpt.GPTConfig()
-    runners = bench_peft.runners(c, 8, 16.0, 2 if tiny else 8)
+    c = gpt_config.TINY if tiny else gpt_config.GPTConfig()
     wanted = {"torch full FT": "PyTorch full FT", "PEFT LoRA all-linear": "PEFT all-linear",
               "torch floor all-linear": "PyTorch floor all-linear"}  # fmt: skip
+    runners = bench_peft.runners(c, 8, 16.0, 2 if tiny else 8, names=set(wanted))
     out = {}
     for name, label in wanted.items():
         runner = runners[name]
@@ -179,9 +185,9 @@ def gemms(framework: str, tiny: bool, repeats: int = 15) -> dict[str, list[float
     from a kernel slowed by the step around it."""
     import numpy as np
 
-    from experiments.benchmarks import models_gpt
+    from experiments.benchmarks import gpt_config
 
-    c = models_gpt.TINY if tiny else models_gpt.GPTConfig()
+    c = gpt_config.TINY if tiny else gpt_config.GPTConfig()
     rows = (2 if tiny else 8) * c.seq
     shapes = [(rows, c.d_model, c.d_model), (rows, c.d_model, c.mlp), (rows, c.mlp, c.d_model),
               (rows, c.d_model, c.vocab)]  # fmt: skip
@@ -237,9 +243,9 @@ def attention(framework: str, tiny: bool, repeats: int = 15) -> dict[str, list[f
     two einsums, to see whether another layout of the attention would pay."""
     import numpy as np
 
-    from experiments.benchmarks import models_gpt
+    from experiments.benchmarks import gpt_config
 
-    c = models_gpt.TINY if tiny else models_gpt.GPTConfig()
+    c = gpt_config.TINY if tiny else gpt_config.GPTConfig()
     shape = (2 if tiny else 8, c.seq, c.heads, c.d_model // c.heads)
     rng = np.random.default_rng(0)
     q, k, v, g = (rng.standard_normal(shape, dtype=np.float32) for _ in range(4))

@@ -3,9 +3,9 @@ process, interleaved.
 
 The steps are the ``linen`` group's floor (the frozen GPT trained on only the biases of all its
 linear layers: see ``bench_baselines.py``) and jaxlora's factored all-linear LoRA, both on the
-benchmark GPT of ``models_gpt.py``. Each option compiles both steps a second time with that
-``DebugOptions`` field set (``Lowered.compile(compiler_options=...)``, the per-compile form of
-``XLA_FLAGS``), so every variant is timed in the same process, in a fresh random order each
+benchmark GPT of ``models_gpt.py``. Each option compiles both steps (traced once) a second time
+with that ``DebugOptions`` field set (``Lowered.compile(compiler_options=...)``, the per-compile
+form of ``XLA_FLAGS``), so every variant is timed in the same process, in a fresh random order each
 round, and the ratios to the default compile are measured side by side. Run it alone::
 
     python -m experiments.benchmarks.xla_cpu_options              # ~5 min on 2 cores
@@ -73,10 +73,11 @@ def main(argv=None) -> dict:
     c = models_gpt.TINY if args.tiny else models_gpt.GPTConfig()
     batch = jax.random.randint(jax.random.key(2), (2 if args.tiny else 8, c.seq + 1), 0, c.vocab)
     load_before = results_io.load_1m()
-    runners = _runners(c, batch, "default")
+    defaults = _runners(c, batch, "default")
+    runners = list(defaults)
     for label, options in OPTIONS.items():
         with bench_jax_runner.compiler_options(options):
-            runners += _runners(c, batch, label)
+            runners += [runner.recompiled(label) for runner in defaults]
     order = random.Random(0)
     for _ in range(rounds):
         for runner in order.sample(runners, len(runners)):

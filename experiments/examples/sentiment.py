@@ -150,6 +150,7 @@ def predict(
     """Logits ``forward(weights, ids, mask)`` on the test split, in fixed-size batches."""
     forward = jax.jit(forward)
     n = len(task.test_labels)
+    batch_size = max(1, min(batch_size, n))  # a smaller test split is one batch, not padded up
     outputs = []
     for start in range(0, n, batch_size):
         ids = task.test_ids[start : start + batch_size]

@@ -17,6 +17,7 @@ is checked to give the same tokens). Writes experiments/results/sft_smollm2.{jso
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import pathlib
 import re
@@ -137,10 +138,17 @@ def batch_arrays(examples, length: int) -> dict[str, np.ndarray]:
     return {"inputs": inputs, "targets": targets, "weights": weights}
 
 
+@functools.cache
+def smollm2_tokenizer():
+    """SmolLM2's tokenizer, read once per process (parsing the GGUF file's metadata takes
+    seconds); the script and its tests only encode and decode with it."""
+    return llama_weights.load_smollm2_tokenizer()
+
+
 def _model(args):
     if not args.tiny:
         return llama_weights.load_smollm2()
-    config = llama.LlamaConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+    config = llama.LlamaConfig(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4,
                                num_kv_heads=2, head_dim=8)  # fmt: skip
     model = llama.LlamaForCausalLM(config)
     return config, jax.jit(model.init)(jax.random.key(0), jnp.ones((1, 2), jnp.int32))["params"]
@@ -166,7 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
 
     model_config, params = _model(args)
-    tokenizer = llama_weights.load_smollm2_tokenizer()
+    tokenizer = smollm2_tokenizer()
     train_pairs, test_pairs = split(qa_pairs(), args.held_out, args.seed)
     if args.eval_examples:
         test_pairs = test_pairs[: args.eval_examples]
