@@ -272,14 +272,15 @@ def test_quantised_base_factored_equals_merged_on_the_dequantised_base(method, f
     def loss(lora, frozen, mode):
         return jnp.sum(jaxlora.apply(model, frozen, lora, config, x, mode=mode) ** 2)
 
-    value, grads = jax.jit(jax.value_and_grad(loss), static_argnums=2)(lora, frozen, "factored")
-    expected = jax.value_and_grad(loss)(lora, base, "merged")
+    value_and_grad = jax.jit(jax.value_and_grad(loss), static_argnums=2)
+    value, grads = value_and_grad(lora, frozen, "factored")
+    expected = value_and_grad(lora, base, "merged")
     np.testing.assert_allclose(value, expected[0], rtol=1e-5)
     assert jax.tree.structure(grads) == jax.tree.structure(lora)
     assert_trees_close(grads, expected[1], rtol=1e-4, atol=1e-5)
     assert all(float(jnp.abs(g).sum()) > 0 for g in jax.tree.leaves(grads))
     if framework == "nnx":  # and the merged mode on the quantised base itself
-        merged = jax.value_and_grad(loss)(lora, frozen, "merged")
+        merged = value_and_grad(lora, frozen, "merged")
         np.testing.assert_allclose(merged[0], expected[0], rtol=1e-5)
 
 
