@@ -203,6 +203,15 @@ def test_load_a_written_gguf_round_trips(tmp_path, tiny_params):
     jax.tree.map(np.testing.assert_array_equal, params, written)
 
 
+def test_a_rewritten_gguf_is_read_again(tmp_path, tiny_params):
+    # GGUFFile shares the parsed metadata of an unchanged file, never of a rewritten one.
+    path = tmp_path / "tiny.gguf"
+    _write_tiny_gguf(path, tiny_params)
+    assert "rope_freqs.weight" not in GGUFFile(path).tensor_names
+    _write_tiny_gguf(path, tiny_params, extra_tensor=True)
+    assert "rope_freqs.weight" in GGUFFile(path).tensor_names
+
+
 def test_unmapped_tensor_is_an_error(tmp_path, tiny_params):
     _write_tiny_gguf(tmp_path / "tiny.gguf", tiny_params, extra_tensor=True)
     with pytest.raises(ValueError, match=r"not mapped onto the model: \['rope_freqs.weight'\]"):
