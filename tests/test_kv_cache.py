@@ -96,17 +96,23 @@ def test_cache_under_jaxlora_apply_factored_and_merged():
     model = llama.LlamaForCausalLM(config)
     params = _params(config)
     lora_config = jaxlora.LoraConfig(r=2, target_modules=r".*(q_proj|v_proj|down_proj)")
-    frozen, lora = jaxlora.split(params, lora_config, jax.random.key(4))
-    lora = jax.tree.map(lambda x: x + 0.1, lora)  # B != 0: the adapter changes the output
-    ids = jax.random.randint(jax.random.key(5), (1, 5), 0, config.vocab_size)
+
+    @jax.jit  # one program: op by op, every leaf shape compiles its own random ops
+    def split(params):
+        frozen, lora = jaxlora.split(params, lora_config, jax.random.key(4))
+        return frozen, jax.tree.map(lambda x: x + 0.1, lora)  # B != 0: the adapter acts
+
+    frozen, lora = split(params)
+    # The shape test_cached_prefill_and_decode_equal_full_forward runs `_full` on: compiled once.
+    ids = jax.random.randint(jax.random.key(5), (2, 7), 0, config.vocab_size)
 
     @functools.partial(jax.jit, static_argnums=1)
     def run(lora, mode):
         full = jaxlora.apply(model, frozen, lora, lora_config, ids, mode=mode)
-        cache = llama.init_cache(config, 1, 6)
-        first, cache = jaxlora.apply(model, frozen, lora, lora_config, ids[:, :4], cache=cache,
+        cache = llama.init_cache(config, 2, 8)
+        first, cache = jaxlora.apply(model, frozen, lora, lora_config, ids[:, :6], cache=cache,
                                      mode=mode)  # fmt: skip
-        last, _ = jaxlora.apply(model, frozen, lora, lora_config, ids[:, 4:], cache=cache,
+        last, _ = jaxlora.apply(model, frozen, lora, lora_config, ids[:, 6:], cache=cache,
                                 mode=mode)  # fmt: skip
         return full, jnp.concatenate([first, last], axis=1)
 

@@ -98,6 +98,11 @@ def torch_logits(model, ids, mask=None, positions=None):
     return out.logits.numpy()
 
 
+def forward(config, params, *args):
+    """``GemmaForCausalLM(config)`` logits, jitted (op by op, every call compiles each op anew)."""
+    return jax.jit(gemma.GemmaForCausalLM(config).apply)({"params": params}, *args)
+
+
 def _left_padded():
     ids = sample_ids()
     mask = np.ones_like(ids)
@@ -143,8 +148,8 @@ def test_sliding_window_changes_the_answer(checkpoint):
         return
     ids = jnp.asarray(sample_ids())
     wide = dataclasses.replace(config, sliding_window=LENGTH)
-    narrow = gemma.GemmaForCausalLM(config).apply({"params": params}, ids)
-    full = gemma.GemmaForCausalLM(wide).apply({"params": params}, ids)
+    narrow = forward(config, params, ids)
+    full = forward(wide, params, ids)
     # Within the window nothing differs; beyond it the sliding layers see less.
     np.testing.assert_allclose(narrow[:, :3], full[:, :3], atol=1e-6, rtol=0)
     assert float(jnp.abs(narrow[:, 3:] - full[:, 3:]).max()) > 1e-3
@@ -167,7 +172,7 @@ def _cached_logits(config, params, ids, mask, prefill):
 def test_cached_decode_equals_uncached_forward(checkpoint):
     _, _, _, config, params = checkpoint
     ids, mask, positions = (jnp.asarray(a) for a in _left_padded())
-    uncached = gemma.GemmaForCausalLM(config).apply({"params": params}, ids, mask, positions)
+    uncached = forward(config, params, ids, mask, positions)
     cached = _cached_logits(config, params, ids, mask, prefill=4)
     real = np.asarray(mask).astype(bool)
     np.testing.assert_allclose(np.asarray(cached)[real], np.asarray(uncached)[real], atol=1e-5)

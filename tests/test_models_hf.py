@@ -72,7 +72,8 @@ def _torch_logits(model, ids=IDS):
 
 
 def _jax_logits(config, params, ids=IDS):
-    return np.asarray(llama.LlamaForCausalLM(config).apply({"params": params}, ids))
+    # Jitted: op by op, every call compiles each op of the model anew.
+    return np.asarray(jax.jit(llama.LlamaForCausalLM(config).apply)({"params": params}, ids))
 
 
 @pytest.fixture(scope="module")
@@ -186,7 +187,7 @@ def test_load_sharded_over_eight_host_devices(saved):
         assert len(kernel.addressable_shards) == 8, kernel.sharding
         assert kernel.addressable_shards[0].data.shape == (16, 6), kernel.addressable_shards
         ids = np.load({str(directory) + "/ids.npy"!r})
-        logits = llama.LlamaForCausalLM(config).apply({{"params": params}}, ids)
+        logits = jax.jit(llama.LlamaForCausalLM(config).apply)({{"params": params}}, ids)
         np.save({str(directory) + "/logits.npy"!r}, np.asarray(logits))
     """)
     np.save(os.path.join(directory, "ids.npy"), IDS)
@@ -205,8 +206,9 @@ def _adapter(config, params):
     )
     frozen, lora = jaxlora.split(params, lora_config, jax.random.key(0))
     lora = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(1), x.shape), lora)
+    model = llama.LlamaForCausalLM(config)
     adapted = np.asarray(
-        jaxlora.apply(llama.LlamaForCausalLM(config), frozen, lora, lora_config, IDS)
+        jax.jit(lambda lora: jaxlora.apply(model, frozen, lora, lora_config, IDS))(lora)
     )
     assert np.abs(adapted - _jax_logits(config, params)).max() > 1e-3  # the adapter acts
     return frozen, lora, lora_config, adapted

