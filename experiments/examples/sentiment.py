@@ -150,6 +150,7 @@ def predict(
     """Logits ``forward(weights, ids, mask)`` on the test split, in fixed-size batches."""
     forward = jax.jit(forward)
     n = len(task.test_labels)
+    batch_size = min(batch_size, n)  # a small split is not padded up to a whole batch
     outputs = []
     for start in range(0, n, batch_size):
         ids = task.test_ids[start : start + batch_size]
