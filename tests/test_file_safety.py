@@ -455,76 +455,101 @@ _HF_MODEL = textwrap.dedent(
     """
 )
 
-_LOOPING_WRITER = textwrap.dedent(
+# A fork server for the writers: it imports jax, jaxlora, orbax and the HF writer once (no JAX
+# backend, no thread yet, so forking is safe), then forks one writer per line "WRITER DIRECTORY" on
+# its stdin. The writer prints its pid, then each step it completes, until it is killed; the server
+# then prints "exit" and the writer's return code. Each kill still ends a whole writer process
+# mid-write; only the interpreter start and imports (seconds per writer) are shared.
+_FORKING_WRITER = textwrap.dedent(
     """
+    import os
     import sys
+    import traceback
+
     import jax, jaxlora
     from jaxlora import checkpoint, peft
+    from jaxlora.models import save_hf_merged
 
-    writer, directory, hf_model = sys.argv[1], sys.argv[2], sys.argv[3]
-    config = jaxlora.LoraConfig(r=2, target_modules=["l1", "l2"], init_lora_weights=False)
-    base = {"l1": {"kernel": jax.numpy.ones((16, 32))}, "l2": {"kernel": jax.numpy.ones((32, 4))}}
-    if writer == "hf":
-        # save_hf_merged over an earlier export of another model in the same shard files (where
-        # a kill mixed the two before); the adapter is fresh (B = 0): the merged model is the base.
-        from jaxlora.models import save_hf_merged
-
-        exec(hf_model)
-        hf_lora = jaxlora.LoraConfig(r=2, target_modules=["q_proj", "v_proj"])
-        models = [jaxlora.split(hf_params(seed), hf_lora, jax.random.key(0)) for seed in (0, 1)]
-    else:
-        adapters = [jaxlora.split(base, config, jax.random.key(seed))[1] for seed in range(2)]
-        manager = checkpoint.checkpoint_manager(
-            directory, max_to_keep=2, async_save=writer == "checkpoint-async"
-        )
-    for step in range(100000):
-        if writer == "peft":
-            peft.save_peft(directory, adapters[step % 2], config, base)
-        elif writer == "hf":
-            frozen, lora = models[step % 2]
-            save_hf_merged(directory, HF_CONFIG, frozen, lora, hf_lora, max_shard_size="64KB")
+    def write_forever(writer, directory, hf_model):
+        config = jaxlora.LoraConfig(r=2, target_modules=["l1", "l2"], init_lora_weights=False)
+        base = {"l1": {"kernel": jax.numpy.ones((16, 32))},
+                "l2": {"kernel": jax.numpy.ones((32, 4))}}
+        if writer == "hf":
+            # save_hf_merged over an earlier export of another model in the same shard files
+            # (where a kill mixed the two before); the adapter is fresh (B = 0): the merged model
+            # is the base.
+            namespace = {}
+            exec(hf_model, namespace)
+            hf_lora = jaxlora.LoraConfig(r=2, target_modules=["q_proj", "v_proj"])
+            models = [jaxlora.split(namespace["hf_params"](seed), hf_lora, jax.random.key(0))
+                      for seed in (0, 1)]
         else:
-            checkpoint.save(manager, step, adapters[step % 2], config)
-        print(step, flush=True)
+            adapters = [jaxlora.split(base, config, jax.random.key(seed))[1] for seed in range(2)]
+            manager = checkpoint.checkpoint_manager(
+                directory, max_to_keep=2, async_save=writer == "checkpoint-async"
+            )
+        for step in range(100000):
+            if writer == "peft":
+                peft.save_peft(directory, adapters[step % 2], config, base)
+            elif writer == "hf":
+                frozen, lora = models[step % 2]
+                save_hf_merged(directory, namespace["HF_CONFIG"], frozen, lora, hf_lora,
+                               max_shard_size="64KB")
+            else:
+                checkpoint.save(manager, step, adapters[step % 2], config)
+            print(step, flush=True)
+
+    for line in sys.stdin:
+        writer, directory = line.rstrip("\\n").split(" ", 1)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                print(os.getpid(), flush=True)
+                write_forever(writer, directory, sys.argv[1])
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                os._exit(1)
+        _, status = os.waitpid(pid, 0)
+        print("exit", os.waitstatus_to_exitcode(status), flush=True)
     """
 )
 
 
-@pytest.mark.slow  # spawns and kills writer subprocesses
+@pytest.fixture(scope="module")
+def fork_server(tmp_path_factory):
+    script = tmp_path_factory.mktemp("writer") / "writer.py"
+    script.write_text(_FORKING_WRITER)
+    server = subprocess.Popen(
+        [sys.executable, str(script), _HF_MODEL],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=_child_env(),
+        text=True,
+    )
+    yield server
+    server.stdin.close()
+    server.wait(timeout=60)
+    server.stdout.close()
+
+
+@pytest.mark.slow  # forks and kills writer processes
 @pytest.mark.parametrize(
     ("writer", "delays"),
     [
         pytest.param("checkpoint", (0.05, 0.37), id="checkpoint"),
         pytest.param("peft", (0.05, 0.37), id="peft"),
-        pytest.param("hf", (0.2,), id="hf"),  # one kill each: a subprocess is seconds
+        pytest.param("hf", (0.2,), id="hf"),  # one kill each: a writer is seconds
         pytest.param("checkpoint-async", (0.2,), id="checkpoint-async"),
     ],
 )
-def test_writer_killed_mid_write_leaves_the_last_good_copy(tmp_path, writer, delays):
-    script = tmp_path / "writer.py"
-    script.write_text(_LOOPING_WRITER)
+def test_writer_killed_mid_write_leaves_the_last_good_copy(tmp_path, fork_server, writer, delays):
     directory = tmp_path / "out"
-    env = _child_env()
     # an async save is committed once the next one has started
     complete = 2 if writer == "checkpoint-async" else 1
     for delay in delays:  # the kill lands at a different point of a write each time
-        child = subprocess.Popen(
-            [sys.executable, str(script), writer, str(directory), _HF_MODEL],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            env=env,
-            text=True,
-        )
-        try:
-            for _ in range(complete):  # one complete write exists
-                assert child.stdout.readline().strip().isdigit()
-            time.sleep(delay)
-            os.kill(child.pid, signal.SIGKILL)
-        finally:
-            child.kill()
-            child.wait(timeout=60)
-            child.stdout.close()
-        assert child.returncode == -signal.SIGKILL
+        assert _kill_a_writer(fork_server, writer, directory, complete, delay) == -signal.SIGKILL
         if writer == "peft":
             lora, _ = jpeft.load_peft(directory, BASE)
             assert any(_bitwise_equal(lora, _adapter(seed)) for seed in (0, 1))
@@ -536,9 +561,32 @@ def test_writer_killed_mid_write_leaves_the_last_good_copy(tmp_path, writer, del
             shutil.rmtree(directory)  # the next round starts again at step 0
 
 
+def _kill_a_writer(server, writer, directory, complete, delay):
+    """Forks a writer, kills it with SIGKILL ``delay`` s after ``complete`` whole writes, and
+    returns its return code."""
+    server.stdin.write(f"{writer} {directory}\n")
+    server.stdin.flush()
+    pid = int(server.stdout.readline())
+    try:
+        for _ in range(complete):  # one complete write exists
+            assert server.stdout.readline().strip().isdigit()
+        time.sleep(delay)
+        os.kill(pid, signal.SIGKILL)
+    finally:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    line = server.stdout.readline()
+    while line.strip().isdigit():  # the writes it completed before the kill landed
+        line = server.stdout.readline()
+    assert line.startswith("exit "), f"the fork server said {line!r}"
+    return int(line.split()[1])
+
+
 def _hf_model():
     namespace = {}
-    exec(_HF_MODEL, namespace)  # the same source the writer subprocess runs
+    exec(_HF_MODEL, namespace)  # the same source the writer process runs
     return namespace["HF_CONFIG"], namespace["hf_params"]
 
 

@@ -1,6 +1,7 @@
 """Every notebook executes from its source on small settings, and the committed copy is current."""
 
 import json
+import os
 import pathlib
 
 import nbformat
@@ -15,6 +16,9 @@ NAMES = sorted(p.stem for p in (HERE / "src").glob("*.py"))
 @pytest.mark.parametrize("name", NAMES)
 def test_notebook_executes(name, monkeypatch):
     monkeypatch.setenv("JAXLORA_SMALL", "1")
+    # The kernel imports this checkout's jaxlora and experiments, not an installed copy.
+    path = os.pathsep.join(p for p in (str(HERE.parent), os.environ.get("PYTHONPATH")) if p)
+    monkeypatch.setenv("PYTHONPATH", path)
     notebook = build(name, timeout=600)
     errors = [
         output

@@ -1,7 +1,9 @@
 """Every parallelism mode of experiments/examples/train_parallel.py on 8 simulated CPU devices.
 
-The script runs once, in a subprocess (jax fixes its device count at first use, and this pytest
-process must keep its own), and trains a single-device reference plus each mode on the same batches.
+The script runs in one subprocess (jax fixes its device count at first use, and this pytest
+process must keep its own), its ``main`` called there twice, for the linen and for the NNX LM (one
+interpreter and jax import instead of two); each run trains a single-device reference plus each
+mode on the same batches.
 It asserts inside that the adapter's ``.sharding.spec`` equals ``jaxlora.lora_shardings`` before and
 after training; here we check its report against the single-device run and the rule by hand.
 """
@@ -25,23 +27,43 @@ FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_
 EIGHT_DEVICES = f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}"
 
 
+NNX_MODES = ("dp", "fsdp", "tp")
+# Both CLI runs in one interpreter; each writes its report whatever the other's outcome.
+DRIVER = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import train_parallel
+sys.exit(max([train_parallel.main(argv.split()) for argv in sys.argv[2:]]))
+"""
+
+
 @pytest.fixture(scope="module")
-def report(tmp_path_factory):
+def reports(tmp_path_factory):
     out = tmp_path_factory.mktemp("parallel")
     env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {EIGHT_DEVICES}"}
     env.pop("JAX_PLATFORMS", None)
+    runs = [
+        f"--mode all --steps 4 --out {out}",
+        f"--model nnx --mode {','.join(NNX_MODES)} --steps 3 --out {out}",
+    ]
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--mode", "all", "--steps", "4", "--out", str(out)],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    path = out / "parallel.json"
+        [sys.executable, "-c", DRIVER, str(SCRIPT.parent), *runs],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    return out, proc
+
+
+def _report(reports, name):
+    out, proc = reports
+    path = out / name
     if not path.exists():
-        pytest.fail(f"train_parallel.py wrote no report (rc {proc.returncode}):\n{proc.stderr}")
+        pytest.fail(f"train_parallel.py wrote no {name} (rc {proc.returncode}):\n{proc.stderr}")
     return json.loads(path.read_text())
+
+
+@pytest.fixture(scope="module")
+def report(reports):
+    return _report(reports, "parallel.json")
 
 
 @pytest.mark.parametrize("mode", ["dp", "fsdp", "tp", "pmap", "shard_map"])
@@ -96,24 +118,10 @@ def test_data_parallel_adapter_is_replicated(report):
 
 # ---- the same LM in NNX: shardings from nnx.Param partitioning metadata ----------------------
 
-NNX_MODES = ("dp", "fsdp", "tp")
-
 
 @pytest.fixture(scope="module")
-def report_nnx(tmp_path_factory):
-    out = tmp_path_factory.mktemp("parallel_nnx")
-    env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {EIGHT_DEVICES}"}
-    env.pop("JAX_PLATFORMS", None)
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--model", "nnx", "--mode", ",".join(NNX_MODES),
-         "--steps", "3", "--out", str(out)],
-        env=env, cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    path = out / "parallel_nnx.json"
-    if not path.exists():
-        pytest.fail(f"train_parallel.py --model nnx wrote no report (rc {proc.returncode}):\n"
-                    f"{proc.stderr}")  # fmt: skip
-    return json.loads(path.read_text())
+def report_nnx(reports):
+    return _report(reports, "parallel_nnx.json")
 
 
 @pytest.mark.parametrize("mode", NNX_MODES)

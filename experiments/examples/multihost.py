@@ -5,6 +5,7 @@ coordinator on 127.0.0.1 at a free port) and checks it against a single-device r
 
     python experiments/examples/multihost.py --out experiments/results/multihost
     python experiments/examples/multihost.py --model nnx --out experiments/results/multihost_nnx
+    python experiments/examples/multihost.py --model linen,nnx --out /tmp/both  # /tmp/both/<model>
 
 Each worker (``--process-id I --port P``) joins with ``jax.distributed.initialize``, builds the
 global (data=2, fsdp=4) mesh, initialises the base and the adapter directly into their shardings,
@@ -41,8 +42,11 @@ def launch(out, num_processes=2, steps=4, timeout=TIMEOUT_S, xla_flags="", model
     """Starts the workers, waits at most ``timeout`` seconds, kills them all on any failure."""
     os.makedirs(out, exist_ok=True)
     port = free_port()
+    # The workers import this checkout's jaxlora, not an installed one.
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = {
         **os.environ,
+        "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p),
         # The caller's own XLA options first: the device count and ``xla_flags`` take precedence.
         "XLA_FLAGS": " ".join(
             [
@@ -91,7 +95,19 @@ def worker(args):
         process_id=args.process_id,
         initialization_timeout=120,
     )
+    # One run per model in the same processes; with several, each writes under out/<model>.
+    models = args.model.split(",")
+    for model in models:
+        out = args.out if len(models) == 1 else os.path.join(args.out, model)
+        os.makedirs(out, exist_ok=True)
+        train(model, args.steps, out)
+    jax.distributed.shutdown()
+
+
+def train(model, steps, out):
+    """Trains, checkpoints and checks one model in this (already initialised) worker."""
     # Only now may anything touch a JAX backend.
+    import jax
     import jax.numpy as jnp
     import numpy as np
     import orbax.checkpoint as ocp
@@ -105,7 +121,7 @@ def worker(args):
     import jaxlora
     from jaxlora.sharding import init_sharded, lora_shardings
 
-    mode, lm = "fsdp", tp.MODELS[args.model]
+    mode, lm = "fsdp", tp.MODELS[model]
     mesh = tp.make_mesh(mode)  # (data=2, fsdp=4) over all 8 devices of both processes
     base_sh = lm.base_shardings(mode, mesh)
     frozen = lm.init_base(base_sh)
@@ -128,7 +144,7 @@ def worker(args):
     indices = batch_sh.addressable_devices_indices_map(global_shape).values()
     rows = sorted(idx[0].indices(tp.BATCH)[:2] for idx in indices)
     start, stop = rows[0][0], rows[-1][1]
-    data = tp.batches(args.steps)  # stands in for a loader that reads only rows start:stop
+    data = tp.batches(steps)  # stands in for a loader that reads only rows start:stop
     losses = []
     for tokens in data:
         local = tokens[start:stop]
@@ -138,7 +154,7 @@ def worker(args):
     specs_ok = tp.spec_tree(lora) == promised
 
     # Collective checkpoint: every process writes its shards, process 0 the config JSON.
-    ckpt_dir = os.path.abspath(os.path.join(args.out, "checkpoint"))
+    ckpt_dir = os.path.abspath(os.path.join(out, "checkpoint"))
     checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
     checkpointer.save(
         ckpt_dir,
@@ -175,7 +191,7 @@ def worker(args):
         "specs_ok": specs_ok,
         "restore_ok": restore_ok,
         "base_unchanged": base_unchanged,
-        "model": args.model,
+        "model": model,
         "specs": tp.spec_strings(promised),
     }
     if jax.process_index() == 0:
@@ -184,13 +200,12 @@ def worker(args):
         result["max_adapter_diff"] = tp.max_diff(adapter, ref_lora)
     flat = jax.tree_util.tree_flatten_with_path(adapter)[0]
     np.savez(
-        os.path.join(args.out, f"adapter_{jax.process_index()}.npz"),
+        os.path.join(out, f"adapter_{jax.process_index()}.npz"),
         **{"/".join(str(k.key) for k in path): np.asarray(x) for path, x in flat},
     )
-    with open(os.path.join(args.out, f"result_{jax.process_index()}.json"), "w") as f:
+    with open(os.path.join(out, f"result_{jax.process_index()}.json"), "w") as f:
         json.dump(result, f, indent=1)
-    multihost_utils.sync_global_devices("done")
-    jax.distributed.shutdown()
+    multihost_utils.sync_global_devices(f"done {model}")
 
 
 def main(argv=None):
@@ -201,20 +216,25 @@ def main(argv=None):
     parser.add_argument("--process-id", type=int, default=None, help="run one worker")
     parser.add_argument("--port", type=int, default=None)
     parser.add_argument("--timeout", type=int, default=TIMEOUT_S)
-    parser.add_argument("--model", default="linen", choices=("linen", "nnx"))
+    parser.add_argument(
+        "--model", default="linen", help="linen, nnx, or both in the same workers: linen,nnx"
+    )
     args = parser.parse_args(argv)
     if args.process_id is not None:
         worker(args)
         return 0
+    models = args.model.split(",")
+    if any(m not in ("linen", "nnx") for m in models):
+        parser.error(f"--model: linen, nnx or a comma-separated list of them, not {args.model}")
     codes = launch(args.out, args.num_processes, args.steps, args.timeout, model=args.model)
     print(json.dumps({"return_codes": codes}))
     if any(codes):
         return 1
-    results = []
-    for i in range(args.num_processes):
-        with open(os.path.join(args.out, f"result_{i}.json")) as f:
-            results.append(json.load(f))
-    print(json.dumps({k: v for k, v in results[0].items() if k != "specs"}))
+    for model in models:
+        out = args.out if len(models) == 1 else os.path.join(args.out, model)
+        with open(os.path.join(out, "result_0.json")) as f:
+            result = json.load(f)
+        print(json.dumps({k: v for k, v in result.items() if k != "specs"}))
     return 0
 
 

@@ -128,8 +128,10 @@ CONFIG = jaxlora.LoraConfig(
 )
 
 
+@functools.cache
 def abstract_params():
-    """The boxed (logically partitioned) abstract params: shapes plus logical axis names."""
+    """The boxed (logically partitioned) abstract params: shapes plus logical axis names (traced
+    once: every mode reads its shardings off the same tree)."""
     ids = jax.ShapeDtypeStruct((BATCH, SEQ - 1), jnp.int32)
     return jax.eval_shape(MODEL.init, jax.random.key(0), ids)["params"]
 

@@ -24,8 +24,8 @@ from jaxlora.models import bert, data
 from jaxlora.models.bert import weights as bert_weights
 
 SMALL = bool(os.environ.get("JAXLORA_SMALL"))
-STEPS, BATCH, MAX_LEN = (10, 8, 32) if SMALL else (150, 32, 40)
-N_TRAIN, N_TEST = (256, 128) if SMALL else (None, 1000)
+STEPS, BATCH, MAX_LEN = (4, 8, 16) if SMALL else (150, 32, 40)
+N_TRAIN, N_TEST = (64, 32) if SMALL else (None, 1000)
 
 # %% [markdown]
 # ## The encoder in NNX

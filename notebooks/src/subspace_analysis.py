@@ -27,8 +27,8 @@ from experiments.examples import sentiment
 from jaxlora import analysis
 
 SMALL = bool(os.environ.get("JAXLORA_SMALL"))
-STEPS, BATCH, LENGTH = (8, 8, 16) if SMALL else (300, 32, 48)
-task = sentiment.load_task(LENGTH, n_test=64 if SMALL else 1024)
+STEPS, BATCH, LENGTH = (4, 8, 16) if SMALL else (300, 32, 48)
+task = sentiment.load_task(LENGTH, n_test=32 if SMALL else 1024)
 model, params = sentiment.load_model()
 
 
