@@ -62,6 +62,12 @@ CACHE_VARIABLE = "JAXLORA_TEST_COMPILATION_CACHE"
 #: XLA:CPU options for test-sized compiles. Measured on a two-block GPT LoRA training step
 #: (process CPU seconds of ``compile()``): 1.7-1.9 with -O0 alone, 0.5 with these as well.
 TEST_XLA_FLAGS = "--xla_cpu_use_fusion_emitters=false --xla_cpu_parallel_codegen_split_count=1"
+#: Programs that start XLA's CPU client, which reads ``XLA_FLAGS``: jaxlib's own (0.3 s, no JAX
+#: import), then, should that internal name ever change, JAX's (2-3 s).
+PROBES = (
+    "from jaxlib import _jax; _jax.get_tfrt_cpu_client()",
+    "import jax; jax.numpy.zeros(1).block_until_ready()",
+)
 
 
 def pytest_configure(config):
@@ -87,10 +93,12 @@ def _xla_knows(flags: str) -> bool:
     """Whether this jaxlib starts with ``flags`` (XLA aborts on a flag it does not know, and
     option names change between releases). Asked once, by the controller: workers and the
     processes tests start inherit the answer through ``XLA_FLAGS``."""
-    probe = "import jax; jax.numpy.zeros(1).block_until_ready()"
     env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
-    started = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True)
-    return started.returncode == 0
+    for probe in PROBES:
+        started = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True)
+        if started.returncode == 0:
+            return True
+    return False
 
 
 def _share_compilation_cache(config):
@@ -111,6 +119,21 @@ def _share_compilation_cache(config):
     jax.config.update("jax_compilation_cache_dir", folder)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    """An xdist worker that has sent its results ends without the interpreter's teardown.
+
+    A worker holds thousands of compiled programs by the end of a run, and JAX's exit handler
+    destroys them one by one (about 4 s per 1500); the run waits for that. By the last
+    ``pytest_unconfigure`` the worker has reported every result (and pytest-cov has saved its
+    data), so nothing is lost. The controller, and runs without workers, exit normally.
+    """
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def pytest_collection_modifyitems(config, items):
