@@ -8,6 +8,8 @@ dropout masks) and, without dropout, of the merged path.
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -36,6 +38,24 @@ def _grads(fn, x, kernel, bias, a, b, keep, weights):
     return jax.grad(loss, argnums=(0, 1, 2, 3), has_aux=True)(x, bias, a, b)
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5, 6))
+def _kernel_and_autodiff(key, lead, k, n, r, use_bias, use_dropout):
+    """The kernel's and autodiff's outputs and gradients for one drawn case, data drawn inside:
+    one compiled program a case (eagerly, every op and every random draw compiled on its own)."""
+    keys = jax.random.split(key, 7)
+    shape = (*lead, k)
+    x = jax.random.normal(keys[0], shape)
+    kernel = jax.random.normal(keys[1], (k, n))
+    bias = jax.random.normal(keys[2], (n,)) if use_bias else None
+    a, b = jax.random.normal(keys[3], (k, r)), jax.random.normal(keys[4], (r, n))
+    keep = fused.keep_mask(keys[5], 0.25, shape) if use_dropout else None
+    weights = jax.random.normal(keys[6], (*lead, n))
+    return (
+        _grads(fused.dense, x, kernel, bias, a, b, keep, weights),
+        _grads(_reference, x, kernel, bias, a, b, keep, weights),
+    )
+
+
 @pytest.mark.slow
 @given(
     lead=st.lists(st.integers(1, 3), min_size=0, max_size=2),
@@ -47,16 +67,9 @@ def _grads(fn, x, kernel, bias, a, b, keep, weights):
     seed=st.integers(0, 2**16),
 )
 def test_kernel_matches_autodiff_for_all_shapes(lead, k, n, r, use_bias, use_dropout, seed):
-    keys = jax.random.split(jax.random.key(seed), 7)
-    shape = (*lead, k)
-    x = jax.random.normal(keys[0], shape)
-    kernel = jax.random.normal(keys[1], (k, n))
-    bias = jax.random.normal(keys[2], (n,)) if use_bias else None
-    a, b = jax.random.normal(keys[3], (k, r)), jax.random.normal(keys[4], (r, n))
-    keep = fused.keep_mask(keys[5], 0.25, shape) if use_dropout else None
-    weights = jax.random.normal(keys[6], (*lead, n))
-    got, y = _grads(fused.dense, x, kernel, bias, a, b, keep, weights)
-    want, y_ref = _grads(_reference, x, kernel, bias, a, b, keep, weights)
+    (got, y), (want, y_ref) = _kernel_and_autodiff(
+        jax.random.key(seed), tuple(lead), k, n, r, use_bias, use_dropout
+    )
     np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
     for g, w in zip(got, want, strict=True):
         if w is not None:
@@ -81,8 +94,8 @@ def test_kernel_dtypes(x_dtype, kernel_dtype, factor_dtype):
     b = jax.random.normal(keys[4], (2, 4), factor_dtype)
     keep = fused.keep_mask(keys[5], 0.25, x.shape)
     weights = jnp.ones((2, 3, 4))
-    (dx, dbias, da, db), y = _grads(fused.dense, x, kernel, bias, a, b, keep, weights)
-    want, y_ref = _grads(_reference, x, kernel, bias, a, b, keep, weights)
+    both = jax.jit(lambda *args: (_grads(fused.dense, *args), _grads(_reference, *args)))
+    ((dx, dbias, da, db), y), (want, y_ref) = both(x, kernel, bias, a, b, keep, weights)
     assert y.dtype == x_dtype and dx.dtype == x_dtype and dbias.dtype == x_dtype
     assert da.dtype == db.dtype == factor_dtype
     tol = 5e-2 if jnp.bfloat16 in (x_dtype, factor_dtype) else 1e-5
@@ -147,18 +160,21 @@ def test_fast_path_with_dropout_matches_general_path(framework, name):
     model, x, frozen, lora, config, n_fused = _model(framework, name)
     rngs = {"dropout": jax.random.key(9)}
     assert _fused_calls(_loss(model, x, frozen, config, rngs=rngs), lora) == n_fused
-    fast = _loss_and_grad(model, x, frozen, config, rngs=rngs)
-    (_, y_fast), g_fast = jax.jit(fast)(lora)
+
+    def loss(lora, key):  # the key an argument: both keys below run one compiled program
+        return _loss(model, x, frozen, config, rngs={"dropout": key})(lora)
+
+    fast = jax.jit(jax.value_and_grad(loss, has_aux=True))
+    (_, y_fast), g_fast = fast(lora, rngs["dropout"])
     with fused.disabled():
-        general = _loss_and_grad(model, x, frozen, config, rngs=rngs)
         assert _fused_calls(_loss(model, x, frozen, config, rngs=rngs), lora) == 0
-        (_, y_general), g_general = jax.jit(general)(lora)
+        general = jax.jit(jax.value_and_grad(loss, has_aux=True))
+        (_, y_general), g_general = general(lora, rngs["dropout"])
     np.testing.assert_allclose(y_fast, y_general, rtol=1e-5, atol=1e-5)
     jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5),
                  g_fast, g_general)  # fmt: skip
     # Dropout really acts: another key gives another output.
-    other = _loss_and_grad(model, x, frozen, config, rngs={"dropout": jax.random.key(10)})
-    (_, y_other), _ = jax.jit(other)(lora)
+    (_, y_other), _ = fast(lora, jax.random.key(10))
     assert not np.allclose(y_fast, y_other)
 
 
@@ -179,10 +195,10 @@ def test_bf16_model_takes_fast_path():
     x = x.astype(jnp.bfloat16)
     forward = lambda t: jnp.sum(jaxlora.apply(model, frozen, t, config, x).astype(float))  # noqa: E731
     assert _fused_calls(forward, lora) == n_fused
-    fast = jax.grad(forward)
+    fast = jax.jit(jax.grad(forward))  # jitted: eagerly every op compiles on its own
     with fused.disabled():
-        general = jax.grad(
-            lambda t: jnp.sum(jaxlora.apply(model, frozen, t, config, x).astype(float))
+        general = jax.jit(
+            jax.grad(lambda t: jnp.sum(jaxlora.apply(model, frozen, t, config, x).astype(float)))
         )
         want = general(lora)
     jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=5e-2, atol=5e-2),
