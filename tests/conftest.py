@@ -48,14 +48,15 @@ hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "suite"))
 
 FAST_CORE = "not slow"
 #: The longest test modules, longest first (their seconds in a full run on the 2-core machine, from
-#: ``--durations``/junit: 105-40 s each). pytest-xdist (``--dist loadscope
+#: ``--durations``/junit: 125-40 s each). pytest-xdist (``--dist loadscope
 #: --no-loadscope-reorder``) hands whole modules to the workers in collection order, which puts
 #: these first, so that no long module starts last while the other worker has nothing left to do.
 SCHEDULE_FIRST = (
-    "tests/test_bench_smoke.py", "tests/test_remat.py", "tests/test_notebooks.py",
-    "tests/test_parallel.py", "tests/test_models_llama.py", "tests/test_bench_memory_smoke.py",
-    "tests/test_multihost.py", "tests/test_quant.py", "tests/test_fused.py",
-    "tests/test_unseen_models.py", "tests/test_equinox.py", "tests/test_chunked.py",
+    "tests/test_remat.py", "tests/test_bench_smoke.py", "tests/test_notebooks.py",
+    "tests/test_parallel.py", "tests/test_dora.py", "tests/test_forward_linen.py",
+    "tests/test_unseen_models.py", "tests/test_multihost.py", "tests/test_quant.py",
+    "tests/test_models_llama.py", "tests/test_file_safety.py", "tests/test_factored.py",
+    "tests/test_layouts_any_order.py", "tests/test_fused.py", "tests/test_kv_cache.py",
 )  # fmt: skip
 SLOW_MODULE = re.compile(r"^pytestmark = pytest\.mark\.slow\b", re.MULTILINE)
 CACHE_VARIABLE = "JAXLORA_TEST_COMPILATION_CACHE"

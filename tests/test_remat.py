@@ -22,13 +22,14 @@ from tests.treeutil import assert_trees_close
 BLOCKS = r"layers_\d+"
 
 
+@functools.cache  # one model per size for the module (its arrays are immutable)
 def _llama(layers=2, hidden=32, intermediate=64):
     cfg = LlamaConfig(vocab_size=64, hidden_size=hidden, intermediate_size=intermediate,
                       num_layers=layers, num_heads=4, num_kv_heads=2, head_dim=hidden // 4,
                       tie_word_embeddings=False)  # fmt: skip
     model = LlamaForCausalLM(cfg)
     ids = jax.random.randint(jax.random.key(3), (2, 12), 0, cfg.vocab_size)
-    return model, model.init(jax.random.key(0), ids)["params"], ids
+    return model, jax.jit(model.init)(jax.random.key(0), ids)["params"], ids
 
 
 def _value_and_grad(model, frozen, lora, config, ids, use_jit, **kwargs):
@@ -124,7 +125,8 @@ def test_blocks_with_tuple_outputs_and_scanned_stacks(scan):
 
 @pytest.mark.slow
 def test_init_inside_the_context_is_a_plain_init():
-    model, params, ids = _llama(layers=2)
+    model, _, ids = _llama(layers=2)
+    params = model.init(jax.random.key(0), ids)["params"]  # eagerly, as inside the context
     with remat.checkpointed(BLOCKS):
         inited = model.init(jax.random.key(0), ids)["params"]
     assert_trees_close(inited, params)
@@ -150,8 +152,9 @@ def test_model_dropout_draws_the_same_masks_when_recomputed():
                           rngs={"dropout": jax.random.key(2)}, lora_deterministic=True)  # fmt: skip
         return jnp.sum(y**2)
 
-    plain = jax.grad(loss)(lora, None)
-    assert_trees_close(jax.grad(loss)(lora, ["drop_0", "drop_1"]), plain, rtol=1e-6, atol=0)
+    grad = jax.jit(jax.grad(loss), static_argnums=1)  # eager remat: the law test's eager cases
+    plain = grad(lora, None)
+    assert_trees_close(grad(lora, ("drop_0", "drop_1")), plain, rtol=1e-6, atol=0)
 
 
 def _temp_bytes(fn, *args):
@@ -406,8 +409,15 @@ class LinenStack(nn.Module):
         return nn.Dense(4, name="head")(x)
 
 
-@pytest.mark.parametrize("use_jit", [False, True])
-@pytest.mark.parametrize("case", ["plain", "merged", "lora_dropout", "norm_and_model_dropout"])
+NNX_CASES = ["plain", "merged", "lora_dropout", "norm_and_model_dropout"]
+NNX_EAGER = ["plain", "lora_dropout"]  # as REMAT_VARIANTS / EAGER_VARIANTS for linen
+
+
+@pytest.mark.parametrize(
+    ("case", "use_jit"),
+    [pytest.param(c, True, id=f"{c}-jit") for c in NNX_CASES]
+    + [pytest.param(c, False, id=f"{c}-eager") for c in NNX_EAGER],
+)
 @pytest.mark.slow
 def test_nnx_same_loss_gradients_and_state_as_without_remat(case, use_jit):
     block = {"norm": True, "rate": 0.3} if case == "norm_and_model_dropout" else {}
