@@ -131,7 +131,7 @@ def pytest_unconfigure(config):
     ``pytest_unconfigure`` the worker has reported every result (and pytest-cov has saved its
     data), so nothing is lost. The controller, and runs without workers, exit normally.
     """
-    if os.environ.get("PYTEST_XDIST_WORKER"):
+    if hasattr(config, "workerinput"):  # set by xdist in its workers only (not inherited)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
