@@ -75,3 +75,18 @@ def test_bench_memory_nnx_rows_match_their_linen_twins(nnx_run):
     assert nf4["xla_peak_bytes"] < nnx["xla_peak_bytes"] and nf4["loss"] == nf4["loss"]
     assert "| nnx_lora_nf4_factored | nf4 | factored | no |" in table
     assert "| full_ft | " in table.split("linen and NNX")[1]  # the side-by-side table
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--configs", "nope"], "unknown configuration 'nope'"),
+        (["--per-process", "0"], "--per-process must be at least 1, got 0"),
+    ],
+)
+def test_bad_arguments_are_errors_before_any_run(argv, message, capsys):
+    from experiments.benchmarks import bench_memory
+
+    with pytest.raises(SystemExit):
+        bench_memory.main(["--tiny", *argv])
+    assert message in capsys.readouterr().err

@@ -535,9 +535,11 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [name for name in names if name not in CONFIGS]
     if unknown:
         parser.error(f"unknown configuration {unknown[0]!r}; known: {', '.join(CONFIGS)}")
+    if args.per_process < 1:
+        parser.error(f"--per-process must be at least 1, got {args.per_process}")
     rows = []
-    for first in range(0, len(names), max(1, args.per_process)):
-        rows += _run_workers(names[first : first + max(1, args.per_process)], size)
+    for first in range(0, len(names), args.per_process):
+        rows += _run_workers(names[first : first + args.per_process], size)
     import jax
 
     command = "python experiments/benchmarks/bench_memory.py " + " ".join(argv or sys.argv[1:])
